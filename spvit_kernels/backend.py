@@ -1,0 +1,139 @@
+"""Per-call choice of the implementation of each op: ``triton``, ``ext`` (C++/CUDA extension) or ``eager``.
+
+Selection, in order:
+1. ``with use_backend("eager"): ...`` (a context manager, thread-local) if active;
+2. the environment variable ``SPVIT_BACKEND`` = ``auto`` (default) | ``triton`` | ``ext`` | ``eager``;
+3. ``auto``: on CUDA tensors the Triton kernel if the op has one (else the extension, else eager);
+   on CPU tensors the extension if the op has a CPU kernel there, else eager.
+
+Forcing ``triton`` on CPU tensors needs ``TRITON_INTERPRET=1`` (set before triton is imported); otherwise a
+clear error is raised. Forcing a backend that an op does not have falls back to ``eager`` for that op only.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import threading
+from typing import Callable, Dict, Optional
+
+import torch
+
+from . import reference
+
+BACKENDS = ("auto", "triton", "ext", "eager")
+
+# op name -> backend -> "module:function" (imported lazily; a missing module means "not available").
+# Every provider has exactly the signature of the reference function of the same name.
+_PROVIDERS: Dict[str, Dict[str, str]] = {
+    "gated_attn_conv": {"triton": "spvit_kernels.gated_attn_conv:gated_attn_conv"},
+    "gated_ffn": {"triton": "spvit_kernels.masked_ffn:masked_ffn"},
+    "ffn": {"triton": "spvit_kernels.pruned_ffn:pruned_ffn"},
+    "shift_sum": {"ext": "spvit_kernels.shift_sum:shift_sum_ext", "triton": "spvit_kernels.shift_sum:shift_sum_triton"},
+    "deploy_conv": {"triton": "spvit_kernels.deploy_conv:deploy_conv", "ext": "spvit_kernels.shift_sum:deploy_conv_ext"},
+}
+
+_local = threading.local()
+_cache: Dict[str, Optional[Callable]] = {}
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Force a backend inside a ``with`` block (thread-local), e.g. ``with use_backend("eager"):``."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
+    prev = getattr(_local, "name", None)
+    _local.name = name
+    try:
+        yield
+    finally:
+        _local.name = prev
+
+
+def requested_backend() -> str:
+    name = getattr(_local, "name", None) or os.environ.get("SPVIT_BACKEND", "auto").strip().lower() or "auto"
+    if name == "cuda":
+        name = "ext"
+    if name not in BACKENDS:
+        raise ValueError(f"SPVIT_BACKEND={name!r} is not one of {BACKENDS}")
+    return name
+
+
+def _load(spec: str) -> Optional[Callable]:
+    if spec in _cache:
+        return _cache[spec]
+    mod_name, fn_name = spec.split(":")
+    try:
+        fn = getattr(importlib.import_module(mod_name), fn_name)
+    except (ImportError, AttributeError):
+        fn = None
+    _cache[spec] = fn
+    return fn
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def available(op: str, backend: str) -> bool:
+    """Whether ``backend`` has an implementation of ``op`` importable here."""
+    if backend == "eager":
+        return True
+    spec = _PROVIDERS.get(op, {}).get(backend)
+    if spec is None:
+        return False
+    if backend == "triton" and not triton_available():
+        return False
+    if backend == "ext":
+        from . import _ext
+        if not _ext.has_op(op):
+            return False
+    return _load(spec) is not None
+
+
+def resolve(op: str, device: torch.device) -> Callable:
+    """The implementation of ``op`` to use for tensors on ``device``."""
+    if op not in _PROVIDERS and not hasattr(reference, op):
+        raise KeyError(f"unknown op {op!r}")
+    name = requested_backend()
+    on_cuda = device.type == "cuda"
+    if name == "auto":
+        order = ["triton", "ext"] if on_cuda else ["ext"]
+    elif name == "triton":
+        if not on_cuda and not triton_interpret():
+            raise RuntimeError(
+                f"SPVIT_BACKEND=triton was asked for op {op!r} on a {device.type} tensor; Triton kernels run on CUDA "
+                "tensors, or on CPU tensors only under TRITON_INTERPRET=1 (set before importing triton)"
+            )
+        order = ["triton"]
+    elif name == "ext":
+        order = ["ext"]
+    else:
+        order = []
+    for b in order:
+        if available(op, b):
+            return _load(_PROVIDERS[op][b])
+    return getattr(reference, op)
+
+
+def backend_of(op: str, device: torch.device) -> str:
+    """Name of the backend :func:`resolve` picks (for logging and benchmarks)."""
+    fn = resolve(op, device)
+    for b, spec in _PROVIDERS.get(op, {}).items():
+        if _load(spec) is fn:
+            return b
+    return "eager"
+
+
+def register_provider(op: str, backend: str, spec: str) -> None:
+    """Add or replace a provider (``"module:function"``)."""
+    _PROVIDERS.setdefault(op, {})[backend] = spec
+    _cache.pop(spec, None)
