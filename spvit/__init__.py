@@ -1,0 +1,25 @@
+"""spvit: SPViT (He et al., TPAMI 2024) for timm Vision Transformers, with fused kernels.
+
+    sn = spvit.supernet(timm_model)      # search
+    arch = sn.architecture()             # read out
+    pruned = spvit.prune(timm_model, arch)   # fine-tune
+"""
+from .arch import Architecture, BlockArch, ModelSignature
+from .flops import count_params, gflops
+from .models import PrunedModel, Supernet, UnsupportedModelError, prune, supernet
+from .models.official import load_official
+
+__version__ = "0.1.0"
+
+try:  # the deploy API (fused inference kernels)
+    from .deploy import DeployedModel, deploy, load_deployed  # noqa: F401
+    __all_deploy = ["DeployedModel", "deploy", "load_deployed"]
+except ImportError as _exc:  # pragma: no cover - only while the module is absent
+    if "spvit.deploy" not in str(_exc) and "deploy" not in str(_exc):
+        raise
+    __all_deploy = []
+
+__all__ = ["Architecture", "BlockArch", "ModelSignature", "count_params", "gflops", "PrunedModel", "Supernet",
+           "UnsupportedModelError", "prune", "supernet", "load_official", "__version__"] + __all_deploy
+
+

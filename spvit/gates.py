@@ -1,0 +1,75 @@
+"""Gate sampling and complexity indicators of SPViT (spec §2.1, §2.3, §2.4).
+
+A gate logit ``theta`` gives, per forward pass:
+
+* training: a hard 0/1 sample of a relaxed Bernoulli with ``P(1) = sigmoid(theta)`` whose gradient is that of the
+  relaxed (sigmoid) value (straight-through), see :func:`sample_gate`;
+* eval: the deterministic decision ``1[theta > 0]``, see :func:`eval_gate`;
+* for the FLOPs loss: the complexity indicator of :func:`complexity_indicator` (value ``1[theta > 0]``, a smooth
+  gradient).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+EPS = torch.finfo(torch.float32).eps  # the clamp of §2.1 (float32 machine epsilon)
+
+
+def sample_gate(theta: torch.Tensor, tau: float = 1.0, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Hard relaxed-Bernoulli sample with a straight-through gradient (§2.1).
+
+    Args:
+        theta: gate logits, any shape (fp32).
+        tau: temperature of the relaxation (1 in SPViT).
+        generator: optional RNG for the uniform noise.
+    Returns:
+        Tensor like ``theta`` with values exactly 0 or 1; gradient d(sigmoid(l))/d(theta) with
+        ``l = (logit(u) + log p - log(1 - p)) / tau``.
+    """
+    p = torch.sigmoid(theta).clamp(EPS, 1 - EPS)
+    u = torch.rand(theta.shape, device=theta.device, dtype=theta.dtype, generator=generator).clamp(EPS, 1 - EPS)
+    logit = (torch.log(u) - torch.log1p(-u) + torch.log(p) - torch.log1p(-p)) / tau
+    soft = torch.sigmoid(logit)
+    hard = (logit > 0).to(theta.dtype)
+    return hard + (soft - soft.detach())
+
+
+def eval_gate(theta: torch.Tensor) -> torch.Tensor:
+    """Deterministic decision ``1[sigmoid(theta) > 0.5] = 1[theta > 0]`` (no gradient)."""
+    return (theta.detach() > 0).to(theta.dtype)
+
+
+def complexity_indicator(theta: torch.Tensor) -> torch.Tensor:
+    """Complexity indicator of §2.4: value ``1[theta > 0]``, gradient sigmoid'(sigmoid(theta) - 1/2) * sigmoid'(theta)."""
+    s = torch.sigmoid(torch.sigmoid(theta) - 0.5)
+    return eval_gate(theta) + s - s.detach()
+
+
+def cumulative(s: torch.Tensor) -> torch.Tensor:
+    """Cumulative MSA gates (e1, e3, em) = cumprod(s1, s3, sm) along the last axis (§2.1)."""
+    return torch.cumprod(s, dim=-1)
+
+
+ATTN_CHOICES = ("msa", "3x3", "1x1", "skip")
+
+
+def choice_of(e: torch.Tensor) -> str:
+    """Name of the candidate picked by cumulative gates (e1, e3, em) (values 0/1)."""
+    e1, e3, em = (float(v) for v in e.detach().cpu())
+    if em > 0.5:
+        return "msa"
+    if e3 > 0.5:
+        return "3x3"
+    if e1 > 0.5:
+        return "1x1"
+    return "skip"
+
+
+def logits_for_choice(choice: str, magnitude: float = 1.5) -> torch.Tensor:
+    """Gate logits (theta1, theta3, theta_m) whose eval decision is ``choice``."""
+    pattern = {"msa": (1, 1, 1), "3x3": (1, 1, -1), "1x1": (1, -1, -1), "skip": (-1, -1, -1)}
+    if choice not in pattern:
+        raise ValueError(f"unknown attention choice {choice!r}; expected one of {ATTN_CHOICES}")
+    return torch.tensor(pattern[choice], dtype=torch.float32) * abs(magnitude)

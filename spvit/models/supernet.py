@@ -1,0 +1,246 @@
+"""Search-mode SPViT: every attention layer a single-path MSA/3x3/1x1/skip layer, every FFN unit gated."""
+from __future__ import annotations
+
+import copy
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import spvit_kernels as K
+from spvit_kernels.reference import BNState
+
+from .. import gates as G
+from ..arch import Architecture, BlockArch, ModelSignature
+from ..flops import dense_macs, min_macs, vit_macs
+from .convert import check_images, gelu_approximate, model_name_of, signature_of
+
+
+def _bn_state(bn: nn.BatchNorm2d) -> BNState:
+    return BNState(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.momentum if bn.momentum is not None else 0.1,
+                   bn.eps)
+
+
+class SearchAttention(nn.Module):
+    """Single-path attention layer (spec §1): MSA, 3x3 conv, 1x1 conv and skip from one parameter set.
+
+    Parameters (official names): ``qk`` (C -> 2C), ``v`` (C -> C), ``proj`` (C -> C), ``head_probs`` (h, 9),
+    ``bn_1x1``/``bn_3x3`` (BatchNorm over d), ``kernel_thresholds`` (3,) gate logits (1x1, 3x3, MSA).
+
+    forward(x_hat: (B, N, C)) -> (B, N, C).
+    """
+
+    spvit_kind = "search"
+
+    def __init__(self, dim: int, num_heads: int, grid, qkv_bias: bool = True, theta: float = 1.5,
+                 alpha: float = 1e-2, num_prefix_tokens: int = 1, proj_drop: float = 0.0):
+        super().__init__()
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.grid = tuple(grid)
+        self.alpha = alpha
+        self.num_prefix_tokens = num_prefix_tokens
+        self.qk = nn.Linear(dim, 2 * dim, bias=qkv_bias)
+        self.v = nn.Linear(dim, dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.head_probs = nn.Parameter(torch.ones(num_heads, 9))
+        self.bn_1x1 = nn.BatchNorm2d(self.head_dim)
+        self.bn_3x3 = nn.BatchNorm2d(self.head_dim)
+        self.kernel_thresholds = nn.Parameter(torch.full((3,), float(theta)))
+        self.last_gates: Optional[torch.Tensor] = None  # (e1, e3, em) of the last forward, for logging
+
+    @classmethod
+    def from_timm(cls, attn: nn.Module, grid, theta: float, alpha: float) -> "SearchAttention":
+        dim = attn.qkv.in_features
+        m = cls(dim, attn.num_heads, grid, qkv_bias=attn.qkv.bias is not None, theta=theta, alpha=alpha,
+                proj_drop=attn.proj_drop.p)
+        m.to(device=attn.qkv.weight.device, dtype=attn.qkv.weight.dtype)
+        with torch.no_grad():
+            m.qk.weight.copy_(attn.qkv.weight[: 2 * dim])
+            m.v.weight.copy_(attn.qkv.weight[2 * dim:])
+            if attn.qkv.bias is not None:
+                m.qk.bias.copy_(attn.qkv.bias[: 2 * dim])
+                m.v.bias.copy_(attn.qkv.bias[2 * dim:])
+            m.proj.weight.copy_(attn.proj.weight)
+            m.proj.bias.copy_(attn.proj.bias)
+        return m
+
+    def gates(self) -> torch.Tensor:
+        """Cumulative gates (e1, e3, em): sampled in training, thresholded in eval."""
+        theta = self.kernel_thresholds
+        s = G.sample_gate(theta) if self.training else G.eval_gate(theta)
+        return G.cumulative(s)
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
+                **kwargs) -> torch.Tensor:
+        if attn_mask is not None or is_causal:
+            raise ValueError("SPViT attention layers do not support attention masks")
+        e = self.gates()
+        self.last_gates = e.detach()
+        out = K.gated_attn_conv(
+            x, self.qk.weight, self.qk.bias, self.v.weight, self.v.bias, self.proj.weight, self.proj.bias,
+            self.head_probs, _bn_state(self.bn_1x1), _bn_state(self.bn_3x3), e,
+            num_heads=self.num_heads, alpha=self.alpha, grid=self.grid, training=self.training,
+            num_prefix_tokens=self.num_prefix_tokens,
+        )
+        if self.training:
+            self.bn_1x1.num_batches_tracked += 1
+            self.bn_3x3.num_batches_tracked += 1
+        return self.proj_drop(out)
+
+    def decision(self) -> str:
+        return G.choice_of(G.cumulative(G.eval_gate(self.kernel_thresholds)))
+
+
+class GatedMlp(nn.Module):
+    """FFN with one gate per hidden unit (spec §2.3): ``(GELU(x W1^T + b1) * m) W2^T + b2``.
+
+    forward(x: (B, N, C)) -> (B, N, C).
+    """
+
+    spvit_kind = "search"
+
+    def __init__(self, dim: int, hidden: int, bias: bool = True, theta: float = 1.5, approximate: str = "none",
+                 drop: float = 0.0):
+        super().__init__()
+        self.full_hidden = hidden
+        self.fc1 = nn.Linear(dim, hidden, bias=bias)
+        self.fc2 = nn.Linear(hidden, dim, bias=bias)
+        self.approximate = approximate
+        self.drop = drop
+        self.ffn_thresholds = nn.Parameter(torch.full((hidden,), float(theta)))
+
+    @classmethod
+    def from_timm(cls, mlp: nn.Module, theta: float) -> "GatedMlp":
+        drop = max(mlp.drop1.p, mlp.drop2.p) if hasattr(mlp, "drop1") else 0.0
+        m = cls(mlp.fc1.in_features, mlp.fc1.out_features, bias=mlp.fc1.bias is not None, theta=theta,
+                approximate=gelu_approximate(mlp.act), drop=drop)
+        m.to(device=mlp.fc1.weight.device, dtype=mlp.fc1.weight.dtype)
+        m.fc1.load_state_dict(mlp.fc1.state_dict())
+        m.fc2.load_state_dict(mlp.fc2.state_dict())
+        return m
+
+    def mask(self) -> torch.Tensor:
+        t = self.ffn_thresholds
+        return G.sample_gate(t) if self.training else G.eval_gate(t)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.mask()
+        if self.training and self.drop > 0:  # dropout sits between mask and fc2: not in the fused op
+            h = F.gelu(self.fc1(x), approximate=self.approximate) * m.to(x.dtype)
+            return F.dropout(self.fc2(F.dropout(h, self.drop)), self.drop)
+        return K.gated_ffn(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, m, self.approximate)
+
+    def kept(self) -> torch.Tensor:
+        return torch.nonzero(self.ffn_thresholds.detach() > 0).flatten()
+
+
+class Supernet(nn.Module):
+    """SPViT supernet over a timm VisionTransformer (search phase, spec §4).
+
+    The timm model is copied and each block's ``attn`` / ``mlp`` replaced by :class:`SearchAttention` /
+    :class:`GatedMlp` sharing the pre-trained weights; everything else keeps its timm state-dict key under
+    ``vit.``. forward(images: (B, in_chans, H, W)) -> logits (B, num_classes).
+    """
+
+    def __init__(self, model: nn.Module, theta: float = 1.5, alpha: float = 1e-2, model_name: Optional[str] = None):
+        super().__init__()
+        self.signature: ModelSignature = signature_of(model)
+        self.model_name = model_name or model_name_of(model)
+        self.theta0 = float(theta)
+        self.alpha = float(alpha)
+        vit = copy.deepcopy(model)
+        for blk in vit.blocks:
+            blk.attn = SearchAttention.from_timm(blk.attn, self.signature.grid, theta, alpha)
+            blk.mlp = GatedMlp.from_timm(blk.mlp, theta)
+        self.vit = vit
+
+    # -- modules -------------------------------------------------------------------------------------------------
+    @property
+    def attns(self) -> List[SearchAttention]:
+        return [b.attn for b in self.vit.blocks]
+
+    @property
+    def mlps(self) -> List[GatedMlp]:
+        return [b.mlp for b in self.vit.blocks]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_images(x, self.signature)
+        return self.vit(x)
+
+    def arch_parameters(self) -> List[nn.Parameter]:
+        """The gate logits (every parameter whose name contains "thresholds", optimiser 2 of §4.3)."""
+        return [p for n, p in self.named_parameters() if "thresholds" in n]
+
+    def weight_parameters(self) -> List[nn.Parameter]:
+        return [p for n, p in self.named_parameters() if "thresholds" not in n]
+
+    # -- FLOPs ---------------------------------------------------------------------------------------------------
+    def macs_tensor(self) -> torch.Tensor:
+        """Differentiable MACs per image through the complexity indicators (§2.4, §3)."""
+        e = [G.cumulative(G.complexity_indicator(a.kernel_thresholds)) for a in self.attns]
+        k = [G.complexity_indicator(m.ffn_thresholds).sum() for m in self.mlps]
+        return vit_macs(self.signature, e, k)
+
+    def gflops(self) -> float:
+        """GFLOPs of the current eval-mode decisions."""
+        return float(self.macs_tensor().detach()) / 1e9
+
+    def dense_gflops(self) -> float:
+        return dense_macs(self.signature) / 1e9
+
+    def min_gflops(self) -> float:
+        return min_macs(self.signature) / 1e9
+
+    def check_target(self, target_gflops: float) -> None:
+        lo, hi = self.min_gflops(), self.dense_gflops()
+        if not (lo <= target_gflops <= hi):
+            raise ValueError(f"FLOPs target {target_gflops:.4g} GFLOPs cannot be met by {self.model_name}: it must lie "
+                             f"between {lo:.4g} (everything pruned) and {hi:.4g} (the dense model)")
+
+    def flops_loss(self, target_gflops: float, loss_lambda: float) -> torch.Tensor:
+        """The complexity loss of §3.2: ``lambda * (T - F / 1e9)^2`` (two-sided)."""
+        self.check_target(target_gflops)
+        return loss_lambda * (target_gflops - self.macs_tensor() / 1e9) ** 2
+
+    # -- read-out ------------------------------------------------------------------------------------------------
+    def architecture(self) -> Architecture:
+        """The architecture the gates currently pick (θ > 0), §4.8."""
+        blocks = [BlockArch(a.decision(), tuple(m.kept().tolist())) for a, m in zip(self.attns, self.mlps)]
+        return Architecture(self.model_name, self.signature, blocks,
+                            meta={"gflops": self.gflops(), "dense_gflops": self.dense_gflops()})
+
+    @torch.no_grad()
+    def fix_architecture(self, arch: Architecture, magnitude: Optional[float] = None) -> None:
+        """Set every gate logit to ±magnitude so that the eval decisions equal ``arch``."""
+        arch.check_compatible(self.signature, self.model_name)
+        mag = abs(magnitude if magnitude is not None else self.theta0) or 1.0
+        for a, m, b in zip(self.attns, self.mlps, arch.blocks):
+            a.kernel_thresholds.copy_(G.logits_for_choice(b.attn, mag))
+            t = torch.full_like(m.ffn_thresholds, -mag)
+            t[list(b.ffn_keep)] = mag
+            m.ffn_thresholds.copy_(t)
+
+    def gate_summary(self) -> List[Dict]:
+        """Per block: eval decision, sigmoid of the three gate logits, P(each choice), FFN units kept."""
+        rows = []
+        for i, (a, m) in enumerate(zip(self.attns, self.mlps)):
+            p = torch.sigmoid(a.kernel_thresholds.detach().float()).tolist()
+            probs = {"msa": p[0] * p[1] * p[2], "3x3": p[0] * p[1] * (1 - p[2]), "1x1": p[0] * (1 - p[1]),
+                     "skip": 1 - p[0]}
+            rows.append({"block": i, "attn": a.decision(), "sigmoid": p, "p_choice": probs,
+                         "ffn_kept": int(m.kept().numel()), "ffn_total": m.full_hidden,
+                         "ffn_mean_p": float(torch.sigmoid(m.ffn_thresholds.detach().float()).mean())})
+        return rows
+
+
+def supernet(model: nn.Module, theta: float = 1.5, alpha: float = 1e-2, model_name: Optional[str] = None) -> Supernet:
+    """Build an SPViT supernet from a timm ViT/DeiT (weights shared; gates, head_probs and BNs added).
+
+    Args:
+        model: a timm ``VisionTransformer`` with a class token (e.g. ``deit_small_patch16_224``).
+        theta: initial gate logit θ0 (1.5 in every official config).
+        alpha: head-mixing temperature (0.01 for DeiT).
+    """
+    return Supernet(model, theta=theta, alpha=alpha, model_name=model_name)
