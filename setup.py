@@ -36,13 +36,14 @@ def _extensions():
         and bool(cuda_sources)
     )
     cxx = ["-O0", "-g"] if debug else ["-O3"]
-    cxx += ["-std=c++17", "-fopenmp", "-DPy_LIMITED_API=0x03090000"]
+    # No -std flag: torch's BuildExtension adds the standard its headers need (C++17 for older torch, C++20 for
+    # torch >= 2.12) when none is given. Py_LIMITED_API is defined by BuildExtension for py_limited_api builds.
+    cxx += ["-fopenmp"]
     extra = {"cxx": cxx}
     libs = ["gomp"]
     if use_cuda:
         nvcc = ["-O0", "-g", "-G"] if debug else ["-O3", "--use_fast_math"]
         nvcc += [
-            "-std=c++17",
             "-gencode=arch=compute_90a,code=sm_90a",  # Hopper (H100/H200)
             "-gencode=arch=compute_90,code=compute_90",  # PTX for later GPUs
             "-DSPVIT_WITH_CUDA",
@@ -63,4 +64,4 @@ def _extensions():
 
 
 ext_modules, cmdclass = _extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass, options={"bdist_wheel": {"py_limited_api": "cp39"}} if ext_modules else {})
+setup(ext_modules=ext_modules, cmdclass=cmdclass, options={"bdist_wheel": {"py_limited_api": "cp310"}} if ext_modules else {})

@@ -1,0 +1,304 @@
+"""Folded depthwise 3x3 shift-sum (algorithm doc §1.4, §10.4): C++/CUDA extension op and a Triton kernel.
+
+``shift_sum(planes, bias, grid, relu)`` computes, for planes ``(B, P, T, d)`` (P = H*W row-major, T = 9 taps in
+``reference.TAP_OFFSETS`` order or T = 1)::
+
+    y[b, p] = act(sum_t planes[b, p + offset_t, t] + bias)      (neighbours outside the H x W grid are zero)
+
+Providers (all with the signature of :func:`spvit_kernels.reference.shift_sum`):
+
+* :func:`shift_sum_ext` -- ``torch.ops.spvit.shift_sum`` from the compiled extension ``spvit_kernels._C``
+  (``csrc/shift_sum.cpp`` CPU kernel, ``csrc/cuda/shift_sum.cu`` CUDA kernel), with a fake (meta) kernel and an
+  autograd formula backed by ``torch.ops.spvit.shift_sum_backward``;
+* :func:`shift_sum_triton` -- ``torch.ops.spvit.shift_sum_triton``, a ``torch.library.triton_op`` (visible to
+  ``torch.compile``) with a Triton backward;
+* :func:`deploy_conv_ext` -- the deployed conv layer (§10.4) as projection GEMM (cuBLAS / MKL) -> extension
+  shift-sum with folded bias and ReLU -> output GEMM + bias, prefix tokens passed through.
+
+Backward of the shift-sum (both providers): with ``g = grad_y * (y > 0 if relu)``,
+``grad_planes[b, q, t] = g[b, q - offset_t]`` (zero where that is outside the grid) and ``grad_bias = sum_{b,p} g``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from . import _ext
+from .reference import TAP_OFFSETS
+
+try:
+    import triton
+    import triton.language as tl
+    from torch.library import triton_op, wrap_triton
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - triton is a dependency of CUDA torch builds
+    HAS_TRITON = False
+
+
+def _check(planes: torch.Tensor, bias: Optional[torch.Tensor], grid: Tuple[int, int]) -> Tuple[int, int]:
+    if planes.dim() != 4:
+        raise ValueError(f"shift_sum: planes must be (B, P, T, d), got {tuple(planes.shape)}")
+    hh, ww = int(grid[0]), int(grid[1])
+    b, p, t, d = planes.shape
+    if p != hh * ww:
+        raise ValueError(f"shift_sum: planes have {p} positions but the grid {hh}x{ww} has {hh * ww}")
+    if t not in (1, 9):
+        raise ValueError(f"shift_sum: expected 9 or 1 taps, got {t}")
+    if bias is not None and tuple(bias.shape) != (d,):
+        raise ValueError(f"shift_sum: bias must be (d,) = ({d},), got {tuple(bias.shape)}")
+    return hh, ww
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# C++/CUDA extension op
+# ----------------------------------------------------------------------------------------------------------------
+
+def _bias_grad_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def shift_sum_ext(
+    planes: torch.Tensor, bias: Optional[torch.Tensor], grid: Tuple[int, int], relu: bool,
+) -> torch.Tensor:
+    """Shift-sum (+bias, ReLU) by the extension op ``torch.ops.spvit.shift_sum`` (differentiable).
+
+    Args:
+        planes: (B, P, T, d) with P = H*W, T = 9 or 1; fp32/fp64/bf16/fp16 (reduced precision sums in fp32).
+        bias: (d,) or None (cast to planes.dtype, as the reference does).
+        grid: (H, W).
+        relu: apply ReLU after the bias.
+    Returns:
+        (B, P, d) in planes.dtype.
+    """
+    hh, ww = _check(planes, bias, grid)
+    if not _ext.has_op("shift_sum"):
+        raise RuntimeError(f"spvit_kernels._C does not provide shift_sum ({_ext.error()}); build the extension")
+    return torch.ops.spvit.shift_sum.default(planes, bias, hh, ww, bool(relu))
+
+
+def _register_ext_op() -> None:
+    """Fake (shape) kernels and the autograd formula of the extension ops (only when the extension is loaded)."""
+
+    @torch.library.register_fake("spvit::shift_sum")
+    def _(planes, bias, H, W, relu):  # noqa: N803 - schema names
+        torch._check(planes.dim() == 4, lambda: "planes must be (B, P, T, d)")
+        torch._check(planes.shape[1] == H * W, lambda: "planes positions != H*W")
+        torch._check(planes.shape[2] in (1, 9), lambda: "expected 9 or 1 taps")
+        return planes.new_empty(planes.shape[0], planes.shape[1], planes.shape[3])
+
+    @torch.library.register_fake("spvit::shift_sum_backward")
+    def _(grad_out, out, H, W, T, relu):  # noqa: N803
+        b, p, d = grad_out.shape
+        return grad_out.new_empty(b, p, T, d), grad_out.new_empty(d, dtype=_bias_grad_dtype(grad_out.dtype))
+
+    def setup_context(ctx, inputs, output):
+        planes, bias, hh, ww, relu = inputs
+        ctx.save_for_backward(output)
+        ctx.args = (hh, ww, planes.shape[2], relu)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+
+    def backward(ctx, grad):
+        (out,) = ctx.saved_tensors
+        hh, ww, t, relu = ctx.args
+        grad_planes, grad_bias = torch.ops.spvit.shift_sum_backward.default(grad, out, hh, ww, t, relu)
+        if ctx.bias_dtype is None:
+            grad_bias = None
+        else:
+            grad_bias = grad_bias.to(ctx.bias_dtype)
+        return grad_planes, grad_bias, None, None, None
+
+    torch.library.register_autograd("spvit::shift_sum", backward, setup_context=setup_context)
+
+
+if _ext.has_op("shift_sum"):
+    _register_ext_op()
+
+
+def deploy_conv_ext(
+    x_hat: torch.Tensor, w_planes: torch.Tensor, b_fold: torch.Tensor, w_out: torch.Tensor,
+    b_out: Optional[torch.Tensor], grid: Tuple[int, int], num_prefix_tokens: int = 1,
+) -> torch.Tensor:
+    """Deployed conv layer (§10.4): GEMM -> extension shift-sum + b_fold + ReLU -> GEMM + b_out (differentiable).
+
+    Args:
+        x_hat: (B, N, C), N = num_prefix_tokens + H*W.
+        w_planes: (T*d, C) with T = 9 or 1; b_fold: (d,); w_out: (C, d); b_out: (C,) or None.
+        grid: (H, W); num_prefix_tokens: leading tokens (class token) that pass through unchanged.
+    Returns:
+        (B, N, C): ``x_hat[:, :prefix]`` then ``ReLU(shift_sum(x_p W_planes^T) + b_fold) W_out^T + b_out``.
+    """
+    d = b_fold.shape[0]
+    t = w_planes.shape[0] // d
+    xp = x_hat[:, num_prefix_tokens:]
+    b, p, _ = xp.shape
+    planes = torch.matmul(xp, w_planes.t()).reshape(b, p, t, d)
+    y = shift_sum_ext(planes, b_fold, grid, relu=True)
+    out_p = F.linear(y, w_out, b_out)
+    if num_prefix_tokens == 0:
+        return out_p
+    return torch.cat([x_hat[:, :num_prefix_tokens].to(out_p.dtype), out_p], dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton op
+# ----------------------------------------------------------------------------------------------------------------
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _shift_sum_fwd_kernel(
+        planes_ptr,  # (B, P, T, D) contiguous
+        bias_ptr,  # (D,) (unused when HAS_BIAS is False)
+        out_ptr,  # (B, P, D) contiguous
+        H, W, D,
+        T: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
+        BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        pid_p = tl.program_id(0)
+        b = tl.program_id(1).to(tl.int64)
+        pid_d = tl.program_id(2)
+        P = H * W
+        offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)  # (BLOCK_P,) positions
+        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,) channels
+        p_ok = offs_p < P
+        d_ok = offs_d < D
+        i = offs_p // W
+        j = offs_p % W
+        acc = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
+        base = planes_ptr + b * P * T * D
+        for k in tl.static_range(T):
+            if T == 1:
+                dy = 0
+                dx = 0
+            else:
+                dy = k % 3 - 1
+                dx = k // 3 - 1
+            ii = i + dy
+            jj = j + dx
+            ok = p_ok & (ii >= 0) & (ii < H) & (jj >= 0) & (jj < W)
+            q = ii * W + jj
+            ptrs = base + (q[:, None] * T + k) * D + offs_d[None, :]
+            acc += tl.load(ptrs, mask=ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+        if RELU:
+            acc = tl.maximum(acc, 0.0)
+        out_ptrs = out_ptr + (b * P + offs_p[:, None]) * D + offs_d[None, :]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=p_ok[:, None] & d_ok[None, :])
+
+    @triton.jit
+    def _shift_sum_bwd_kernel(
+        grad_ptr,  # (B, P, D) contiguous: gradient of the output
+        out_ptr,  # (B, P, D) contiguous: forward output (for the ReLU mask)
+        grad_planes_ptr,  # (B, P, T, D) contiguous
+        partial_ptr,  # (B * cdiv(P, BLOCK_P), D) fp32: per-program column sums of the masked gradient
+        H, W, D,
+        T: tl.constexpr, RELU: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        pid_p = tl.program_id(0)
+        b = tl.program_id(1).to(tl.int64)
+        pid_d = tl.program_id(2)
+        P = H * W
+        offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)  # (BLOCK_P,) positions q of the plane gradient
+        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        p_ok = offs_p < P
+        d_ok = offs_d < D
+        i = offs_p // W
+        j = offs_p % W
+        for k in tl.static_range(T):
+            if T == 1:
+                dy = 0
+                dx = 0
+            else:
+                dy = k % 3 - 1
+                dx = k // 3 - 1
+            ii = i - dy
+            jj = j - dx
+            ok = p_ok & (ii >= 0) & (ii < H) & (jj >= 0) & (jj < W)
+            src = (b * P + (ii * W + jj)[:, None]) * D + offs_d[None, :]
+            m2 = ok[:, None] & d_ok[None, :]
+            g = tl.load(grad_ptr + src, mask=m2, other=0.0)
+            if RELU:
+                o = tl.load(out_ptr + src, mask=m2, other=0.0).to(tl.float32)
+                g = tl.where(o > 0.0, g, tl.zeros_like(g))
+            dst = grad_planes_ptr + ((b * P + offs_p[:, None]) * T + k) * D + offs_d[None, :]
+            tl.store(dst, g.to(grad_planes_ptr.dtype.element_ty), mask=p_ok[:, None] & d_ok[None, :])
+            if dy == 0 and dx == 0:  # the centre tap read the masked gradient at the program's own positions
+                row = b * tl.num_programs(0) + pid_p
+                tl.store(partial_ptr + row * D + offs_d, tl.sum(g.to(tl.float32), axis=0), mask=d_ok)
+
+    def _blocks(p: int, d: int) -> Tuple[int, int]:
+        block_d = min(128, triton.next_power_of_2(max(d, 1)))
+        block_p = max(1, min(64, triton.next_power_of_2(max(p, 1)), 4096 // block_d))
+        return block_p, block_d
+
+    @triton_op("spvit::shift_sum_triton", mutates_args=())
+    def _shift_sum_triton_op(
+        planes: torch.Tensor, bias: Optional[torch.Tensor], H: int, W: int, relu: bool,  # noqa: N803
+    ) -> torch.Tensor:
+        planes = planes.contiguous()
+        b, p, t, d = planes.shape
+        out = planes.new_empty(b, p, d)
+        if out.numel() == 0:
+            return out
+        bias_c = planes if bias is None else bias.to(planes.dtype).contiguous()
+        block_p, block_d = _blocks(p, d)
+        grid = (triton.cdiv(p, block_p), b, triton.cdiv(d, block_d))
+        wrap_triton(_shift_sum_fwd_kernel)[grid](
+            planes, bias_c, out, H, W, d, T=t, HAS_BIAS=bias is not None, RELU=relu, BLOCK_P=block_p,
+            BLOCK_D=block_d,
+        )
+        return out
+
+    @triton_op("spvit::shift_sum_triton_backward", mutates_args=())
+    def _shift_sum_triton_backward_op(
+        grad: torch.Tensor, out: torch.Tensor, H: int, W: int, T: int, relu: bool,  # noqa: N803
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        grad = grad.contiguous()
+        out = out.contiguous()
+        b, p, d = grad.shape
+        grad_planes = grad.new_empty(b, p, T, d)
+        block_p, block_d = _blocks(p, d)
+        n_p = triton.cdiv(p, block_p)
+        partial = grad.new_zeros(b * n_p, d, dtype=torch.float32)
+        if grad_planes.numel() == 0:
+            return grad_planes, partial.sum(0)
+        grid = (n_p, b, triton.cdiv(d, block_d))
+        wrap_triton(_shift_sum_bwd_kernel)[grid](
+            grad, out, grad_planes, partial, H, W, d, T=T, RELU=relu, BLOCK_P=block_p, BLOCK_D=block_d,
+        )
+        return grad_planes, partial.sum(0)
+
+    def _triton_setup_context(ctx, inputs, output):
+        planes, bias, hh, ww, relu = inputs
+        ctx.save_for_backward(output)
+        ctx.args = (hh, ww, planes.shape[2], relu)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+
+    def _triton_backward(ctx, grad):
+        (out,) = ctx.saved_tensors
+        hh, ww, t, relu = ctx.args
+        grad_planes, grad_bias = _shift_sum_triton_backward_op(grad, out, hh, ww, t, relu)
+        grad_bias = None if ctx.bias_dtype is None else grad_bias.to(ctx.bias_dtype)
+        return grad_planes, grad_bias, None, None, None
+
+    _shift_sum_triton_op.register_autograd(_triton_backward, setup_context=_triton_setup_context)
+
+
+def shift_sum_triton(
+    planes: torch.Tensor, bias: Optional[torch.Tensor], grid: Tuple[int, int], relu: bool,
+) -> torch.Tensor:
+    """Shift-sum (+bias, ReLU) by the Triton op ``torch.ops.spvit.shift_sum_triton`` (differentiable).
+
+    Args/returns as :func:`shift_sum_ext`. Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``.
+    """
+    hh, ww = _check(planes, bias, grid)
+    if not HAS_TRITON:
+        raise RuntimeError("shift_sum_triton needs triton")
+    return _shift_sum_triton_op(planes, bias, hh, ww, bool(relu))
+
+
+__all__ = ["shift_sum_ext", "shift_sum_triton", "deploy_conv_ext", "TAP_OFFSETS"]
