@@ -40,18 +40,23 @@ class DistillationLoss(nn.Module):
             for p in teacher.parameters():
                 p.requires_grad_(False)
 
-    def forward(self, images: torch.Tensor, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """images: (batch, C, H, W) as fed to the student; logits: (batch, classes); target: mixed targets or labels."""
-        task = soft_target_cross_entropy(logits, target)
-        if self.kind == "none":
-            return task
+    def distill_term(self, images: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """The distillation term alone (teacher run without gradients on the same images)."""
         with torch.no_grad():
             t = self.teacher(images).float()
         logits = logits.float()
         if self.kind == "hard":
-            dist = F.cross_entropy(logits, t.argmax(dim=-1))
-        else:
-            T = self.tau
-            dist = F.kl_div(F.log_softmax(logits / T, dim=-1), F.log_softmax(t / T, dim=-1), reduction="sum",
-                            log_target=True) * (T * T) / logits.numel()
-        return (1 - self.alpha) * task + self.alpha * dist
+            return F.cross_entropy(logits, t.argmax(dim=-1))
+        T = self.tau
+        return F.kl_div(F.log_softmax(logits / T, dim=-1), F.log_softmax(t / T, dim=-1), reduction="sum",
+                        log_target=True) * (T * T) / logits.numel()
+
+    def forward(self, images: torch.Tensor, logits: torch.Tensor, target: torch.Tensor,
+                task: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """images: (batch, C, H, W) as fed to the student; logits: (batch, classes); target: mixed targets or labels;
+        task: a precomputed task loss (else soft-target cross-entropy against ``target``)."""
+        if task is None:
+            task = soft_target_cross_entropy(logits, target)
+        if self.kind == "none":
+            return task
+        return (1 - self.alpha) * task + self.alpha * self.distill_term(images, logits)

@@ -541,3 +541,42 @@ def fit(*, model: nn.Module, schedules: List[Schedule], epochs: int, loss_fn: Ca
     if not last and resume:
         last = {"epoch": epochs - 1}
     return {"last": last, "best_acc1": best, "stopped": False}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models (timm by name; weights from the timm hub or a local file)
+
+
+def build_timm_model(name: str, num_classes: int, pretrained: Optional[str] = None, drop_path: float = 0.0,
+                     model_kwargs: Optional[Dict] = None, dist: Optional[DistInfo] = None) -> nn.Module:
+    """A timm model by name. ``pretrained``: None / "none" (random init), "timm" (the timm hub; needs network),
+    or a local checkpoint path (a classifier head of another size is left at its fresh init)."""
+    import timm
+
+    try:
+        model = timm.create_model(name, pretrained=(pretrained == "timm"), num_classes=num_classes,
+                                  drop_path_rate=drop_path, **(model_kwargs or {}))
+    except RuntimeError as exc:
+        if "Unknown model" in str(exc):
+            raise RunError(f"unknown timm model {name!r}") from exc
+        raise
+    if pretrained not in (None, "", "none", "timm"):
+        load_local_weights(model, pretrained, dist)
+    return model
+
+
+def load_local_weights(model: nn.Module, path: str, dist: Optional[DistInfo] = None) -> None:
+    """Load a local checkpoint into a timm model, non-strict for a differently sized head; report what was skipped."""
+    state = load_weights(path)
+    own = model.state_dict()
+    skipped = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    state = {k: v for k, v in state.items() if k not in skipped}
+    res = model.load_state_dict(state, strict=False)
+    missing = [k for k in res.missing_keys if k not in skipped]
+    if len(missing) > len(own) // 2:
+        raise RunError(f"{path} does not fit the model: {len(missing)} of {len(own)} weights missing "
+                       f"(e.g. {missing[:3]})")
+    msg = f"loaded {path}"
+    if skipped or missing:
+        msg += f" (left at init: {len(skipped) + len(missing)} tensors, e.g. {(skipped + missing)[:3]})"
+    log(msg, dist)

@@ -116,8 +116,13 @@ def _compact_mlp(mlp: nn.Module, keep) -> nn.Module:
         from .convert import gelu_approximate
         act_approx = gelu_approximate(mlp.act)
     idx = torch.as_tensor(list(keep), dtype=torch.long, device=mlp.fc1.weight.device)
-    new = Mlp(dim, hidden_features=len(idx), act_layer=lambda: nn.GELU(approximate=act_approx), drop=drop,
-              bias=mlp.fc1.bias is not None)
+    bias = mlp.fc1.bias is not None
+    new = Mlp(dim, hidden_features=max(len(idx), 1), act_layer=lambda: nn.GELU(approximate=act_approx), drop=drop,
+              bias=bias)
+    if len(idx) == 0:  # every unit pruned (timm reads hidden_features=0 as "same as input"): fc2 yields its bias
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Initializing zero-element tensors is a no-op"
+            new.fc1, new.fc2 = nn.Linear(dim, 0, bias=bias), nn.Linear(0, dim, bias=mlp.fc2.bias is not None)
     new.to(device=mlp.fc1.weight.device, dtype=mlp.fc1.weight.dtype)
     with torch.no_grad():
         new.fc1.weight.copy_(mlp.fc1.weight[idx])

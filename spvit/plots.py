@@ -1,0 +1,58 @@
+"""Plots of a demo / search run (matplotlib, optional): per-block choices and the FLOPs / accuracy trade-off."""
+from __future__ import annotations
+
+import csv
+import os
+from typing import Dict
+
+COLORS = {"msa": "#4c72b0", "3x3": "#dd8452", "1x1": "#55a868", "skip": "#c44e52"}
+
+
+def _read_csv(path: str):
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def plot_demo(out: str, summary: Dict) -> str:
+    """Write ``out/demo.png``: left, FFN units kept per block coloured by attention choice; right, GFLOPs vs
+    accuracy of the teacher, the supernet's read-out per search epoch and the fine-tuned pruned model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    blocks = summary["blocks"]
+    xs = [b["block"] for b in blocks]
+    a1.bar(xs, [b["ffn_total"] for b in blocks], color="#dddddd", label="FFN units (dense)")
+    a1.bar(xs, [b["ffn_kept"] for b in blocks], color=[COLORS[b["attn"]] for b in blocks])
+    for b in blocks:
+        a1.text(b["block"], b["ffn_kept"] + 2, b["attn"], ha="center", va="bottom", fontsize=9)
+    for k, c in COLORS.items():
+        a1.bar([0], [0], color=c, label=k)
+    a1.set_xlabel("block")
+    a1.set_ylabel("FFN hidden units kept")
+    a1.set_title("Searched architecture")
+    a1.legend(fontsize=8, loc="lower left")
+
+    rows = _read_csv(os.path.join(out, "search", "metrics.csv"))
+    if rows:
+        g = [float(r["gflops"]) * 1e3 for r in rows]
+        acc = [float(r["val_acc1"]) for r in rows]
+        a2.plot(g, acc, "o-", color="#999999", label="supernet read-out (per search epoch)")
+    a2.scatter([summary["teacher_gflops"] * 1e3], [summary["teacher_acc"]], s=80, marker="s", color="black",
+               label="teacher (dense)", zorder=3)
+    a2.scatter([summary["pruned_gflops"] * 1e3], [summary["pruned_acc"]], s=110, marker="*", color="#c44e52",
+               label="SPViT pruned + fine-tuned", zorder=3)
+    a2.axvline(summary["target_gflops"] * 1e3, ls="--", color="#bbbbbb", label="FLOPs target")
+    a2.set_xlabel("MFLOPs per image (MACs)")
+    a2.set_ylabel("test accuracy (%)")
+    a2.set_title("FLOPs / accuracy")
+    a2.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path = os.path.join(out, "demo.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
