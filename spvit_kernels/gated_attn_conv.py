@@ -1,0 +1,814 @@
+"""Fused search-mode SPViT attention layer: MSA, 3x3 and 1x1 candidates from one value projection (§1, §2, §10).
+
+Same signature and semantics as :func:`spvit_kernels.reference.gated_attn_conv`. What runs where:
+
+* GEMMs (q/k/v projection as one ``[Wqk; Wv]`` GEMM, output maps, weight gradients) use cuBLAS through
+  ``F.linear`` / ``matmul``; attention uses ``F.scaled_dot_product_attention`` (flash / memory-efficient where
+  available) and its own backward.
+* Triton kernels handle the conv candidates, so the mixed planes ``U (B, P, 9, d)`` are never materialised:
+
+  - ``_gated_attn_conv_fwd_kernel``: head mixing of ``v`` into the 9 taps on the fly, 3x3 shift-sum with zero
+    padding and the 1x1 centre path, mixed biases, and per-program BatchNorm partial statistics (sum and centred
+    sum of squares, combined with Chan's formula) for both conv candidates in one pass;
+  - ``_gated_attn_conv_bn_relu_kernel``: BN + ReLU of the live conv candidate into ``r (B, N, d)`` (zero prefix
+    rows, so the output map is one GEMM over all tokens);
+  - ``_gated_attn_conv_bn_bwd_stats_kernel``: ReLU/BN backward reductions (``sum dz``, ``sum dz*xn``) and the
+    gate inner product ``<dr, r>`` per candidate;
+  - ``_gated_attn_conv_bwd_kernel``: BN backward recomputed at the 9 shifted neighbours, adjoint shift-sum and
+    head un-mixing straight into ``dv (B, N, h*d)``, plus the partial sums of ``dM`` and of the border
+    bias correction;
+  - ``_gated_attn_conv_dot_kernel``: fp32 inner product ``<G, out_msa>`` for the MSA gate gradient.
+
+* Plain torch inside the autograd Function: the tiny weight-side maths (softmax over heads and its backward,
+  mixed biases/output maps and their gradients, combining the per-program partial sums, running-statistic
+  updates, gate-gradient scalars) and the SDPA backward (``torch.autograd.grad`` through the SDPA node kept from
+  the forward).
+
+Gates are exactly 0/1, so exactly one candidate (or none: skip) has coefficient 1. The forward reads the three
+gate values on the host (one device sync, as the official code does), produces only the live candidate's
+``(B, N, C)`` output and keeps what the gate gradients need: ``out_msa`` for ``S_m`` and the pre-BN responses
+``y1, y3 (B, P, d)`` of the conv candidates for ``S_1, S_3`` (``S = <G_patch R, r> + <sum G_patch, bo> +
+<G_prefix, x_prefix>``, §10.2). Only the live candidate is back-propagated; the parameters of computed candidates
+whose coefficient is 0 get exact zero gradients, and parameters of candidates that were not computed get None
+(as in the eager reference).
+
+The value projection carries its bias (``v = x Wv^T + bv``, shared with MSA); the conv kernels compensate by adding
+the mixed bias ``c_k`` for taps whose neighbour falls outside the grid, which equals the reference's "no-bias
+planes + full conv bias" form exactly.
+
+The Triton launchers are registered with ``torch.library.triton_op`` (``spvit::gac_*``) so ``torch.compile`` can
+trace them; the host read of the gates is a graph break.
+"""
+import math
+from typing import List, NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .reference import CENTER_TAP, BNState
+
+_LIB = "spvit"
+_TILE_ELEMS = 8192  # elements of a (BLOCK_P, BLOCK_H, BLOCK_D) register tile
+_ROW_ELEMS = 4096  # elements of a (BLOCK_P, BLOCK_D) tile in the elementwise kernels
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Triton kernels
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _gated_attn_conv_fwd_kernel(
+    v_ptr,  # (B, N, h*d) value projection x Wv^T + bv; strides (stride_vb, stride_vn, 1)
+    m_ptr,  # (h, 9) fp32 head mixing M
+    c_ptr,  # (9, d) fp32 mixed tap biases c_k = sum_g M[g, k] bv_g
+    y3_ptr,  # (B, P, d) fp32 out: pre-BN 3x3 response
+    y1_ptr,  # (B, P, d) fp32 out: pre-BN 1x1 response
+    st3_ptr,  # (B * n_pblocks, 2, d) fp32 out: per program [sum, centred sum of squares] of y3
+    st1_ptr,  # (B * n_pblocks, 2, d) fp32 out: same for y1
+    stride_vb, stride_vn, P, GH, GW, H, D, PREFIX, CENTER,
+    BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    DO3: tl.constexpr, DO1: tl.constexpr, STATS: tl.constexpr,
+):
+    pid_p = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    pid = pid_b * tl.num_programs(0) + pid_p
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    valid = offs_p < P
+    pi = offs_p // GW
+    pj = offs_p % GW
+    mask_h = offs_h < H
+    mask_d = offs_d < D
+    hd = offs_h[:, None] * D + offs_d[None, :]
+    mask_hd = mask_h[:, None] & mask_d[None, :]
+    v_base = v_ptr + pid_b.to(tl.int64) * stride_vb
+    rows_c = PREFIX + offs_p
+    tile_c = tl.load(v_base + rows_c[:, None, None] * stride_vn + hd[None, :, :],
+                     mask=valid[:, None, None] & mask_hd[None, :, :], other=0.0).to(tl.float32)
+    y_off = (pid_b.to(tl.int64) * P + offs_p)[:, None] * D + offs_d[None, :]
+    mask_pd = valid[:, None] & mask_d[None, :]
+    cnt = tl.sum(valid.to(tl.float32), axis=0)
+    if DO3:
+        acc3 = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
+        for k in tl.static_range(9):
+            m_k = tl.load(m_ptr + offs_h * 9 + k, mask=mask_h, other=0.0)
+            if k == 4:
+                acc3 += tl.sum(tile_c * m_k[None, :, None], axis=1)
+            else:
+                ni = pi + (k % 3 - 1)
+                nj = pj + (k // 3 - 1)
+                inside = valid & (ni >= 0) & (ni < GH) & (nj >= 0) & (nj < GW)
+                rows = PREFIX + ni * GW + nj
+                tile = tl.load(v_base + rows[:, None, None] * stride_vn + hd[None, :, :],
+                               mask=inside[:, None, None] & mask_hd[None, :, :], other=0.0).to(tl.float32)
+                acc3 += tl.sum(tile * m_k[None, :, None], axis=1)
+                # the neighbour is zero padding: its plane contributes 0 but the conv bias c_k is still added
+                c_k = tl.load(c_ptr + k * D + offs_d, mask=mask_d, other=0.0)
+                outside = valid & ((ni < 0) | (ni >= GH) | (nj < 0) | (nj >= GW))
+                acc3 += tl.where(outside[:, None], c_k[None, :], 0.0)
+        tl.store(y3_ptr + y_off, acc3, mask=mask_pd)
+        if STATS:
+            s3 = tl.sum(tl.where(mask_pd, acc3, 0.0), axis=0)
+            dev3 = tl.where(mask_pd, acc3 - (s3 / cnt)[None, :], 0.0)
+            tl.store(st3_ptr + pid * 2 * D + offs_d, s3, mask=mask_d)
+            tl.store(st3_ptr + pid * 2 * D + D + offs_d, tl.sum(dev3 * dev3, axis=0), mask=mask_d)
+    if DO1:
+        m_c = tl.load(m_ptr + offs_h * 9 + CENTER, mask=mask_h, other=0.0)
+        acc1 = tl.sum(tile_c * m_c[None, :, None], axis=1)
+        tl.store(y1_ptr + y_off, acc1, mask=mask_pd)
+        if STATS:
+            s1 = tl.sum(tl.where(mask_pd, acc1, 0.0), axis=0)
+            dev1 = tl.where(mask_pd, acc1 - (s1 / cnt)[None, :], 0.0)
+            tl.store(st1_ptr + pid * 2 * D + offs_d, s1, mask=mask_d)
+            tl.store(st1_ptr + pid * 2 * D + D + offs_d, tl.sum(dev1 * dev1, axis=0), mask=mask_d)
+
+
+@triton.jit
+def _gated_attn_conv_bn_relu_kernel(
+    y_ptr,  # (B, P, d) fp32 pre-BN response
+    chan_ptr,  # (>=4, d) fp32 per-channel rows [mean, rstd, gamma, beta]
+    r_ptr,  # (B, N, d) out (input dtype): ReLU(BN(y)) at patch rows PREFIX.., prefix rows untouched
+    P, N, D, PREFIX,
+    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_p = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    mask = (offs_p < P)[:, None] & mask_d[None, :]
+    mean = tl.load(chan_ptr + offs_d, mask=mask_d, other=0.0)
+    rstd = tl.load(chan_ptr + D + offs_d, mask=mask_d, other=0.0)
+    gamma = tl.load(chan_ptr + 2 * D + offs_d, mask=mask_d, other=0.0)
+    beta = tl.load(chan_ptr + 3 * D + offs_d, mask=mask_d, other=0.0)
+    y = tl.load(y_ptr + (pid_b * P + offs_p)[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
+    z = (y - mean[None, :]) * rstd[None, :] * gamma[None, :] + beta[None, :]
+    r = tl.maximum(z, 0.0)
+    tl.store(r_ptr + (pid_b * N + PREFIX + offs_p)[:, None] * D + offs_d[None, :],
+             r.to(r_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gated_attn_conv_bn_bwd_stats_kernel(
+    dr_ptr,  # (B, N, d) gradient w.r.t. r (= G R); strides (stride_rb, stride_rn, 1)
+    y_ptr,  # (B, P, d) fp32 pre-BN response
+    chan_ptr,  # (>=4, d) fp32 per-channel rows [mean, rstd, gamma, beta]
+    part_ptr,  # (B * n_pblocks, 3, d) fp32 out: per program [sum dz, sum dz*xn, sum dr*r]
+    stride_rb, stride_rn, P, D, PREFIX,
+    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_p = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    pid = pid_b * tl.num_programs(0) + pid_p
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    mask = (offs_p < P)[:, None] & mask_d[None, :]
+    mean = tl.load(chan_ptr + offs_d, mask=mask_d, other=0.0)
+    rstd = tl.load(chan_ptr + D + offs_d, mask=mask_d, other=0.0)
+    gamma = tl.load(chan_ptr + 2 * D + offs_d, mask=mask_d, other=0.0)
+    beta = tl.load(chan_ptr + 3 * D + offs_d, mask=mask_d, other=0.0)
+    y = tl.load(y_ptr + (pid_b.to(tl.int64) * P + offs_p)[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
+    dr = tl.load(dr_ptr + pid_b.to(tl.int64) * stride_rb + (PREFIX + offs_p)[:, None] * stride_rn + offs_d[None, :],
+                 mask=mask, other=0.0).to(tl.float32)
+    xn = (y - mean[None, :]) * rstd[None, :]
+    z = xn * gamma[None, :] + beta[None, :]
+    dz = tl.where(mask & (z > 0), dr, 0.0)
+    r = tl.where(mask, tl.maximum(z, 0.0), 0.0)
+    base = part_ptr + pid * 3 * D
+    tl.store(base + offs_d, tl.sum(dz, axis=0), mask=mask_d)
+    tl.store(base + D + offs_d, tl.sum(dz * xn, axis=0), mask=mask_d)
+    tl.store(base + 2 * D + offs_d, tl.sum(dr * r, axis=0), mask=mask_d)
+
+
+@triton.jit
+def _gated_attn_conv_dy_tile(dr_base, y_base, q, inside, offs_d, mask_d, mean, rstd, gamma, beta, a, b, cst,
+                             stride_rn, D, PREFIX):
+    """dL/dy at positions q (BLOCK_P,) of one image: ReLU + BN backward, zero where ``inside`` is False."""
+    m2 = inside[:, None] & mask_d[None, :]
+    y = tl.load(y_base + q[:, None] * D + offs_d[None, :], mask=m2, other=0.0)
+    dr = tl.load(dr_base + (PREFIX + q)[:, None] * stride_rn + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
+    xn = (y - mean[None, :]) * rstd[None, :]
+    z = xn * gamma[None, :] + beta[None, :]
+    dz = tl.where(z > 0, dr, 0.0)
+    dy = a[None, :] * dz + b[None, :] * xn + cst[None, :]
+    return tl.where(m2, dy, 0.0)
+
+
+@triton.jit
+def _gated_attn_conv_bwd_kernel(
+    dr_ptr,  # (B, N, d) gradient w.r.t. r (= G R); strides (stride_rb, stride_rn, 1)
+    y_ptr,  # (B, P, d) fp32 pre-BN response of the live candidate
+    chan_ptr,  # (7, d) fp32 rows [mean, rstd, gamma, beta, a, b, cst]: dy = a*dz + b*xn + cst
+    v_ptr,  # (B, N, h*d) value projection; strides (stride_vb, stride_vn, 1)
+    m_ptr,  # (h, 9) fp32 head mixing M
+    dv_ptr,  # (B, N, h*d) out, contiguous: dL/dv at patch rows (prefix rows untouched)
+    dm_ptr,  # (B * n_pblocks, BLOCK_H, 9) fp32 out (zero-initialised): partial sum_p <v_g[p], dU_k[p]>
+    edge_ptr,  # (B * n_pblocks, 9, d) fp32 out: partial sum of dy[p] over p whose tap-k neighbour is padding
+    stride_rb, stride_rn, stride_vb, stride_vn, N, P, GH, GW, H, D, PREFIX, CENTER,
+    BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, KIND3: tl.constexpr,
+):
+    pid_p = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    pid = pid_b * tl.num_programs(0) + pid_p
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    valid = offs_p < P
+    pi = offs_p // GW
+    pj = offs_p % GW
+    mask_h = offs_h < H
+    mask_d = offs_d < D
+    hd = offs_h[:, None] * D + offs_d[None, :]
+    mask_hd = mask_h[:, None] & mask_d[None, :]
+    mean = tl.load(chan_ptr + offs_d, mask=mask_d, other=0.0)
+    rstd = tl.load(chan_ptr + D + offs_d, mask=mask_d, other=0.0)
+    gamma = tl.load(chan_ptr + 2 * D + offs_d, mask=mask_d, other=0.0)
+    beta = tl.load(chan_ptr + 3 * D + offs_d, mask=mask_d, other=0.0)
+    a = tl.load(chan_ptr + 4 * D + offs_d, mask=mask_d, other=0.0)
+    b = tl.load(chan_ptr + 5 * D + offs_d, mask=mask_d, other=0.0)
+    cst = tl.load(chan_ptr + 6 * D + offs_d, mask=mask_d, other=0.0)
+    dr_base = dr_ptr + pid_b.to(tl.int64) * stride_rb
+    y_base = y_ptr + pid_b.to(tl.int64) * P * D
+    v_base = v_ptr + pid_b.to(tl.int64) * stride_vb
+    mask3 = valid[:, None, None] & mask_hd[None, :, :]
+    vt = tl.load(v_base + (PREFIX + offs_p)[:, None, None] * stride_vn + hd[None, :, :],
+                 mask=mask3, other=0.0).to(tl.float32)
+    dy_c = _gated_attn_conv_dy_tile(dr_base, y_base, offs_p, valid, offs_d, mask_d, mean, rstd, gamma, beta,
+                                    a, b, cst, stride_rn, D, PREFIX)
+    dm_base = dm_ptr + pid * BLOCK_H * 9
+    if KIND3:
+        acc = tl.zeros((BLOCK_P, BLOCK_H, BLOCK_D), dtype=tl.float32)
+        for k in tl.static_range(9):
+            m_k = tl.load(m_ptr + offs_h * 9 + k, mask=mask_h, other=0.0)
+            if k == 4:
+                dy_k = dy_c
+            else:
+                # dU_k[p] = dy[p - offset_k] (adjoint of the shift); zero where that position is off the grid
+                qi = pi - (k % 3 - 1)
+                qj = pj - (k // 3 - 1)
+                inside = valid & (qi >= 0) & (qi < GH) & (qj >= 0) & (qj < GW)
+                dy_k = _gated_attn_conv_dy_tile(dr_base, y_base, qi * GW + qj, inside, offs_d, mask_d, mean, rstd,
+                                                gamma, beta, a, b, cst, stride_rn, D, PREFIX)
+                ni = pi + (k % 3 - 1)
+                nj = pj + (k // 3 - 1)
+                outside = valid & ((ni < 0) | (ni >= GH) | (nj < 0) | (nj >= GW))
+                tl.store(edge_ptr + (pid * 9 + k) * D + offs_d,
+                         tl.sum(tl.where(outside[:, None], dy_c, 0.0), axis=0), mask=mask_d)
+            acc += dy_k[:, None, :] * m_k[None, :, None]
+            tl.store(dm_base + offs_h * 9 + k, tl.sum(tl.sum(vt * dy_k[:, None, :], axis=2), axis=0), mask=mask_h)
+    else:
+        m_c = tl.load(m_ptr + offs_h * 9 + CENTER, mask=mask_h, other=0.0)
+        acc = dy_c[:, None, :] * m_c[None, :, None]
+        tl.store(dm_base + offs_h * 9 + CENTER, tl.sum(tl.sum(vt * dy_c[:, None, :], axis=2), axis=0),
+                 mask=mask_h)
+    dv_off = (pid_b.to(tl.int64) * N + PREFIX + offs_p)[:, None, None] * (H * D) + hd[None, :, :]
+    tl.store(dv_ptr + dv_off, acc.to(dv_ptr.dtype.element_ty), mask=mask3)
+
+
+@triton.jit
+def _gated_attn_conv_dot_kernel(
+    a_ptr,  # (n,) contiguous
+    b_ptr,  # (n,) contiguous
+    part_ptr,  # (n_programs,) fp32 out: partial sums of a*b
+    n,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(part_ptr + pid, tl.sum(a * b, axis=0))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launchers (registered as torch.library.triton_op where available)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _wrap(kernel):
+    """``wrap_triton(kernel)`` for torch.compile tracing; the raw kernel under the interpreter or on old torch."""
+    wrap = getattr(torch.library, "wrap_triton", None)
+    if wrap is None:
+        return kernel
+    try:
+        return wrap(kernel)
+    except RuntimeError:  # e.g. an InterpretedFunction on a torch that cannot wrap it
+        return kernel
+
+
+def _triton_op(name: str):
+    """Register ``fn`` as ``spvit::<name>`` with ``torch.library.triton_op`` (or leave it a plain function)."""
+    def deco(fn):
+        top = getattr(torch.library, "triton_op", None)
+        if top is None:
+            return fn
+        try:
+            return top(f"{_LIB}::{name}", fn, mutates_args=())
+        except Exception:  # noqa: BLE001  (already registered, or schema inference unsupported on this torch)
+            return fn
+    return deco
+
+
+def _pow2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def _tile_block_p(block_h: int, block_d: int) -> int:
+    return max(1, min(64, _TILE_ELEMS // (block_h * block_d)))
+
+
+def _row_block_p(block_d: int) -> int:
+    return max(1, min(128, _ROW_ELEMS // block_d))
+
+
+@_triton_op("gac_conv_fwd")
+def _conv_fwd(v: torch.Tensor, m: torch.Tensor, c_taps: torch.Tensor, gh: int, gw: int, prefix: int, center: int,
+              do3: bool, do1: bool, stats: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pre-BN conv responses and BN partial statistics.
+
+    Args:
+        v: (B, N, h*d) value projection with bias (last dim contiguous); m: (h, 9) fp32; c_taps: (9, d) fp32.
+    Returns:
+        y3, y1: (B, P, d) fp32 (empty (0,) when not asked for);
+        st3, st1: (B * n_pblocks, 2, d) fp32 per-program [sum, centred sum of squares] (empty when not asked for).
+    """
+    bsz, _, _ = v.shape
+    h = m.shape[0]
+    d = c_taps.shape[1]
+    p = gh * gw
+    block_h, block_d = _pow2(h), _pow2(d)
+    block_p = _tile_block_p(block_h, block_d)
+    n_pb = triton.cdiv(p, block_p)
+    dev = v.device
+    y3 = torch.empty((bsz, p, d) if do3 else (0,), device=dev, dtype=torch.float32)
+    y1 = torch.empty((bsz, p, d) if do1 else (0,), device=dev, dtype=torch.float32)
+    st3 = torch.empty((bsz * n_pb, 2, d) if do3 and stats else (0,), device=dev, dtype=torch.float32)
+    st1 = torch.empty((bsz * n_pb, 2, d) if do1 and stats else (0,), device=dev, dtype=torch.float32)
+    _wrap(_gated_attn_conv_fwd_kernel)[(n_pb, bsz)](
+        v, m, c_taps, y3, y1, st3, st1, v.stride(0), v.stride(1), p, gh, gw, h, d, prefix, center,
+        BLOCK_P=block_p, BLOCK_H=block_h, BLOCK_D=block_d, DO3=do3, DO1=do1, STATS=stats,
+    )
+    return y3, y1, st3, st1
+
+
+@_triton_op("gac_bn_relu")
+def _bn_relu(y: torch.Tensor, chan: torch.Tensor, n_tokens: int, prefix: int, dtype: torch.dtype) -> torch.Tensor:
+    """r = ReLU(BN(y)) laid out over all tokens. y: (B, P, d) fp32; chan: (>=4, d) fp32.
+
+    Returns:
+        (B, N, d) in ``dtype`` with zero prefix rows.
+    """
+    bsz, p, d = y.shape
+    r = torch.empty((bsz, n_tokens, d), device=y.device, dtype=dtype)
+    if prefix:
+        r[:, :prefix].zero_()
+    block_d = _pow2(d)
+    block_p = _row_block_p(block_d)
+    _wrap(_gated_attn_conv_bn_relu_kernel)[(triton.cdiv(p, block_p), bsz)](
+        y, chan, r, p, n_tokens, d, prefix, BLOCK_P=block_p, BLOCK_D=block_d,
+    )
+    return r
+
+
+@_triton_op("gac_bn_bwd_stats")
+def _bn_bwd_stats(dr: torch.Tensor, y: torch.Tensor, chan: torch.Tensor, prefix: int) -> torch.Tensor:
+    """Sums over all patch positions of (dz, dz*xn, dr*r). dr: (B, N, d) (last dim contiguous); y: (B, P, d) fp32.
+
+    Returns:
+        (3, d) fp32.
+    """
+    bsz, p, d = y.shape
+    block_d = _pow2(d)
+    block_p = _row_block_p(block_d)
+    n_pb = triton.cdiv(p, block_p)
+    part = torch.empty((bsz * n_pb, 3, d), device=y.device, dtype=torch.float32)
+    _wrap(_gated_attn_conv_bn_bwd_stats_kernel)[(n_pb, bsz)](
+        dr, y, chan, part, dr.stride(0), dr.stride(1), p, d, prefix, BLOCK_P=block_p, BLOCK_D=block_d,
+    )
+    return part.sum(0)
+
+
+@_triton_op("gac_conv_bwd")
+def _conv_bwd(dr: torch.Tensor, y: torch.Tensor, chan: torch.Tensor, v: torch.Tensor, m: torch.Tensor, gh: int,
+              gw: int, prefix: int, center: int, kind3: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Conv-path backward of the live candidate down to the value projection.
+
+    Args:
+        dr: (B, N, d) dL/dr; y: (B, P, d) fp32; chan: (7, d) fp32; v: (B, N, h*d); m: (h, 9) fp32.
+    Returns:
+        dv: (B, N, h*d) in v's dtype (zero prefix rows); dm: (h, 9) fp32 sum_p <v_g[p], dU_k[p]>;
+        edge: (9, d) fp32 sum of dy over positions whose tap-k neighbour is padding (zeros for 1x1).
+    """
+    bsz, n, hdim = v.shape
+    h = m.shape[0]
+    p, d = y.shape[1], y.shape[2]
+    block_h, block_d = _pow2(h), _pow2(d)
+    block_p = _tile_block_p(block_h, block_d)
+    n_pb = triton.cdiv(p, block_p)
+    dv = torch.empty((bsz, n, hdim), device=v.device, dtype=v.dtype)
+    if prefix:
+        dv[:, :prefix].zero_()
+    dm = torch.zeros((bsz * n_pb, block_h, 9), device=v.device, dtype=torch.float32)
+    edge = torch.zeros((bsz * n_pb, 9, d), device=v.device, dtype=torch.float32)
+    _wrap(_gated_attn_conv_bwd_kernel)[(n_pb, bsz)](
+        dr, y, chan, v, m, dv, dm, edge, dr.stride(0), dr.stride(1), v.stride(0), v.stride(1), n, p, gh, gw, h, d,
+        prefix, center, BLOCK_P=block_p, BLOCK_H=block_h, BLOCK_D=block_d, KIND3=kind3,
+    )
+    return dv, dm[:, :h].sum(0), edge.sum(0)
+
+
+@_triton_op("gac_dot")
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """fp32 inner product of two same-shaped contiguous tensors. Returns a 0-dim fp32 tensor."""
+    n = a.numel()
+    block = 4096
+    grid = max(1, triton.cdiv(n, block))
+    part = torch.empty((grid,), device=a.device, dtype=torch.float32)
+    _wrap(_gated_attn_conv_dot_kernel)[(grid,)](a, b, part, n, BLOCK=block)
+    return part.sum()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Autograd layer
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class _Cfg(NamedTuple):
+    num_heads: int
+    alpha: float
+    grid: Tuple[int, int]
+    training: bool
+    prefix: int
+    center: int
+    gates: Tuple[float, float, float]  # (e1, e3, em) as 0/1 floats
+    coefs: Tuple[float, float, float]  # (c_msa, c_3x3, c_1x1)
+    live: Tuple[bool, bool, bool]  # computed candidates (msa, 3x3, 1x1)
+    bn3: BNState
+    bn1: BNState
+    needs_grad: bool
+
+
+def _bn_channels(y: torch.Tensor, st: torch.Tensor, bn: BNState, training: bool, block_p: int) -> torch.Tensor:
+    """Per-channel (4, d) fp32 [mean, rstd, gamma, beta]; updates running statistics in training."""
+    bsz, p, d = y.shape
+    dev = y.device
+    if training:
+        n = bsz * p
+        if n < 2:
+            raise ValueError(f"gated_attn_conv: BatchNorm in training needs more than 1 value per channel, got {n}")
+        starts = torch.arange(0, p, block_p, device=dev)
+        cnt = torch.clamp(p - starts, max=block_p).to(torch.float32).repeat(bsz)[:, None]  # (B*n_pb, 1)
+        s, m2 = st[:, 0], st[:, 1]
+        mean = s.sum(0) / n
+        m2_tot = m2.sum(0) + (cnt * (s / cnt - mean) ** 2).sum(0)
+        var = m2_tot / n
+        if bn.running_mean is not None:
+            bn.running_mean.copy_((1 - bn.momentum) * bn.running_mean.float() + bn.momentum * mean)
+        if bn.running_var is not None:
+            bn.running_var.copy_((1 - bn.momentum) * bn.running_var.float() + bn.momentum * var * (n / (n - 1)))
+    else:
+        mean = bn.running_mean.float()
+        var = bn.running_var.float()
+    rstd = torch.rsqrt(var + bn.eps)
+    gamma = bn.weight.float() if bn.weight is not None else torch.ones(d, device=dev)
+    beta = bn.bias.float() if bn.bias is not None else torch.zeros(d, device=dev)
+    return torch.stack([mean, rstd, gamma, beta])
+
+
+def _out_map(m: torch.Tensor, w_o: torch.Tensor, cols: List[int], num_heads: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Mixed output map R = sum_g w_g Wo_g with w_g = sum_{k in cols} M[g, k]. Returns R (C, d) fp32 and w (h,)."""
+    c, hdim = w_o.shape
+    wsum = m[:, cols].sum(1)
+    r_map = torch.einsum("g,cgd->cd", wsum, w_o.float().view(c, num_heads, hdim // num_heads))
+    return r_map, wsum
+
+
+def _maybe_zero(t: Optional[torch.Tensor], used: bool) -> Optional[torch.Tensor]:
+    return torch.zeros_like(t) if (t is not None and used) else None
+
+
+class _GatedAttnConvFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w_qk, b_qk, w_v, b_v, w_o, b_o, head_probs, g1, be1, g3, be3, gates, cfg: _Cfg):
+        bsz, n, c = x.shape
+        h = cfg.num_heads
+        hdim = w_v.shape[0]
+        d = hdim // h
+        gh, gw = cfg.grid
+        pre = cfg.prefix
+        live_m, live_3, live_1 = cfg.live
+        c_m, c_3, c_1 = cfg.coefs
+        ctx.cfg = cfg
+        ctx.shapes = (bsz, n, c, hdim, d)
+        ctx.gates_dtype = gates.dtype
+        ctx.head_dtype = head_probs.dtype
+        ctx.b_qk_meta = None if b_qk is None else (b_qk.shape, b_qk.dtype)
+
+        # projections: one [Wqk; Wv] GEMM when MSA is computed
+        if live_m:
+            w_qkv = torch.cat([w_qk, w_v])
+            if b_qk is None and b_v is None:
+                b_qkv = None
+            else:
+                b_qkv = torch.cat([b_qk if b_qk is not None else w_qk.new_zeros(2 * hdim),
+                                   b_v if b_v is not None else w_v.new_zeros(hdim)])
+            qkv = F.linear(x, w_qkv, b_qkv)  # (B, N, 3*h*d)
+            q, k, v_h = qkv.view(bsz, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)  # (B, h, N, d) each
+            v = qkv[..., 2 * hdim:]
+        else:
+            v = F.linear(x, w_v, b_v)  # (B, N, h*d)
+        out = None
+        ctx.sdpa = None
+        out_msa = None
+        o2 = None
+        if live_m:
+            if c_m == 1 and cfg.needs_grad:
+                with torch.enable_grad():
+                    qd, kd, vd = q.detach().requires_grad_(), k.detach().requires_grad_(), v_h.detach().requires_grad_()
+                    o = F.scaled_dot_product_attention(qd, kd, vd)
+                ctx.sdpa = (qd, kd, vd, o)
+                o = o.detach()
+            else:
+                o = F.scaled_dot_product_attention(q, k, v_h)
+            o2 = o.transpose(1, 2).reshape(bsz, n, hdim)
+            out_msa = F.linear(o2, w_o, b_o)
+            if c_m == 1:
+                out = out_msa
+
+        m = None
+        ys = {"3x3": None, "1x1": None}
+        chans = {"3x3": None, "1x1": None}
+        r_live = None
+        if live_3 or live_1:
+            m = torch.softmax(head_probs.float() / cfg.alpha, dim=0)  # (h, 9)
+            if b_v is not None:
+                c_taps = m.t() @ b_v.float().view(h, d)  # (9, d)
+            else:
+                c_taps = torch.zeros(9, d, device=x.device)
+            y3, y1, st3, st1 = _conv_fwd(v, m.contiguous(), c_taps.contiguous(), gh, gw, pre, cfg.center,
+                                         live_3, live_1, cfg.training)
+            block_p = _tile_block_p(_pow2(h), _pow2(d))
+            for kind, is_live, coef, y, st, bn in (("3x3", live_3, c_3, y3, st3, cfg.bn3),
+                                                   ("1x1", live_1, c_1, y1, st1, cfg.bn1)):
+                if not is_live:
+                    continue
+                ys[kind] = y
+                chans[kind] = _bn_channels(y, st, bn, cfg.training, block_p)
+                if coef == 1:
+                    cols = list(range(9)) if kind == "3x3" else [cfg.center]
+                    r_map, _ = _out_map(m, w_o, cols, h)
+                    r_live = _bn_relu(y, chans[kind], n, pre, x.dtype)
+                    out = F.linear(r_live, r_map.to(x.dtype), b_o)
+                    if pre:
+                        out[:, :pre] = x[:, :pre]
+        if out is None:  # skip: no candidate has coefficient 1
+            out = torch.zeros_like(x)
+
+        ctx.save_for_backward(x, w_qk, w_v, w_o, b_o, b_v, out_msa, o2, v if (live_3 or live_1) else None, r_live)
+        ctx.m = m
+        ctx.ys = ys
+        ctx.chans = chans
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        cfg = ctx.cfg
+        x, w_qk, w_v, w_o, b_o, b_v, out_msa, o2, v, r_live = ctx.saved_tensors
+        bsz, n, c, hdim, d = ctx.shapes
+        h = cfg.num_heads
+        gh, gw = cfg.grid
+        pre = cfg.prefix
+        live_m, live_3, live_1 = cfg.live
+        c_m, c_3, c_1 = cfg.coefs
+        e1, e3, em = cfg.gates
+        need_gate = ctx.needs_input_grad[12]
+        dev = x.device
+        g = grad_out.contiguous()
+        g2 = g.view(bsz * n, c)
+        x2 = x.view(bsz * n, c)
+        dtype = x.dtype
+
+        zero = torch.zeros((), device=dev, dtype=torch.float32)
+        s_m, s_3, s_1 = zero, zero, zero
+        dx = torch.zeros_like(x)
+        dw_qk = _maybe_zero(w_qk, live_m)
+        db_qk = None
+        if live_m and ctx.b_qk_meta is not None:
+            db_qk = torch.zeros(ctx.b_qk_meta[0], device=dev, dtype=ctx.b_qk_meta[1])
+        dw_v = _maybe_zero(w_v, True)
+        db_v = None if b_v is None else torch.zeros_like(b_v)
+        dw_o = _maybe_zero(w_o, True)
+        db_o = None if b_o is None else torch.zeros_like(b_o)
+        dm = torch.zeros(h, 9, device=dev, dtype=torch.float32) if ctx.m is not None else None
+        dbn = {"3x3": [None, None], "1x1": [None, None]}
+        for kind, bn, is_live in (("3x3", cfg.bn3, live_3), ("1x1", cfg.bn1, live_1)):
+            dbn[kind] = [_maybe_zero(bn.weight, is_live), _maybe_zero(bn.bias, is_live)]
+
+        conv_live = live_3 or live_1
+        if conv_live or (need_gate and b_o is not None):
+            gsum_patch = g[:, pre:].sum((0, 1), dtype=torch.float32)  # (C,)
+        prefix_dot = zero
+        if need_gate and pre:
+            prefix_dot = (g[:, :pre].float() * x[:, :pre].float()).sum()
+
+        # ---- MSA ----
+        if live_m:
+            if need_gate:
+                s_m = _dot(g, out_msa.contiguous())
+            if c_m == 1:
+                dw_o = (g2.t() @ o2.reshape(bsz * n, hdim)).to(w_o.dtype)
+                if b_o is not None:
+                    db_o = g.sum((0, 1), dtype=torch.float32).to(b_o.dtype)
+                do = (g2 @ w_o).view(bsz, n, h, d).transpose(1, 2)
+                qd, kd, vd, o = ctx.sdpa
+                dq, dk, dvh = torch.autograd.grad(o, (qd, kd, vd), do)
+                ctx.sdpa = None
+                dqkv = torch.stack([dq, dk, dvh], dim=0).permute(1, 3, 0, 2, 4).reshape(bsz * n, 3 * hdim)
+                dw_qkv = dqkv.t() @ x2
+                dw_qk = dw_qkv[:2 * hdim].to(w_qk.dtype)
+                dw_v = dw_qkv[2 * hdim:].to(w_v.dtype)
+                db_qkv = dqkv.sum(0, dtype=torch.float32)
+                if db_qk is not None:
+                    db_qk = db_qkv[:2 * hdim].to(db_qk.dtype)
+                if b_v is not None:
+                    db_v = db_qkv[2 * hdim:].to(b_v.dtype)
+                dx = (dqkv @ torch.cat([w_qk, w_v])).view(bsz, n, c)
+
+        # ---- conv candidates ----
+        if conv_live:
+            m = ctx.m
+            kinds = [kd for kd, lv in (("3x3", live_3), ("1x1", live_1)) if lv]
+            maps = {}
+            for kind in kinds:
+                cols = list(range(9)) if kind == "3x3" else [cfg.center]
+                maps[kind] = (cols,) + _out_map(m, w_o, cols, h)
+            coef = {"3x3": c_3, "1x1": c_1}
+            # dr for every computed conv candidate with one GEMM: G (B, N, C) @ [R_a | R_b] (C, k*d)
+            r_cat = torch.cat([maps[kind][1] for kind in kinds], dim=1).to(dtype)
+            dr_all = (g2 @ r_cat).view(bsz, n, len(kinds) * d)
+            for i, kind in enumerate(kinds):
+                cols, r_map, wsum = maps[kind]
+                dr = dr_all[..., i * d:(i + 1) * d]
+                chan = ctx.chans[kind]
+                y = ctx.ys[kind]
+                sums = _bn_bwd_stats(dr, y, chan, pre)  # (3, d): sum dz, sum dz*xn, sum dr*r
+                s_conv = sums[2].sum() + prefix_dot
+                if b_o is not None:
+                    s_conv = s_conv + gsum_patch @ b_o.float()
+                if kind == "3x3":
+                    s_3 = s_conv
+                else:
+                    s_1 = s_conv
+                if coef[kind] != 1:
+                    continue
+                bn = cfg.bn3 if kind == "3x3" else cfg.bn1
+                # output map and bias
+                d_rmap = g2.t() @ r_live.view(bsz * n, d)  # (C, d)
+                d_rmap = d_rmap.float()
+                dw_o = (wsum[None, :, None] * d_rmap[:, None, :]).reshape(c, hdim).to(w_o.dtype)
+                dm[:, cols] += torch.einsum("cgd,cd->g", w_o.float().view(c, h, d), d_rmap)[:, None]
+                if b_o is not None:
+                    db_o = gsum_patch.to(b_o.dtype)
+                # BN affine and the coefficients of dy = a*dz + b*xn + cst
+                sum_dz, sum_dzxn = sums[0], sums[1]
+                mean, rstd, gamma = chan[0], chan[1], chan[2]
+                if bn.weight is not None:
+                    dbn[kind][0] = sum_dzxn.to(bn.weight.dtype)
+                if bn.bias is not None:
+                    dbn[kind][1] = sum_dz.to(bn.bias.dtype)
+                a = gamma * rstd
+                if cfg.training:
+                    npos = bsz * gh * gw
+                    b_coef = -a * sum_dzxn / npos
+                    cst = -a * sum_dz / npos
+                else:
+                    b_coef = torch.zeros_like(a)
+                    cst = torch.zeros_like(a)
+                chan7 = torch.cat([chan, torch.stack([a, b_coef, cst])]).contiguous()
+                dv, dm_v, edge = _conv_bwd(dr, y, chan7, v, m.contiguous(), gh, gw, pre, cfg.center, kind == "3x3")
+                dm += dm_v
+                dv2 = dv.view(bsz * n, hdim)
+                dw_v = (dv2.t() @ x2).to(w_v.dtype)
+                dx = (dv2 @ w_v).view(bsz, n, c)
+                if pre:
+                    dx[:, :pre] += g[:, :pre]
+                if b_v is not None:
+                    bvh = b_v.float().view(h, d)
+                    db_v_f = dv2.sum(0, dtype=torch.float32)
+                    if kind == "3x3":
+                        db_v_f = db_v_f + (m @ edge).reshape(hdim)  # bias of padded taps: sum_k M[g,k] edge_k
+                        dm += bvh @ edge.t()  # <bv_g, edge_k>
+                    db_v = db_v_f.to(b_v.dtype)
+
+        d_head = None
+        if dm is not None:
+            m = ctx.m
+            d_head = (m * (dm - (m * dm).sum(0, keepdim=True)) / cfg.alpha).to(ctx.head_dtype)
+
+        d_gates = None
+        if need_gate:
+            de_m = s_m - e3 * s_3 - e1 * (1 - e3) * s_1
+            de_3 = (1 - em) * (s_3 - e1 * s_1)
+            de_1 = (1 - e3) * (1 - em) * s_1
+            d_gates = torch.stack([de_1, de_3, de_m]).to(ctx.gates_dtype)
+
+        return (dx, dw_qk, db_qk, dw_v, db_v, dw_o, db_o, d_head, dbn["1x1"][0], dbn["1x1"][1], dbn["3x3"][0],
+                dbn["3x3"][1], d_gates, None)
+
+
+def _check(name: str, t: Optional[torch.Tensor], shape: Tuple[int, ...], dtype: Optional[torch.dtype] = None):
+    if t is None:
+        return
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"gated_attn_conv: {name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+    if dtype is not None and t.dtype != dtype:
+        raise ValueError(f"gated_attn_conv: {name} has dtype {t.dtype}, expected {dtype} (the dtype of x_hat)")
+
+
+def gated_attn_conv(
+    x_hat: torch.Tensor,
+    w_qk: torch.Tensor, b_qk: Optional[torch.Tensor],
+    w_v: torch.Tensor, b_v: Optional[torch.Tensor],
+    w_o: torch.Tensor, b_o: Optional[torch.Tensor],
+    head_probs: torch.Tensor, bn1: BNState, bn3: BNState, gates: torch.Tensor, *,
+    num_heads: int, alpha: float, grid: Tuple[int, int], training: bool,
+    num_prefix_tokens: int = 1, center: int = CENTER_TAP, compute_all: Optional[bool] = None,
+) -> torch.Tensor:
+    """Search-mode single-path attention layer, fused (see the module docstring and §1, §2.1, §10.1).
+
+    Args:
+        x_hat: (B, N, C) normalised block input, N = num_prefix_tokens + H*W.
+        w_qk: (2*h*d, C), b_qk: (2*h*d,) | None: query and key projections (queries first).
+        w_v: (h*d, C), b_v: (h*d,) | None: value projection, shared by all candidates.
+        w_o: (C, h*d), b_o: (C,) | None: output projection, shared by all candidates.
+        head_probs: (h, 9) head-mixing logits A.
+        bn1, bn3: BatchNorms (d channels) of the 1x1 and the 3x3 candidate (running statistics updated in place in
+            training, like ``F.batch_norm``).
+        gates: (3,) cumulative gates (e1, e3, em), exactly 0/1 values (may carry straight-through gradients).
+        num_heads: h; alpha: head-mixing temperature; grid: (H, W); training: BN batch statistics when True.
+        num_prefix_tokens: tokens before the patch grid (passed through by the conv candidates).
+        center: column of M used by the 1x1 candidate.
+        compute_all: evaluate every candidate even when its coefficient is 0. Default: in training or when
+            ``gates`` needs a gradient.
+    Returns:
+        (B, N, C): em*out_msa + e3(1-em)*out_3x3 + e1(1-e3)(1-em)*out_1x1.
+    Raises:
+        ValueError: on wrong shapes/dtypes or gates that are not exactly 0/1.
+    """
+    if x_hat.dim() != 3:
+        raise ValueError(f"gated_attn_conv: x_hat must be (B, N, C), got shape {tuple(x_hat.shape)}")
+    bsz, n, c = x_hat.shape
+    h = int(num_heads)
+    gh, gw = int(grid[0]), int(grid[1])
+    pre = int(num_prefix_tokens)
+    if n != pre + gh * gw:
+        raise ValueError(f"gated_attn_conv: {n} tokens but num_prefix_tokens + H*W = {pre} + {gh}*{gw}")
+    if w_v.dim() != 2 or w_v.shape[0] % h:
+        raise ValueError(f"gated_attn_conv: w_v must be (h*d, C) with h = {h}, got {tuple(w_v.shape)}")
+    hdim = w_v.shape[0]
+    d = hdim // h
+    dt = x_hat.dtype
+    _check("w_qk", w_qk, (2 * hdim, c), dt)
+    _check("b_qk", b_qk, (2 * hdim,), dt)
+    _check("w_v", w_v, (hdim, c), dt)
+    _check("b_v", b_v, (hdim,), dt)
+    _check("w_o", w_o, (c, hdim), dt)
+    _check("b_o", b_o, (c,), dt)
+    _check("head_probs", head_probs, (h, 9))
+    _check("gates", gates, (3,))
+    for name, bn in (("bn1", bn1), ("bn3", bn3)):
+        for f in ("weight", "bias", "running_mean", "running_var"):
+            _check(f"{name}.{f}", getattr(bn, f), (d,))
+    if not 0 <= center < 9:
+        raise ValueError(f"gated_attn_conv: center must be a tap index in [0, 9), got {center}")
+    if not training and any(bn.running_mean is None or bn.running_var is None for bn in (bn1, bn3)):
+        raise ValueError("gated_attn_conv: eval mode needs BN running statistics")
+
+    vals = gates.detach().to(torch.float32).cpu().tolist()  # one host sync (the official code branches on gates)
+    if any(val not in (0.0, 1.0) for val in vals):
+        raise ValueError(f"gated_attn_conv: gates must be exactly 0/1 values, got {vals}")
+    e1, e3, em = vals
+    coefs = (em, e3 * (1 - em), e1 * (1 - e3) * (1 - em))
+    if compute_all is None:
+        compute_all = training or (gates.requires_grad and torch.is_grad_enabled())
+    live = (True, True, True) if compute_all else tuple(cf != 0 for cf in coefs)
+    if not any(live):
+        return torch.zeros_like(x_hat)
+
+    x_hat = x_hat.contiguous()
+    w_qk, w_v, w_o = w_qk.contiguous(), w_v.contiguous(), w_o.contiguous()
+    tensors = (x_hat, w_qk, b_qk, w_v, b_v, w_o, b_o, head_probs, bn1.weight, bn1.bias, bn3.weight, bn3.bias, gates)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    cfg = _Cfg(h, float(alpha), (gh, gw), bool(training), pre, int(center), (e1, e3, em), coefs, live, bn3, bn1,
+               needs_grad)
+    return _GatedAttnConvFn.apply(*tensors, cfg)
+
+
+__all__ = ["gated_attn_conv"]
