@@ -77,3 +77,14 @@ def test_flops_target_out_of_range():
         sn.flops_loss(sn.dense_gflops() * 1.01, 1.0)
     with pytest.raises(ValueError, match="cannot be met"):
         sn.flops_loss(sn.min_gflops() * 0.5, 1.0)
+
+
+@pytest.mark.parametrize("name,gmacs,mparams", [("spvit_deit_tiny_patch16_224", 1.037, 4.87),
+                                                ("spvit_deit_small_patch16_224", 3.347, 16.12),
+                                                ("spvit_deit_base_patch16_224", 8.391, 46.21)])
+def test_registered_shipped_models(name, gmacs, mparams):
+    # spec §8.4 recount: fine-tune-format parameters (incl. head_probs and BN affine, excl. BN buffers)
+    m = timm.create_model(name)
+    assert isinstance(m, spvit.PrunedModel)
+    assert spvit.gflops(m) == pytest.approx(gmacs, abs=5e-4)
+    assert spvit.count_params(m) / 1e6 == pytest.approx(mparams, abs=5e-3)

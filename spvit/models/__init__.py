@@ -1,7 +1,10 @@
 """SPViT model modules: supernet (search), pruned (fine-tune), converters from timm and original checkpoints."""
 from .convert import UnsupportedModelError, signature_of
 from .pruned import ConvAttention, ExplicitConvAttention, PrunedModel, SkipAttention, prune
+from .registry import SHIPPED, register_with_timm, shipped_architecture
 from .supernet import GatedMlp, SearchAttention, Supernet, supernet
 
+register_with_timm()
+
 __all__ = ["UnsupportedModelError", "signature_of", "ConvAttention", "ExplicitConvAttention", "PrunedModel",
-           "SkipAttention", "prune", "GatedMlp", "SearchAttention", "Supernet", "supernet"]
+           "SkipAttention", "prune", "SHIPPED", "register_with_timm", "shipped_architecture", "GatedMlp", "SearchAttention", "Supernet", "supernet"]
