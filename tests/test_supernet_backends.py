@@ -11,7 +11,7 @@ from tests.helpers import randomise_head_probs, tiny_vit
 
 def _step(sn, backend, x, y, seed):
     sn = copy.deepcopy(sn).train()
-    opt = torch.optim.AdamW(sn.parameters(), lr=1e-3)
+    opt = torch.optim.SGD(sn.parameters(), lr=0.1)  # (Adam would amplify rounding on ~0 grads)
     torch.manual_seed(seed)  # same gate samples for both backends
     with K.use_backend(backend):
         assert K.backend_of("gated_attn_conv", x.device) == backend
