@@ -20,6 +20,7 @@ Backward of the shift-sum (both providers): with ``g = grad_y * (y > 0 if relu)`
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -79,6 +80,48 @@ def shift_sum_ext(
     return torch.ops.spvit.shift_sum.default(planes, bias, hh, ww, bool(relu))
 
 
+def _register_autograd(register_fwd, register_bwd, fwd, bwd) -> None:
+    """Autograd of a (shift_sum, shift_sum_backward) op pair; ``register_*(backward, setup_context=...)``.
+
+    First order: ``bwd(grad_y, y, H, W, T, relu) -> (grad_planes, grad_bias_fp32)``. The backward op is linear in
+    ``grad_y`` (the ReLU mask is piecewise constant), and its adjoint is the forward shift-sum itself:
+    ``d<grad_planes, A> + <grad_bias, a> / d grad_y = mask * (shift_sum(A) + a)``; so double backward also works.
+    """
+
+    def setup_fwd(ctx, inputs, output):
+        planes, bias, hh, ww, relu = inputs
+        ctx.save_for_backward(output)
+        ctx.args = (hh, ww, planes.shape[2], relu)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+
+    def backward_fwd(ctx, grad):
+        (out,) = ctx.saved_tensors
+        hh, ww, t, relu = ctx.args
+        grad_planes, grad_bias = bwd(grad, out, hh, ww, t, relu)
+        grad_bias = None if ctx.bias_dtype is None else grad_bias.to(ctx.bias_dtype)
+        return grad_planes, grad_bias, None, None, None
+
+    def setup_bwd(ctx, inputs, output):
+        grad, out, hh, ww, t, relu = inputs
+        ctx.save_for_backward(out)
+        ctx.args = (hh, ww, t, relu)
+        ctx.grad_meta = (grad.shape, grad.dtype)
+
+    def backward_bwd(ctx, gg_planes, gg_bias):
+        (out,) = ctx.saved_tensors
+        hh, ww, t, relu = ctx.args
+        shape, dtype = ctx.grad_meta
+        if gg_planes is None:
+            gg_planes = out.new_zeros(shape[0], shape[1], t, shape[2], dtype=dtype)
+        gg = fwd(gg_planes, None if gg_bias is None else gg_bias.to(dtype), hh, ww, False)
+        if relu:
+            gg = gg * (out > 0).to(gg.dtype)
+        return gg, None, None, None, None, None
+
+    register_fwd(backward_fwd, setup_context=setup_fwd)
+    register_bwd(backward_bwd, setup_context=setup_bwd)
+
+
 def _register_ext_op() -> None:
     """Fake (shape) kernels and the autograd formula of the extension ops (only when the extension is loaded)."""
 
@@ -94,23 +137,10 @@ def _register_ext_op() -> None:
         b, p, d = grad_out.shape
         return grad_out.new_empty(b, p, T, d), grad_out.new_empty(d, dtype=_bias_grad_dtype(grad_out.dtype))
 
-    def setup_context(ctx, inputs, output):
-        planes, bias, hh, ww, relu = inputs
-        ctx.save_for_backward(output)
-        ctx.args = (hh, ww, planes.shape[2], relu)
-        ctx.bias_dtype = None if bias is None else bias.dtype
-
-    def backward(ctx, grad):
-        (out,) = ctx.saved_tensors
-        hh, ww, t, relu = ctx.args
-        grad_planes, grad_bias = torch.ops.spvit.shift_sum_backward.default(grad, out, hh, ww, t, relu)
-        if ctx.bias_dtype is None:
-            grad_bias = None
-        else:
-            grad_bias = grad_bias.to(ctx.bias_dtype)
-        return grad_planes, grad_bias, None, None, None
-
-    torch.library.register_autograd("spvit::shift_sum", backward, setup_context=setup_context)
+    fwd = torch.ops.spvit.shift_sum.default
+    bwd = torch.ops.spvit.shift_sum_backward.default
+    _register_autograd(functools.partial(torch.library.register_autograd, "spvit::shift_sum"),
+                       functools.partial(torch.library.register_autograd, "spvit::shift_sum_backward"), fwd, bwd)
 
 
 if _ext.has_op("shift_sum"):
@@ -154,7 +184,7 @@ if HAS_TRITON:
         bias_ptr,  # (D,) (unused when HAS_BIAS is False)
         out_ptr,  # (B, P, D) contiguous
         H, W, D,
-        T: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
+        T: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr, IS_FP64: tl.constexpr,
         BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         pid_p = tl.program_id(0)
@@ -167,7 +197,10 @@ if HAS_TRITON:
         d_ok = offs_d < D
         i = offs_p // W
         j = offs_p % W
-        acc = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
+        if IS_FP64:  # fp64 accumulates in fp64 (gradcheck); everything else in fp32
+            acc = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float64)
+        else:
+            acc = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
         base = planes_ptr + b * P * T * D
         for k in tl.static_range(T):
             if T == 1:
@@ -181,9 +214,9 @@ if HAS_TRITON:
             ok = p_ok & (ii >= 0) & (ii < H) & (jj >= 0) & (jj < W)
             q = ii * W + jj
             ptrs = base + (q[:, None] * T + k) * D + offs_d[None, :]
-            acc += tl.load(ptrs, mask=ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+            acc += tl.load(ptrs, mask=ok[:, None] & d_ok[None, :], other=0.0).to(acc.dtype)
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+            acc += tl.load(bias_ptr + offs_d, mask=d_ok, other=0.0).to(acc.dtype)[None, :]
         if RELU:
             acc = tl.maximum(acc, 0.0)
         out_ptrs = out_ptr + (b * P + offs_p[:, None]) * D + offs_d[None, :]
@@ -194,7 +227,7 @@ if HAS_TRITON:
         grad_ptr,  # (B, P, D) contiguous: gradient of the output
         out_ptr,  # (B, P, D) contiguous: forward output (for the ReLU mask)
         grad_planes_ptr,  # (B, P, T, D) contiguous
-        partial_ptr,  # (B * cdiv(P, BLOCK_P), D) fp32: per-program column sums of the masked gradient
+        partial_ptr,  # (B * cdiv(P, BLOCK_P), D) fp32 (fp64 for fp64): per-program column sums of the masked gradient
         H, W, D,
         T: tl.constexpr, RELU: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
@@ -228,7 +261,7 @@ if HAS_TRITON:
             tl.store(dst, g.to(grad_planes_ptr.dtype.element_ty), mask=p_ok[:, None] & d_ok[None, :])
             if dy == 0 and dx == 0:  # the centre tap read the masked gradient at the program's own positions
                 row = b * tl.num_programs(0) + pid_p
-                tl.store(partial_ptr + row * D + offs_d, tl.sum(g.to(tl.float32), axis=0), mask=d_ok)
+                tl.store(partial_ptr + row * D + offs_d, tl.sum(g.to(partial_ptr.dtype.element_ty), axis=0), mask=d_ok)
 
     def _blocks(p: int, d: int) -> Tuple[int, int]:
         block_d = min(128, triton.next_power_of_2(max(d, 1)))
@@ -248,8 +281,8 @@ if HAS_TRITON:
         block_p, block_d = _blocks(p, d)
         grid = (triton.cdiv(p, block_p), b, triton.cdiv(d, block_d))
         wrap_triton(_shift_sum_fwd_kernel)[grid](
-            planes, bias_c, out, H, W, d, T=t, HAS_BIAS=bias is not None, RELU=relu, BLOCK_P=block_p,
-            BLOCK_D=block_d,
+            planes, bias_c, out, H, W, d, T=t, HAS_BIAS=bias is not None, RELU=relu,
+            IS_FP64=planes.dtype == torch.float64, BLOCK_P=block_p, BLOCK_D=block_d,
         )
         return out
 
@@ -263,7 +296,7 @@ if HAS_TRITON:
         grad_planes = grad.new_empty(b, p, T, d)
         block_p, block_d = _blocks(p, d)
         n_p = triton.cdiv(p, block_p)
-        partial = grad.new_zeros(b * n_p, d, dtype=torch.float32)
+        partial = grad.new_zeros(b * n_p, d, dtype=_bias_grad_dtype(grad.dtype))
         if grad_planes.numel() == 0:
             return grad_planes, partial.sum(0)
         grid = (n_p, b, triton.cdiv(d, block_d))
@@ -272,20 +305,8 @@ if HAS_TRITON:
         )
         return grad_planes, partial.sum(0)
 
-    def _triton_setup_context(ctx, inputs, output):
-        planes, bias, hh, ww, relu = inputs
-        ctx.save_for_backward(output)
-        ctx.args = (hh, ww, planes.shape[2], relu)
-        ctx.bias_dtype = None if bias is None else bias.dtype
-
-    def _triton_backward(ctx, grad):
-        (out,) = ctx.saved_tensors
-        hh, ww, t, relu = ctx.args
-        grad_planes, grad_bias = _shift_sum_triton_backward_op(grad, out, hh, ww, t, relu)
-        grad_bias = None if ctx.bias_dtype is None else grad_bias.to(ctx.bias_dtype)
-        return grad_planes, grad_bias, None, None, None
-
-    _shift_sum_triton_op.register_autograd(_triton_backward, setup_context=_triton_setup_context)
+    _register_autograd(_shift_sum_triton_op.register_autograd, _shift_sum_triton_backward_op.register_autograd,
+                       _shift_sum_triton_op, _shift_sum_triton_backward_op)
 
 
 def shift_sum_triton(

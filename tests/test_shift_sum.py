@@ -144,3 +144,15 @@ def test_triton_bf16(device):
 def test_triton_opcheck():
     planes, b = _inputs((3, 5), 9, 16, torch.float32, "cuda", requires_grad=True)
     torch.library.opcheck(torch.ops.spvit.shift_sum_triton.default, (planes, b, 3, 5, True))
+
+
+@pytest.mark.parametrize("provider", ["ext", "triton"])
+def test_gradcheck_double_backward(device, provider):
+    if provider == "ext" and not _ext.has_op("shift_sum"):
+        pytest.skip(f"extension not loaded: {_ext.error()}")
+    fn = shift_sum_ext if provider == "ext" else shift_sum_triton
+    grid = (2, 3)
+    planes, b = _inputs(grid, 9, 3, torch.float64, device, batch=1, requires_grad=True)
+    fast = provider == "triton" and device.type == "cpu"  # the Triton interpreter is slow per launch
+    torch.autograd.gradcheck(lambda p_, b_: fn(p_, b_, grid, True), (planes, b), fast_mode=fast)
+    torch.autograd.gradgradcheck(lambda p_, b_: fn(p_, b_, grid, True), (planes, b), fast_mode=fast)
