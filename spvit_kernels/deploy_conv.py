@@ -1,0 +1,197 @@
+"""Deployed SPViT conv layer (BN folded, §10.4) as one fused Triton kernel (inference).
+
+Computes, with the signature of :func:`spvit_kernels.reference.deploy_conv`::
+
+    out[:, :prefix] = x_hat[:, :prefix]
+    out[:, prefix:] = ReLU(shift_sum(x_p W_planes^T) + b_fold) W_out^T + b_out        (x_p = patch tokens)
+
+Design: implicit-GEMM convolution, one program per (image, tile of BLOCK_M patch positions).
+Because ``shift_sum(x_p W_planes^T)[p] = sum_t x_p[p + offset_t] W_t^T`` (W_t = rows t*d..t*d+d of W_planes), the
+program never forms the plane tensor: for every tap t it gathers the neighbour rows ``x_p[p + offset_t]`` of its
+tile (masked to zero outside the grid) chunk by chunk over C and accumulates ``rows @ W_t^T`` into a
+(BLOCK_M, d) fp32 accumulator with ``tl.dot``. Bias + ReLU are applied in registers; the (BLOCK_M, d) activation
+is cast to the input dtype (as the eager path holds it) and multiplied by ``W_out^T`` in BLOCK_N column chunks,
+with ``b_out`` added in the epilogue, and stored straight into the (B, N, C) output. The prefix (class) token rows
+are copied by the launcher.
+
+Memory traffic (HBM, per layer): read x_hat once (the 9x re-reads of neighbour rows by adjacent tiles and the
+weights, (T*d + d) x C, are served from L2) + write out once, i.e. the minimum of §10.5 (38.7 MB for DeiT-S at
+B = 128 in bf16). The unfused path (GEMM -> planes -> shift-sum -> GEMM) additionally writes and reads the planes
+Q (B, P, T, d) and the activation y (B, P, d): +57.8 + 2 x 3.2 MB in bf16 at that size, which makes the 3x3 layer
+memory-bound (§10.5). FLOPs are the same as the unfused path (T x C x d + d x C MACs per patch).
+
+Inference only: when autograd is recording (grad mode on and any input requires grad) this falls back to the
+eager reference, which is differentiable (use :func:`spvit_kernels.shift_sum.deploy_conv_ext` for a
+differentiable extension path).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+
+from . import reference
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b; UPCAST computes in fp32 (the Triton 3.8 interpreter gets bf16 tl.dot wrong; bf16 products are
+    exact in fp32, so the result is the same as a bf16 tensor-core dot with fp32 accumulation)."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _deploy_conv_fwd_kernel(
+    x_ptr,  # (B, N, C) x_hat; rows of C contiguous (stride_xb, stride_xn, 1)
+    wp_ptr,  # (T*D, C) w_planes, contiguous
+    bf_ptr,  # (D,) b_fold
+    wo_ptr,  # (C, D) w_out, contiguous
+    bo_ptr,  # (C,) b_out (unused when HAS_BOUT is False)
+    out_ptr,  # (B, N, C) output; rows of C contiguous (stride_ob, stride_on, 1)
+    H, W, C, D, PREFIX,
+    stride_xb, stride_xn, stride_ob, stride_on,
+    T: tl.constexpr, HAS_BOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    P = H * W
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) patch positions of this tile
+    m_ok = offs_m < P
+    i = offs_m // W
+    j = offs_m % W
+    offs_d = tl.arange(0, BLOCK_D)  # (BLOCK_D,) conv channels (D <= BLOCK_D)
+    d_ok = offs_d < D
+    x_base = x_ptr + b * stride_xb + PREFIX * stride_xn  # first patch token of image b
+
+    # conv: acc[m, :] = sum_t sum_c x_p[m + offset_t, c] * W_planes[t*D + :, c]
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for t in tl.static_range(T):
+        if T == 1:
+            dy = 0
+            dx = 0
+        else:
+            dy = t % 3 - 1
+            dx = t // 3 - 1
+        ii = i + dy
+        jj = j + dx
+        row_ok = m_ok & (ii >= 0) & (ii < H) & (jj >= 0) & (jj < W)
+        rows = tl.where(row_ok, ii * W + jj, 0)
+        for k0 in range(0, C, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < C
+            a = tl.load(x_base + rows[:, None] * stride_xn + offs_k[None, :], mask=row_ok[:, None] & k_ok[None, :],
+                        other=0.0)  # (BLOCK_M, BLOCK_K) neighbour rows
+            w = tl.load(wp_ptr + (t * D + offs_d[None, :]) * C + offs_k[:, None], mask=k_ok[:, None] & d_ok[None, :],
+                        other=0.0)  # (BLOCK_K, BLOCK_D) = W_t^T chunk
+            acc = _dot(a, w, acc, DOT_PRECISION, UPCAST)
+
+    # folded bias + ReLU in registers; the activation takes the input dtype like the eager (B, P, d) tensor
+    acc += tl.load(bf_ptr + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+    y = tl.maximum(acc, 0.0).to(x_ptr.dtype.element_ty)  # (BLOCK_M, BLOCK_D)
+
+    # output map: out[m, n] = sum_d y[m, d] * W_out[n, d] + b_out[n]
+    out_rows = out_ptr + b * stride_ob + (PREFIX + offs_m)[:, None] * stride_on
+    for n0 in range(0, C, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < C
+        wo = tl.load(wo_ptr + offs_n[None, :] * D + offs_d[:, None], mask=d_ok[:, None] & n_ok[None, :],
+                     other=0.0)  # (BLOCK_D, BLOCK_N) = W_out^T chunk
+        o = _dot(y, wo, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_PRECISION, UPCAST)
+        if HAS_BOUT:
+            o += tl.load(bo_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_rows + offs_n[None, :], o.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def _configs():
+    cfgs = []
+    for bm, bk, bn, warps, stages in [
+        (64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (64, 32, 128, 4, 4), (128, 32, 128, 8, 3), (32, 64, 64, 4, 3),
+        (128, 64, 128, 8, 2),
+    ]:
+        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_K": bk, "BLOCK_N": bn}, num_warps=warps, num_stages=stages))
+    return cfgs
+
+
+# Autotuned on GPUs (key: layer shape); the interpreter (CPU tests) uses the plain kernel with fixed blocks.
+_deploy_conv_fwd_tuned = triton.autotune(configs=_configs(), key=["C", "D", "H", "W", "T"])(_deploy_conv_fwd_kernel)
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _needs_autograd(*tensors: Optional[torch.Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def deploy_conv(
+    x_hat: torch.Tensor, w_planes: torch.Tensor, b_fold: torch.Tensor, w_out: torch.Tensor,
+    b_out: Optional[torch.Tensor], grid: Tuple[int, int], num_prefix_tokens: int = 1,
+) -> torch.Tensor:
+    """Fused deployed conv layer (3x3 with T = 9 planes or 1x1 with T = 1), BN folded.
+
+    Args:
+        x_hat: (B, N, C) normalised block input, N = num_prefix_tokens + H*W; fp32/bf16/fp16.
+        w_planes: (T*d, C) projection to the T planes (T = 9 or 1); b_fold: (d,) folded conv+BN bias;
+        w_out: (C, d) output map; b_out: (C,) or None. Weights are used in x_hat's dtype.
+        grid: (H, W) patch grid; num_prefix_tokens: leading tokens passed through unchanged.
+    Returns:
+        (B, N, C) in x_hat.dtype.
+    """
+    if _needs_autograd(x_hat, w_planes, b_fold, w_out, b_out):  # inference kernel: differentiable fallback
+        return reference.deploy_conv(x_hat, w_planes, b_fold, w_out, b_out, grid, num_prefix_tokens)
+    if not x_hat.is_cuda and not _interpret():
+        raise RuntimeError("deploy_conv (Triton) needs CUDA tensors, or CPU tensors under TRITON_INTERPRET=1")
+    bsz, n, c = x_hat.shape
+    hh, ww = int(grid[0]), int(grid[1])
+    d = b_fold.shape[0]
+    t = w_planes.shape[0] // d
+    if t not in (1, 9) or w_planes.shape != (t * d, c):
+        raise ValueError(f"deploy_conv: w_planes must be (9*d, C) or (d, C) = (.., {c}), got {tuple(w_planes.shape)}")
+    if w_out.shape != (c, d):
+        raise ValueError(f"deploy_conv: w_out must be (C, d) = ({c}, {d}), got {tuple(w_out.shape)}")
+    if n != num_prefix_tokens + hh * ww:
+        raise ValueError(f"deploy_conv: {n} tokens != {num_prefix_tokens} prefix + {hh}x{ww} grid")
+    if d > 256:
+        raise ValueError(f"deploy_conv: d = {d} > 256 is not supported by the fused kernel")
+    dtype = x_hat.dtype
+    if x_hat.stride(-1) != 1:
+        x_hat = x_hat.contiguous()
+    wp = w_planes.to(dtype).contiguous()
+    wo = w_out.to(dtype).contiguous()
+    bf = b_fold.contiguous()
+    bo = b_out.contiguous() if b_out is not None else bf
+    out = torch.empty(bsz, n, c, device=x_hat.device, dtype=dtype)
+    if num_prefix_tokens:
+        out[:, :num_prefix_tokens] = x_hat[:, :num_prefix_tokens]
+    p = hh * ww
+    if out.numel() == 0 or p == 0:
+        return out
+    allow_tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    precision = "tf32" if (dtype != torch.float32 or allow_tf32) else "ieee"
+    block_d = max(16, triton.next_power_of_2(d))
+    args = (x_hat, wp, bf, wo, bo, out, hh, ww, c, d, num_prefix_tokens,
+            x_hat.stride(0), x_hat.stride(1), out.stride(0), out.stride(1))
+    meta = dict(T=t, HAS_BOUT=b_out is not None, DOT_PRECISION=precision, BLOCK_D=block_d,
+                UPCAST=_interpret() and dtype == torch.bfloat16)
+    if _interpret():
+        bm = min(64, max(16, triton.next_power_of_2(p)))
+        bk = min(64, max(16, triton.next_power_of_2(c)))
+        _deploy_conv_fwd_kernel[(triton.cdiv(p, bm), bsz)](*args, **meta, BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bk)
+    else:
+        def launch_grid(m):
+            return (triton.cdiv(p, m["BLOCK_M"]), bsz)
+
+        _deploy_conv_fwd_tuned[launch_grid](*args, **meta)
+    return out
+
+
+__all__ = ["deploy_conv"]
