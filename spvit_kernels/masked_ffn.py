@@ -264,7 +264,8 @@ def linear_act(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], act:
     m_rows, k = x.shape
     n = w.shape[0]
     n_pad = triton.cdiv(n, row_align) * row_align
-    out = torch.empty((m_rows, n_pad), device=x.device, dtype=x.dtype)[:, :n]
+    out = torch.empty((m_rows, n_pad), device=x.device, dtype=x.dtype)
+    out = out[:, :n] if n_pad != n else out
     z = torch.empty((m_rows, n), device=x.device, dtype=x.dtype) if store_preact else None
     if m_rows == 0 or n == 0:
         return out, z
@@ -302,7 +303,7 @@ def _bwd_impl(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torch.Ten
     h = torch.empty_like(dz)
     cfg = _blocks(dy.device, dy.dtype)
     num_m = triton.cdiv(m_rows, cfg["BLOCK_M"])
-    part = torch.zeros((2, num_m, f), device=dy.device, dtype=torch.float32)
+    part = torch.empty((2, num_m, f), device=dy.device, dtype=torch.float32)  # every entry written by one program
     if m_rows > 0 and f > 0:
         grid = (num_m * triton.cdiv(f, cfg["BLOCK_N"]),)
         wrap_triton(_masked_ffn_bwd_kernel)[grid](
@@ -405,19 +406,26 @@ def _check_ffn_inputs(op: str, x, w1, b1, w2, b2, approximate: str) -> None:
 
 def masked_ffn(
     x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor, b2: Optional[torch.Tensor],
-    mask: torch.Tensor, approximate: str = "none", *, fc2: str = DEFAULT_FC2,
+    mask: torch.Tensor, approximate: str = "none",
 ) -> torch.Tensor:
     """Search-mode FFN with gated hidden units; same signature and semantics as :func:`reference.gated_ffn`.
 
     Args:
         x: (..., C) tokens, e.g. (B, N, C); w1: (F, C); b1: (F,) | None; w2: (C, F); b2: (C,) | None;
         mask: (F,) gate samples, exactly 0/1 (any float dtype; may require grad for straight-through gates);
-        approximate: GELU variant, 'none' (erf) or 'tanh';
-        fc2: 'cublas' (default) or 'triton', which GEMM runs fc2 (keyword only; for benchmarking).
+        approximate: GELU variant, 'none' (erf) or 'tanh'.
     Returns:
         (..., C) = (GELU(x W1^T + b1) * mask) W2^T + b2, in x's dtype. Under autocast all inputs are first cast
         to the autocast dtype, as ``F.linear`` would. Non-contiguous inputs are copied to contiguous ones.
     """
+    return masked_ffn_with_fc2(x, w1, b1, w2, b2, mask, approximate, DEFAULT_FC2)
+
+
+def masked_ffn_with_fc2(
+    x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor, b2: Optional[torch.Tensor],
+    mask: torch.Tensor, approximate: str = "none", fc2: str = DEFAULT_FC2,
+) -> torch.Tensor:
+    """:func:`masked_ffn` with the GEMM that runs fc2 chosen: 'cublas' (``torch.addmm``) or 'triton'."""
     if torch.is_autocast_enabled(x.device.type):
         dt = torch.get_autocast_dtype(x.device.type)
         x, w1, w2 = x.to(dt), w1.to(dt), w2.to(dt)
@@ -431,8 +439,7 @@ def masked_ffn(
         raise ValueError(f"fc2 must be 'cublas' or 'triton', got {fc2!r}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    tensors = (x2, w1, b1, w2, b2, mask)
-    need_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    need_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2, w1, b1, w2, b2, mask))
     w1, w2, mask = w1.contiguous(), w2.contiguous(), mask.contiguous()
     b1 = b1.contiguous() if b1 is not None else None
     b2 = b2.contiguous() if b2 is not None else None

@@ -8,8 +8,9 @@ Kernels
 fc2
     Default ``fc2="triton"``: compacted hidden widths (e.g. 1118, 489) are rarely multiples of 8, which keeps cuBLAS
     off its fastest (16-byte aligned) kernels, while the Triton kernel masks its tails. The hidden activation is
-    written into a buffer whose rows are padded to 64 elements, so its rows stay aligned for either fc2. ``fc2=
-    "cublas"`` (``torch.addmm``) is kept for the benchmark, which measures both; the default is owed a GPU check.
+    written into a buffer whose rows are padded to 64 elements, so its rows stay aligned for either fc2.
+    ``fc2="cublas"`` (``torch.addmm``, via :func:`pruned_ffn_with_fc2`) is kept for the benchmark, which measures
+    both; this default is a reasoned guess until a GPU run of ``bench/bench_pruned_ffn.py`` confirms or flips it.
 
 Autograd
     This op is for inference. Called with grad enabled and any input requiring grad (e.g. fine-tuning a pruned model),
@@ -64,19 +65,26 @@ def _pruned_ffn_op(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor]
 
 def pruned_ffn(
     x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor, b2: Optional[torch.Tensor],
-    approximate: str = "none", *, fc2: str = DEFAULT_FC2,
+    approximate: str = "none",
 ) -> torch.Tensor:
     """Compact (pruned) FFN; same signature and semantics as :func:`reference.ffn`.
 
     Args:
         x: (..., C) tokens, e.g. (B, N, C); w1: (F, C) at the pruned width F (F = 0 allowed); b1: (F,) | None;
-        w2: (C, F); b2: (C,) | None; approximate: GELU variant, 'none' (erf) or 'tanh';
-        fc2: 'triton' (default) or 'cublas', which GEMM runs fc2 (keyword only; for benchmarking).
+        w2: (C, F); b2: (C,) | None; approximate: GELU variant, 'none' (erf) or 'tanh'.
     Returns:
         (..., C) = GELU(x W1^T + b1) W2^T + b2 in x's dtype. With grad enabled and an input requiring grad this is
         the eager reference (differentiable); otherwise the Triton kernels. Under autocast the inputs are first cast
         to the autocast dtype, as ``F.linear`` would.
     """
+    return pruned_ffn_with_fc2(x, w1, b1, w2, b2, approximate, DEFAULT_FC2)
+
+
+def pruned_ffn_with_fc2(
+    x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor, b2: Optional[torch.Tensor],
+    approximate: str = "none", fc2: str = DEFAULT_FC2,
+) -> torch.Tensor:
+    """:func:`pruned_ffn` with the GEMM that runs fc2 chosen: 'triton' or 'cublas' (``torch.addmm``)."""
     if torch.is_autocast_enabled(x.device.type):
         dt = torch.get_autocast_dtype(x.device.type)
         x, w1, w2 = x.to(dt), w1.to(dt), w2.to(dt)

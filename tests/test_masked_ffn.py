@@ -3,12 +3,15 @@
 On CPU the Triton kernels run under the interpreter (tests/conftest.py), so shapes stay small; they still cover
 several token tiles, hidden-unit tiles and K steps with ragged tails (token counts 197/65/50, widths 37/100).
 """
+import functools
+import inspect
+
 import pytest
 import torch
 
 import spvit_kernels
 from spvit_kernels import reference
-from spvit_kernels.masked_ffn import masked_ffn
+from spvit_kernels.masked_ffn import masked_ffn, masked_ffn_with_fc2
 
 # (B, N, C, F): awkward token counts and hidden widths (37, 100 not multiples of 16; 96 = 4C like DeiT's 1536).
 SHAPES = [(2, 65, 64, 100), (1, 197, 48, 37), (3, 50, 24, 96)]
@@ -38,9 +41,9 @@ def make_inputs(shape, dtype, device, mask_kind="mixed", bias=True):
     return tensors + [mask.requires_grad_()]
 
 
-def run(fn, inputs, dy, approximate="none", **kw):
+def run(fn, inputs, dy, approximate="none"):
     """Output and the gradient of every input that requires grad (None for absent biases)."""
-    y = fn(*inputs, approximate=approximate, **kw)
+    y = fn(*inputs, approximate=approximate)
     live = [t for t in inputs if t is not None and t.requires_grad]
     grads = iter(torch.autograd.grad(y, live, dy))
     return [y] + [next(grads) if t is not None and t.requires_grad else None for t in inputs]
@@ -53,11 +56,12 @@ def cast(inputs, dtype):
     return out + [mask.to(torch.float64 if dtype == torch.float64 else mask.dtype).requires_grad_(inputs[-1].requires_grad)]
 
 
-def check(inputs, approximate="none", **kw):
-    """Compare masked_ffn with the reference: output and every gradient."""
+def check(inputs, approximate="none", fc2=None):
+    """Compare masked_ffn (or masked_ffn_with_fc2 for a given fc2) with the reference: output and every gradient."""
     dtype = inputs[0].dtype
     dy = torch.randn_like(inputs[0])
-    ours = run(masked_ffn, inputs, dy, approximate, **kw)
+    fn = masked_ffn if fc2 is None else functools.partial(masked_ffn_with_fc2, fc2=fc2)
+    ours = run(fn, inputs, dy, approximate)
     if dtype == torch.float32:
         ref = run(reference.gated_ffn, cast(inputs, dtype), dy, approximate)
         for name, a, r in zip(NAMES, ours, ref):
@@ -79,6 +83,12 @@ def check(inputs, approximate="none", **kw):
         bound = RATIO * err_eager + FLOOR * r.abs().max().item()
         assert err <= bound, f"{name} ({dtype}): error {err:.3g} > bound {bound:.3g} (eager error {err_eager:.3g})"
     return ours
+
+
+def test_signature_matches_reference():
+    ours, ref = inspect.signature(masked_ffn), inspect.signature(reference.gated_ffn)
+    assert [(p.name, p.kind, p.default) for p in ours.parameters.values()] == \
+        [(p.name, p.kind, p.default) for p in ref.parameters.values()]
 
 
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
@@ -198,3 +208,5 @@ def test_errors(device):
         masked_ffn(x, w1, b1, w2, b2, mask[:-1])
     with pytest.raises(ValueError, match="shape"):
         masked_ffn(x, w1, b1, w2.t(), b2, mask)
+    with pytest.raises(ValueError, match="fc2"):
+        masked_ffn_with_fc2(x, w1, b1, w2, b2, mask, fc2="cutlass")

@@ -3,12 +3,14 @@
 On CPU the Triton kernels run under the interpreter (tests/conftest.py), so shapes stay small; pruned widths are
 deliberately awkward (1, 37, 100: not multiples of 16) and token counts are 197/65/50.
 """
+import inspect
+
 import pytest
 import torch
 
 import spvit_kernels
 from spvit_kernels import reference
-from spvit_kernels.pruned_ffn import pruned_ffn
+from spvit_kernels.pruned_ffn import pruned_ffn, pruned_ffn_with_fc2
 
 # (B, N, C, F) with F the compacted hidden width.
 SHAPES = [(2, 65, 64, 100), (1, 197, 48, 37), (3, 50, 24, 1)]
@@ -30,10 +32,14 @@ def cast(inputs, dtype):
     return [t.to(dtype) if t is not None else None for t in inputs]
 
 
-def check(inputs, approximate="none", **kw):
+def check(inputs, approximate="none", fc2=None):
+    """Compare pruned_ffn (or pruned_ffn_with_fc2 for a given fc2) with the reference under inference_mode."""
     dtype = inputs[0].dtype
     with torch.inference_mode():
-        y = pruned_ffn(*inputs, approximate=approximate, **kw)
+        if fc2 is None:
+            y = pruned_ffn(*inputs, approximate=approximate)
+        else:
+            y = pruned_ffn_with_fc2(*inputs, approximate=approximate, fc2=fc2)
         ref = reference.ffn(*inputs, approximate=approximate)
         ref64 = reference.ffn(*cast(inputs, torch.float64), approximate=approximate)
     assert y.dtype == dtype and y.shape == ref.shape
@@ -44,6 +50,12 @@ def check(inputs, approximate="none", **kw):
     bound = RATIO * err_eager + FLOOR * ref64.abs().max().item()
     assert err <= bound, f"{dtype}: error {err:.3g} > bound {bound:.3g} (eager error {err_eager:.3g})"
     return y
+
+
+def test_signature_matches_reference():
+    ours, ref = inspect.signature(pruned_ffn), inspect.signature(reference.ffn)
+    assert [(p.name, p.kind, p.default) for p in ours.parameters.values()] == \
+        [(p.name, p.kind, p.default) for p in ref.parameters.values()]
 
 
 @pytest.mark.parametrize("fc2", ["triton", "cublas"])
@@ -59,7 +71,7 @@ def test_zero_width_and_no_bias(fc2, device):
     """Every unit pruned: the output is b2 everywhere; and the no-bias variant."""
     x, w1, b1, w2, b2 = make_inputs((2, 50, 48, 0), torch.float32, device)
     with torch.no_grad():
-        y = pruned_ffn(x, w1, b1, w2, b2, fc2=fc2)
+        y = pruned_ffn_with_fc2(x, w1, b1, w2, b2, fc2=fc2)
     torch.testing.assert_close(y, b2.expand_as(y), atol=0, rtol=0)
     check(make_inputs((1, 197, 48, 37), torch.float32, device, bias=False), fc2=fc2)
 
@@ -135,4 +147,4 @@ def test_errors(device):
     with pytest.raises(ValueError, match="shape"):
         pruned_ffn(x, w1, b1, w2[:, :-1], b2)
     with pytest.raises(ValueError, match="fc2"):
-        pruned_ffn(x, w1, b1, w2, b2, fc2="cutlass")
+        pruned_ffn_with_fc2(x, w1, b1, w2, b2, fc2="cutlass")
