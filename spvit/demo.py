@@ -41,6 +41,7 @@ DEFAULTS: Dict = {
     "finetune_epochs": 12,
     "finetune_lr": 5e-4,
     "distillation": "hard",
+    "train_limit": None,  # quick runs / tests only
 }
 
 
@@ -78,7 +79,8 @@ def _stage_cfg(base: Dict, stage_defaults: Dict, **over) -> Dict:
                 "progress": base["progress"], "overwrite": True, "resume": False, "num_workers": 0, "pin_mem": False,
                 "amp": "auto", "scale_lr": False, "mixup": 0.0, "cutmix": 0.0, "smoothing": 0.1,
                 "repeated_aug": False, "drop_path": 0.0, "warmup_epochs": 0, "weight_decay": 0.05,
-                "digits_size": base["model_kwargs"]["img_size"], "digits_augment": True, "tensorboard": True})
+                "digits_size": base["model_kwargs"]["img_size"], "digits_augment": True, "tensorboard": True,
+                "train_limit": base.get("train_limit")})
     cfg.update(over)
     return cfg
 
@@ -122,7 +124,7 @@ def run(opts: Dict) -> Dict:
     E.log("== 1/3 teacher: dense ViT on the UCI digits ==")
     t0 = time.perf_counter()
     tcfg = _stage_cfg(o, search.COMMON_DEFAULTS, out=os.path.join(out, "teacher"), epochs=o["teacher_epochs"],
-                      lr=o["teacher_lr"], min_lr=1e-5, warmup_epochs=2, warmup_lr=1e-5)
+                      lr=o["teacher_lr"], min_lr=1e-5, warmup_epochs=0)
     teacher, tres, dist = train_teacher(tcfg)
     teacher.eval()
     teacher_acc = E.evaluate(teacher, _val_loader(tcfg), dist, show=False)["acc1"]

@@ -229,7 +229,7 @@ def cosine_lr(t: int, base: float, floor: float, t_initial: int, warmup_t: int =
 def epoch_lr(epoch: int, base: float, floor: float, t_initial: int, warmup_t: int = 0, warmup_lr: float = 1e-6) -> float:
     """The lr epoch ``epoch`` runs at in DeiT's loop: the scheduler is stepped with the finished epoch index, so epoch
     e uses the schedule value at max(e - 1, 0) (spec §4.4)."""
-    t = max(epoch - 1, 0) if warmup_t == 0 else epoch
+    t = max(epoch - 1, 0)
     return cosine_lr(t, base, floor, t_initial, warmup_t, warmup_lr)
 
 
@@ -527,7 +527,7 @@ def fit(*, model: nn.Module, schedules: List[Schedule], epochs: int, loss_fn: Ca
                          "ema": ema.module.state_dict() if ema is not None else None, "epoch": epoch,
                          "best_acc": best, "rng": rngs, **(best_meta or {})}, ckpt_path)
             writer.write(m)
-            extra = "".join(f"  {k} {m[k]:.3f}" for k in ("gflops",) if k in m)
+            extra = "".join(f"  {k} {m[k]:.4g}" for k in ("gflops",) if k in m)
             log(f"{desc} epoch {epoch}: loss {m.get('train_loss', float('nan')):.4f}  train acc {m['train_acc']:.2f}  "
                 f"val acc {m['val_acc1']:.2f} (best {best:.2f}){extra}  {m['train_img_s']:.0f} img/s  "
                 f"{m['epoch_time_s']:.1f}s", dist)

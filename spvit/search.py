@@ -13,6 +13,7 @@ from typing import Dict, Optional
 
 import torch
 import torch.nn as nn
+from torch.utils.data import Subset
 
 from . import engine as E
 from .data import DataConfig, build_datasets, build_loaders, build_mixup
@@ -70,6 +71,8 @@ COMMON_DEFAULTS: Dict = {
     "repeated_aug": True,
     "digits_size": 16,
     "digits_augment": True,
+    "train_limit": None,  # use only the first N training / validation images (quick runs, tests)
+    "val_limit": None,
 }
 
 DEFAULTS: Dict = {
@@ -101,6 +104,10 @@ def setup(cfg: Dict, need_train: bool = True):
         train_set.augment = bool(cfg.get("digits_augment", True))
     if cfg.get("num_classes") is None:
         cfg["num_classes"] = val_set.num_classes
+    if cfg.get("train_limit") and train_set is not None:
+        train_set = Subset(train_set, range(min(cfg["train_limit"], len(train_set))))
+    if cfg.get("val_limit"):
+        val_set = Subset(val_set, range(min(cfg["val_limit"], len(val_set))))
     if cfg.get("out") is None:
         raise E.RunError("--out is required (the run folder)")
     E.prepare_run_dir(cfg["out"], overwrite=cfg["overwrite"], resume=cfg["resume"], dist=dist)

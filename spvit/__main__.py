@@ -1,0 +1,6 @@
+"""``python -m spvit`` = the ``spvit`` command."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,50 @@
+"""Tiny configurations shared by the pipeline tests (search / fine-tune / resume / DDP / CLI on the digits set)."""
+from __future__ import annotations
+
+import copy
+import os
+import socket
+
+TINY_MODEL = {"img_size": 8, "patch_size": 2, "in_chans": 1, "embed_dim": 32, "depth": 2, "num_heads": 2,
+              "mlp_ratio": 2.0}
+
+
+def tiny_cfg(defaults, out, **over):
+    """A config for a run of a few seconds: 8x8 digits, a 2-block ViT, 128 training images, no workers."""
+    cfg = copy.deepcopy(defaults)
+    cfg.update({"model": "spvit_demo_vit", "model_kwargs": dict(TINY_MODEL), "pretrained": "none", "data": "digits",
+                "digits_size": 8, "out": str(out), "device": "cpu", "batch_size": 16, "epochs": 2,
+                "sched_epochs": None, "num_workers": 0, "pin_mem": False, "progress": False, "tensorboard": False,
+                "train_limit": 128, "val_limit": 64, "drop_path": 0.0, "repeated_aug": False, "lr": 1e-3,
+                "scale_lr": False, "min_lr": 1e-5, "mixup": 0.0, "cutmix": 0.0})
+    cfg.update(over)
+    return cfg
+
+
+def tiny_search_cfg(out, **over):
+    from spvit import search
+
+    dense = dense_gflops()
+    base = {"target_gflops": 0.6 * dense, "loss_lambda": 60 / dense ** 2, "arc_lr": 0.2, "min_lr": 1e-3}
+    base.update(over)
+    cfg = tiny_cfg(search.DEFAULTS, out, **base)
+    return cfg
+
+
+def dense_gflops() -> float:
+    import timm
+
+    import spvit
+    import spvit.demo  # noqa: F401  registers spvit_demo_vit
+
+    return spvit.gflops(timm.create_model("spvit_demo_vit", num_classes=10, **TINY_MODEL))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def repo_root() -> str:
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

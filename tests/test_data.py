@@ -1,0 +1,108 @@
+"""Data: the embedded digits set, the ImageFolder loader with the DeiT recipe, the samplers, bad layouts."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from spvit.data import (DataConfig, DataError, DigitsDataset, RepeatedAugSampler, ShardSampler, build_datasets,
+                        build_loaders, build_mixup)
+
+
+def test_digits_split_is_deterministic_and_complete():
+    train, test = DigitsDataset(train=True, size=16), DigitsDataset(train=False, size=16)
+    assert (len(train), len(test)) == (1437, 360)
+    x, y = train[0]
+    assert x.shape == (1, 16, 16) and x.dtype == torch.float32 and 0 <= y < 10
+    again = DigitsDataset(train=False, size=16)
+    assert torch.equal(again.images, test.images) and torch.equal(again.targets, test.targets)
+    # every class is in both splits, roughly balanced; the two splits are disjoint images
+    assert torch.bincount(test.targets, minlength=10).min() >= 20
+    assert torch.bincount(train.targets, minlength=10).min() >= 120
+    flat_tr = {tuple(v.tolist()) for v in DigitsDataset(train=True, size=8).images.flatten(1)}
+    overlap = sum(tuple(v.tolist()) in flat_tr for v in DigitsDataset(train=False, size=8).images.flatten(1))
+    assert overlap <= 2  # the raw UCI set has a few exact duplicate bitmaps, nothing more
+
+
+def test_digits_license_is_shipped():
+    import spvit.data as d
+
+    text = open(os.path.join(d.ASSETS, "DIGITS_LICENSE.md")).read()
+    assert "CC BY 4.0" in text and "Alpaydin" in text and "Kaynak" in text and "archive.ics.uci.edu" in text
+    with np.load(d.DIGITS_PATH) as z:
+        assert z["images"].dtype == np.uint8 and z["images"].shape == (1797, 8, 8) and z["images"].max() == 16
+
+
+def test_digits_augment_shifts_but_keeps_shape():
+    ds = DigitsDataset(train=True, size=16, augment=True)
+    torch.manual_seed(0)
+    xs = [ds[3][0] for _ in range(8)]
+    assert all(x.shape == (1, 16, 16) for x in xs)
+    assert any(not torch.equal(xs[0], x) for x in xs[1:])
+
+
+def test_repeated_aug_sampler():
+    data = list(range(30))
+    ranks = [RepeatedAugSampler(data, num_replicas=2, rank=r, repeats=3, seed=1) for r in range(2)]
+    for s in ranks:
+        s.set_epoch(0)
+    got = [list(iter(s)) for s in ranks]
+    assert all(len(g) == len(s) == 15 for g, s in zip(got, ranks))
+    # consecutive repeats land on different ranks: rank 0 and rank 1 see the same image at the same step
+    assert got[0][0] == got[1][0]
+    for s in ranks:
+        s.set_epoch(1)
+    assert [list(iter(s)) for s in ranks] != got
+    big = list(range(600))
+    s = RepeatedAugSampler(big, num_replicas=4, rank=0)
+    assert len(s) == len(list(iter(s))) == 512 // 4  # floor(600/256)*256 / world
+
+
+def test_shard_sampler_covers_everything_once():
+    data = list(range(11))
+    seen = sorted(i for r in range(3) for i in ShardSampler(data, 3, r))
+    assert seen == list(range(11))
+
+
+def _make_imagefolder(root, classes=("cat", "dog"), n=4, size=40):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in classes:
+            os.makedirs(os.path.join(root, split, c))
+            for i in range(n):
+                arr = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+                Image.fromarray(arr).save(os.path.join(root, split, c, f"{i}.png"))
+
+
+def test_imagefolder_with_deit_recipe(tmp_path):
+    _make_imagefolder(tmp_path)
+    cfg = DataConfig(input_size=32, num_workers=0)
+    train, val = build_datasets(str(tmp_path), cfg)
+    assert train.num_classes == val.num_classes == 2 and len(train) == len(val) == 8
+    x, y = train[0]
+    assert x.shape == (3, 32, 32)
+    tnames = [type(t).__name__ for t in train.transform.transforms]
+    assert "RandomResizedCropAndInterpolation" in tnames and "RandAugment" in tnames and "RandomErasing" in tnames
+    assert val[0][0].shape == (3, 32, 32)
+    tl, sampler, vl = build_loaders(train, val, batch_size=4, repeated_aug=True)
+    images, labels = next(iter(tl))
+    mix = build_mixup(cfg, 2)
+    mixed, targets = mix(images, labels)
+    assert mixed.shape == (4, 3, 32, 32) and targets.shape == (4, 2)
+    assert torch.allclose(targets.sum(1), torch.ones(4))
+    assert sum(b[0].shape[0] for b in vl) == 8
+
+
+def test_bad_layouts(tmp_path):
+    cfg = DataConfig(input_size=32)
+    with pytest.raises(DataError, match="not found"):
+        build_datasets(str(tmp_path / "missing"), cfg)
+    (tmp_path / "flat").mkdir()
+    with pytest.raises(DataError, match="no 'train' folder"):
+        build_datasets(str(tmp_path / "flat"), cfg)
+    (tmp_path / "empty" / "train" / "cat").mkdir(parents=True)
+    (tmp_path / "empty" / "val" / "cat").mkdir(parents=True)
+    with pytest.raises(DataError, match="holds no images"):
+        build_datasets(str(tmp_path / "empty"), cfg)
