@@ -3,16 +3,17 @@
 Forward
     ``_masked_ffn_fwd_kernel`` computes the fc1 GEMM tile by tile and applies bias, GELU and the gate mask in its
     epilogue, writing the masked hidden ``h`` (input dtype) and, when a backward will follow, the pre-activation ``z``.
-    fc2 (``h W2^T + b2``) is a plain GEMM with a bias epilogue and goes to cuBLAS (``torch.addmm``) by default: the
-    hidden width of a search-mode FFN is the full 4C (1536/3072, aligned), where cuBLAS is at least as fast as a
-    Triton GEMM; ``fc2="triton"`` runs the same Triton kernel without activation or mask instead, so the benchmark can
-    measure both (the GPU measurement that settles the default is recorded in ``bench/results``).
+    fc2 (``h W2^T + b2``) is a plain GEMM with a bias epilogue and goes to cuBLAS (``torch.addmm``) by default: in
+    search mode the hidden width is the full 4C (1536/3072, aligned), where cuBLAS is expected to match or beat a
+    Triton GEMM. :func:`masked_ffn_with_fc2` can run fc2 on the same Triton kernel instead (no activation, no mask) so
+    the benchmark measures both; no GPU measurement has settled this default yet (``bench/bench_masked_ffn.py``).
 
 Saved for backward
-    Only ``x`` and the pre-activation ``z`` (one (M, F) tensor, input dtype), not ``a = GELU(z)`` nor ``h``. Eager
-    autograd keeps three (M, F) tensors (``z``, ``a``, ``h``); here ``a``, ``GELU'(z)`` and ``h`` are recomputed from
-    ``z`` inside the backward kernel's epilogue, which is elementwise and free next to the GEMM. ``z`` is saved rather
-    than recomputed because recomputing it costs a full extra fc1 GEMM (a third of the backward's FLOPs).
+    Activations: only ``x`` and the pre-activation ``z`` (one (M, F) tensor, input dtype), plus the weights and the
+    mask. Eager autograd keeps three (M, F) tensors (``z``, ``a = GELU(z)``, ``h``); here ``a``, ``GELU'(z)`` and
+    ``h`` are recomputed from ``z`` in the backward kernel's epilogue, elementwise work that is free next to its GEMM.
+    ``z`` is saved rather than recomputed because recomputing it costs a full extra fc1 GEMM (a third of the
+    backward's FLOPs).
 
 Backward
     ``_masked_ffn_bwd_kernel`` computes ``dh = dY W2`` tile by tile (tokens x hidden units) and, in the epilogue,
@@ -24,7 +25,7 @@ Backward
     ``dW1 = dz^T x``, ``dW2 = dY^T h``) have no epilogue work and go to cuBLAS.
 
 All GEMMs accumulate in fp32; fp32 inputs use exact fp32 dot products unless
-``torch.backends.cuda.matmul.allow_tf32`` is set (then TF32, as cuBLAS would).
+``torch.backends.cuda.matmul.allow_tf32`` is set (then TF32, as cuBLAS would). Double backward is not supported.
 
 The op is exposed as ``torch.ops.spvit.masked_ffn_fwd`` / ``torch.ops.spvit.masked_ffn_bwd`` (``triton_op``, so
 ``torch.compile`` traces into the kernels) with autograd registered. Without ``torch.library.triton_op`` (torch < 2.6)
@@ -81,6 +82,15 @@ def _gelu_and_grad(z, ACT: tl.constexpr):
 
 
 @triton.jit
+def _dot(a, b, acc, ALLOW_TF32: tl.constexpr):
+    """acc + a @ b with fp32 accumulation; TF32 or exact fp32 products for fp32 operands."""
+    if ALLOW_TF32:
+        return tl.dot(a, b, acc, input_precision="tf32")
+    else:
+        return tl.dot(a, b, acc, input_precision="ieee")
+
+
+@triton.jit
 def _cast_for(v, ptr, INTERPRET_BF16: tl.constexpr):
     """Cast fp32 ``v`` to the element type of ``ptr`` with round-to-nearest-even.
 
@@ -122,7 +132,7 @@ def _masked_ffn_fwd_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_MASK: tl.constexpr,
     STORE_Z: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,  # "ieee" or "tf32"; only matters for fp32 inputs
+    ALLOW_TF32: tl.constexpr,  # fp32 inputs: TF32 dot products (else exact fp32); no effect on bf16/fp16
     INTERPRET_BF16: tl.constexpr,  # bf16 under the Triton interpreter: work around its bf16 bugs (_interpret_bf16)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -144,7 +154,7 @@ def _masked_ffn_fwd_kernel(
         wt = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         if INTERPRET_BF16:
             xt, wt = xt.to(tl.float32), wt.to(tl.float32)
-        acc = tl.dot(xt, wt, acc, input_precision=DOT_PRECISION)
+        acc = _dot(xt, wt, acc, ALLOW_TF32)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
 
@@ -171,7 +181,7 @@ def _masked_ffn_bwd_kernel(
     part_ptr,  # (2, num_m_tiles, F) fp32 out: per token tile, [0] sum_t GELU(z) * dh (gate grad), [1] sum_t dz (db1)
     M, F, C,
     ACT: tl.constexpr,  # 1 GELU (erf), 2 GELU (tanh)
-    DOT_PRECISION: tl.constexpr,
+    ALLOW_TF32: tl.constexpr,
     INTERPRET_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -194,7 +204,7 @@ def _masked_ffn_bwd_kernel(
         w = tl.load(w2_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         if INTERPRET_BF16:
             g, w = g.to(tl.float32), w.to(tl.float32)
-        dh = tl.dot(g, w, dh, input_precision=DOT_PRECISION)
+        dh = _dot(g, w, dh, ALLOW_TF32)
         dy_ptrs += BLOCK_K
         w2_ptrs += BLOCK_K * F
 
@@ -224,10 +234,9 @@ def wrap_triton(kernel):
     return _torch_wrap_triton(kernel)
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
+def _allow_tf32(dtype: torch.dtype) -> bool:
+    """TF32 for fp32 GEMMs exactly when PyTorch's own matmuls use it (``torch.backends.cuda.matmul.allow_tf32``)."""
+    return dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
 
 
 def _interpret_bf16(device: torch.device, dtype: torch.dtype) -> bool:
@@ -272,10 +281,11 @@ def linear_act(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], act:
     cfg = _blocks(x.device, x.dtype)
     grid = (triton.cdiv(m_rows, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
     wrap_triton(_masked_ffn_fwd_kernel)[grid](
-        x, w, b if b is not None else w, mask if mask is not None else w, out, z if z is not None else out,
+        x, w, b if b is not None else w, mask if mask is not None else w, out,
+        z if z is not None else x.new_empty(0),  # never an alias of ``out``: both are written by the kernel
         m_rows, n, k, x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1),
         ACT=act, HAS_BIAS=b is not None, HAS_MASK=mask is not None, STORE_Z=store_preact,
-        DOT_PRECISION=_dot_precision(x.dtype), INTERPRET_BF16=_interpret_bf16(x.device, x.dtype), **cfg,
+        ALLOW_TF32=_allow_tf32(x.dtype), INTERPRET_BF16=_interpret_bf16(x.device, x.dtype), **cfg,
     )
     return out, z
 
@@ -308,7 +318,7 @@ def _bwd_impl(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torch.Ten
         grid = (num_m * triton.cdiv(f, cfg["BLOCK_N"]),)
         wrap_triton(_masked_ffn_bwd_kernel)[grid](
             dy, w2, z, mask, dz, h, part, m_rows, f, c,
-            ACT=_APPROX_TO_ACT[approximate], DOT_PRECISION=_dot_precision(dy.dtype),
+            ACT=_APPROX_TO_ACT[approximate], ALLOW_TF32=_allow_tf32(dy.dtype),
             INTERPRET_BF16=_interpret_bf16(dy.device, dy.dtype),
             BLOCK_M=cfg["BLOCK_M"], BLOCK_F=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],

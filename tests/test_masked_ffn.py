@@ -189,6 +189,18 @@ def test_compile(device):
         torch.testing.assert_close(a, r, atol=FP32_TOL[0], rtol=FP32_TOL[1], msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor lowering of the Triton kernels needs a CUDA GPU")
+def test_compile_inductor_gpu():
+    """On GPU the op is a triton_op: inductor traces into the Triton kernels (forward and backward), bf16."""
+    inputs = make_inputs((4, 197, 64, 100), torch.bfloat16, torch.device("cuda"))
+    dy = torch.randn_like(inputs[0])
+    compiled = torch.compile(masked_ffn, fullgraph=True)
+    ours = run(compiled, inputs, dy)
+    eager = run(masked_ffn, cast(inputs, torch.bfloat16), dy)
+    for name, a, e in zip(NAMES, ours, eager):
+        torch.testing.assert_close(a, e, atol=1e-2, rtol=1e-2, msg=lambda m: f"{name}: {m}")
+
+
 def test_opcheck(device):
     x, w1, b1, w2, b2, mask = make_inputs((1, 50, 32, 37), torch.float32, device)
     x2 = x.detach().reshape(-1, 32).requires_grad_()

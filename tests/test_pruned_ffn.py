@@ -130,6 +130,14 @@ def test_compile(device):
     torch.testing.assert_close(y, reference.ffn(*inputs), atol=FP32_TOL[0], rtol=FP32_TOL[1])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor lowering of the Triton kernels needs a CUDA GPU")
+def test_compile_inductor_gpu():
+    inputs = make_inputs((4, 197, 64, 37), torch.bfloat16, torch.device("cuda"))
+    compiled = torch.compile(pruned_ffn, fullgraph=True)
+    with torch.inference_mode():
+        torch.testing.assert_close(compiled(*inputs), pruned_ffn(*inputs), atol=1e-2, rtol=1e-2)
+
+
 def test_opcheck(device):
     x, w1, b1, w2, b2 = make_inputs((1, 50, 32, 37), torch.float32, device)
     x2 = x.reshape(-1, 32)
