@@ -553,6 +553,8 @@ def build_timm_model(name: str, num_classes: int, pretrained: Optional[str] = No
     or a local checkpoint path (a classifier head of another size is left at its fresh init)."""
     import timm
 
+    from . import demo  # noqa: F401  (registers the demo model, spvit_demo_vit, with timm)
+
     try:
         model = timm.create_model(name, pretrained=(pretrained == "timm"), num_classes=num_classes,
                                   drop_path_rate=drop_path, **(model_kwargs or {}))

@@ -117,7 +117,7 @@ def run(cfg: Dict, source: Optional[nn.Module] = None, teacher: Optional[nn.Modu
     schedules = [E.Schedule(opt, lr, cfg["min_lr"], t_init, cfg["warmup_epochs"], cfg["warmup_lr"])]
     scaler = torch.amp.GradScaler(dist.device.type) if dtype == torch.float16 else None
     ema = E.ModelEma(model, cfg["model_ema_decay"]) if cfg["model_ema"] else None
-    ddp = E.wrap_ddp(model, dist)
+    ddp = E.wrap_ddp(model, dist, find_unused="skip" in arch.attn_choices)  # a skip block leaves norm1 unused
     import spvit
 
     gf = spvit.gflops(model)
