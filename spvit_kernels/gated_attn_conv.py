@@ -39,7 +39,8 @@ planes + full conv bias" form exactly.
 The Triton launchers are registered with ``torch.library.triton_op`` (``spvit::gac_*``) so ``torch.compile`` can
 trace them; the host read of the gates is a graph break.
 """
-import math
+import sys
+import types
 from typing import List, NamedTuple, Optional, Tuple
 
 import torch
@@ -61,14 +62,14 @@ _ROW_ELEMS = 4096  # elements of a (BLOCK_P, BLOCK_D) tile in the elementwise ke
 
 @triton.jit
 def _gated_attn_conv_fwd_kernel(
-    v_ptr,  # (B, N, h*d) value projection x Wv^T + bv; strides (stride_vb, stride_vn, 1)
+    u_ptr,  # (B, N, h*d) value projection without bias x Wv^T; strides (stride_ub, stride_un, 1)
     m_ptr,  # (h, 9) fp32 head mixing M
-    c_ptr,  # (9, d) fp32 mixed tap biases c_k = sum_g M[g, k] bv_g
+    c_ptr,  # (2, d) fp32 conv biases: row 0 the 3x3's sum_k c_k, row 1 the 1x1's c_center
     y3_ptr,  # (B, P, d) fp32 out: pre-BN 3x3 response
     y1_ptr,  # (B, P, d) fp32 out: pre-BN 1x1 response
     st3_ptr,  # (B * n_pblocks, 2, d) fp32 out: per program [sum, centred sum of squares] of y3
     st1_ptr,  # (B * n_pblocks, 2, d) fp32 out: same for y1
-    stride_vb, stride_vn, P, GH, GW, H, D, PREFIX, CENTER,
+    stride_ub, stride_un, P, GH, GW, H, D, PREFIX, CENTER,
     BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     DO3: tl.constexpr, DO1: tl.constexpr, STATS: tl.constexpr,
 ):
@@ -85,15 +86,16 @@ def _gated_attn_conv_fwd_kernel(
     mask_d = offs_d < D
     hd = offs_h[:, None] * D + offs_d[None, :]
     mask_hd = mask_h[:, None] & mask_d[None, :]
-    v_base = v_ptr + pid_b.to(tl.int64) * stride_vb
+    u_base = u_ptr + pid_b.to(tl.int64) * stride_ub
     rows_c = PREFIX + offs_p
-    tile_c = tl.load(v_base + rows_c[:, None, None] * stride_vn + hd[None, :, :],
+    tile_c = tl.load(u_base + rows_c[:, None, None] * stride_un + hd[None, :, :],
                      mask=valid[:, None, None] & mask_hd[None, :, :], other=0.0).to(tl.float32)
     y_off = (pid_b.to(tl.int64) * P + offs_p)[:, None] * D + offs_d[None, :]
     mask_pd = valid[:, None] & mask_d[None, :]
     cnt = tl.sum(valid.to(tl.float32), axis=0)
     if DO3:
-        acc3 = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
+        bias3 = tl.load(c_ptr + offs_d, mask=mask_d, other=0.0)
+        acc3 = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32) + bias3[None, :]
         for k in tl.static_range(9):
             m_k = tl.load(m_ptr + offs_h * 9 + k, mask=mask_h, other=0.0)
             if k == 4:
@@ -103,13 +105,10 @@ def _gated_attn_conv_fwd_kernel(
                 nj = pj + (k // 3 - 1)
                 inside = valid & (ni >= 0) & (ni < GH) & (nj >= 0) & (nj < GW)
                 rows = PREFIX + ni * GW + nj
-                tile = tl.load(v_base + rows[:, None, None] * stride_vn + hd[None, :, :],
+                # zero padding: a neighbour off the grid loads 0
+                tile = tl.load(u_base + rows[:, None, None] * stride_un + hd[None, :, :],
                                mask=inside[:, None, None] & mask_hd[None, :, :], other=0.0).to(tl.float32)
                 acc3 += tl.sum(tile * m_k[None, :, None], axis=1)
-                # the neighbour is zero padding: its plane contributes 0 but the conv bias c_k is still added
-                c_k = tl.load(c_ptr + k * D + offs_d, mask=mask_d, other=0.0)
-                outside = valid & ((ni < 0) | (ni >= GH) | (nj < 0) | (nj >= GW))
-                acc3 += tl.where(outside[:, None], c_k[None, :], 0.0)
         tl.store(y3_ptr + y_off, acc3, mask=mask_pd)
         if STATS:
             s3 = tl.sum(tl.where(mask_pd, acc3, 0.0), axis=0)
@@ -118,7 +117,8 @@ def _gated_attn_conv_fwd_kernel(
             tl.store(st3_ptr + pid * 2 * D + D + offs_d, tl.sum(dev3 * dev3, axis=0), mask=mask_d)
     if DO1:
         m_c = tl.load(m_ptr + offs_h * 9 + CENTER, mask=mask_h, other=0.0)
-        acc1 = tl.sum(tile_c * m_c[None, :, None], axis=1)
+        bias1 = tl.load(c_ptr + D + offs_d, mask=mask_d, other=0.0)
+        acc1 = tl.sum(tile_c * m_c[None, :, None], axis=1) + bias1[None, :]
         tl.store(y1_ptr + y_off, acc1, mask=mask_pd)
         if STATS:
             s1 = tl.sum(tl.where(mask_pd, acc1, 0.0), axis=0)
@@ -204,12 +204,12 @@ def _gated_attn_conv_bwd_kernel(
     dr_ptr,  # (B, N, d) gradient w.r.t. r (= G R); strides (stride_rb, stride_rn, 1)
     y_ptr,  # (B, P, d) fp32 pre-BN response of the live candidate
     chan_ptr,  # (7, d) fp32 rows [mean, rstd, gamma, beta, a, b, cst]: dy = a*dz + b*xn + cst
-    v_ptr,  # (B, N, h*d) value projection; strides (stride_vb, stride_vn, 1)
+    u_ptr,  # (B, N, h*d) value projection without bias; strides (stride_ub, stride_un, 1)
     m_ptr,  # (h, 9) fp32 head mixing M
-    dv_ptr,  # (B, N, h*d) out, contiguous: dL/dv at patch rows (prefix rows untouched)
-    dm_ptr,  # (B * n_pblocks, BLOCK_H, 9) fp32 out (zero-initialised): partial sum_p <v_g[p], dU_k[p]>
-    edge_ptr,  # (B * n_pblocks, 9, d) fp32 out: partial sum of dy[p] over p whose tap-k neighbour is padding
-    stride_rb, stride_rn, stride_vb, stride_vn, N, P, GH, GW, H, D, PREFIX, CENTER,
+    du_ptr,  # (B, N, h*d) out, contiguous: dL/du at patch rows (prefix rows untouched)
+    dm_ptr,  # (B * n_pblocks, BLOCK_H, 9) fp32 out (zero-initialised): partial sum_p <u_g[p], dU_k[p]>
+    dc_ptr,  # (B * n_pblocks, d) fp32 out: partial sum_p dy[p] (gradient of the conv bias)
+    stride_rb, stride_rn, stride_ub, stride_un, N, P, GH, GW, H, D, PREFIX, CENTER,
     BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, KIND3: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
@@ -234,12 +234,13 @@ def _gated_attn_conv_bwd_kernel(
     cst = tl.load(chan_ptr + 6 * D + offs_d, mask=mask_d, other=0.0)
     dr_base = dr_ptr + pid_b.to(tl.int64) * stride_rb
     y_base = y_ptr + pid_b.to(tl.int64) * P * D
-    v_base = v_ptr + pid_b.to(tl.int64) * stride_vb
+    u_base = u_ptr + pid_b.to(tl.int64) * stride_ub
     mask3 = valid[:, None, None] & mask_hd[None, :, :]
-    vt = tl.load(v_base + (PREFIX + offs_p)[:, None, None] * stride_vn + hd[None, :, :],
+    ut = tl.load(u_base + (PREFIX + offs_p)[:, None, None] * stride_un + hd[None, :, :],
                  mask=mask3, other=0.0).to(tl.float32)
     dy_c = _gated_attn_conv_dy_tile(dr_base, y_base, offs_p, valid, offs_d, mask_d, mean, rstd, gamma, beta,
                                     a, b, cst, stride_rn, D, PREFIX)
+    tl.store(dc_ptr + pid * D + offs_d, tl.sum(dy_c, axis=0), mask=mask_d)
     dm_base = dm_ptr + pid * BLOCK_H * 9
     if KIND3:
         acc = tl.zeros((BLOCK_P, BLOCK_H, BLOCK_D), dtype=tl.float32)
@@ -254,20 +255,15 @@ def _gated_attn_conv_bwd_kernel(
                 inside = valid & (qi >= 0) & (qi < GH) & (qj >= 0) & (qj < GW)
                 dy_k = _gated_attn_conv_dy_tile(dr_base, y_base, qi * GW + qj, inside, offs_d, mask_d, mean, rstd,
                                                 gamma, beta, a, b, cst, stride_rn, D, PREFIX)
-                ni = pi + (k % 3 - 1)
-                nj = pj + (k // 3 - 1)
-                outside = valid & ((ni < 0) | (ni >= GH) | (nj < 0) | (nj >= GW))
-                tl.store(edge_ptr + (pid * 9 + k) * D + offs_d,
-                         tl.sum(tl.where(outside[:, None], dy_c, 0.0), axis=0), mask=mask_d)
             acc += dy_k[:, None, :] * m_k[None, :, None]
-            tl.store(dm_base + offs_h * 9 + k, tl.sum(tl.sum(vt * dy_k[:, None, :], axis=2), axis=0), mask=mask_h)
+            tl.store(dm_base + offs_h * 9 + k, tl.sum(tl.sum(ut * dy_k[:, None, :], axis=2), axis=0), mask=mask_h)
     else:
         m_c = tl.load(m_ptr + offs_h * 9 + CENTER, mask=mask_h, other=0.0)
         acc = dy_c[:, None, :] * m_c[None, :, None]
-        tl.store(dm_base + offs_h * 9 + CENTER, tl.sum(tl.sum(vt * dy_c[:, None, :], axis=2), axis=0),
+        tl.store(dm_base + offs_h * 9 + CENTER, tl.sum(tl.sum(ut * dy_c[:, None, :], axis=2), axis=0),
                  mask=mask_h)
-    dv_off = (pid_b.to(tl.int64) * N + PREFIX + offs_p)[:, None, None] * (H * D) + hd[None, :, :]
-    tl.store(dv_ptr + dv_off, acc.to(dv_ptr.dtype.element_ty), mask=mask3)
+    du_off = (pid_b.to(tl.int64) * N + PREFIX + offs_p)[:, None, None] * (H * D) + hd[None, :, :]
+    tl.store(du_ptr + du_off, acc.to(du_ptr.dtype.element_ty), mask=mask3)
 
 
 @triton.jit
@@ -328,30 +324,31 @@ def _row_block_p(block_d: int) -> int:
 
 
 @_triton_op("gac_conv_fwd")
-def _conv_fwd(v: torch.Tensor, m: torch.Tensor, c_taps: torch.Tensor, gh: int, gw: int, prefix: int, center: int,
+def _conv_fwd(u: torch.Tensor, m: torch.Tensor, c_bias: torch.Tensor, gh: int, gw: int, prefix: int, center: int,
               do3: bool, do1: bool, stats: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pre-BN conv responses and BN partial statistics.
 
     Args:
-        v: (B, N, h*d) value projection with bias (last dim contiguous); m: (h, 9) fp32; c_taps: (9, d) fp32.
+        u: (B, N, h*d) value projection without bias (last dim contiguous); m: (h, 9) fp32;
+        c_bias: (2, d) fp32 conv biases [3x3, 1x1].
     Returns:
         y3, y1: (B, P, d) fp32 (empty (0,) when not asked for);
         st3, st1: (B * n_pblocks, 2, d) fp32 per-program [sum, centred sum of squares] (empty when not asked for).
     """
-    bsz, _, _ = v.shape
+    bsz, _, _ = u.shape
     h = m.shape[0]
-    d = c_taps.shape[1]
+    d = c_bias.shape[1]
     p = gh * gw
     block_h, block_d = _pow2(h), _pow2(d)
     block_p = _tile_block_p(block_h, block_d)
     n_pb = triton.cdiv(p, block_p)
-    dev = v.device
+    dev = u.device
     y3 = torch.empty((bsz, p, d) if do3 else (0,), device=dev, dtype=torch.float32)
     y1 = torch.empty((bsz, p, d) if do1 else (0,), device=dev, dtype=torch.float32)
     st3 = torch.empty((bsz * n_pb, 2, d) if do3 and stats else (0,), device=dev, dtype=torch.float32)
     st1 = torch.empty((bsz * n_pb, 2, d) if do1 and stats else (0,), device=dev, dtype=torch.float32)
     _wrap(_gated_attn_conv_fwd_kernel)[(n_pb, bsz)](
-        v, m, c_taps, y3, y1, st3, st1, v.stride(0), v.stride(1), p, gh, gw, h, d, prefix, center,
+        u, m, c_bias, y3, y1, st3, st1, u.stride(0), u.stride(1), p, gh, gw, h, d, prefix, center,
         BLOCK_P=block_p, BLOCK_H=block_h, BLOCK_D=block_d, DO3=do3, DO1=do1, STATS=stats,
     )
     return y3, y1, st3, st1
@@ -395,32 +392,33 @@ def _bn_bwd_stats(dr: torch.Tensor, y: torch.Tensor, chan: torch.Tensor, prefix:
 
 
 @_triton_op("gac_conv_bwd")
-def _conv_bwd(dr: torch.Tensor, y: torch.Tensor, chan: torch.Tensor, v: torch.Tensor, m: torch.Tensor, gh: int,
+def _conv_bwd(dr: torch.Tensor, y: torch.Tensor, chan: torch.Tensor, u: torch.Tensor, m: torch.Tensor, gh: int,
               gw: int, prefix: int, center: int, kind3: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Conv-path backward of the live candidate down to the value projection.
 
     Args:
-        dr: (B, N, d) dL/dr; y: (B, P, d) fp32; chan: (7, d) fp32; v: (B, N, h*d); m: (h, 9) fp32.
+        dr: (B, N, d) dL/dr (last dim contiguous); y: (B, P, d) fp32; chan: (7, d) fp32;
+        u: (B, N, h*d) value projection without bias; m: (h, 9) fp32.
     Returns:
-        dv: (B, N, h*d) in v's dtype (zero prefix rows); dm: (h, 9) fp32 sum_p <v_g[p], dU_k[p]>;
-        edge: (9, d) fp32 sum of dy over positions whose tap-k neighbour is padding (zeros for 1x1).
+        du: (B, N, h*d) in u's dtype (zero prefix rows); dm: (h, 9) fp32 sum_p <u_g[p], dU_k[p]>;
+        dc: (d,) fp32 sum_p dy[p], the gradient of the conv bias.
     """
-    bsz, n, hdim = v.shape
+    bsz, n, hdim = u.shape
     h = m.shape[0]
     p, d = y.shape[1], y.shape[2]
     block_h, block_d = _pow2(h), _pow2(d)
     block_p = _tile_block_p(block_h, block_d)
     n_pb = triton.cdiv(p, block_p)
-    dv = torch.empty((bsz, n, hdim), device=v.device, dtype=v.dtype)
+    du = torch.empty((bsz, n, hdim), device=u.device, dtype=u.dtype)
     if prefix:
-        dv[:, :prefix].zero_()
-    dm = torch.zeros((bsz * n_pb, block_h, 9), device=v.device, dtype=torch.float32)
-    edge = torch.zeros((bsz * n_pb, 9, d), device=v.device, dtype=torch.float32)
+        du[:, :prefix].zero_()
+    dm = torch.zeros((bsz * n_pb, block_h, 9), device=u.device, dtype=torch.float32)
+    dc = torch.empty((bsz * n_pb, d), device=u.device, dtype=torch.float32)
     _wrap(_gated_attn_conv_bwd_kernel)[(n_pb, bsz)](
-        dr, y, chan, v, m, dv, dm, edge, dr.stride(0), dr.stride(1), v.stride(0), v.stride(1), n, p, gh, gw, h, d,
+        dr, y, chan, u, m, du, dm, dc, dr.stride(0), dr.stride(1), u.stride(0), u.stride(1), n, p, gh, gw, h, d,
         prefix, center, BLOCK_P=block_p, BLOCK_H=block_h, BLOCK_D=block_d, KIND3=kind3,
     )
-    return dv, dm[:, :h].sum(0), edge.sum(0)
+    return du, dm[:, :h].sum(0), dc.sum(0)
 
 
 @_triton_op("gac_dot")
@@ -489,6 +487,23 @@ def _out_map(m: torch.Tensor, w_o: torch.Tensor, cols: List[int], num_heads: int
     return r_map, wsum
 
 
+_MM_OUT_DTYPE_OK = [True]
+
+
+def _mm_f32(a: torch.Tensor, b_f32: torch.Tensor) -> torch.Tensor:
+    """fp32 result of ``a @ b`` for a (M, K) in any float dtype and b (K, N) fp32.
+
+    Low-precision ``a`` on CUDA uses ``torch.mm(..., out_dtype=torch.float32)`` (bf16/fp16 tensor cores, fp32
+    output) where this torch has it, else ``a`` is upcast.
+    """
+    if a.dtype != torch.float32 and a.is_cuda and _MM_OUT_DTYPE_OK[0]:
+        try:
+            return torch.mm(a, b_f32.to(a.dtype), out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):
+            _MM_OUT_DTYPE_OK[0] = False
+    return a.float() @ b_f32
+
+
 def _maybe_zero(t: Optional[torch.Tensor], used: bool) -> Optional[torch.Tensor]:
     return torch.zeros_like(t) if (t is not None and used) else None
 
@@ -510,19 +525,16 @@ class _GatedAttnConvFn(torch.autograd.Function):
         ctx.head_dtype = head_probs.dtype
         ctx.b_qk_meta = None if b_qk is None else (b_qk.shape, b_qk.dtype)
 
-        # projections: one [Wqk; Wv] GEMM when MSA is computed
+        # projections: one [Wqk; Wv] GEMM when MSA is computed. The value projection u carries no bias: attention
+        # rows sum to 1, so attn (u + bv) = attn u + bv and bv folds into the output bias bo + Wo bv (exact); the conv
+        # path adds its mixed bias itself, as the reference does.
         if live_m:
-            w_qkv = torch.cat([w_qk, w_v])
-            if b_qk is None and b_v is None:
-                b_qkv = None
-            else:
-                b_qkv = torch.cat([b_qk if b_qk is not None else w_qk.new_zeros(2 * hdim),
-                                   b_v if b_v is not None else w_v.new_zeros(hdim)])
-            qkv = F.linear(x, w_qkv, b_qkv)  # (B, N, 3*h*d)
+            b_qkv = None if b_qk is None else torch.cat([b_qk, b_qk.new_zeros(hdim)])
+            qkv = F.linear(x, torch.cat([w_qk, w_v]), b_qkv)  # (B, N, 3*h*d)
             q, k, v_h = qkv.view(bsz, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)  # (B, h, N, d) each
             v = qkv[..., 2 * hdim:]
         else:
-            v = F.linear(x, w_v, b_v)  # (B, N, h*d)
+            v = F.linear(x, w_v)  # (B, N, h*d)
         out = None
         ctx.sdpa = None
         out_msa = None
@@ -537,7 +549,13 @@ class _GatedAttnConvFn(torch.autograd.Function):
             else:
                 o = F.scaled_dot_product_attention(q, k, v_h)
             o2 = o.transpose(1, 2).reshape(bsz, n, hdim)
-            out_msa = F.linear(o2, w_o, b_o)
+            b_eff = None
+            if b_v is not None:
+                b_eff = w_o.float() @ b_v.float()
+                b_eff = (b_eff if b_o is None else b_eff + b_o.float()).to(x.dtype)
+            else:
+                b_eff = b_o
+            out_msa = F.linear(o2, w_o, b_eff)
             if c_m == 1:
                 out = out_msa
 
@@ -548,11 +566,12 @@ class _GatedAttnConvFn(torch.autograd.Function):
         if live_3 or live_1:
             m = torch.softmax(head_probs.float() / cfg.alpha, dim=0)  # (h, 9)
             if b_v is not None:
-                c_taps = m.t() @ b_v.float().view(h, d)  # (9, d)
+                c_taps = m.t() @ b_v.float().view(h, d)  # (9, d) mixed tap biases c_k
+                c_bias = torch.stack([c_taps.sum(0), c_taps[cfg.center]])
             else:
-                c_taps = torch.zeros(9, d, device=x.device)
-            y3, y1, st3, st1 = _conv_fwd(v, m.contiguous(), c_taps.contiguous(), gh, gw, pre, cfg.center,
-                                         live_3, live_1, cfg.training)
+                c_bias = torch.zeros(2, d, device=x.device)
+            y3, y1, st3, st1 = _conv_fwd(v, m.contiguous(), c_bias, gh, gw, pre, cfg.center, live_3, live_1,
+                                         cfg.training)
             block_p = _tile_block_p(_pow2(h), _pow2(d))
             for kind, is_live, coef, y, st, bn in (("3x3", live_3, c_3, y3, st3, cfg.bn3),
                                                    ("1x1", live_1, c_1, y1, st1, cfg.bn1)):
@@ -623,9 +642,14 @@ class _GatedAttnConvFn(torch.autograd.Function):
             if need_gate:
                 s_m = _dot(g, out_msa.contiguous())
             if c_m == 1:
-                dw_o = (g2.t() @ o2.reshape(bsz * n, hdim)).to(w_o.dtype)
+                gsum = g.sum((0, 1), dtype=torch.float32)  # (C,)
+                dw_o_f = (g2.t() @ o2.reshape(bsz * n, hdim)).float()
+                if b_v is not None:  # the folded bias bo + Wo bv
+                    dw_o_f += gsum[:, None] * b_v.float()[None, :]
+                    db_v = (gsum @ w_o.float()).to(b_v.dtype)
+                dw_o = dw_o_f.to(w_o.dtype)
                 if b_o is not None:
-                    db_o = g.sum((0, 1), dtype=torch.float32).to(b_o.dtype)
+                    db_o = gsum.to(b_o.dtype)
                 do = (g2 @ w_o).view(bsz, n, h, d).transpose(1, 2)
                 qd, kd, vd, o = ctx.sdpa
                 dq, dk, dvh = torch.autograd.grad(o, (qd, kd, vd), do)
@@ -634,11 +658,8 @@ class _GatedAttnConvFn(torch.autograd.Function):
                 dw_qkv = dqkv.t() @ x2
                 dw_qk = dw_qkv[:2 * hdim].to(w_qk.dtype)
                 dw_v = dw_qkv[2 * hdim:].to(w_v.dtype)
-                db_qkv = dqkv.sum(0, dtype=torch.float32)
                 if db_qk is not None:
-                    db_qk = db_qkv[:2 * hdim].to(db_qk.dtype)
-                if b_v is not None:
-                    db_v = db_qkv[2 * hdim:].to(b_v.dtype)
+                    db_qk = dqkv[:, :2 * hdim].sum(0, dtype=torch.float32).to(db_qk.dtype)
                 dx = (dqkv @ torch.cat([w_qk, w_v])).view(bsz, n, c)
 
         # ---- conv candidates ----
@@ -651,8 +672,8 @@ class _GatedAttnConvFn(torch.autograd.Function):
                 maps[kind] = (cols,) + _out_map(m, w_o, cols, h)
             coef = {"3x3": c_3, "1x1": c_1}
             # dr for every computed conv candidate with one GEMM: G (B, N, C) @ [R_a | R_b] (C, k*d)
-            r_cat = torch.cat([maps[kind][1] for kind in kinds], dim=1).to(dtype)
-            dr_all = (g2 @ r_cat).view(bsz, n, len(kinds) * d)
+            r_cat = torch.cat([maps[kind][1] for kind in kinds], dim=1)
+            dr_all = _mm_f32(g2, r_cat).view(bsz, n, len(kinds) * d)  # fp32: it feeds the gate inner products
             for i, kind in enumerate(kinds):
                 cols, r_map, wsum = maps[kind]
                 dr = dr_all[..., i * d:(i + 1) * d]
@@ -670,8 +691,7 @@ class _GatedAttnConvFn(torch.autograd.Function):
                     continue
                 bn = cfg.bn3 if kind == "3x3" else cfg.bn1
                 # output map and bias
-                d_rmap = g2.t() @ r_live.view(bsz * n, d)  # (C, d)
-                d_rmap = d_rmap.float()
+                d_rmap = _mm_f32(g2.t(), r_live.view(bsz * n, d).float())  # (C, d) fp32: feeds dM and dWo
                 dw_o = (wsum[None, :, None] * d_rmap[:, None, :]).reshape(c, hdim).to(w_o.dtype)
                 dm[:, cols] += torch.einsum("cgd,cd->g", w_o.float().view(c, h, d), d_rmap)[:, None]
                 if b_o is not None:
@@ -692,20 +712,16 @@ class _GatedAttnConvFn(torch.autograd.Function):
                     b_coef = torch.zeros_like(a)
                     cst = torch.zeros_like(a)
                 chan7 = torch.cat([chan, torch.stack([a, b_coef, cst])]).contiguous()
-                dv, dm_v, edge = _conv_bwd(dr, y, chan7, v, m.contiguous(), gh, gw, pre, cfg.center, kind == "3x3")
+                dv, dm_v, dc = _conv_bwd(dr, y, chan7, v, m.contiguous(), gh, gw, pre, cfg.center, kind == "3x3")
                 dm += dm_v
                 dv2 = dv.view(bsz * n, hdim)
                 dw_v = (dv2.t() @ x2).to(w_v.dtype)
                 dx = (dv2 @ w_v).view(bsz, n, c)
                 if pre:
                     dx[:, :pre] += g[:, :pre]
-                if b_v is not None:
-                    bvh = b_v.float().view(h, d)
-                    db_v_f = dv2.sum(0, dtype=torch.float32)
-                    if kind == "3x3":
-                        db_v_f = db_v_f + (m @ edge).reshape(hdim)  # bias of padded taps: sum_k M[g,k] edge_k
-                        dm += bvh @ edge.t()  # <bv_g, edge_k>
-                    db_v = db_v_f.to(b_v.dtype)
+                if b_v is not None:  # conv bias sum_g w_g bv_g
+                    db_v = (wsum[:, None] * dc[None, :]).reshape(hdim).to(b_v.dtype)
+                    dm[:, cols] += (b_v.float().view(h, d) @ dc)[:, None]
 
         d_head = None
         if dm is not None:
@@ -812,3 +828,16 @@ def gated_attn_conv(
 
 
 __all__ = ["gated_attn_conv"]
+
+
+class _CallableModule(types.ModuleType):
+    """Keeps ``spvit_kernels.gated_attn_conv(...)`` (the package's dispatcher) callable once this submodule of the
+    same name is imported: Python then binds the package attribute to the module, so the module forwards calls to
+    the dispatcher."""
+
+    def __call__(self, x_hat, *args, **kwargs):
+        from .backend import resolve
+        return resolve("gated_attn_conv", x_hat.device)(x_hat, *args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
