@@ -21,6 +21,7 @@ Backward of the shift-sum (both providers): with ``g = grad_y * (y > 0 if relu)`
 from __future__ import annotations
 
 import functools
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -259,7 +260,7 @@ if HAS_TRITON:
                 g = tl.where(o > 0.0, g, tl.zeros_like(g))
             dst = grad_planes_ptr + ((b * P + offs_p[:, None]) * T + k) * D + offs_d[None, :]
             tl.store(dst, g.to(grad_planes_ptr.dtype.element_ty), mask=p_ok[:, None] & d_ok[None, :])
-            if dy == 0 and dx == 0:  # the centre tap read the masked gradient at the program's own positions
+            if k == T // 2:  # the centre tap (4 of 9, 0 of 1) read the masked gradient at the program's own positions
                 row = b * tl.num_programs(0) + pid_p
                 tl.store(partial_ptr + row * D + offs_d, tl.sum(g.to(partial_ptr.dtype.element_ty), axis=0), mask=d_ok)
 
@@ -319,6 +320,8 @@ def shift_sum_triton(
     hh, ww = _check(planes, bias, grid)
     if not HAS_TRITON:
         raise RuntimeError("shift_sum_triton needs triton")
+    if not planes.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise RuntimeError("shift_sum_triton needs CUDA tensors, or CPU tensors under TRITON_INTERPRET=1")
     return _shift_sum_triton_op(planes, bias, hh, ww, bool(relu))
 
 

@@ -21,7 +21,7 @@ def _layer(batch, grid, c, d, taps, prefix, dtype, device, bias_out=True):
 
 
 # (grid, C, d): awkward grids and widths (C, d not multiples of 16)
-SHAPES = [((3, 5), 24, 8), ((4, 4), 32, 16), ((1, 1), 16, 4), ((5, 2), 20, 12), ((2, 3), 80, 8)]  # C = 80: K and N loops
+SHAPES = [((3, 5), 24, 8), ((4, 4), 32, 16), ((1, 1), 16, 4), ((5, 2), 20, 12), ((2, 3), 80, 8)]  # C = 80: K, N loops
 
 
 @pytest.mark.parametrize("provider", ["triton", "ext"])
