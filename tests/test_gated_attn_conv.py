@@ -200,9 +200,12 @@ def _sq_err(a, e):
     return ((a.double() - e.double()) ** 2).sum().item(), e.numel()
 
 
-@pytest.mark.parametrize("choice", list(GATES))
-def test_bf16_error_within_2x_of_eager(device, choice):
-    """bf16: the kernel's error vs an fp64 reference is at most 2x eager bf16's error (plus a tiny floor).
+LOW_PRECISION = [(torch.bfloat16, c) for c in GATES] + [(torch.float16, "3x3"), (torch.float16, "1x1")]
+
+
+@pytest.mark.parametrize("dtype,choice", LOW_PRECISION, ids=[f"{str(t)[6:]}-{c}" for t, c in LOW_PRECISION])
+def test_low_precision_error_within_2x_of_eager(device, dtype, choice):
+    """bf16/fp16: the kernel's error vs an fp64 reference is at most 2x eager bf16's error (plus a tiny floor).
 
     The error is the RMS over four random draws: several gradients here (gates, head_probs, the biases behind a
     training BatchNorm) are a handful of long reductions, for which a single draw's error is mostly chance.
@@ -214,12 +217,12 @@ def test_bf16_error_within_2x_of_eager(device, choice):
     for seed in range(4):
         torch.manual_seed(seed)
         t, bns, _ = _make(bsz, grid, prefix, h, d, device)
-        # round the masters to bf16 once so all three runs see the same values
-        t = {k: (None if v is None else v.to(torch.bfloat16).float()) for k, v in t.items()}
+        # round the masters to the test dtype once so all three runs see the same values
+        t = {k: (None if v is None else v.to(dtype).float()) for k, v in t.items()}
         exact = _run(reference.gated_attn_conv, t, bns, torch.float64, GATES[choice], **kw)
-        eager = _run(reference.gated_attn_conv, t, bns, torch.bfloat16, GATES[choice], bn_dtype=torch.float32, **kw)
-        ours = _run(_fused(), t, bns, torch.bfloat16, GATES[choice], bn_dtype=torch.float32, **kw)
-        assert ours[0].dtype == torch.bfloat16
+        eager = _run(reference.gated_attn_conv, t, bns, dtype, GATES[choice], bn_dtype=torch.float32, **kw)
+        ours = _run(_fused(), t, bns, dtype, GATES[choice], bn_dtype=torch.float32, **kw)
+        assert ours[0].dtype == dtype
         triples = [("out", ours[0], eager[0], exact[0])]
         triples += [(f"grad {k}", ours[1][k], eager[1][k], exact[1][k]) for k in NAMES]
         triples += [(f"running stat {i}", a, b, c) for i, (a, b, c) in enumerate(zip(ours[2], eager[2], exact[2]))]
@@ -232,8 +235,8 @@ def test_bf16_error_within_2x_of_eager(device, choice):
             acc[name] = (prev[0] + so, prev[1] + se, prev[2] + n, max(prev[3], e.abs().max().item()))
     for name, (so, se, n, scale) in acc.items():
         rms_ours, rms_eager = (so / n) ** 0.5, (se / n) ** 0.5
-        floor = 1e-3 * 2 ** -8 * max(1.0, scale)
-        assert rms_ours <= 2 * rms_eager + floor, f"{name}: ours {rms_ours:.3e} vs eager bf16 {rms_eager:.3e}"
+        floor = 1e-3 * torch.finfo(dtype).eps * max(1.0, scale)
+        assert rms_ours <= 2 * rms_eager + floor, f"{name}: ours {rms_ours:.3e} vs eager {dtype} {rms_eager:.3e}"
 
 
 def test_dispatch_triton_backend(device):
