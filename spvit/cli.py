@@ -245,14 +245,18 @@ def cmd_eval(args) -> int:
     if cfg.get("data") is None:
         raise E.RunError("--data is required")
     dist = E.init_distributed(cfg["device"])
-    _, val = build_datasets(cfg["data"], data_config(cfg), cfg.get("digits_size", 16), need_train=False)
-    _, _, loader = build_loaders(None, val, cfg["batch_size"], dist.world, dist.rank, num_workers=cfg["num_workers"],
-                                 eval_batch_size=cfg["batch_size"])
     import spvit
 
     if cfg.get("checkpoint"):
         model, _ = load_finetuned(cfg["checkpoint"])
+        size = model.architecture.signature.img_size[0]
+        cfg["digits_size"] = cfg["input_size"] = size  # the model's own input size
     else:
+        model = None
+    _, val = build_datasets(cfg["data"], data_config(cfg), cfg.get("digits_size", 16), need_train=False)
+    _, _, loader = build_loaders(None, val, cfg["batch_size"], dist.world, dist.rank, num_workers=cfg["num_workers"],
+                                 eval_batch_size=cfg["batch_size"])
+    if model is None:
         model = E.build_timm_model(cfg["model"], val.num_classes, cfg["pretrained"], 0.0, cfg.get("model_kwargs"))
     model.to(dist.device)
     r = E.evaluate(model, loader, dist, E.amp_dtype(cfg["amp"], dist.device))

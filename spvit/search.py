@@ -49,7 +49,7 @@ COMMON_DEFAULTS: Dict = {
     "model_ema": False,
     "model_ema_decay": 0.99996,
     "drop_path": 0.1,
-    "num_workers": 8,
+    "num_workers": min(8, os.cpu_count() or 1),
     "pin_mem": True,
     "tensorboard": True,
     "progress": True,
