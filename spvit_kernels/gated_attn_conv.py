@@ -7,7 +7,7 @@ Same signature and semantics as :func:`spvit_kernels.reference.gated_attn_conv`.
   available) and its own backward.
 * Triton kernels handle the conv candidates, so the mixed planes ``U (B, P, 9, d)`` are never materialised:
 
-  - ``_gated_attn_conv_fwd_kernel``: head mixing of ``v`` into the 9 taps on the fly, 3x3 shift-sum with zero
+  - ``_gated_attn_conv_fwd_kernel``: head mixing of ``u`` into the 9 taps on the fly, 3x3 shift-sum with zero
     padding and the 1x1 centre path, mixed biases, and per-program BatchNorm partial statistics (sum and centred
     sum of squares, combined with Chan's formula) for both conv candidates in one pass;
   - ``_gated_attn_conv_bn_relu_kernel``: BN + ReLU of the live conv candidate into ``r (B, N, d)`` (zero prefix
@@ -15,8 +15,8 @@ Same signature and semantics as :func:`spvit_kernels.reference.gated_attn_conv`.
   - ``_gated_attn_conv_bn_bwd_stats_kernel``: ReLU/BN backward reductions (``sum dz``, ``sum dz*xn``) and the
     gate inner product ``<dr, r>`` per candidate;
   - ``_gated_attn_conv_bwd_kernel``: BN backward recomputed at the 9 shifted neighbours, adjoint shift-sum and
-    head un-mixing straight into ``dv (B, N, h*d)``, plus the partial sums of ``dM`` and of the border
-    bias correction;
+    head un-mixing straight into ``du (B, N, h*d)``, plus the partial sums of ``dM`` and of the conv-bias
+    gradient;
   - ``_gated_attn_conv_dot_kernel``: fp32 inner product ``<G, out_msa>`` for the MSA gate gradient.
 
 * Plain torch inside the autograd Function: the tiny weight-side maths (softmax over heads and its backward,
@@ -32,9 +32,14 @@ gate values on the host (one device sync, as the official code does), produces o
 whose coefficient is 0 get exact zero gradients, and parameters of candidates that were not computed get None
 (as in the eager reference).
 
-The value projection carries its bias (``v = x Wv^T + bv``, shared with MSA); the conv kernels compensate by adding
-the mixed bias ``c_k`` for taps whose neighbour falls outside the grid, which equals the reference's "no-bias
-planes + full conv bias" form exactly.
+The value projection ``u = x Wv^T`` is computed once without bias (in one GEMM with q and k when MSA runs) and
+shared: the conv path adds its mixed bias like the reference, and MSA folds ``bv`` into its output bias
+(attention rows sum to 1, so ``attn (u + bv) Wo^T + bo = attn u Wo^T + (bo + Wo bv)``, exactly).
+
+Limitations: no double backward; ``retain_graph=True`` is not supported when MSA is live (its SDPA graph is
+released after the first backward). Importing this module rebinds the package attribute
+``spvit_kernels.gated_attn_conv`` to the module; the module is made callable (it forwards to the dispatcher) so
+``spvit_kernels.gated_attn_conv(...)`` keeps working.
 
 The Triton launchers are registered with ``torch.library.triton_op`` (``spvit::gac_*``) so ``torch.compile`` can
 trace them; the host read of the gates is a graph break.
@@ -651,6 +656,9 @@ class _GatedAttnConvFn(torch.autograd.Function):
                 if b_o is not None:
                     db_o = gsum.to(b_o.dtype)
                 do = (g2 @ w_o).view(bsz, n, h, d).transpose(1, 2)
+                if ctx.sdpa is None:
+                    raise RuntimeError("gated_attn_conv: backward through a live MSA candidate ran twice; "
+                                       "retain_graph=True / double backward is not supported by the fused op")
                 qd, kd, vd, o = ctx.sdpa
                 dq, dk, dvh = torch.autograd.grad(o, (qd, kd, vd), do)
                 ctx.sdpa = None
