@@ -540,6 +540,13 @@ def deploy(model: nn.Module, dtype: Optional[torch.dtype] = None,
 # ----------------------------------------------------------------------------------------------------------------------
 # Files
 # ----------------------------------------------------------------------------------------------------------------------
+def save_deployed(model: DeployedModel, path: str) -> None:
+    """``model.save(path)`` (function form)."""
+    if not isinstance(model, DeployedModel):
+        raise TypeError(f"save_deployed expects a DeployedModel, got {type(model).__name__}")
+    model.save(path)
+
+
 def load_deployed(path: str, device: Optional[Union[str, torch.device]] = None,
                   dtype: Optional[torch.dtype] = None) -> DeployedModel:
     """Load a file written by :meth:`DeployedModel.save`.
@@ -683,4 +690,4 @@ def _pruned_from_ours(obj: Dict, path: str, model_name: Optional[str]) -> Pruned
 
 
 __all__ = ["DeployedModel", "DeployedBlock", "FusedAttention", "FoldedConv", "CompactFFN", "deploy", "load_deployed",
-           "deploy_checkpoint", "from_file_dict", "FORMAT", "FORMAT_VERSION"]
+           "save_deployed", "deploy_checkpoint", "from_file_dict", "FORMAT", "FORMAT_VERSION"]
