@@ -3,8 +3,19 @@
 Each public function here has the signature of the function of the same name in :mod:`spvit_kernels.reference`
 and runs the implementation that :mod:`spvit_kernels.backend` picks for the device of its first tensor.
 """
+import importlib as _importlib
+
 from . import reference
 from .backend import backend_of, resolve, use_backend
+
+# Each op's implementation module has the op's name (one name stem per op), like the dispatcher functions below.
+# Import them now, before the functions are defined: importing a submodule later would rebind the package attribute
+# from the function to the module. A module that cannot be imported here (e.g. no triton) is simply unavailable.
+for _m in ("gated_attn_conv", "masked_ffn", "pruned_ffn", "shift_sum", "deploy_conv"):
+    try:
+        _importlib.import_module(f"{__name__}.{_m}")
+    except ImportError:
+        pass
 
 
 def gated_attn_conv(x_hat, *args, **kwargs):

@@ -37,15 +37,11 @@ shared: the conv path adds its mixed bias like the reference, and MSA folds ``bv
 (attention rows sum to 1, so ``attn (u + bv) Wo^T + bo = attn u Wo^T + (bo + Wo bv)``, exactly).
 
 Limitations: no double backward; ``retain_graph=True`` is not supported when MSA is live (its SDPA graph is
-released after the first backward). Importing this module rebinds the package attribute
-``spvit_kernels.gated_attn_conv`` to the module; the module is made callable (it forwards to the dispatcher) so
-``spvit_kernels.gated_attn_conv(...)`` keeps working.
+released after the first backward).
 
 The Triton launchers are registered with ``torch.library.triton_op`` (``spvit::gac_*``) so ``torch.compile`` can
 trace them; the host read of the gates is a graph break.
 """
-import sys
-import types
 from typing import List, NamedTuple, Optional, Tuple
 
 import torch
@@ -837,15 +833,3 @@ def gated_attn_conv(
 
 __all__ = ["gated_attn_conv"]
 
-
-class _CallableModule(types.ModuleType):
-    """Keeps ``spvit_kernels.gated_attn_conv(...)`` (the package's dispatcher) callable once this submodule of the
-    same name is imported: Python then binds the package attribute to the module, so the module forwards calls to
-    the dispatcher."""
-
-    def __call__(self, x_hat, *args, **kwargs):
-        from .backend import resolve
-        return resolve("gated_attn_conv", x_hat.device)(x_hat, *args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
