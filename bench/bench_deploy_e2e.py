@@ -162,7 +162,7 @@ def layer_breakdown(deployed, x: torch.Tensor, device: torch.device) -> Dict[str
             return bench_fn(fn, device)["ms"]
         fn()
         best = float("inf")
-        for _ in range(5 if x.shape[0] <= 4 else 3):  # best of a few: the least disturbed by other processes
+        for _ in range(10 if x.shape[0] <= 4 else 3):  # best of a few: the least disturbed by other processes
             t0 = time.perf_counter()
             fn()
             best = min(best, (time.perf_counter() - t0) * 1e3)
@@ -228,7 +228,8 @@ def run(arch_names: List[str], batches: List[int], device: torch.device, dtype: 
                     continue
                 res[prov] = {**t, "first_call_s": compile_s, "peak_mb": mem}
             if device.type != "cuda":
-                cpu_interleaved({p: fns[p] for p in providers if "error" not in res[p]}, x, res, rounds)
+                cpu_interleaved({p: fns[p] for p in providers if "error" not in res[p]}, x, res,
+                                rounds * 3 if batch <= 4 else rounds)
             for prov, r in res.items():
                 if "ms" in r:
                     print(f"  {prov:16s} b{batch:<4d} {r['ms']:9.3f} ms (best {r['ms_min']:9.3f})  "
@@ -304,7 +305,7 @@ def main(argv=None):
     p.add_argument("--batches", default=None, help="comma-separated batch sizes")
     p.add_argument("--providers", default=None, help=f"comma-separated subset of {','.join(PROVIDERS)}")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (CPU runs only)")
-    p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds per batch (CPU)")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds per batch (CPU; x3 for batch <= 4)")
     p.add_argument("--no-breakdown", action="store_true")
     args = p.parse_args(argv)
     device = default_device()
