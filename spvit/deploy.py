@@ -68,8 +68,7 @@ class _OpChoice:
     kernels_when_tracing = True
 
     def op(self, name: str, device: torch.device):
-        # The dispatcher's resolve(), not ``spvit_kernels.<op>``: importing the submodule spvit_kernels.deploy_conv
-        # (or .shift_sum) rebinds that package attribute to the module, shadowing the dispatching function.
+        # the dispatcher's choice (what ``spvit_kernels.<op>`` calls), resolved here so that it can be overridden
         fn = resolve(name, device)
         if _tracing():
             if not self.kernels_when_tracing:
