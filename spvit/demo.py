@@ -1,6 +1,6 @@
 """``spvit demo``: the whole method on a laptop in minutes, offline, on the embedded UCI digits set.
 
-1. train a small ViT teacher (timm ``VisionTransformer``, 16x16 upsampled digits, patch 2, 8x8 grid + class token);
+1. train a small ViT teacher (timm ``VisionTransformer``, 16x16 upsampled digits, patch 4: 4x4 grid + class token);
 2. SPViT search under a FLOPs target (a fraction of the teacher's GFLOPs), architecture read out every epoch;
 3. fine-tune the pruned model (searched weights carried over) with hard distillation from the teacher;
 4. print and save the comparison (``summary.json``, plots, every sub-run's configs, metrics and checkpoints).
@@ -26,19 +26,20 @@ DEFAULTS: Dict = {
     "seed": 0,
     "threads": None,
     "progress": True,
-    "model_kwargs": {"img_size": 16, "patch_size": 2, "in_chans": 1, "embed_dim": 64, "depth": 6, "num_heads": 4,
+    "model_kwargs": {"img_size": 16, "patch_size": 4, "in_chans": 1, "embed_dim": 64, "depth": 6, "num_heads": 4,
                      "mlp_ratio": 4.0},
-    "batch_size": 64,
+    "batch_size": 32,
+    "digits_shift": 1,
     "teacher_epochs": 30,
-    "teacher_lr": 1e-3,
-    "search_epochs": 8,
-    "search_lr": 2e-4,
-    "arc_lr": 5e-2,
+    "teacher_lr": 2e-3,
+    "search_epochs": 10,
+    "search_lr": 5e-4,
+    "arc_lr": 2e-2,
     "target_fraction": 0.6,
     # lambda of the FLOPs loss relative to the model size: lambda = lambda_rel / dense_gflops^2, so the loss is
     # lambda_rel * (T/F_dense - F/F_dense)^2 (DeiT-S's lambda 3 at 4.59 G is lambda_rel ~ 63)
     "lambda_rel": 60.0,
-    "finetune_epochs": 12,
+    "finetune_epochs": 15,
     "finetune_lr": 5e-4,
     "distillation": "hard",
     "train_limit": None,  # quick runs / tests only
@@ -56,12 +57,12 @@ def _register() -> None:
 
     @register_model
     def spvit_demo_vit(pretrained: bool = False, **kwargs) -> VisionTransformer:
-        """Small ViT for the 8x8 digits demo: 16x16 one-channel input, patch 2, dim 64, depth 6, 4 heads."""
+        """Small ViT for the 8x8 digits demo: 16x16 one-channel input, patch 4, dim 64, depth 6, 4 heads."""
         if pretrained:
             raise ValueError("spvit_demo_vit has no pretrained weights")
         for k in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
             kwargs.pop(k, None)
-        args = dict(img_size=16, patch_size=2, in_chans=1, num_classes=10, embed_dim=64, depth=6, num_heads=4,
+        args = dict(img_size=16, patch_size=4, in_chans=1, num_classes=10, embed_dim=64, depth=6, num_heads=4,
                     mlp_ratio=4.0, class_token=True, global_pool="token")
         args.update(kwargs)
         model = VisionTransformer(**args)
@@ -79,7 +80,7 @@ def _stage_cfg(base: Dict, stage_defaults: Dict, **over) -> Dict:
                 "progress": base["progress"], "overwrite": True, "resume": False, "num_workers": 0, "pin_mem": False,
                 "amp": "auto", "scale_lr": False, "mixup": 0.0, "cutmix": 0.0, "smoothing": 0.1,
                 "repeated_aug": False, "drop_path": 0.0, "warmup_epochs": 0, "weight_decay": 0.05,
-                "digits_size": base["model_kwargs"]["img_size"], "digits_augment": True, "tensorboard": True,
+                "digits_size": base["model_kwargs"]["img_size"], "digits_augment": True, "digits_shift": base["digits_shift"], "tensorboard": True,
                 "train_limit": base.get("train_limit")})
     cfg.update(over)
     return cfg

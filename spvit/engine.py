@@ -183,9 +183,7 @@ def load_weights(path: str) -> Dict[str, torch.Tensor]:
         raise RunError(f"weights file not found: {path}")
     obj = torch.load(path, map_location="cpu", weights_only=False)
     if isinstance(obj, dict):
-        for k in ("model_ema", "model", "state_dict"):
-            if k == "model_ema":
-                continue
+        for k in ("model", "state_dict"):
             if k in obj and isinstance(obj[k], dict):
                 return obj[k]
         return obj

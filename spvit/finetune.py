@@ -35,11 +35,25 @@ DEFAULTS: Dict = {
 }
 
 
-def load_arch(path: Optional[str]):
+def load_arch(path: Optional[str], model_name: Optional[str] = None, num_classes: Optional[int] = None):
+    """An :class:`Architecture` from an ``arch.json``, or from an original SPViT checkpoint (``.pth``: a search
+    checkpoint's gates or a fine-tuned model's layers, via :func:`spvit.load_official`; needs ``model_name``)."""
     from .arch import Architecture
 
     if not path:
         raise E.RunError("--arch is required (the arch.json written by `spvit search`)")
+    if path.endswith((".pth", ".pt", ".bin")):
+        import spvit
+
+        if not os.path.isfile(path):
+            raise E.RunError(f"architecture file not found: {path}")
+        if not model_name:
+            raise E.RunError("--arch with an original SPViT checkpoint needs --model (e.g. deit_small_patch16_224)")
+        try:
+            m = spvit.load_official(path, model_name, **({"num_classes": num_classes} if num_classes else {}))
+        except ValueError as exc:
+            raise E.RunError(str(exc)) from exc
+        return m.architecture() if callable(m.architecture) else m.architecture
     try:
         return Architecture.load(path)
     except (FileNotFoundError, ValueError) as exc:
@@ -81,7 +95,8 @@ def build_teacher(cfg: Dict, dist: E.DistInfo) -> nn.Module:
 
 def run(cfg: Dict, source: Optional[nn.Module] = None, teacher: Optional[nn.Module] = None) -> Dict:
     """Run (or resume) a fine-tune. ``source`` / ``teacher``: already built modules (the demo passes its own)."""
-    arch = load_arch(cfg["arch"]) if not hasattr(cfg["arch"], "blocks") else cfg["arch"]
+    arch = cfg["arch"] if hasattr(cfg["arch"], "blocks") else load_arch(cfg["arch"], cfg.get("model"),
+                                                                           cfg.get("num_classes"))
     if cfg.get("model") is None:
         cfg["model"] = arch.model_name
     dist, _, _, train_loader, sampler, val_loader, mixup = setup(cfg)
@@ -129,6 +144,7 @@ def run(cfg: Dict, source: Optional[nn.Module] = None, teacher: Optional[nn.Modu
                 train_sampler=sampler, val_loader=val_loader, dist=dist, out=cfg["out"], mixup=mixup, dtype=dtype,
                 scaler=scaler, clip_grad=cfg["clip_grad"], ema=ema, resume=cfg["resume"],
                 stop_after_epoch=cfg["stop_after_epoch"], after_epoch=lambda e, m: {"gflops": gf},
+                postfix=lambda: {"GFLOPs": f"{gf:.4g}"},
                 best_meta=meta, show=cfg["progress"], desc="finetune")
     return {"model": model, "gflops": gf, "val_acc1": res["last"].get("val_acc1"), "best_acc1": res["best_acc1"],
             "stopped": res["stopped"], "out": cfg["out"], "dist": dist}

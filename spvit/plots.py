@@ -35,7 +35,8 @@ def plot_demo(out: str, summary: Dict) -> str:
     a1.set_xlabel("block")
     a1.set_ylabel("FFN hidden units kept")
     a1.set_title("Searched architecture")
-    a1.legend(fontsize=8, loc="lower left")
+    a1.set_ylim(0, 1.3 * max(b["ffn_total"] for b in blocks))
+    a1.legend(fontsize=8, loc="upper center", ncol=3)
 
     rows = _read_csv(os.path.join(out, "search", "metrics.csv"))
     if rows:

@@ -71,6 +71,7 @@ COMMON_DEFAULTS: Dict = {
     "repeated_aug": True,
     "digits_size": 16,
     "digits_augment": True,
+    "digits_shift": 2,  # random shift (pixels of the upsampled image) of the digits training images
     "train_limit": None,  # use only the first N training / validation images (quick runs, tests)
     "val_limit": None,
 }
@@ -102,6 +103,7 @@ def setup(cfg: Dict, need_train: bool = True):
     train_set, val_set = build_datasets(cfg["data"], dcfg, demo_size=cfg.get("digits_size", 16), need_train=need_train)
     if cfg["data"] == "digits" and train_set is not None:
         train_set.augment = bool(cfg.get("digits_augment", True))
+        train_set.max_shift = int(cfg.get("digits_shift", 2))
     if cfg.get("num_classes") is None:
         cfg["num_classes"] = val_set.num_classes
     if cfg.get("train_limit") and train_set is not None:
