@@ -80,7 +80,8 @@ def _stage_cfg(base: Dict, stage_defaults: Dict, **over) -> Dict:
                 "progress": base["progress"], "overwrite": True, "resume": False, "num_workers": 0, "pin_mem": False,
                 "amp": "auto", "scale_lr": False, "mixup": 0.0, "cutmix": 0.0, "smoothing": 0.1,
                 "repeated_aug": False, "drop_path": 0.0, "warmup_epochs": 0, "weight_decay": 0.05,
-                "digits_size": base["model_kwargs"]["img_size"], "digits_augment": True, "digits_shift": base["digits_shift"], "tensorboard": True,
+                "digits_size": base["model_kwargs"]["img_size"], "digits_augment": True,
+                "digits_shift": base["digits_shift"], "tensorboard": True,
                 "train_limit": base.get("train_limit")})
     cfg.update(over)
     return cfg

@@ -161,7 +161,8 @@ def save_config(cfg: Dict, out: str, name: str = "config.yaml") -> str:
 
 
 def atomic_save(obj, path: str) -> None:
-    """torch.save to ``path.tmp``, fsync, then rename over ``path``: the previous file stays until the new one is whole."""
+    """torch.save to ``path.tmp``, fsync, then rename over ``path``: the previous file stays until the new one is
+    complete."""
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
         torch.save(obj, f)
@@ -224,7 +225,8 @@ def cosine_lr(t: int, base: float, floor: float, t_initial: int, warmup_t: int =
     return floor + 0.5 * (base - floor) * (1 + math.cos(math.pi * t / t_initial))
 
 
-def epoch_lr(epoch: int, base: float, floor: float, t_initial: int, warmup_t: int = 0, warmup_lr: float = 1e-6) -> float:
+def epoch_lr(epoch: int, base: float, floor: float, t_initial: int, warmup_t: int = 0,
+             warmup_lr: float = 1e-6) -> float:
     """The lr epoch ``epoch`` runs at in DeiT's loop: the scheduler is stepped with the finished epoch index, so epoch
     e uses the schedule value at max(e - 1, 0) (spec §4.4)."""
     t = max(epoch - 1, 0)

@@ -1,4 +1,5 @@
-"""Search and fine-tune loops on a tiny ViT over the embedded digits: outputs, optimiser split, FLOPs loss, distillation."""
+"""Search and fine-tune loops on a tiny ViT over the embedded digits: outputs, optimiser split, FLOPs loss,
+distillation."""
 import csv
 import json
 import os
