@@ -11,15 +11,10 @@ from .models.official import load_official
 
 __version__ = "0.1.0"
 
-try:  # the deploy API (fused inference kernels)
-    from .deploy import DeployedModel, deploy, load_deployed  # noqa: F401
-    __all_deploy = ["DeployedModel", "deploy", "load_deployed"]
-except ImportError as _exc:  # pragma: no cover - only while the module is absent
-    if "spvit.deploy" not in str(_exc) and "deploy" not in str(_exc):
-        raise
-    __all_deploy = []
+from .deploy import DeployedModel, deploy, load_deployed
 
 __all__ = ["Architecture", "BlockArch", "ModelSignature", "count_params", "gflops", "PrunedModel", "Supernet",
-           "UnsupportedModelError", "prune", "supernet", "load_official", "__version__"] + __all_deploy
+           "UnsupportedModelError", "prune", "supernet", "load_official", "DeployedModel", "deploy",
+           "load_deployed", "__version__"]
 
 

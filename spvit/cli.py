@@ -127,7 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=S)
 
     p = sub.add_parser("deploy", help="export the fine-tuned model for inference")
-    p.add_argument("--checkpoint", required=True, help="best.pth of a fine-tune run")
+    p.add_argument("--checkpoint", required=True,
+                   help="best.pth of a fine-tune run, or an original SPViT fine-tune checkpoint (with --model)")
+    p.add_argument("--model", default=None, help="timm model an original SPViT checkpoint was trained from")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-export", dest="export", action="store_false", help="skip torch.export")
@@ -269,41 +272,29 @@ def cmd_eval(args) -> int:
 def cmd_deploy(args) -> int:
     import torch
 
+    from . import demo  # noqa: F401  (registers the demo model with timm)
     from . import engine as E
+    from .deploy import deploy_checkpoint
 
-    model, ck = load_finetuned(args.checkpoint)
     if os.path.isdir(args.out) and any(os.scandir(args.out)) and not args.overwrite:
         raise E.RunError(f"{args.out} exists and is not empty; pass --overwrite")
     os.makedirs(args.out, exist_ok=True)
-    try:
-        import spvit.deploy as D  # the fused-kernel deploy path, when present
-    except ImportError:
-        D = None
-    sig = model.architecture.signature
-    example = torch.randn(1, sig.in_chans, *sig.img_size)
-    if D is not None and hasattr(D, "deploy"):
-        deployed = D.deploy(model)
-        if hasattr(D, "save_deployed"):
-            D.save_deployed(deployed, os.path.join(args.out, "deployed.pth"))
-        else:
-            torch.save(deployed, os.path.join(args.out, "deployed.pth"))
-        with torch.no_grad():
-            diff = (deployed(example) - model(example)).abs().max().item()
-        print(f"deployed with spvit.deploy (BN folded, FFNs compacted, fused kernels); max |diff| vs pruned {diff:.2e}")
-        model_to_export = deployed
-    else:
-        print("note: fused inference kernels are not available in this build; exporting the eager pruned model")
-        torch.save(model, os.path.join(args.out, "pruned_model.pth"))
-        model_to_export = model
-    E.write_json(ck["arch"], os.path.join(args.out, "arch.json"))
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    path = os.path.join(args.out, "deployed.pth")
+    deployed = deploy_checkpoint(args.checkpoint, out=path, model=args.model, dtype=dtype)
+    E.write_json(deployed.architecture.to_dict(), os.path.join(args.out, "arch.json"))
+    print(f"deployed (BN folded, FFNs compacted, fused kernels): {path}  "
+          f"[{' '.join(deployed.architecture.attn_choices)}]  load with spvit.load_deployed()")
     if args.export:
+        sig = deployed.architecture.signature
+        example = torch.randn(1, sig.in_chans, *sig.img_size, dtype=dtype)
         try:
-            ep = torch.export.export(model_to_export.eval(), (example,))
+            ep = torch.export.export(deployed, (example,))
             torch.export.save(ep, os.path.join(args.out, "model.pt2"))
             print(f"torch.export program: {os.path.join(args.out, 'model.pt2')}")
-        except Exception as exc:  # export of custom kernels may not be supported everywhere
+        except Exception as exc:  # report, keep the saved model
             print(f"note: torch.export failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-                  f"the saved module still loads with torch.load")
+                  f"{path} still loads with spvit.load_deployed")
     print(f"deployed model in {args.out}")
     return 0
 
@@ -357,7 +348,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (DataError, E.RunError, ConfigError, UnsupportedModelError) as exc:
+    except (DataError, E.RunError, ConfigError, UnsupportedModelError, ValueError, FileNotFoundError) as exc:
+        if os.environ.get("SPVIT_DEBUG") == "1":
+            raise
         print(f"spvit: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
