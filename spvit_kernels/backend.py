@@ -33,6 +33,9 @@ _PROVIDERS: Dict[str, Dict[str, str]] = {
     "deploy_conv": {"triton": "spvit_kernels.deploy_conv:deploy_conv", "ext": "spvit_kernels.shift_sum:deploy_conv_ext"},
 }
 
+# ops whose extension provider is built on another registered extension op
+_EXT_OP = {"deploy_conv": "shift_sum"}
+
 _local = threading.local()
 _cache: Dict[str, Optional[Callable]] = {}
 
@@ -94,7 +97,7 @@ def available(op: str, backend: str) -> bool:
         return False
     if backend == "ext":
         from . import _ext
-        if not _ext.has_op(op):
+        if not _ext.has_op(_EXT_OP.get(op, op)):
             return False
     return _load(spec) is not None
 
