@@ -48,16 +48,14 @@ from bench.common import bench_fn, default_device, env_info, markdown_table, pea
 PROVIDERS = ("ours", "ours_compiled", "pruned", "pruned_compiled", "dense", "dense_compiled")
 CPU_PROVIDERS = ("ours", "ours_compiled", "pruned", "pruned_compiled", "dense", "dense_compiled")
 
-# spec §8.3: (timm model, MSA choices, kept FFN units per block)
+# spec §8.3: (timm model, MSA choices, kept FFN units per block), from the package's table of published archs
+from spvit.models.registry import SHIPPED  # noqa: E402
+
 ARCHS: Dict[str, tuple] = OrderedDict([
-    ("spvit_deit_ti", ("deit_tiny_patch16_224", ["1x1"] * 2 + ["msa"] * 10,
-                       [744, 758, 764, 767, 766, 764, 756, 659, 633, 473, 179, 145])),
-    ("spvit_deit_s", ("deit_small_patch16_224", ["1x1"] + ["msa"] * 11,
-                      [1304, 1399, 1344, 1214, 1251, 1183, 1140, 925, 742, 391, 104, 103])),
-    ("spvit_deit_b_l008_t60", ("deit_base_patch16_224", ["1x1"] * 3 + ["3x3"] * 2 + ["msa"] * 7,
-                               [1118, 489, 1050, 1345, 1336, 1326, 1431, 1564, 1606, 1702, 1290, 190])),
-    ("spvit_deit_b_l006_t100", ("deit_base_patch16_224", ["1x1"] * 3 + ["3x3"] + ["msa"] * 8,
-                                [1253, 610, 1343, 1912, 2354, 2306, 2483, 2753, 2869, 2860, 2443, 934])),
+    ("spvit_deit_ti", SHIPPED["spvit_deit_tiny_patch16_224"]),
+    ("spvit_deit_s", SHIPPED["spvit_deit_small_patch16_224"]),
+    ("spvit_deit_b_l008_t60", SHIPPED["spvit_deit_base_patch16_224"]),
+    ("spvit_deit_b_l006_t100", SHIPPED["spvit_deit_base_l006_t100_patch16_224"]),
     ("demo_like", ("demo", ["1x1", "3x3", "msa", "skip", "1x1", "msa"], [201, 150, 177, 96, 61, 0])),
 ])
 DEMO_KWARGS = dict(img_size=16, patch_size=2, in_chans=1, num_classes=10, embed_dim=64, depth=6, num_heads=4,
