@@ -52,7 +52,8 @@ import triton.language as tl
 from .reference import CENTER_TAP, BNState
 
 _LIB = "spvit"
-_TILE_ELEMS = 8192  # elements of a (BLOCK_P, BLOCK_H, BLOCK_D) register tile
+_TILE_ELEMS = 4096  # elements of a (BLOCK_P, BLOCK_H, BLOCK_D) register tile; 8192 spilled up to 2.3 KB/thread
+# in the 3x3 path at sm_90 (ptxas, bench/results/triton_compile_*): 4096 leaves 10 of 127 configs spilling <= 0.5 KB
 _ROW_ELEMS = 4096  # elements of a (BLOCK_P, BLOCK_D) tile in the elementwise kernels
 
 
