@@ -396,6 +396,14 @@ def _backward(ctx, dy, _dz):
 _masked_ffn_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _autocast_inputs(x, w1, b1, w2, b2):
+    """Under autocast, cast the FFN's inputs to the autocast dtype, as ``F.linear`` would."""
+    if not torch.is_autocast_enabled(x.device.type):
+        return x, w1, b1, w2, b2
+    dt = torch.get_autocast_dtype(x.device.type)
+    return tuple(t.to(dt) if t is not None else None for t in (x, w1, b1, w2, b2))
+
+
 def _check_ffn_inputs(op: str, x, w1, b1, w2, b2, approximate: str) -> None:
     """Clear errors for what the kernels do not accept (shared with :mod:`spvit_kernels.pruned_ffn`)."""
     if approximate not in _APPROX_TO_ACT:
@@ -436,11 +444,7 @@ def masked_ffn_with_fc2(
     mask: torch.Tensor, approximate: str = "none", fc2: str = DEFAULT_FC2,
 ) -> torch.Tensor:
     """:func:`masked_ffn` with the GEMM that runs fc2 chosen: 'cublas' (``torch.addmm``) or 'triton'."""
-    if torch.is_autocast_enabled(x.device.type):
-        dt = torch.get_autocast_dtype(x.device.type)
-        x, w1, w2 = x.to(dt), w1.to(dt), w2.to(dt)
-        b1 = b1.to(dt) if b1 is not None else None
-        b2 = b2.to(dt) if b2 is not None else None
+    x, w1, b1, w2, b2 = _autocast_inputs(x, w1, b1, w2, b2)
     _check_ffn_inputs("masked_ffn", x, w1, b1, w2, b2, approximate)
     if tuple(mask.shape) != (w1.shape[0],) or mask.device != x.device:
         raise ValueError(f"masked_ffn: mask must be ({w1.shape[0]},) on {x.device}, got {tuple(mask.shape)} "

@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 
 from . import reference
-from .masked_ffn import _ACT_NONE, _APPROX_TO_ACT, _check_ffn_inputs, library_op, linear_act
+from .masked_ffn import _ACT_NONE, _APPROX_TO_ACT, _autocast_inputs, _check_ffn_inputs, library_op, linear_act
 
 DEFAULT_FC2 = "triton"
 _HIDDEN_ROW_ALIGN = 64
@@ -85,11 +85,7 @@ def pruned_ffn_with_fc2(
     approximate: str = "none", fc2: str = DEFAULT_FC2,
 ) -> torch.Tensor:
     """:func:`pruned_ffn` with the GEMM that runs fc2 chosen: 'triton' or 'cublas' (``torch.addmm``)."""
-    if torch.is_autocast_enabled(x.device.type):
-        dt = torch.get_autocast_dtype(x.device.type)
-        x, w1, w2 = x.to(dt), w1.to(dt), w2.to(dt)
-        b1 = b1.to(dt) if b1 is not None else None
-        b2 = b2.to(dt) if b2 is not None else None
+    x, w1, b1, w2, b2 = _autocast_inputs(x, w1, b1, w2, b2)
     _check_ffn_inputs("pruned_ffn", x, w1, b1, w2, b2, approximate)
     if fc2 not in ("cublas", "triton"):
         raise ValueError(f"fc2 must be 'cublas' or 'triton', got {fc2!r}")
