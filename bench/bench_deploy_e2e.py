@@ -199,7 +199,7 @@ def run(arch_names: List[str], batches: List[int], device: torch.device, dtype: 
         dense, pruned, deployed = build_models(name, device, dtype)
         models = {"dense": dense, "pruned": pruned, "deployed": deployed}
         gf_model, gf_dense = spvit.gflops(pruned), spvit.gflops(dense)
-        backends = ",".join(f"{op}={backend_of(op, device)}" for op in ("deploy_conv", "ffn"))
+        backends = ",".join(f"{op}={backend_of(op, device)}" for op in ("deploy_conv", "pruned_ffn"))
         sig = deployed.signature
         print(f"[{name}] built in {time.perf_counter() - t0:.1f}s: {gf_model:.3f} vs dense {gf_dense:.3f} GFLOPs; "
               f"ops {backends}", flush=True)

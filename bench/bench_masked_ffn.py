@@ -3,8 +3,8 @@
 Providers (one ``setup_<provider>`` each):
   ours              Triton fc1+bias+GELU+mask kernel, cuBLAS fc2; fused backward kernel (gate + bias grads)
   ours_fc2_triton   the same with fc2 on the Triton GEMM kernel too (to settle the fc2 choice)
-  eager             reference.gated_ffn in eager PyTorch
-  compiled          torch.compile(reference.gated_ffn) (inductor on CUDA, aot_eager on CPU)
+  eager             reference.masked_ffn in eager PyTorch
+  compiled          torch.compile(reference.masked_ffn) (inductor on CUDA, aot_eager on CPU)
 Modes: forward, backward (autograd.grad of a retained graph), full (forward + backward).
 
 Shapes: DeiT-S (C 384, F 1536) and DeiT-B (C 768, F 3072), N = 197, B = 128/256, half the units masked, bf16 on
@@ -49,12 +49,12 @@ def setup_ours_fc2_triton(device):
 
 
 def setup_eager(device):
-    return reference.gated_ffn
+    return reference.masked_ffn
 
 
 def setup_compiled(device):
     backend = "inductor" if device.type == "cuda" else "aot_eager"
-    return torch.compile(reference.gated_ffn, backend=backend)
+    return torch.compile(reference.masked_ffn, backend=backend)
 
 
 def make_inputs(b, n, c, f, dtype, device):
@@ -96,7 +96,7 @@ def run(configs, device, dtype, providers, modes):
     for name, b, n, c, f in configs:
         inputs = make_inputs(b, n, c, f, dtype, device)
         with torch.no_grad():
-            y_ref = reference.gated_ffn(*inputs)
+            y_ref = reference.masked_ffn(*inputs)
         for prov in providers:
             if prov.startswith("ours") and not triton_usable(device):
                 print(f"[skip] {prov}: Triton needs a CUDA device or TRITON_INTERPRET=1 on CPU")

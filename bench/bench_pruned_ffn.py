@@ -3,8 +3,8 @@
 Providers (one ``setup_<provider>`` each):
   ours              Triton fc1+bias+GELU kernel and Triton fc2+bias kernel (the default)
   ours_fc2_cublas   Triton fc1 kernel, cuBLAS fc2 (to settle the fc2 choice)
-  eager             reference.ffn in eager PyTorch
-  compiled          torch.compile(reference.ffn) (inductor on CUDA, aot_eager on CPU)
+  eager             reference.pruned_ffn in eager PyTorch
+  compiled          torch.compile(reference.pruned_ffn) (inductor on CUDA, aot_eager on CPU)
 Mode: forward (under torch.inference_mode).
 
 Shapes: DeiT-S (C 384) and DeiT-B (C 768) with compacted hidden widths (1118, 489, 2234, and an aligned 1536),
@@ -49,12 +49,12 @@ def setup_ours_fc2_cublas(device):
 
 
 def setup_eager(device):
-    return reference.ffn
+    return reference.pruned_ffn
 
 
 def setup_compiled(device):
     backend = "inductor" if device.type == "cuda" else "aot_eager"
-    return torch.compile(reference.ffn, backend=backend)
+    return torch.compile(reference.pruned_ffn, backend=backend)
 
 
 def make_inputs(b, n, c, f, dtype, device):
@@ -84,7 +84,7 @@ def run(configs, device, dtype, providers, modes):
     for name, b, n, c, f in configs:
         inputs = make_inputs(b, n, c, f, dtype, device)
         with torch.inference_mode():
-            y_ref = reference.ffn(*inputs)
+            y_ref = reference.pruned_ffn(*inputs)
         for prov in providers:
             if prov.startswith("ours") and not triton_usable(device):
                 print(f"[skip] {prov}: Triton needs a CUDA device or TRITON_INTERPRET=1 on CPU")

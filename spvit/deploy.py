@@ -168,7 +168,7 @@ class CompactFFN(nn.Module):
         self._ops = ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._ops.op("ffn", x.device)(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
+        return self._ops.op("pruned_ffn", x.device)(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
                                    self.approximate)
 
 

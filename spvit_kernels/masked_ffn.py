@@ -426,7 +426,7 @@ def masked_ffn(
     x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor, b2: Optional[torch.Tensor],
     mask: torch.Tensor, approximate: str = "none",
 ) -> torch.Tensor:
-    """Search-mode FFN with gated hidden units; same signature and semantics as :func:`reference.gated_ffn`.
+    """Search-mode FFN with gated hidden units; same signature and semantics as :func:`reference.masked_ffn`.
 
     Args:
         x: (..., C) tokens, e.g. (B, N, C); w1: (F, C); b1: (F,) | None; w2: (C, F); b2: (C,) | None;

@@ -67,7 +67,7 @@ def pruned_ffn(
     x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor, b2: Optional[torch.Tensor],
     approximate: str = "none",
 ) -> torch.Tensor:
-    """Compact (pruned) FFN; same signature and semantics as :func:`reference.ffn`.
+    """Compact (pruned) FFN; same signature and semantics as :func:`reference.pruned_ffn`.
 
     Args:
         x: (..., C) tokens, e.g. (B, N, C); w1: (F, C) at the pruned width F (F = 0 allowed); b1: (F,) | None;
@@ -90,7 +90,7 @@ def pruned_ffn_with_fc2(
     if fc2 not in ("cublas", "triton"):
         raise ValueError(f"fc2 must be 'cublas' or 'triton', got {fc2!r}")
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w1, b1, w2, b2)):
-        return reference.ffn(x, w1, b1, w2, b2, approximate=approximate)
+        return reference.pruned_ffn(x, w1, b1, w2, b2, approximate=approximate)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     b1 = b1.contiguous() if b1 is not None else None

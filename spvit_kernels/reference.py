@@ -260,7 +260,7 @@ def gated_attn_conv(
     return out
 
 
-def gated_ffn(
+def masked_ffn(
     x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor, b2: Optional[torch.Tensor],
     mask: torch.Tensor, approximate: str = "none",
 ) -> torch.Tensor:
@@ -277,7 +277,7 @@ def gated_ffn(
     return F.linear(hdn, w2, b2)
 
 
-def ffn(
+def pruned_ffn(
     x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor, b2: Optional[torch.Tensor],
     approximate: str = "none",
 ) -> torch.Tensor:
@@ -343,6 +343,6 @@ def taps_to_conv_weight(taps: torch.Tensor) -> torch.Tensor:
 
 __all__: Sequence[str] = [
     "TAP_OFFSETS", "CENTER_TAP", "BNState", "head_mix", "tap_columns", "mixed_conv_params", "mix_planes",
-    "shift_sum", "conv_attention", "msa", "detach_rule", "gate_coefficients", "gated_attn_conv", "gated_ffn",
-    "ffn", "fold_bn", "deploy_conv", "conv_weight_to_taps", "taps_to_conv_weight",
+    "shift_sum", "conv_attention", "msa", "detach_rule", "gate_coefficients", "gated_attn_conv", "masked_ffn",
+    "pruned_ffn", "fold_bn", "deploy_conv", "conv_weight_to_taps", "taps_to_conv_weight",
 ]

@@ -248,7 +248,7 @@ def test_dispatch_triton_backend(device):
     kw = dict(grid=grid, prefix=prefix, h=h, training=True)
     with spvit_kernels.use_backend("triton"):
         assert backend_of("gated_attn_conv", device) == "triton"
-        res = _run(spvit_kernels.gated_attn_conv, t, bns, dtype, GATES["3x3"], **kw)
+        res = _run(spvit_kernels.ops.gated_attn_conv, t, bns, dtype, GATES["3x3"], **kw)
     ref = _run(reference.gated_attn_conv, t, bns, dtype, GATES["3x3"], **kw)
     _compare(res, ref, *TOL[torch.float32])
 

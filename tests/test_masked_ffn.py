@@ -1,4 +1,4 @@
-"""Search-mode masked FFN (spvit_kernels.masked_ffn) against the eager reference ``reference.gated_ffn``.
+"""Search-mode masked FFN (spvit_kernels.masked_ffn) against the eager reference ``reference.masked_ffn``.
 
 On CPU the Triton kernels run under the interpreter (tests/conftest.py), so shapes stay small; they still cover
 several token tiles, hidden-unit tiles and K steps with ragged tails (token counts 197/65/50, widths 37/100).
@@ -63,7 +63,7 @@ def check(inputs, approximate="none", fc2=None):
     fn = masked_ffn if fc2 is None else functools.partial(masked_ffn_with_fc2, fc2=fc2)
     ours = run(fn, inputs, dy, approximate)
     if dtype == torch.float32:
-        ref = run(reference.gated_ffn, cast(inputs, dtype), dy, approximate)
+        ref = run(reference.masked_ffn, cast(inputs, dtype), dy, approximate)
         for name, a, r in zip(NAMES, ours, ref):
             if r is None:
                 assert a is None, name
@@ -71,8 +71,8 @@ def check(inputs, approximate="none", fc2=None):
             assert a.dtype == r.dtype and a.shape == r.shape, name
             torch.testing.assert_close(a, r, atol=FP32_TOL[0], rtol=FP32_TOL[1], msg=lambda m: f"{name}: {m}")
         return ours
-    ref64 = run(reference.gated_ffn, cast(inputs, torch.float64), dy.double(), approximate)
-    eager = run(reference.gated_ffn, cast(inputs, dtype), dy, approximate)
+    ref64 = run(reference.masked_ffn, cast(inputs, torch.float64), dy.double(), approximate)
+    eager = run(reference.masked_ffn, cast(inputs, dtype), dy, approximate)
     for name, a, e, r in zip(NAMES, ours, eager, ref64):
         if r is None:
             assert a is None, name
@@ -86,7 +86,7 @@ def check(inputs, approximate="none", fc2=None):
 
 
 def test_signature_matches_reference():
-    ours, ref = inspect.signature(masked_ffn), inspect.signature(reference.gated_ffn)
+    ours, ref = inspect.signature(masked_ffn), inspect.signature(reference.masked_ffn)
     assert [(p.name, p.kind, p.default) for p in ours.parameters.values()] == \
         [(p.name, p.kind, p.default) for p in ref.parameters.values()]
 
@@ -141,11 +141,11 @@ def test_without_autograd(ctx, device):
     with getattr(torch, ctx)():
         y = masked_ffn(*inputs)
     assert not y.requires_grad
-    torch.testing.assert_close(y, reference.gated_ffn(*inputs), atol=FP32_TOL[0], rtol=FP32_TOL[1])
+    torch.testing.assert_close(y, reference.masked_ffn(*inputs), atol=FP32_TOL[0], rtol=FP32_TOL[1])
 
 
 def test_straight_through_mask_through_dispatcher(device):
-    """spvit_kernels.gated_ffn with the triton backend; the gate gradient reaches the thresholds (STE, §2.3)."""
+    """spvit_kernels.ops.masked_ffn with the triton backend; the gate gradient reaches the thresholds (STE, §2.3)."""
     x, w1, b1, w2, b2, _ = make_inputs((2, 65, 48, 37), torch.float32, device)
     theta = torch.randn(37, device=device, requires_grad=True)
     dy = torch.randn_like(x)
@@ -158,9 +158,9 @@ def test_straight_through_mask_through_dispatcher(device):
         return [y] + list(torch.autograd.grad(y, [x, w1, b1, w2, b2, theta], dy))
 
     with spvit_kernels.use_backend("triton"):
-        assert spvit_kernels.backend_of("gated_ffn", x.device) == "triton"
-        ours = loss_grads(spvit_kernels.gated_ffn)
-    ref = loss_grads(reference.gated_ffn)
+        assert spvit_kernels.backend_of("masked_ffn", x.device) == "triton"
+        ours = loss_grads(spvit_kernels.ops.masked_ffn)
+    ref = loss_grads(reference.masked_ffn)
     for name, a, r in zip(NAMES[:-1] + ("dtheta",), ours, ref):
         torch.testing.assert_close(a, r, atol=FP32_TOL[0], rtol=FP32_TOL[1], msg=lambda m: f"{name}: {m}")
 
@@ -169,9 +169,9 @@ def test_autocast(device):
     inputs = make_inputs((2, 50, 48, 37), torch.float32, device)
     with torch.autocast(device.type, dtype=torch.bfloat16):
         y = masked_ffn(*inputs)
-        y_ref = reference.gated_ffn(*inputs)
+        y_ref = reference.masked_ffn(*inputs)
     assert y.dtype == y_ref.dtype == torch.bfloat16
-    ref64 = reference.gated_ffn(*cast(inputs, torch.float64))
+    ref64 = reference.masked_ffn(*cast(inputs, torch.float64))
     err, err_eager = (y.double() - ref64).abs().max(), (y_ref.double() - ref64).abs().max()
     assert err <= RATIO * err_eager + FLOOR * ref64.abs().max()
     g = torch.autograd.grad(y.float().sum(), inputs[0])[0]
@@ -184,7 +184,7 @@ def test_compile(device):
     dy = torch.randn_like(inputs[0])
     compiled = torch.compile(masked_ffn, backend="aot_eager", fullgraph=True)
     ours = run(compiled, inputs, dy)
-    ref = run(reference.gated_ffn, cast(inputs, torch.float32), dy)
+    ref = run(reference.masked_ffn, cast(inputs, torch.float32), dy)
     for name, a, r in zip(NAMES, ours, ref):
         torch.testing.assert_close(a, r, atol=FP32_TOL[0], rtol=FP32_TOL[1], msg=lambda m: f"{name}: {m}")
 

@@ -1,4 +1,4 @@
-"""Deploy-mode compact FFN (spvit_kernels.pruned_ffn) against the eager reference ``reference.ffn``.
+"""Deploy-mode compact FFN (spvit_kernels.pruned_ffn) against the eager reference ``reference.pruned_ffn``.
 
 On CPU the Triton kernels run under the interpreter (tests/conftest.py), so shapes stay small; pruned widths are
 deliberately awkward (1, 37, 100: not multiples of 16) and token counts are 197/65/50.
@@ -40,8 +40,8 @@ def check(inputs, approximate="none", fc2=None):
             y = pruned_ffn(*inputs, approximate=approximate)
         else:
             y = pruned_ffn_with_fc2(*inputs, approximate=approximate, fc2=fc2)
-        ref = reference.ffn(*inputs, approximate=approximate)
-        ref64 = reference.ffn(*cast(inputs, torch.float64), approximate=approximate)
+        ref = reference.pruned_ffn(*inputs, approximate=approximate)
+        ref64 = reference.pruned_ffn(*cast(inputs, torch.float64), approximate=approximate)
     assert y.dtype == dtype and y.shape == ref.shape
     if dtype == torch.float32:
         torch.testing.assert_close(y, ref, atol=FP32_TOL[0], rtol=FP32_TOL[1])
@@ -53,7 +53,7 @@ def check(inputs, approximate="none", fc2=None):
 
 
 def test_signature_matches_reference():
-    ours, ref = inspect.signature(pruned_ffn), inspect.signature(reference.ffn)
+    ours, ref = inspect.signature(pruned_ffn), inspect.signature(reference.pruned_ffn)
     assert [(p.name, p.kind, p.default) for p in ours.parameters.values()] == \
         [(p.name, p.kind, p.default) for p in ref.parameters.values()]
 
@@ -88,12 +88,12 @@ def test_no_grad_uses_kernels(device, monkeypatch):
     """Under no_grad the reference must not run (the kernels do), and no autograd graph is built."""
     inputs = make_inputs((2, 65, 64, 100), torch.float32, device)
     inputs = [t.requires_grad_() for t in inputs]
-    expected = reference.ffn(*inputs).detach()
+    expected = reference.pruned_ffn(*inputs).detach()
 
     def boom(*args, **kwargs):
-        raise AssertionError("reference.ffn called on the inference path")
+        raise AssertionError("reference.pruned_ffn called on the inference path")
 
-    monkeypatch.setattr(reference, "ffn", boom)
+    monkeypatch.setattr(reference, "pruned_ffn", boom)
     with torch.no_grad():
         y = pruned_ffn(*inputs)
     assert not y.requires_grad
@@ -107,7 +107,7 @@ def test_grad_falls_back_to_reference(device):
     dy = torch.randn_like(y)
     grads = torch.autograd.grad(y, inputs, dy)
     ref_inputs = [t.detach().requires_grad_() for t in inputs]
-    y_ref = reference.ffn(*ref_inputs)
+    y_ref = reference.pruned_ffn(*ref_inputs)
     grads_ref = torch.autograd.grad(y_ref, ref_inputs, dy)
     torch.testing.assert_close(y, y_ref)
     for g, r in zip(grads, grads_ref):
@@ -117,9 +117,9 @@ def test_grad_falls_back_to_reference(device):
 def test_dispatcher(device):
     inputs = make_inputs((2, 65, 48, 37), torch.float32, device)
     with spvit_kernels.use_backend("triton"), torch.inference_mode():
-        assert spvit_kernels.backend_of("ffn", inputs[0].device) == "triton"
-        y = spvit_kernels.ffn(*inputs, approximate="tanh")
-    torch.testing.assert_close(y, reference.ffn(*inputs, approximate="tanh"), atol=FP32_TOL[0], rtol=FP32_TOL[1])
+        assert spvit_kernels.backend_of("pruned_ffn", inputs[0].device) == "triton"
+        y = spvit_kernels.ops.pruned_ffn(*inputs, approximate="tanh")
+    torch.testing.assert_close(y, reference.pruned_ffn(*inputs, approximate="tanh"), atol=FP32_TOL[0], rtol=FP32_TOL[1])
 
 
 def test_compile(device):
@@ -127,7 +127,7 @@ def test_compile(device):
     compiled = torch.compile(pruned_ffn, backend="aot_eager", fullgraph=True)
     with torch.no_grad():
         y = compiled(*inputs)
-    torch.testing.assert_close(y, reference.ffn(*inputs), atol=FP32_TOL[0], rtol=FP32_TOL[1])
+    torch.testing.assert_close(y, reference.pruned_ffn(*inputs), atol=FP32_TOL[0], rtol=FP32_TOL[1])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor lowering of the Triton kernels needs a CUDA GPU")

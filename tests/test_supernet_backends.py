@@ -15,7 +15,7 @@ def _step(sn, backend, x, y, seed):
     torch.manual_seed(seed)  # same gate samples for both backends
     with K.use_backend(backend):
         assert K.backend_of("gated_attn_conv", x.device) == backend
-        assert K.backend_of("gated_ffn", x.device) == backend
+        assert K.backend_of("masked_ffn", x.device) == backend
         logits = sn(x)
         loss = torch.nn.functional.cross_entropy(logits, y) + sn.flops_loss(0.8 * sn.dense_gflops(), 2.0)
         loss.backward()

@@ -78,7 +78,7 @@ class SearchAttention(nn.Module):
             raise ValueError("SPViT attention layers do not support attention masks")
         e = self.gates()
         self.last_gates = e.detach()
-        out = K.gated_attn_conv(
+        out = K.ops.gated_attn_conv(
             x, self.qk.weight, self.qk.bias, self.v.weight, self.v.bias, self.proj.weight, self.proj.bias,
             self.head_probs, _bn_state(self.bn_1x1), _bn_state(self.bn_3x3), e,
             num_heads=self.num_heads, alpha=self.alpha, grid=self.grid, training=self.training,
@@ -130,7 +130,7 @@ class GatedMlp(nn.Module):
         if self.training and self.drop > 0:  # dropout sits between mask and fc2: not in the fused op
             h = F.gelu(self.fc1(x), approximate=self.approximate) * m.to(x.dtype)
             return F.dropout(self.fc2(F.dropout(h, self.drop)), self.drop)
-        return K.gated_ffn(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, m, self.approximate)
+        return K.ops.masked_ffn(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, m, self.approximate)
 
     def kept(self) -> torch.Tensor:
         return torch.nonzero(self.ffn_thresholds.detach() > 0).flatten()
