@@ -14,9 +14,8 @@
 
 The ops go through the :mod:`spvit_kernels` dispatcher, so the backend (Triton / extension / eager) is chosen per
 call (``SPVIT_BACKEND``, ``spvit_kernels.use_backend``). Under ``torch.compile`` / ``torch.export`` the same
-dispatcher is used (the choice is made at trace time), except for providers listed in :data:`NOT_TRACEABLE` (raw
-Triton launches that a tracer cannot see through), which trace as the eager reference;
-``DeployedModel.kernels_when_tracing = False`` traces every op as the eager reference.
+dispatcher is used (the choice is made at trace time): every kernel provider is a ``torch.library`` op, so traces see
+the kernels; ``DeployedModel.kernels_when_tracing = False`` traces every op as the eager reference instead.
 
 Files: :meth:`DeployedModel.save` writes a plain dict (format tag, format version, package version, architecture,
 trunk description, state dict) that loads with ``torch.load(weights_only=True)``; :func:`load_deployed` rebuilds
@@ -38,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from spvit_kernels import reference as R
-from spvit_kernels.backend import backend_of, resolve
+from spvit_kernels.backend import resolve
 
 from .arch import Architecture
 from .models.convert import UnsupportedModelError, check_images, gelu_approximate
@@ -56,29 +55,20 @@ def _tracing() -> bool:
     return torch.compiler.is_compiling() or torch.compiler.is_exporting()
 
 
-# (op, backend) whose provider a tracer cannot see through (a raw Triton launch, not a torch.library op): under
-# torch.compile / torch.export these run the eager reference instead. A provider function may also say so itself
-# with an attribute ``spvit_traceable = True / False``, which wins over this table.
-NOT_TRACEABLE = {("deploy_conv", "triton")}
-
-
 class _OpChoice:
-    """Per-model choice of op implementations: the dispatcher, or the eager reference while tracing."""
+    """Per-model choice of op implementations: the dispatcher, or the eager reference while tracing if asked.
+
+    Every kernel provider is a ``torch.library`` op (``spvit::<op>``), so ``torch.compile`` / ``torch.export`` trace
+    the kernels themselves; ``kernels_when_tracing = False`` makes a trace record the eager reference ops instead (e.g.
+    for an exporter that does not know the ``spvit`` ops).
+    """
 
     kernels_when_tracing = True
 
     def op(self, name: str, device: torch.device):
-        # the dispatcher's choice (what ``spvit_kernels.<op>`` calls), resolved here so that it can be overridden
-        fn = resolve(name, device)
-        if _tracing():
-            if not self.kernels_when_tracing:
-                return getattr(R, name)
-            traceable = getattr(fn, "spvit_traceable", None)
-            if traceable is None:
-                traceable = (name, backend_of(name, device)) not in NOT_TRACEABLE
-            if not traceable:
-                return getattr(R, name)
-        return fn
+        if _tracing() and not self.kernels_when_tracing:
+            return getattr(R, name)
+        return resolve(name, device)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

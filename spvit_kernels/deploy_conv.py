@@ -26,25 +26,15 @@ differentiable extension path).
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import torch
-
-from . import reference
-
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """acc + a @ b; UPCAST computes in fp32 (the Triton 3.8 interpreter gets bf16 tl.dot wrong; bf16 products are
-    exact in fp32, so the result is the same as a bf16 tensor-core dot with fp32 accumulation)."""
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+from . import reference
+from ._compat import autocast_cast, define_op, dot_precision, interpret, require_triton_device, tl_dot, upcast_dot
+from ._compat import wrap_triton
 
 
 @triton.jit
@@ -57,6 +47,7 @@ def _deploy_conv_fwd_kernel(
     out_ptr,  # (B, N, C) output; rows of C contiguous (stride_ob, stride_on, 1)
     H, W, C, D, PREFIX,
     stride_xb, stride_xn, stride_ob, stride_on,
+    B_BUCKET,  # next power of two of the batch: only part of the autotune key (a batch-1 choice is not reused at 256)
     T: tl.constexpr, HAS_BOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -91,7 +82,7 @@ def _deploy_conv_fwd_kernel(
                         other=0.0)  # (BLOCK_M, BLOCK_K) neighbour rows
             w = tl.load(wp_ptr + (t * D + offs_d[None, :]) * C + offs_k[:, None], mask=k_ok[:, None] & d_ok[None, :],
                         other=0.0)  # (BLOCK_K, BLOCK_D) = W_t^T chunk
-            acc = _dot(a, w, acc, DOT_PRECISION, UPCAST)
+            acc = tl_dot(a, w, acc, DOT_PRECISION, UPCAST)
 
     # folded bias + ReLU in registers; the activation takes the input dtype like the eager (B, P, d) tensor
     acc += tl.load(bf_ptr + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
@@ -104,7 +95,7 @@ def _deploy_conv_fwd_kernel(
         n_ok = offs_n < C
         wo = tl.load(wo_ptr + offs_n[None, :] * D + offs_d[:, None], mask=d_ok[:, None] & n_ok[None, :],
                      other=0.0)  # (BLOCK_D, BLOCK_N) = W_out^T chunk
-        o = _dot(y, wo, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_PRECISION, UPCAST)
+        o = tl_dot(y, wo, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_PRECISION, UPCAST)
         if HAS_BOUT:
             o += tl.load(bo_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(out_rows + offs_n[None, :], o.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
@@ -123,16 +114,50 @@ def _configs():
     return cfgs
 
 
-# Autotuned on GPUs (key: layer shape); the interpreter (CPU tests) uses the plain kernel with fixed blocks.
-_deploy_conv_fwd_tuned = triton.autotune(configs=_configs(), key=["C", "D", "H", "W", "T"])(_deploy_conv_fwd_kernel)
-
-
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Autotuned on GPUs (key: layer shape and batch bucket); the interpreter (CPU tests) uses the plain kernel with fixed
+# blocks.
+_deploy_conv_fwd_tuned = triton.autotune(configs=_configs(), key=["C", "D", "H", "W", "T", "B_BUCKET"])(
+    _deploy_conv_fwd_kernel)
 
 
 def _needs_autograd(*tensors: Optional[torch.Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _deploy_conv_fwd(x_hat: torch.Tensor, w_planes: torch.Tensor, b_fold: torch.Tensor, w_out: torch.Tensor,
+                     b_out: Optional[torch.Tensor], H: int, W: int, num_prefix_tokens: int) -> torch.Tensor:  # noqa: N803
+    """The op body: x_hat (B, N, C) with unit last stride; weights in x_hat's dtype, contiguous. Returns (B, N, C)."""
+    bsz, n, c = x_hat.shape
+    d = b_fold.shape[0]
+    t = w_planes.shape[0] // d
+    out = torch.empty(bsz, n, c, device=x_hat.device, dtype=x_hat.dtype)
+    if num_prefix_tokens:
+        out[:, :num_prefix_tokens] = x_hat[:, :num_prefix_tokens]
+    p = H * W
+    if out.numel() == 0 or p == 0:
+        return out
+    block_d = max(16, triton.next_power_of_2(d))
+    args = (x_hat, w_planes, b_fold, w_out, b_out if b_out is not None else b_fold, out, H, W, c, d, num_prefix_tokens,
+            x_hat.stride(0), x_hat.stride(1), out.stride(0), out.stride(1), triton.next_power_of_2(bsz))
+    meta = dict(T=t, HAS_BOUT=b_out is not None, DOT_PRECISION=dot_precision(x_hat.dtype), BLOCK_D=block_d,
+                UPCAST=upcast_dot(x_hat.device, x_hat.dtype))
+    if interpret():
+        bm = min(64, max(16, triton.next_power_of_2(p)))
+        bk = min(64, max(16, triton.next_power_of_2(c)))
+        _deploy_conv_fwd_kernel[(triton.cdiv(p, bm), bsz)](*args, **meta, BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bk)
+    else:
+        def launch_grid(m):
+            return (triton.cdiv(p, m["BLOCK_M"]), bsz)
+
+        wrap_triton(_deploy_conv_fwd_tuned)[launch_grid](*args, **meta)
+    return out
+
+
+def _deploy_conv_fake(x_hat, w_planes, b_fold, w_out, b_out, H, W, num_prefix_tokens):  # noqa: N803
+    return torch.empty_like(x_hat, memory_format=torch.contiguous_format)
+
+
+deploy_conv_op = define_op("deploy_conv", _deploy_conv_fwd, _deploy_conv_fake)
 
 
 def deploy_conv(
@@ -144,57 +169,41 @@ def deploy_conv(
     Args:
         x_hat: (B, N, C) normalised block input, N = num_prefix_tokens + H*W; fp32/bf16/fp16.
         w_planes: (T*d, C) projection to the T planes (T = 9 or 1); b_fold: (d,) folded conv+BN bias;
-        w_out: (C, d) output map; b_out: (C,) or None. Weights are used in x_hat's dtype.
+        w_out: (C, d) output map; b_out: (C,) or None. Weights are used in x_hat's dtype (under autocast: all in the
+            autocast dtype, as the eager matmuls would be).
         grid: (H, W) patch grid; num_prefix_tokens: leading tokens passed through unchanged.
     Returns:
-        (B, N, C) in x_hat.dtype.
+        (B, N, C) in x_hat.dtype (the autocast dtype under autocast).
     """
     if _needs_autograd(x_hat, w_planes, b_fold, w_out, b_out):  # inference kernel: differentiable fallback
         return reference.deploy_conv(x_hat, w_planes, b_fold, w_out, b_out, grid, num_prefix_tokens)
-    if not x_hat.is_cuda and not _interpret():
-        raise RuntimeError("deploy_conv (Triton) needs CUDA tensors, or CPU tensors under TRITON_INTERPRET=1")
+    require_triton_device("deploy_conv", x_hat.device)
+    x_hat, w_planes, w_out, b_out = autocast_cast(x_hat.device.type, (x_hat, w_planes, w_out, b_out))
+    if x_hat.dim() != 3:
+        raise ValueError(f"deploy_conv: x_hat must be (B, N, C), got {tuple(x_hat.shape)}")
     bsz, n, c = x_hat.shape
     hh, ww = int(grid[0]), int(grid[1])
     d = b_fold.shape[0]
-    t = w_planes.shape[0] // d
+    t = w_planes.shape[0] // d if d else 0
     if t not in (1, 9) or w_planes.shape != (t * d, c):
         raise ValueError(f"deploy_conv: w_planes must be (9*d, C) or (d, C) = (.., {c}), got {tuple(w_planes.shape)}")
     if w_out.shape != (c, d):
         raise ValueError(f"deploy_conv: w_out must be (C, d) = ({c}, {d}), got {tuple(w_out.shape)}")
+    if b_out is not None and b_out.shape != (c,):
+        raise ValueError(f"deploy_conv: b_out must be (C,) = ({c},), got {tuple(b_out.shape)}")
     if n != num_prefix_tokens + hh * ww:
         raise ValueError(f"deploy_conv: {n} tokens != {num_prefix_tokens} prefix + {hh}x{ww} grid")
     if d > 256:
         raise ValueError(f"deploy_conv: d = {d} > 256 is not supported by the fused kernel")
+    for name, ten in (("w_planes", w_planes), ("b_fold", b_fold), ("w_out", w_out), ("b_out", b_out)):
+        if ten is not None and ten.device != x_hat.device:
+            raise ValueError(f"deploy_conv: {name} is on {ten.device} but x_hat is on {x_hat.device}")
     dtype = x_hat.dtype
     if x_hat.stride(-1) != 1:
         x_hat = x_hat.contiguous()
-    wp = w_planes.to(dtype).contiguous()
-    wo = w_out.to(dtype).contiguous()
-    bf = b_fold.contiguous()
-    bo = b_out.contiguous() if b_out is not None else bf
-    out = torch.empty(bsz, n, c, device=x_hat.device, dtype=dtype)
-    if num_prefix_tokens:
-        out[:, :num_prefix_tokens] = x_hat[:, :num_prefix_tokens]
-    p = hh * ww
-    if out.numel() == 0 or p == 0:
-        return out
-    allow_tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
-    precision = "tf32" if (dtype != torch.float32 or allow_tf32) else "ieee"
-    block_d = max(16, triton.next_power_of_2(d))
-    args = (x_hat, wp, bf, wo, bo, out, hh, ww, c, d, num_prefix_tokens,
-            x_hat.stride(0), x_hat.stride(1), out.stride(0), out.stride(1))
-    meta = dict(T=t, HAS_BOUT=b_out is not None, DOT_PRECISION=precision, BLOCK_D=block_d,
-                UPCAST=_interpret() and dtype == torch.bfloat16)
-    if _interpret():
-        bm = min(64, max(16, triton.next_power_of_2(p)))
-        bk = min(64, max(16, triton.next_power_of_2(c)))
-        _deploy_conv_fwd_kernel[(triton.cdiv(p, bm), bsz)](*args, **meta, BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bk)
-    else:
-        def launch_grid(m):
-            return (triton.cdiv(p, m["BLOCK_M"]), bsz)
-
-        _deploy_conv_fwd_tuned[launch_grid](*args, **meta)
-    return out
+    bo = b_out.contiguous() if b_out is not None else None
+    return deploy_conv_op(x_hat, w_planes.to(dtype).contiguous(), b_fold.contiguous(), w_out.to(dtype).contiguous(), bo,
+                          hh, ww, int(num_prefix_tokens))
 
 
 __all__ = ["deploy_conv"]

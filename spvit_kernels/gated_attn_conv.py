@@ -49,9 +49,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from ._compat import autocast_cast, define_op, require_triton_device, wrap_triton
 from .reference import CENTER_TAP, BNState
 
-_LIB = "spvit"
 _TILE_ELEMS = 4096  # elements of a (BLOCK_P, BLOCK_H, BLOCK_D) register tile; 8192 spilled up to 2.3 KB/thread
 # in the 3x3 path at sm_90 (ptxas, bench/results/triton_compile_*): 4096 leaves 10 of 127 configs spilling <= 0.5 KB
 _ROW_ELEMS = 4096  # elements of a (BLOCK_P, BLOCK_D) tile in the elementwise kernels
@@ -289,30 +289,6 @@ def _gated_attn_conv_dot_kernel(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _wrap(kernel):
-    """``wrap_triton(kernel)`` for torch.compile tracing; the raw kernel under the interpreter or on old torch."""
-    wrap = getattr(torch.library, "wrap_triton", None)
-    if wrap is None:
-        return kernel
-    try:
-        return wrap(kernel)
-    except RuntimeError:  # e.g. an InterpretedFunction on a torch that cannot wrap it
-        return kernel
-
-
-def _triton_op(name: str):
-    """Register ``fn`` as ``spvit::<name>`` with ``torch.library.triton_op`` (or leave it a plain function)."""
-    def deco(fn):
-        top = getattr(torch.library, "triton_op", None)
-        if top is None:
-            return fn
-        try:
-            return top(f"{_LIB}::{name}", fn, mutates_args=())
-        except Exception:  # noqa: BLE001  (already registered, or schema inference unsupported on this torch)
-            return fn
-    return deco
-
-
 def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
@@ -325,7 +301,6 @@ def _row_block_p(block_d: int) -> int:
     return max(1, min(128, _ROW_ELEMS // block_d))
 
 
-@_triton_op("gac_conv_fwd")
 def _conv_fwd(u: torch.Tensor, m: torch.Tensor, c_bias: torch.Tensor, gh: int, gw: int, prefix: int, center: int,
               do3: bool, do1: bool, stats: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pre-BN conv responses and BN partial statistics.
@@ -349,14 +324,13 @@ def _conv_fwd(u: torch.Tensor, m: torch.Tensor, c_bias: torch.Tensor, gh: int, g
     y1 = torch.empty((bsz, p, d) if do1 else (0,), device=dev, dtype=torch.float32)
     st3 = torch.empty((bsz * n_pb, 2, d) if do3 and stats else (0,), device=dev, dtype=torch.float32)
     st1 = torch.empty((bsz * n_pb, 2, d) if do1 and stats else (0,), device=dev, dtype=torch.float32)
-    _wrap(_gated_attn_conv_fwd_kernel)[(n_pb, bsz)](
+    _gated_attn_conv_fwd_kernel[(n_pb, bsz)](
         u, m, c_bias, y3, y1, st3, st1, u.stride(0), u.stride(1), p, gh, gw, h, d, prefix, center,
         BLOCK_P=block_p, BLOCK_H=block_h, BLOCK_D=block_d, DO3=do3, DO1=do1, STATS=stats,
     )
     return y3, y1, st3, st1
 
 
-@_triton_op("gac_bn_relu")
 def _bn_relu(y: torch.Tensor, chan: torch.Tensor, n_tokens: int, prefix: int, dtype: torch.dtype) -> torch.Tensor:
     """r = ReLU(BN(y)) laid out over all tokens. y: (B, P, d) fp32; chan: (>=4, d) fp32.
 
@@ -369,14 +343,13 @@ def _bn_relu(y: torch.Tensor, chan: torch.Tensor, n_tokens: int, prefix: int, dt
         r[:, :prefix].zero_()
     block_d = _pow2(d)
     block_p = _row_block_p(block_d)
-    _wrap(_gated_attn_conv_bn_relu_kernel)[(triton.cdiv(p, block_p), bsz)](
+    _gated_attn_conv_bn_relu_kernel[(triton.cdiv(p, block_p), bsz)](
         y, chan, r, p, n_tokens, d, prefix, BLOCK_P=block_p, BLOCK_D=block_d,
     )
     return r
 
 
-@_triton_op("gac_bn_bwd_stats")
-def _bn_bwd_stats(dr: torch.Tensor, y: torch.Tensor, chan: torch.Tensor, prefix: int) -> torch.Tensor:
+def _bn_bwd_stats_impl(dr: torch.Tensor, y: torch.Tensor, chan: torch.Tensor, prefix: int) -> torch.Tensor:
     """Sums over all patch positions of (dz, dz*xn, dr*r). dr: (B, N, d) (last dim contiguous); y: (B, P, d) fp32.
 
     Returns:
@@ -387,14 +360,13 @@ def _bn_bwd_stats(dr: torch.Tensor, y: torch.Tensor, chan: torch.Tensor, prefix:
     block_p = _row_block_p(block_d)
     n_pb = triton.cdiv(p, block_p)
     part = torch.empty((bsz * n_pb, 3, d), device=y.device, dtype=torch.float32)
-    _wrap(_gated_attn_conv_bn_bwd_stats_kernel)[(n_pb, bsz)](
+    wrap_triton(_gated_attn_conv_bn_bwd_stats_kernel)[(n_pb, bsz)](
         dr, y, chan, part, dr.stride(0), dr.stride(1), p, d, prefix, BLOCK_P=block_p, BLOCK_D=block_d,
     )
     return part.sum(0)
 
 
-@_triton_op("gac_conv_bwd")
-def _conv_bwd(dr: torch.Tensor, y: torch.Tensor, chan: torch.Tensor, u: torch.Tensor, m: torch.Tensor, gh: int,
+def _conv_bwd_impl(dr: torch.Tensor, y: torch.Tensor, chan: torch.Tensor, u: torch.Tensor, m: torch.Tensor, gh: int,
               gw: int, prefix: int, center: int, kind3: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Conv-path backward of the live candidate down to the value projection.
 
@@ -416,22 +388,39 @@ def _conv_bwd(dr: torch.Tensor, y: torch.Tensor, chan: torch.Tensor, u: torch.Te
         du[:, :prefix].zero_()
     dm = torch.zeros((bsz * n_pb, block_h, 9), device=u.device, dtype=torch.float32)
     dc = torch.empty((bsz * n_pb, d), device=u.device, dtype=torch.float32)
-    _wrap(_gated_attn_conv_bwd_kernel)[(n_pb, bsz)](
+    wrap_triton(_gated_attn_conv_bwd_kernel)[(n_pb, bsz)](
         dr, y, chan, u, m, du, dm, dc, dr.stride(0), dr.stride(1), u.stride(0), u.stride(1), n, p, gh, gw, h, d,
         prefix, center, BLOCK_P=block_p, BLOCK_H=block_h, BLOCK_D=block_d, KIND3=kind3,
     )
     return du, dm[:, :h].sum(0), dc.sum(0)
 
 
-@_triton_op("gac_dot")
-def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def _dot_impl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """fp32 inner product of two same-shaped contiguous tensors. Returns a 0-dim fp32 tensor."""
     n = a.numel()
     block = 4096
     grid = max(1, triton.cdiv(n, block))
     part = torch.empty((grid,), device=a.device, dtype=torch.float32)
-    _wrap(_gated_attn_conv_dot_kernel)[(grid,)](a, b, part, n, BLOCK=block)
+    wrap_triton(_gated_attn_conv_dot_kernel)[(grid,)](a, b, part, n, BLOCK=block)
     return part.sum()
+
+
+def _bn_bwd_stats_fake(dr, y, chan, prefix):
+    return y.new_empty((3, y.shape[2]))
+
+
+def _conv_bwd_fake(dr, y, chan, u, m, gh, gw, prefix, center, kind3):
+    return torch.empty_like(u, memory_format=torch.contiguous_format), m.new_empty(m.shape), y.new_empty(y.shape[2])
+
+
+def _dot_fake(a, b):
+    return a.new_empty((), dtype=torch.float32)
+
+
+# The backward's Triton launches are ops too, so that a traced backward (torch.compile / AOT autograd) sees them.
+_bn_bwd_stats = define_op("gated_attn_conv_bn_bwd_stats", _bn_bwd_stats_impl, _bn_bwd_stats_fake)
+_conv_bwd = define_op("gated_attn_conv_conv_bwd", _conv_bwd_impl, _conv_bwd_fake)
+_dot = define_op("gated_attn_conv_dot", _dot_impl, _dot_fake)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -440,6 +429,8 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class _Cfg(NamedTuple):
+    """The static arguments of one call (everything but tensors), as the op receives them."""
+
     num_heads: int
     alpha: float
     grid: Tuple[int, int]
@@ -449,13 +440,26 @@ class _Cfg(NamedTuple):
     gates: Tuple[float, float, float]  # (e1, e3, em) as 0/1 floats
     coefs: Tuple[float, float, float]  # (c_msa, c_3x3, c_1x1)
     live: Tuple[bool, bool, bool]  # computed candidates (msa, 3x3, 1x1)
-    bn3: BNState
-    bn1: BNState
-    needs_grad: bool
+    eps: Tuple[float, float]  # BN eps of (bn1, bn3)
+    save: bool  # a backward will follow: return the tensors it needs
+
+    @staticmethod
+    def of(num_heads, alpha, grid_h, grid_w, training, prefix, center, gate_values, live, bn_eps, save) -> "_Cfg":
+        e1, e3, em = (float(v) for v in gate_values)
+        coefs = (em, e3 * (1 - em), e1 * (1 - e3) * (1 - em))
+        return _Cfg(int(num_heads), float(alpha), (int(grid_h), int(grid_w)), bool(training), int(prefix), int(center),
+                    (e1, e3, em), coefs, tuple(bool(v) for v in live), (float(bn_eps[0]), float(bn_eps[1])),
+                    bool(save))
 
 
-def _bn_channels(y: torch.Tensor, st: torch.Tensor, bn: BNState, training: bool, block_p: int) -> torch.Tensor:
-    """Per-channel (4, d) fp32 [mean, rstd, gamma, beta]; updates running statistics in training."""
+def _bn_channels(y: torch.Tensor, st: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                 running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor], eps: float,
+                 training: bool, block_p: int) -> torch.Tensor:
+    """Per-channel (5, d) fp32 rows [mean, rstd, gamma, beta, var] of the BN that normalises ``y``.
+
+    In training, mean/var are the batch statistics (combined from the per-program partial sums with Chan's formula;
+    var is the biased one used for normalising); in eval they are the running statistics.
+    """
     bsz, p, d = y.shape
     dev = y.device
     if training:
@@ -468,17 +472,22 @@ def _bn_channels(y: torch.Tensor, st: torch.Tensor, bn: BNState, training: bool,
         mean = s.sum(0) / n
         m2_tot = m2.sum(0) + (cnt * (s / cnt - mean) ** 2).sum(0)
         var = m2_tot / n
-        if bn.running_mean is not None:
-            bn.running_mean.copy_((1 - bn.momentum) * bn.running_mean.float() + bn.momentum * mean)
-        if bn.running_var is not None:
-            bn.running_var.copy_((1 - bn.momentum) * bn.running_var.float() + bn.momentum * var * (n / (n - 1)))
     else:
-        mean = bn.running_mean.float()
-        var = bn.running_var.float()
-    rstd = torch.rsqrt(var + bn.eps)
-    gamma = bn.weight.float() if bn.weight is not None else torch.ones(d, device=dev)
-    beta = bn.bias.float() if bn.bias is not None else torch.zeros(d, device=dev)
-    return torch.stack([mean, rstd, gamma, beta])
+        mean = running_mean.float()
+        var = running_var.float()
+    rstd = torch.rsqrt(var + eps)
+    gamma = weight.float() if weight is not None else torch.ones(d, device=dev)
+    beta = bias.float() if bias is not None else torch.zeros(d, device=dev)
+    return torch.stack([mean, rstd, gamma, beta, var])
+
+
+def _update_running_stats(bn: BNState, chan: torch.Tensor, n: int) -> None:
+    """``F.batch_norm``'s running-statistics update from the batch statistics in ``chan`` (rows 0 and 4)."""
+    with torch.no_grad():
+        if bn.running_mean is not None:
+            bn.running_mean.copy_((1 - bn.momentum) * bn.running_mean.float() + bn.momentum * chan[0])
+        if bn.running_var is not None:
+            bn.running_var.copy_((1 - bn.momentum) * bn.running_var.float() + bn.momentum * chan[4] * (n / (n - 1)))
 
 
 def _out_map(m: torch.Tensor, w_o: torch.Tensor, cols: List[int], num_heads: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -510,247 +519,342 @@ def _maybe_zero(t: Optional[torch.Tensor], used: bool) -> Optional[torch.Tensor]
     return torch.zeros_like(t) if (t is not None and used) else None
 
 
-class _GatedAttnConvFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, w_qk, b_qk, w_v, b_v, w_o, b_o, head_probs, g1, be1, g3, be3, gates, cfg: _Cfg):
-        bsz, n, c = x.shape
-        h = cfg.num_heads
-        hdim = w_v.shape[0]
-        d = hdim // h
-        gh, gw = cfg.grid
-        pre = cfg.prefix
-        live_m, live_3, live_1 = cfg.live
-        c_m, c_3, c_1 = cfg.coefs
-        ctx.cfg = cfg
-        ctx.shapes = (bsz, n, c, hdim, d)
-        ctx.gates_dtype = gates.dtype
-        ctx.head_dtype = head_probs.dtype
-        ctx.b_qk_meta = None if b_qk is None else (b_qk.shape, b_qk.dtype)
 
-        # projections: one [Wqk; Wv] GEMM when MSA is computed. The value projection u carries no bias: attention
-        # rows sum to 1, so attn (u + bv) = attn u + bv and bv folds into the output bias bo + Wo bv (exact); the conv
-        # path adds its mixed bias itself, as the reference does.
-        if live_m:
-            b_qkv = None if b_qk is None else torch.cat([b_qk, b_qk.new_zeros(hdim)])
-            qkv = F.linear(x, torch.cat([w_qk, w_v]), b_qkv)  # (B, N, 3*h*d)
-            q, k, v_h = qkv.view(bsz, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)  # (B, h, N, d) each
-            v = qkv[..., 2 * hdim:]
+# ---------------------------------------------------------------------------------------------------------------
+# The op spvit::gated_attn_conv: forward, shapes, autograd
+# ---------------------------------------------------------------------------------------------------------------
+# Outputs of the op, in order. Only ``out`` is the layer's result; the others are what the backward needs (empty (0,)
+# tensors when not needed, decided by the static arguments so that the shapes are known without running the op):
+#   out      (B, N, C)                 the layer output
+#   out_msa  (B, N, C)                 the MSA candidate's output when it is computed but not the chosen one (for S_m)
+#   proj     (B, N, 3hd) | (B, N, hd)  [q k v] projections (MSA computed) or v alone, without the v bias
+#   r_live   (B, N, d)                 ReLU(BN(conv)) of the chosen conv candidate (zero prefix rows)
+#   y3, y1   (B, P, d) fp32            pre-BN responses of the computed conv candidates
+#   chan3, chan1 (5, d) fp32           [mean, rstd, gamma, beta, var] of their BNs (also returned without a backward:
+#                                      the wrapper updates the running statistics from them)
+#   m        (h, 9) fp32               the head mixing softmax(A / alpha)
+_OUTPUTS = ("out", "out_msa", "proj", "r_live", "y3", "y1", "chan3", "chan1", "m")
+
+
+def _output_specs(x: torch.Tensor, w_v: torch.Tensor, cfg: _Cfg) -> List[Tuple[Tuple[int, ...], torch.dtype]]:
+    """(shape, dtype) of every output (see ``_OUTPUTS``), from the inputs' shapes and the static arguments."""
+    bsz, n, c = x.shape
+    hdim = w_v.shape[0]
+    h = cfg.num_heads
+    d = hdim // h
+    p = cfg.grid[0] * cfg.grid[1]
+    live_m, live_3, live_1 = cfg.live
+    c_m, c_3, c_1 = cfg.coefs
+    f32, dt, none = torch.float32, x.dtype, (0,)
+    save = cfg.save
+    conv_chosen = (live_3 and c_3 == 1) or (live_1 and c_1 == 1)
+    return [
+        ((bsz, n, c), dt),
+        ((bsz, n, c) if save and live_m and c_m != 1 else none, dt),
+        ((bsz, n, 3 * hdim if live_m else hdim) if save else none, dt),
+        ((bsz, n, d) if save and conv_chosen else none, dt),
+        ((bsz, p, d) if save and live_3 else none, f32),
+        ((bsz, p, d) if save and live_1 else none, f32),
+        ((5, d) if live_3 else none, f32),
+        ((5, d) if live_1 else none, f32),
+        ((h, 9) if save and (live_3 or live_1) else none, f32),
+    ]
+
+
+def _gated_attn_conv_fwd(
+    x: torch.Tensor, w_qk: torch.Tensor, b_qk: Optional[torch.Tensor], w_v: torch.Tensor, b_v: Optional[torch.Tensor],
+    w_o: torch.Tensor, b_o: Optional[torch.Tensor], head_probs: torch.Tensor,
+    bn1_weight: Optional[torch.Tensor], bn1_bias: Optional[torch.Tensor], bn1_mean: Optional[torch.Tensor],
+    bn1_var: Optional[torch.Tensor], bn3_weight: Optional[torch.Tensor], bn3_bias: Optional[torch.Tensor],
+    bn3_mean: Optional[torch.Tensor], bn3_var: Optional[torch.Tensor], gates: torch.Tensor,
+    num_heads: int, alpha: float, grid_h: int, grid_w: int, training: bool, prefix: int, center: int,
+    gate_values: List[float], live: List[bool], bn_eps: List[float], save: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor, torch.Tensor]:
+    """Body of ``spvit::gated_attn_conv`` (see :func:`gated_attn_conv` for the arguments, ``_OUTPUTS`` for the
+    outputs). ``gates`` is an input only so that autograd routes its gradient; its values come as ``gate_values``."""
+    cfg = _Cfg.of(num_heads, alpha, grid_h, grid_w, training, prefix, center, gate_values, live, bn_eps, save)
+    with torch.autocast(x.device.type, enabled=False):  # the inputs are already in the compute dtype
+        return _forward(cfg, x, w_qk, b_qk, w_v, b_v, w_o, b_o, head_probs,
+                        (bn1_weight, bn1_bias, bn1_mean, bn1_var), (bn3_weight, bn3_bias, bn3_mean, bn3_var))
+
+
+def _forward(cfg: _Cfg, x, w_qk, b_qk, w_v, b_v, w_o, b_o, head_probs, bn1, bn3):
+    bsz, n, c = x.shape
+    h = cfg.num_heads
+    hdim = w_v.shape[0]
+    d = hdim // h
+    gh, gw = cfg.grid
+    pre = cfg.prefix
+    live_m, live_3, live_1 = cfg.live
+    c_m, c_3, c_1 = cfg.coefs
+    specs = _output_specs(x, w_v, cfg)
+    res = {name: torch.empty(shape, device=x.device, dtype=dt) for name, (shape, dt) in zip(_OUTPUTS, specs)}
+
+    # projections: one [Wqk; Wv] GEMM when MSA is computed. The value projection u carries no bias: attention rows sum
+    # to 1, so attn (u + bv) = attn u + bv and bv folds into the output bias bo + Wo bv (exact); the conv path adds
+    # its mixed bias itself, as the reference does.
+    if live_m:
+        b_qkv = None if b_qk is None else torch.cat([b_qk, b_qk.new_zeros(hdim)])
+        proj = F.linear(x, torch.cat([w_qk, w_v]), b_qkv)  # (B, N, 3*h*d)
+        q, k, v_h = proj.view(bsz, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)  # (B, h, N, d) each
+        v = proj[..., 2 * hdim:]
+    else:
+        proj = F.linear(x, w_v)  # (B, N, h*d)
+        v = proj
+    if cfg.save:
+        res["proj"] = proj
+
+    out = None
+    if live_m:
+        o = F.scaled_dot_product_attention(q, k, v_h)
+        o2 = o.transpose(1, 2).reshape(bsz, n, hdim)
+        b_eff = b_o
+        if b_v is not None:
+            b_eff = w_o.float() @ b_v.float()
+            b_eff = (b_eff if b_o is None else b_eff + b_o.float()).to(x.dtype)
+        out_msa = F.linear(o2, w_o, b_eff)
+        if c_m == 1:
+            out = out_msa
+        elif cfg.save:
+            res["out_msa"] = out_msa
+
+    if live_3 or live_1:
+        m = torch.softmax(head_probs.float() / cfg.alpha, dim=0)  # (h, 9)
+        if cfg.save:
+            res["m"] = m
+        if b_v is not None:
+            c_taps = m.t() @ b_v.float().view(h, d)  # (9, d) mixed tap biases c_k
+            c_bias = torch.stack([c_taps.sum(0), c_taps[cfg.center]])
         else:
-            v = F.linear(x, w_v)  # (B, N, h*d)
-        out = None
-        ctx.sdpa = None
-        out_msa = None
-        o2 = None
-        if live_m:
-            if c_m == 1 and cfg.needs_grad:
-                with torch.enable_grad():
-                    qd, kd, vd = q.detach().requires_grad_(), k.detach().requires_grad_(), v_h.detach().requires_grad_()
-                    o = F.scaled_dot_product_attention(qd, kd, vd)
-                ctx.sdpa = (qd, kd, vd, o)
-                o = o.detach()
-            else:
-                o = F.scaled_dot_product_attention(q, k, v_h)
-            o2 = o.transpose(1, 2).reshape(bsz, n, hdim)
-            b_eff = None
-            if b_v is not None:
-                b_eff = w_o.float() @ b_v.float()
-                b_eff = (b_eff if b_o is None else b_eff + b_o.float()).to(x.dtype)
-            else:
-                b_eff = b_o
-            out_msa = F.linear(o2, w_o, b_eff)
-            if c_m == 1:
-                out = out_msa
-
-        m = None
-        ys = {"3x3": None, "1x1": None}
-        chans = {"3x3": None, "1x1": None}
-        r_live = None
-        if live_3 or live_1:
-            m = torch.softmax(head_probs.float() / cfg.alpha, dim=0)  # (h, 9)
-            if b_v is not None:
-                c_taps = m.t() @ b_v.float().view(h, d)  # (9, d) mixed tap biases c_k
-                c_bias = torch.stack([c_taps.sum(0), c_taps[cfg.center]])
-            else:
-                c_bias = torch.zeros(2, d, device=x.device)
-            y3, y1, st3, st1 = _conv_fwd(v, m.contiguous(), c_bias, gh, gw, pre, cfg.center, live_3, live_1,
-                                         cfg.training)
-            block_p = _tile_block_p(_pow2(h), _pow2(d))
-            for kind, is_live, coef, y, st, bn in (("3x3", live_3, c_3, y3, st3, cfg.bn3),
-                                                   ("1x1", live_1, c_1, y1, st1, cfg.bn1)):
-                if not is_live:
-                    continue
-                ys[kind] = y
-                chans[kind] = _bn_channels(y, st, bn, cfg.training, block_p)
-                if coef == 1:
-                    cols = list(range(9)) if kind == "3x3" else [cfg.center]
-                    r_map, _ = _out_map(m, w_o, cols, h)
-                    r_live = _bn_relu(y, chans[kind], n, pre, x.dtype)
-                    out = F.linear(r_live, r_map.to(x.dtype), b_o)
-                    if pre:
-                        out[:, :pre] = x[:, :pre]
-        if out is None:  # skip: no candidate has coefficient 1
-            out = torch.zeros_like(x)
-
-        ctx.save_for_backward(x, w_qk, w_v, w_o, b_o, b_v, out_msa, o2, v if (live_3 or live_1) else None, r_live)
-        ctx.m = m
-        ctx.ys = ys
-        ctx.chans = chans
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        cfg = ctx.cfg
-        x, w_qk, w_v, w_o, b_o, b_v, out_msa, o2, v, r_live = ctx.saved_tensors
-        bsz, n, c, hdim, d = ctx.shapes
-        h = cfg.num_heads
-        gh, gw = cfg.grid
-        pre = cfg.prefix
-        live_m, live_3, live_1 = cfg.live
-        c_m, c_3, c_1 = cfg.coefs
-        e1, e3, em = cfg.gates
-        need_gate = ctx.needs_input_grad[12]
-        dev = x.device
-        g = grad_out.contiguous()
-        g2 = g.view(bsz * n, c)
-        x2 = x.view(bsz * n, c)
-        dtype = x.dtype
-
-        zero = torch.zeros((), device=dev, dtype=torch.float32)
-        s_m, s_3, s_1 = zero, zero, zero
-        dx = torch.zeros_like(x)
-        dw_qk = _maybe_zero(w_qk, live_m)
-        db_qk = None
-        if live_m and ctx.b_qk_meta is not None:
-            db_qk = torch.zeros(ctx.b_qk_meta[0], device=dev, dtype=ctx.b_qk_meta[1])
-        dw_v = _maybe_zero(w_v, True)
-        db_v = None if b_v is None else torch.zeros_like(b_v)
-        dw_o = _maybe_zero(w_o, True)
-        db_o = None if b_o is None else torch.zeros_like(b_o)
-        dm = torch.zeros(h, 9, device=dev, dtype=torch.float32) if ctx.m is not None else None
-        dbn = {"3x3": [None, None], "1x1": [None, None]}
-        for kind, bn, is_live in (("3x3", cfg.bn3, live_3), ("1x1", cfg.bn1, live_1)):
-            dbn[kind] = [_maybe_zero(bn.weight, is_live), _maybe_zero(bn.bias, is_live)]
-
-        conv_live = live_3 or live_1
-        if conv_live or (need_gate and b_o is not None):
-            gsum_patch = g[:, pre:].sum((0, 1), dtype=torch.float32)  # (C,)
-        prefix_dot = zero
-        if need_gate and pre:
-            prefix_dot = (g[:, :pre].float() * x[:, :pre].float()).sum()
-
-        # ---- MSA ----
-        if live_m:
-            if need_gate:
-                s_m = _dot(g, out_msa.contiguous())
-            if c_m == 1:
-                gsum = g.sum((0, 1), dtype=torch.float32)  # (C,)
-                dw_o_f = (g2.t() @ o2.reshape(bsz * n, hdim)).float()
-                if b_v is not None:  # the folded bias bo + Wo bv
-                    dw_o_f += gsum[:, None] * b_v.float()[None, :]
-                    db_v = (gsum @ w_o.float()).to(b_v.dtype)
-                dw_o = dw_o_f.to(w_o.dtype)
-                if b_o is not None:
-                    db_o = gsum.to(b_o.dtype)
-                do = (g2 @ w_o).view(bsz, n, h, d).transpose(1, 2)
-                if ctx.sdpa is None:
-                    raise RuntimeError("gated_attn_conv: backward through a live MSA candidate ran twice; "
-                                       "retain_graph=True / double backward is not supported by the fused op")
-                qd, kd, vd, o = ctx.sdpa
-                dq, dk, dvh = torch.autograd.grad(o, (qd, kd, vd), do)
-                ctx.sdpa = None
-                dqkv = torch.stack([dq, dk, dvh], dim=0).permute(1, 3, 0, 2, 4).reshape(bsz * n, 3 * hdim)
-                dw_qkv = dqkv.t() @ x2
-                dw_qk = dw_qkv[:2 * hdim].to(w_qk.dtype)
-                dw_v = dw_qkv[2 * hdim:].to(w_v.dtype)
-                if db_qk is not None:
-                    db_qk = dqkv[:, :2 * hdim].sum(0, dtype=torch.float32).to(db_qk.dtype)
-                dx = (dqkv @ torch.cat([w_qk, w_v])).view(bsz, n, c)
-
-        # ---- conv candidates ----
-        if conv_live:
-            m = ctx.m
-            kinds = [kd for kd, lv in (("3x3", live_3), ("1x1", live_1)) if lv]
-            maps = {}
-            for kind in kinds:
-                cols = list(range(9)) if kind == "3x3" else [cfg.center]
-                maps[kind] = (cols,) + _out_map(m, w_o, cols, h)
-            coef = {"3x3": c_3, "1x1": c_1}
-            # dr for every computed conv candidate with one GEMM: G (B, N, C) @ [R_a | R_b] (C, k*d)
-            r_cat = torch.cat([maps[kind][1] for kind in kinds], dim=1)
-            dr_all = _mm_f32(g2, r_cat).view(bsz, n, len(kinds) * d)  # fp32: it feeds the gate inner products
-            for i, kind in enumerate(kinds):
-                cols, r_map, wsum = maps[kind]
-                dr = dr_all[..., i * d:(i + 1) * d]
-                chan = ctx.chans[kind]
-                y = ctx.ys[kind]
-                sums = _bn_bwd_stats(dr, y, chan, pre)  # (3, d): sum dz, sum dz*xn, sum dr*r
-                s_conv = sums[2].sum() + prefix_dot
-                if b_o is not None:
-                    s_conv = s_conv + gsum_patch @ b_o.float()
-                if kind == "3x3":
-                    s_3 = s_conv
-                else:
-                    s_1 = s_conv
-                if coef[kind] != 1:
-                    continue
-                bn = cfg.bn3 if kind == "3x3" else cfg.bn1
-                # output map and bias
-                d_rmap = _mm_f32(g2.t(), r_live.view(bsz * n, d).float())  # (C, d) fp32: feeds dM and dWo
-                dw_o = (wsum[None, :, None] * d_rmap[:, None, :]).reshape(c, hdim).to(w_o.dtype)
-                dm[:, cols] += torch.einsum("cgd,cd->g", w_o.float().view(c, h, d), d_rmap)[:, None]
-                if b_o is not None:
-                    db_o = gsum_patch.to(b_o.dtype)
-                # BN affine and the coefficients of dy = a*dz + b*xn + cst
-                sum_dz, sum_dzxn = sums[0], sums[1]
-                mean, rstd, gamma = chan[0], chan[1], chan[2]
-                if bn.weight is not None:
-                    dbn[kind][0] = sum_dzxn.to(bn.weight.dtype)
-                if bn.bias is not None:
-                    dbn[kind][1] = sum_dz.to(bn.bias.dtype)
-                a = gamma * rstd
-                if cfg.training:
-                    npos = bsz * gh * gw
-                    b_coef = -a * sum_dzxn / npos
-                    cst = -a * sum_dz / npos
-                else:
-                    b_coef = torch.zeros_like(a)
-                    cst = torch.zeros_like(a)
-                chan7 = torch.cat([chan, torch.stack([a, b_coef, cst])]).contiguous()
-                dv, dm_v, dc = _conv_bwd(dr, y, chan7, v, m.contiguous(), gh, gw, pre, cfg.center, kind == "3x3")
-                dm += dm_v
-                dv2 = dv.view(bsz * n, hdim)
-                dw_v = (dv2.t() @ x2).to(w_v.dtype)
-                dx = (dv2 @ w_v).view(bsz, n, c)
+            c_bias = torch.zeros(2, d, device=x.device)
+        y3, y1, st3, st1 = _conv_fwd(v, m.contiguous(), c_bias, gh, gw, pre, cfg.center, live_3, live_1, cfg.training)
+        block_p = _tile_block_p(_pow2(h), _pow2(d))
+        for kind, is_live, coef, y, st, bn in (("3", live_3, c_3, y3, st3, bn3), ("1", live_1, c_1, y1, st1, bn1)):
+            if not is_live:
+                continue
+            if cfg.save:
+                res["y" + kind] = y
+            eps = cfg.eps[1] if kind == "3" else cfg.eps[0]
+            chan = _bn_channels(y, st, *bn, eps, cfg.training, block_p)
+            res["chan" + kind] = chan
+            if coef == 1:
+                cols = list(range(9)) if kind == "3" else [cfg.center]
+                r_map, _ = _out_map(m, w_o, cols, h)
+                r_live = _bn_relu(y, chan, n, pre, x.dtype)
+                out = F.linear(r_live, r_map.to(x.dtype), b_o)
                 if pre:
-                    dx[:, :pre] += g[:, :pre]
-                if b_v is not None:  # conv bias sum_g w_g bv_g
-                    db_v = (wsum[:, None] * dc[None, :]).reshape(hdim).to(b_v.dtype)
-                    dm[:, cols] += (b_v.float().view(h, d) @ dc)[:, None]
+                    out[:, :pre] = x[:, :pre]
+                if cfg.save:
+                    res["r_live"] = r_live
+    res["out"] = out if out is not None else torch.zeros_like(x)  # skip: no candidate has coefficient 1
+    return tuple(res[name] for name in _OUTPUTS)
 
-        d_head = None
-        if dm is not None:
-            m = ctx.m
-            d_head = (m * (dm - (m * dm).sum(0, keepdim=True)) / cfg.alpha).to(ctx.head_dtype)
 
-        d_gates = None
+def _gated_attn_conv_fake(x, w_qk, b_qk, w_v, b_v, w_o, b_o, head_probs, bn1_weight, bn1_bias, bn1_mean, bn1_var,
+                          bn3_weight, bn3_bias, bn3_mean, bn3_var, gates, num_heads, alpha, grid_h, grid_w, training,
+                          prefix, center, gate_values, live, bn_eps, save):
+    cfg = _Cfg.of(num_heads, alpha, grid_h, grid_w, training, prefix, center, gate_values, live, bn_eps, save)
+    return tuple(x.new_empty(shape, dtype=dt) for shape, dt in _output_specs(x, w_v, cfg))
+
+
+# Opaque to torch.compile (one graph node): the body reads nothing from the device, but it mixes cuBLAS, SDPA and
+# several Triton launches with host-side choices that a trace would only have to repeat.
+gated_attn_conv_op = define_op("gated_attn_conv", _gated_attn_conv_fwd, _gated_attn_conv_fake, traceable=False)
+
+_N_TENSOR_INPUTS = 17  # x ... gates: the tensor arguments of the op, before the static ones
+
+
+def _setup_context(ctx, inputs, output):
+    (x, w_qk, b_qk, w_v, b_v, w_o, b_o, head_probs, bn1_weight, bn1_bias, _, _, bn3_weight, bn3_bias, _, _, gates,
+     num_heads, alpha, grid_h, grid_w, training, prefix, center, gate_values, live, bn_eps, save) = inputs
+    cfg = _Cfg.of(num_heads, alpha, grid_h, grid_w, training, prefix, center, gate_values, live, bn_eps, save)
+    if not cfg.save:
+        raise RuntimeError("spvit::gated_attn_conv ran with save=False but a backward is needed")
+    ctx.cfg = cfg
+    ctx.save_for_backward(x, w_qk, w_v, w_o, b_o, b_v, *output)
+    ctx.meta = {
+        "b_qk": None if b_qk is None else (b_qk.shape, b_qk.dtype),
+        "gates": gates.dtype, "head": head_probs.dtype,
+        "bn": [None if t is None else (t.shape, t.dtype) for t in (bn1_weight, bn1_bias, bn3_weight, bn3_bias)],
+    }
+
+
+def _backward(ctx, grad_out, *_unused_output_grads):
+    with torch.autocast(grad_out.device.type, enabled=False):  # fp32 reductions stay fp32 under an outer autocast
+        return _backward_impl(ctx, grad_out)
+
+
+def _zeros(meta, dev) -> Optional[torch.Tensor]:
+    return None if meta is None else torch.zeros(meta[0], device=dev, dtype=meta[1])
+
+
+def _backward_impl(ctx, grad_out):
+    cfg = ctx.cfg
+    x, w_qk, w_v, w_o, b_o, b_v, out, out_msa, proj, r_live, y3, y1, chan3, chan1, m = ctx.saved_tensors
+    bsz, n, c = x.shape
+    hdim = w_v.shape[0]
+    h = cfg.num_heads
+    d = hdim // h
+    gh, gw = cfg.grid
+    pre = cfg.prefix
+    live_m, live_3, live_1 = cfg.live
+    c_m, c_3, c_1 = cfg.coefs
+    e1, e3, em = cfg.gates
+    need_gate = ctx.needs_input_grad[16]
+    dev = x.device
+    g = grad_out.contiguous() if grad_out is not None else torch.zeros_like(x)
+    g2 = g.view(bsz * n, c)
+    x2 = x.view(bsz * n, c)
+    v = proj[..., 2 * hdim:] if live_m else proj
+
+    zero = torch.zeros((), device=dev, dtype=torch.float32)
+    s_m, s_3, s_1 = zero, zero, zero
+    dx = torch.zeros_like(x)
+    dw_qk = _maybe_zero(w_qk, live_m)
+    db_qk = _zeros(ctx.meta["b_qk"], dev) if live_m else None
+    dw_v = _maybe_zero(w_v, True)
+    db_v = None if b_v is None else torch.zeros_like(b_v)
+    dw_o = _maybe_zero(w_o, True)
+    db_o = None if b_o is None else torch.zeros_like(b_o)
+    conv_live = live_3 or live_1
+    dm = torch.zeros(h, 9, device=dev, dtype=torch.float32) if conv_live else None
+    bn_meta = ctx.meta["bn"]
+    dbn = {"1x1": [_zeros(bn_meta[0], dev) if live_1 else None, _zeros(bn_meta[1], dev) if live_1 else None],
+           "3x3": [_zeros(bn_meta[2], dev) if live_3 else None, _zeros(bn_meta[3], dev) if live_3 else None]}
+
+    if conv_live or (need_gate and b_o is not None):
+        gsum_patch = g[:, pre:].sum((0, 1), dtype=torch.float32)  # (C,)
+    prefix_dot = zero
+    if need_gate and pre:
+        prefix_dot = (g[:, :pre].float() * x[:, :pre].float()).sum()
+
+    # ---- MSA ----
+    if live_m:
         if need_gate:
-            de_m = s_m - e3 * s_3 - e1 * (1 - e3) * s_1
-            de_3 = (1 - em) * (s_3 - e1 * s_1)
-            de_1 = (1 - e3) * (1 - em) * s_1
-            d_gates = torch.stack([de_1, de_3, de_m]).to(ctx.gates_dtype)
+            s_m = _dot(g, (out if c_m == 1 else out_msa).contiguous())
+        if c_m == 1:
+            # attention backward: the attention is recomputed from the saved q, k, v (one extra attention forward,
+            # a few % of the layer's FLOPs at ViT token counts) and differentiated by SDPA's own backward
+            q, k, v_h = proj.view(bsz, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+            do = (g2 @ w_o).view(bsz, n, h, d).transpose(1, 2)
+            with torch.enable_grad():
+                qd, kd, vd = (t.detach().requires_grad_() for t in (q, k, v_h))
+                o = F.scaled_dot_product_attention(qd, kd, vd)
+                dq, dk, dvh = torch.autograd.grad(o, (qd, kd, vd), do)
+            o2 = o.detach().transpose(1, 2).reshape(bsz * n, hdim)
+            gsum = g.sum((0, 1), dtype=torch.float32)  # (C,)
+            dw_o_f = (g2.t() @ o2).float()
+            if b_v is not None:  # the folded bias bo + Wo bv
+                dw_o_f += gsum[:, None] * b_v.float()[None, :]
+                db_v = (gsum @ w_o.float()).to(b_v.dtype)
+            dw_o = dw_o_f.to(w_o.dtype)
+            if b_o is not None:
+                db_o = gsum.to(b_o.dtype)
+            dqkv = torch.stack([dq, dk, dvh], dim=0).permute(1, 3, 0, 2, 4).reshape(bsz * n, 3 * hdim)
+            dw_qkv = dqkv.t() @ x2
+            dw_qk = dw_qkv[:2 * hdim].to(w_qk.dtype)
+            dw_v = dw_qkv[2 * hdim:].to(w_v.dtype)
+            if db_qk is not None:
+                db_qk = dqkv[:, :2 * hdim].sum(0, dtype=torch.float32).to(db_qk.dtype)
+            dx = (dqkv @ torch.cat([w_qk, w_v])).view(bsz, n, c)
 
-        return (dx, dw_qk, db_qk, dw_v, db_v, dw_o, db_o, d_head, dbn["1x1"][0], dbn["1x1"][1], dbn["3x3"][0],
-                dbn["3x3"][1], d_gates, None)
+    # ---- conv candidates ----
+    if conv_live:
+        kinds = [kd for kd, lv in (("3x3", live_3), ("1x1", live_1)) if lv]
+        ys = {"3x3": y3, "1x1": y1}
+        chans = {"3x3": chan3, "1x1": chan1}
+        coef = {"3x3": c_3, "1x1": c_1}
+        maps = {}
+        for kind in kinds:
+            cols = list(range(9)) if kind == "3x3" else [cfg.center]
+            maps[kind] = (cols,) + _out_map(m, w_o, cols, h)
+        # dr for every computed conv candidate with one GEMM: G (B, N, C) @ [R_a | R_b] (C, k*d)
+        r_cat = torch.cat([maps[kind][1] for kind in kinds], dim=1)
+        dr_all = _mm_f32(g2, r_cat).view(bsz, n, len(kinds) * d)  # fp32: it feeds the gate inner products
+        for i, kind in enumerate(kinds):
+            cols, r_map, wsum = maps[kind]
+            dr = dr_all[..., i * d:(i + 1) * d]
+            chan = chans[kind][:4].contiguous()
+            y = ys[kind]
+            sums = _bn_bwd_stats(dr, y, chan, pre)  # (3, d): sum dz, sum dz*xn, sum dr*r
+            s_conv = sums[2].sum() + prefix_dot
+            if b_o is not None:
+                s_conv = s_conv + gsum_patch @ b_o.float()
+            if kind == "3x3":
+                s_3 = s_conv
+            else:
+                s_1 = s_conv
+            if coef[kind] != 1:
+                continue
+            # output map and bias
+            d_rmap = _mm_f32(g2.t(), r_live.view(bsz * n, d).float())  # (C, d) fp32: feeds dM and dWo
+            dw_o = (wsum[None, :, None] * d_rmap[:, None, :]).reshape(c, hdim).to(w_o.dtype)
+            dm[:, cols] += torch.einsum("cgd,cd->g", w_o.float().view(c, h, d), d_rmap)[:, None]
+            if b_o is not None:
+                db_o = gsum_patch.to(b_o.dtype)
+            # BN affine and the coefficients of dy = a*dz + b*xn + cst
+            sum_dz, sum_dzxn = sums[0], sums[1]
+            mean, rstd, gamma = chan[0], chan[1], chan[2]
+            w_meta, b_meta = (bn_meta[2], bn_meta[3]) if kind == "3x3" else (bn_meta[0], bn_meta[1])
+            if w_meta is not None:
+                dbn[kind][0] = sum_dzxn.to(w_meta[1])
+            if b_meta is not None:
+                dbn[kind][1] = sum_dz.to(b_meta[1])
+            a = gamma * rstd
+            if cfg.training:
+                npos = bsz * gh * gw
+                b_coef = -a * sum_dzxn / npos
+                cst = -a * sum_dz / npos
+            else:
+                b_coef = torch.zeros_like(a)
+                cst = torch.zeros_like(a)
+            chan7 = torch.cat([chan, torch.stack([a, b_coef, cst])]).contiguous()
+            dv, dm_v, dc = _conv_bwd(dr, y, chan7, v, m.contiguous(), gh, gw, pre, cfg.center, kind == "3x3")
+            dm += dm_v
+            dv2 = dv.view(bsz * n, hdim)
+            dw_v = (dv2.t() @ x2).to(w_v.dtype)
+            dx = (dv2 @ w_v).view(bsz, n, c)
+            if pre:
+                dx[:, :pre] += g[:, :pre]
+            if b_v is not None:  # conv bias sum_g w_g bv_g
+                db_v = (wsum[:, None] * dc[None, :]).reshape(hdim).to(b_v.dtype)
+                dm[:, cols] += (b_v.float().view(h, d) @ dc)[:, None]
+
+    d_head = None
+    if dm is not None:
+        d_head = (m * (dm - (m * dm).sum(0, keepdim=True)) / cfg.alpha).to(ctx.meta["head"])
+
+    d_gates = None
+    if need_gate:
+        de_m = s_m - e3 * s_3 - e1 * (1 - e3) * s_1
+        de_3 = (1 - em) * (s_3 - e1 * s_1)
+        de_1 = (1 - e3) * (1 - em) * s_1
+        d_gates = torch.stack([de_1, de_3, de_m]).to(ctx.meta["gates"])
+
+    grads = (dx, dw_qk, db_qk, dw_v, db_v, dw_o, db_o, d_head, dbn["1x1"][0], dbn["1x1"][1], None, None,
+             dbn["3x3"][0], dbn["3x3"][1], None, None, d_gates)
+    return grads + (None,) * 11  # the static arguments
 
 
-def _check(name: str, t: Optional[torch.Tensor], shape: Tuple[int, ...], dtype: Optional[torch.dtype] = None):
+gated_attn_conv_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Public function
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _check(name: str, t: Optional[torch.Tensor], shape: Tuple[int, ...], dtype: Optional[torch.dtype] = None,
+           device: Optional[torch.device] = None):
     if t is None:
         return
     if tuple(t.shape) != tuple(shape):
         raise ValueError(f"gated_attn_conv: {name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
     if dtype is not None and t.dtype != dtype:
         raise ValueError(f"gated_attn_conv: {name} has dtype {t.dtype}, expected {dtype} (the dtype of x_hat)")
+    if device is not None and t.device != device:
+        raise ValueError(f"gated_attn_conv: {name} is on {t.device}, expected {device} (the device of x_hat)")
 
 
 def gated_attn_conv(
@@ -762,7 +866,7 @@ def gated_attn_conv(
     num_heads: int, alpha: float, grid: Tuple[int, int], training: bool,
     num_prefix_tokens: int = 1, center: int = CENTER_TAP, compute_all: Optional[bool] = None,
 ) -> torch.Tensor:
-    """Search-mode single-path attention layer, fused (see the module docstring and §1, §2.1, §10.1).
+    """Search-mode single-path attention layer, fused (see the module docstring).
 
     Args:
         x_hat: (B, N, C) normalised block input, N = num_prefix_tokens + H*W.
@@ -779,12 +883,17 @@ def gated_attn_conv(
         compute_all: evaluate every candidate even when its coefficient is 0. Default: in training or when
             ``gates`` needs a gradient.
     Returns:
-        (B, N, C): em*out_msa + e3(1-em)*out_3x3 + e1(1-e3)(1-em)*out_1x1.
+        (B, N, C): em*out_msa + e3(1-em)*out_3x3 + e1(1-e3)(1-em)*out_1x1. Under ``torch.autocast`` the activations and
+        projection weights are first cast to the autocast dtype (as ``F.linear`` would) and the output has that
+        dtype; head mixing, BatchNorm and the gate gradients stay in fp32.
     Raises:
-        ValueError: on wrong shapes/dtypes or gates that are not exactly 0/1.
+        ValueError: on wrong shapes/dtypes/devices or gates that are not exactly 0/1.
     """
     if x_hat.dim() != 3:
         raise ValueError(f"gated_attn_conv: x_hat must be (B, N, C), got shape {tuple(x_hat.shape)}")
+    require_triton_device("gated_attn_conv", x_hat.device)
+    x_in = x_hat
+    x_hat, w_qk, b_qk, w_v, b_v, w_o, b_o = autocast_cast(x_hat.device.type, (x_hat, w_qk, b_qk, w_v, b_v, w_o, b_o))
     bsz, n, c = x_hat.shape
     h = int(num_heads)
     gh, gw = int(grid[0]), int(grid[1])
@@ -793,44 +902,50 @@ def gated_attn_conv(
         raise ValueError(f"gated_attn_conv: {n} tokens but num_prefix_tokens + H*W = {pre} + {gh}*{gw}")
     if w_v.dim() != 2 or w_v.shape[0] % h:
         raise ValueError(f"gated_attn_conv: w_v must be (h*d, C) with h = {h}, got {tuple(w_v.shape)}")
+    if x_hat.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"gated_attn_conv supports fp32/bf16/fp16 activations, got {x_hat.dtype}")
     hdim = w_v.shape[0]
     d = hdim // h
-    dt = x_hat.dtype
-    _check("w_qk", w_qk, (2 * hdim, c), dt)
-    _check("b_qk", b_qk, (2 * hdim,), dt)
-    _check("w_v", w_v, (hdim, c), dt)
-    _check("b_v", b_v, (hdim,), dt)
-    _check("w_o", w_o, (c, hdim), dt)
-    _check("b_o", b_o, (c,), dt)
-    _check("head_probs", head_probs, (h, 9))
-    _check("gates", gates, (3,))
+    dt, dev = x_hat.dtype, x_hat.device
+    _check("w_qk", w_qk, (2 * hdim, c), dt, dev)
+    _check("b_qk", b_qk, (2 * hdim,), dt, dev)
+    _check("w_v", w_v, (hdim, c), dt, dev)
+    _check("b_v", b_v, (hdim,), dt, dev)
+    _check("w_o", w_o, (c, hdim), dt, dev)
+    _check("b_o", b_o, (c,), dt, dev)
+    _check("head_probs", head_probs, (h, 9), device=dev)
+    _check("gates", gates, (3,), device=dev)
     for name, bn in (("bn1", bn1), ("bn3", bn3)):
         for f in ("weight", "bias", "running_mean", "running_var"):
-            _check(f"{name}.{f}", getattr(bn, f), (d,))
+            _check(f"{name}.{f}", getattr(bn, f), (d,), device=dev)
     if not 0 <= center < 9:
         raise ValueError(f"gated_attn_conv: center must be a tap index in [0, 9), got {center}")
     if not training and any(bn.running_mean is None or bn.running_var is None for bn in (bn1, bn3)):
         raise ValueError("gated_attn_conv: eval mode needs BN running statistics")
 
-    vals = gates.detach().to(torch.float32).cpu().tolist()  # one host sync (the official code branches on gates)
+    vals = gates.detach().to(torch.float32).cpu().tolist()  # one host sync (the original code branches on gates)
     if any(val not in (0.0, 1.0) for val in vals):
         raise ValueError(f"gated_attn_conv: gates must be exactly 0/1 values, got {vals}")
     e1, e3, em = vals
     coefs = (em, e3 * (1 - em), e1 * (1 - e3) * (1 - em))
     if compute_all is None:
         compute_all = training or (gates.requires_grad and torch.is_grad_enabled())
-    live = (True, True, True) if compute_all else tuple(cf != 0 for cf in coefs)
-    if not any(live):
-        return torch.zeros_like(x_hat)
+    live = [True, True, True] if compute_all else [cf != 0 for cf in coefs]
+    if not any(live):  # skip, nothing computed: zeros like the input (as the reference)
+        return torch.zeros_like(x_in)
 
     x_hat = x_hat.contiguous()
     w_qk, w_v, w_o = w_qk.contiguous(), w_v.contiguous(), w_o.contiguous()
-    tensors = (x_hat, w_qk, b_qk, w_v, b_v, w_o, b_o, head_probs, bn1.weight, bn1.bias, bn3.weight, bn3.bias, gates)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    cfg = _Cfg(h, float(alpha), (gh, gw), bool(training), pre, int(center), (e1, e3, em), coefs, live, bn3, bn1,
-               needs_grad)
-    return _GatedAttnConvFn.apply(*tensors, cfg)
+    tensors = (x_hat, w_qk, b_qk, w_v, b_v, w_o, b_o, head_probs, bn1.weight, bn1.bias, bn1.running_mean,
+               bn1.running_var, bn3.weight, bn3.bias, bn3.running_mean, bn3.running_var, gates)
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    outs = gated_attn_conv_op(*tensors, h, float(alpha), gh, gw, bool(training), pre, int(center), [e1, e3, em], live,
+                              [float(bn1.eps), float(bn3.eps)], save)
+    if training:  # running statistics, as F.batch_norm updates them (functional op: the update happens here)
+        for bn, chan, is_live in ((bn1, outs[7], live[2]), (bn3, outs[6], live[1])):
+            if is_live:
+                _update_running_stats(bn, chan, bsz * gh * gw)
+    return outs[0]
 
 
-__all__ = ["gated_attn_conv"]
-
+__all__ = ["gated_attn_conv", "gated_attn_conv_op"]

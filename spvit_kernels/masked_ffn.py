@@ -27,9 +27,9 @@ Backward
 All GEMMs accumulate in fp32; fp32 inputs use exact fp32 dot products unless
 ``torch.backends.cuda.matmul.allow_tf32`` is set (then TF32, as cuBLAS would). Double backward is not supported.
 
-The op is exposed as ``torch.ops.spvit.masked_ffn_fwd`` / ``torch.ops.spvit.masked_ffn_bwd`` (``triton_op``, so
-``torch.compile`` traces into the kernels) with autograd registered. Without ``torch.library.triton_op`` (torch < 2.6)
-or under the Triton interpreter they are opaque ``custom_op``s with the same autograd (see :func:`library_op`).
+The op is ``torch.ops.spvit.masked_ffn`` with its backward ``torch.ops.spvit.masked_ffn_backward`` (``triton_op``s, so
+``torch.compile`` traces into the kernels) and autograd registered. Under the Triton interpreter they are opaque
+``custom_op``s with the same autograd (see :func:`spvit_kernels._compat.define_op`).
 """
 from __future__ import annotations
 
@@ -38,12 +38,8 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.jit import JITFunction
 
-try:
-    from torch.library import wrap_triton as _torch_wrap_triton
-except ImportError:  # torch < 2.6
-    _torch_wrap_triton = None
+from ._compat import autocast_cast, define_op, dot_precision, tl_dot, upcast_dot, wrap_triton
 
 _ACT_NONE, _ACT_GELU_ERF, _ACT_GELU_TANH = 0, 1, 2
 _APPROX_TO_ACT = {"none": _ACT_GELU_ERF, "tanh": _ACT_GELU_TANH}
@@ -79,15 +75,6 @@ def _gelu_and_grad(z, ACT: tl.constexpr):
         t = 2.0 * tl.sigmoid(2.0 * u) - 1.0
         du = 0.7978845608028654 * (1.0 + 0.134145 * z * z)
         return 0.5 * z * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * du
-
-
-@triton.jit
-def _dot(a, b, acc, ALLOW_TF32: tl.constexpr):
-    """acc + a @ b with fp32 accumulation; TF32 or exact fp32 products for fp32 operands."""
-    if ALLOW_TF32:
-        return tl.dot(a, b, acc, input_precision="tf32")
-    else:
-        return tl.dot(a, b, acc, input_precision="ieee")
 
 
 @triton.jit
@@ -132,8 +119,8 @@ def _masked_ffn_fwd_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_MASK: tl.constexpr,
     STORE_Z: tl.constexpr,
-    ALLOW_TF32: tl.constexpr,  # fp32 inputs: TF32 dot products (else exact fp32); no effect on bf16/fp16
-    INTERPRET_BF16: tl.constexpr,  # bf16 under the Triton interpreter: work around its bf16 bugs (_interpret_bf16)
+    PRECISION: tl.constexpr,  # fp32 inputs: 'tf32' or 'ieee' dot products (_compat.dot_precision)
+    INTERPRET_BF16: tl.constexpr,  # bf16 under the Triton interpreter: fp32 dots and RNE casts (_compat.upcast_dot)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -152,9 +139,7 @@ def _masked_ffn_fwd_kernel(
         k_ok = (k0 + offs_k) < K
         xt = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         wt = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        if INTERPRET_BF16:
-            xt, wt = xt.to(tl.float32), wt.to(tl.float32)
-        acc = _dot(xt, wt, acc, ALLOW_TF32)
+        acc = tl_dot(xt, wt, acc, PRECISION, INTERPRET_BF16)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
 
@@ -181,7 +166,7 @@ def _masked_ffn_bwd_kernel(
     part_ptr,  # (2, num_m_tiles, F) fp32 out: per token tile, [0] sum_t GELU(z) * dh (gate grad), [1] sum_t dz (db1)
     M, F, C,
     ACT: tl.constexpr,  # 1 GELU (erf), 2 GELU (tanh)
-    ALLOW_TF32: tl.constexpr,
+    PRECISION: tl.constexpr,
     INTERPRET_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -202,9 +187,7 @@ def _masked_ffn_bwd_kernel(
         k_ok = (k0 + offs_k) < C
         g = tl.load(dy_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w2_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        if INTERPRET_BF16:
-            g, w = g.to(tl.float32), w.to(tl.float32)
-        dh = _dot(g, w, dh, ALLOW_TF32)
+        dh = tl_dot(g, w, dh, PRECISION, INTERPRET_BF16)
         dy_ptrs += BLOCK_K
         w2_ptrs += BLOCK_K * F
 
@@ -227,28 +210,6 @@ def _masked_ffn_bwd_kernel(
 # ----------------------------------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------------------------------
-def wrap_triton(kernel):
-    """``torch.library.wrap_triton(kernel)``; the kernel itself under the interpreter or on torch without it."""
-    if _torch_wrap_triton is None or not isinstance(kernel, JITFunction):
-        return kernel
-    return _torch_wrap_triton(kernel)
-
-
-def _allow_tf32(dtype: torch.dtype) -> bool:
-    """TF32 for fp32 GEMMs exactly when PyTorch's own matmuls use it (``torch.backends.cuda.matmul.allow_tf32``)."""
-    return dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
-
-
-def _interpret_bf16(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the kernels run bf16 under the Triton interpreter (CPU tensors), whose bf16 support is faulty.
-
-    There (triton 3.8) bf16 x bf16 ``tl.dot`` returns garbage and fp32 -> bf16 casts truncate. The kernels then feed
-    ``tl.dot`` fp32 copies of the operands, which changes no result (a bf16 x bf16 product is exact in fp32, and the
-    GPU accumulates in fp32 too), and round their bf16 outputs to nearest even by hand (see ``_cast_for``).
-    """
-    return device.type != "cuda" and dtype == torch.bfloat16
-
-
 def _blocks(device: torch.device, dtype: torch.dtype) -> dict:
     """Tile sizes and launch options. GPU values are untuned defaults for H100-class cards (see the benchmark)."""
     if device.type != "cuda":  # Triton interpreter: few, mid-size programs run fastest
@@ -285,7 +246,7 @@ def linear_act(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], act:
         z if z is not None else x.new_empty(0),  # never an alias of ``out``: both are written by the kernel
         m_rows, n, k, x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1),
         ACT=act, HAS_BIAS=b is not None, HAS_MASK=mask is not None, STORE_Z=store_preact,
-        ALLOW_TF32=_allow_tf32(x.dtype), INTERPRET_BF16=_interpret_bf16(x.device, x.dtype), **cfg,
+        PRECISION=dot_precision(x.dtype), INTERPRET_BF16=upcast_dot(x.device, x.dtype), **cfg,
     )
     return out, z
 
@@ -318,8 +279,8 @@ def _bwd_impl(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torch.Ten
         grid = (num_m * triton.cdiv(f, cfg["BLOCK_N"]),)
         wrap_triton(_masked_ffn_bwd_kernel)[grid](
             dy, w2, z, mask, dz, h, part, m_rows, f, c,
-            ACT=_APPROX_TO_ACT[approximate], ALLOW_TF32=_allow_tf32(dy.dtype),
-            INTERPRET_BF16=_interpret_bf16(dy.device, dy.dtype),
+            ACT=_APPROX_TO_ACT[approximate], PRECISION=dot_precision(dy.dtype),
+            INTERPRET_BF16=upcast_dot(dy.device, dy.dtype),
             BLOCK_M=cfg["BLOCK_M"], BLOCK_F=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
@@ -335,23 +296,6 @@ def _bwd_impl(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torch.Ten
 # ----------------------------------------------------------------------------------------------------------------------
 # torch.library ops + autograd
 # ----------------------------------------------------------------------------------------------------------------------
-def library_op(name: str, fake):
-    """Decorator registering ``fn`` as the torch.library op ``name`` (schema from its type hints).
-
-    ``torch.library.triton_op`` when available and the kernels are compiled: ``torch.compile`` then traces into the
-    Triton kernels. Otherwise (torch < 2.6, or kernels run by the Triton interpreter, which ``triton_op`` cannot trace)
-    an opaque ``torch.library.custom_op`` with ``fake`` as its shape function: still one graph node for
-    ``torch.compile`` / ``opcheck``, with the same autograd registration.
-    """
-    def deco(fn):
-        if hasattr(torch.library, "triton_op") and isinstance(_masked_ffn_fwd_kernel, JITFunction):
-            return torch.library.triton_op(name, fn, mutates_args=())
-        op = torch.library.custom_op(name, fn, mutates_args=())
-        op.register_fake(fake)
-        return op
-    return deco
-
-
 def _fwd_fake(x, w1, b1, w2, b2, mask, approximate, save_preact, fc2):
     z = x.new_empty((x.shape[0], w1.shape[0])) if save_preact else x.new_empty(0)
     return x.new_empty((x.shape[0], w2.shape[0])), z
@@ -362,7 +306,6 @@ def _bwd_fake(dy, x, w1, w2, mask, z, approximate):
             dy.new_empty(dy.shape[1]), torch.empty_like(mask))
 
 
-@library_op("spvit::masked_ffn_fwd", _fwd_fake)
 def _masked_ffn_fwd(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
                     b2: Optional[torch.Tensor], mask: torch.Tensor, approximate: str, save_preact: bool, fc2: str
                     ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -370,7 +313,6 @@ def _masked_ffn_fwd(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor
     return _fwd_impl(x, w1, b1, w2, b2, mask, approximate, save_preact, fc2)
 
 
-@library_op("spvit::masked_ffn_bwd", _bwd_fake)
 def _masked_ffn_bwd(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, mask: torch.Tensor,
                     z: torch.Tensor, approximate: str
                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -378,10 +320,15 @@ def _masked_ffn_bwd(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: tor
     return _bwd_impl(dy, x, w1, w2, mask, z, approximate)
 
 
+# spvit::masked_ffn returns (y, z): the pre-activation z is what the backward keeps (see the module docstring).
+masked_ffn_op = define_op("masked_ffn", _masked_ffn_fwd, _fwd_fake)
+masked_ffn_backward_op = define_op("masked_ffn_backward", _masked_ffn_bwd, _bwd_fake)
+
+
 def _setup_context(ctx, inputs, output):
     x, w1, b1, w2, b2, mask, approximate, save_preact, _fc2 = inputs
     if not save_preact:
-        raise RuntimeError("spvit::masked_ffn_fwd ran with save_preact=False but a backward is needed")
+        raise RuntimeError("spvit::masked_ffn ran with save_preact=False but a backward is needed")
     ctx.save_for_backward(x, w1, w2, mask, output[1])
     ctx.approximate = approximate
     ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
@@ -389,19 +336,16 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, _dz):
     x, w1, w2, mask, z = ctx.saved_tensors
-    dx, dw1, db1, dw2, db2, dmask = _masked_ffn_bwd(dy.contiguous(), x, w1, w2, mask, z, ctx.approximate)
+    dx, dw1, db1, dw2, db2, dmask = masked_ffn_backward_op(dy.contiguous(), x, w1, w2, mask, z, ctx.approximate)
     return (dx, dw1, db1 if ctx.has_b1 else None, dw2, db2 if ctx.has_b2 else None, dmask, None, None, None)
 
 
-_masked_ffn_fwd.register_autograd(_backward, setup_context=_setup_context)
+masked_ffn_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _autocast_inputs(x, w1, b1, w2, b2):
     """Under autocast, cast the FFN's inputs to the autocast dtype, as ``F.linear`` would."""
-    if not torch.is_autocast_enabled(x.device.type):
-        return x, w1, b1, w2, b2
-    dt = torch.get_autocast_dtype(x.device.type)
-    return tuple(t.to(dt) if t is not None else None for t in (x, w1, b1, w2, b2))
+    return autocast_cast(x.device.type, (x, w1, b1, w2, b2))
 
 
 def _check_ffn_inputs(op: str, x, w1, b1, w2, b2, approximate: str) -> None:
@@ -457,5 +401,5 @@ def masked_ffn_with_fc2(
     w1, w2, mask = w1.contiguous(), w2.contiguous(), mask.contiguous()
     b1 = b1.contiguous() if b1 is not None else None
     b2 = b2.contiguous() if b2 is not None else None
-    y, _ = _masked_ffn_fwd(x2, w1, b1, w2, b2, mask, approximate, need_grad, fc2)
+    y, _ = masked_ffn_op(x2, w1, b1, w2, b2, mask, approximate, need_grad, fc2)
     return y.reshape(*lead, y.shape[-1])

@@ -17,7 +17,7 @@ Autograd
     it runs the eager reference instead, so gradients are exact and nothing breaks; under ``torch.no_grad`` /
     ``torch.inference_mode`` (or with no input requiring grad) it runs the Triton kernels.
 
-The kernel path is the op ``torch.ops.spvit.pruned_ffn`` (a ``triton_op``, see :func:`masked_ffn.library_op`) so
+The kernel path is the op ``torch.ops.spvit.pruned_ffn`` (a ``triton_op``, see :func:`spvit_kernels._compat.define_op`) so
 ``torch.compile`` and ``torch.export`` see it.
 """
 from __future__ import annotations
@@ -27,7 +27,8 @@ from typing import Optional
 import torch
 
 from . import reference
-from .masked_ffn import _ACT_NONE, _APPROX_TO_ACT, _autocast_inputs, _check_ffn_inputs, library_op, linear_act
+from ._compat import define_op
+from .masked_ffn import _ACT_NONE, _APPROX_TO_ACT, _autocast_inputs, _check_ffn_inputs, linear_act
 
 DEFAULT_FC2 = "triton"
 _HIDDEN_ROW_ALIGN = 64
@@ -56,11 +57,13 @@ def _pruned_ffn_fake(x, w1, b1, w2, b2, approximate, fc2):
     return x.new_empty((x.shape[0], w2.shape[0]))
 
 
-@library_op("spvit::pruned_ffn", _pruned_ffn_fake)
-def _pruned_ffn_op(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
+def _pruned_ffn_fwd(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
                    b2: Optional[torch.Tensor], approximate: str, fc2: str) -> torch.Tensor:
     """x: (M, C) -> (M, C); see :func:`_pruned_ffn_impl`."""
     return _pruned_ffn_impl(x, w1, b1, w2, b2, approximate, fc2)
+
+
+pruned_ffn_op = define_op("pruned_ffn", _pruned_ffn_fwd, _pruned_ffn_fake)
 
 
 def pruned_ffn(
@@ -95,5 +98,5 @@ def pruned_ffn_with_fc2(
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     b1 = b1.contiguous() if b1 is not None else None
     b2 = b2.contiguous() if b2 is not None else None
-    y = _pruned_ffn_op(x2, w1.contiguous(), b1, w2.contiguous(), b2, approximate, fc2)
+    y = pruned_ffn_op(x2, w1.contiguous(), b1, w2.contiguous(), b2, approximate, fc2)
     return y.reshape(*lead, y.shape[-1])

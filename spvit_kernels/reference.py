@@ -239,7 +239,9 @@ def gated_attn_conv(
         compute_all = training or (gates.requires_grad and torch.is_grad_enabled())
     live = [True] * 3 if compute_all else [bool(c != 0) for c in (c_m, c_3, c_1)]
 
-    out = torch.zeros_like(x_hat)
+    if not any(live):
+        return torch.zeros_like(x_hat)
+    out = None  # sum of the live candidates' terms (in the matmuls' dtype, e.g. the autocast dtype)
     b, n, c = x_hat.shape
     xp = x_hat[:, num_prefix_tokens:]
     p = xp.shape[1]
@@ -254,9 +256,11 @@ def gated_attn_conv(
         planes = mix_planes(u, m[:, cols])
         y = shift_sum(planes, tap_bias, grid, relu=False)
         r = _bn_relu(y, bn, training)
-        out = out + coef * _with_prefix(x_hat, F.linear(r, out_map, b_o), num_prefix_tokens)
+        term = coef * _with_prefix(x_hat, F.linear(r, out_map, b_o), num_prefix_tokens)
+        out = term if out is None else out + term
     if live[0]:
-        out = out + c_m * msa(x_hat, w_qk, b_qk, w_v, b_v, w_o, b_o, num_heads)
+        term = c_m * msa(x_hat, w_qk, b_qk, w_v, b_v, w_o, b_o, num_heads)
+        out = term if out is None else out + term
     return out
 
 

@@ -21,23 +21,18 @@ Backward of the shift-sum (both providers): with ``g = grad_y * (y > 0 if relu)`
 from __future__ import annotations
 
 import functools
-import os
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from . import _ext
+from ._compat import HAS_TRITON, autocast_cast, define_op, require_triton_device, wrap_triton
 from .reference import TAP_OFFSETS
 
-try:
+if HAS_TRITON:
     import triton
     import triton.language as tl
-    from torch.library import triton_op, wrap_triton
-
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - triton is a dependency of CUDA torch builds
-    HAS_TRITON = False
 
 
 def _check(planes: torch.Tensor, bias: Optional[torch.Tensor], grid: Tuple[int, int]) -> Tuple[int, int]:
@@ -269,8 +264,7 @@ if HAS_TRITON:
         block_p = max(1, min(64, triton.next_power_of_2(max(p, 1)), 4096 // block_d))
         return block_p, block_d
 
-    @triton_op("spvit::shift_sum_triton", mutates_args=())
-    def _shift_sum_triton_op(
+    def _shift_sum_triton_fwd(
         planes: torch.Tensor, bias: Optional[torch.Tensor], H: int, W: int, relu: bool,  # noqa: N803
     ) -> torch.Tensor:
         planes = planes.contiguous()
@@ -287,8 +281,10 @@ if HAS_TRITON:
         )
         return out
 
-    @triton_op("spvit::shift_sum_triton_backward", mutates_args=())
-    def _shift_sum_triton_backward_op(
+    def _shift_sum_triton_fake(planes, bias, H, W, relu):  # noqa: N803
+        return planes.new_empty(planes.shape[0], planes.shape[1], planes.shape[3])
+
+    def _shift_sum_triton_bwd(
         grad: torch.Tensor, out: torch.Tensor, H: int, W: int, T: int, relu: bool,  # noqa: N803
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         grad = grad.contiguous()
@@ -306,8 +302,16 @@ if HAS_TRITON:
         )
         return grad_planes, partial.sum(0)
 
-    _register_autograd(_shift_sum_triton_op.register_autograd, _shift_sum_triton_backward_op.register_autograd,
-                       _shift_sum_triton_op, _shift_sum_triton_backward_op)
+    def _shift_sum_triton_bwd_fake(grad, out, H, W, T, relu):  # noqa: N803
+        b, p, d = grad.shape
+        return grad.new_empty(b, p, T, d), grad.new_empty(d, dtype=_bias_grad_dtype(grad.dtype))
+
+    # The Triton provider of the shift-sum: ``spvit::shift_sum_triton`` (the extension registers ``spvit::shift_sum``).
+    shift_sum_triton_op = define_op("shift_sum_triton", _shift_sum_triton_fwd, _shift_sum_triton_fake)
+    shift_sum_triton_backward_op = define_op("shift_sum_triton_backward", _shift_sum_triton_bwd,
+                                             _shift_sum_triton_bwd_fake)
+    _register_autograd(shift_sum_triton_op.register_autograd, shift_sum_triton_backward_op.register_autograd,
+                       shift_sum_triton_op, shift_sum_triton_backward_op)
 
 
 def shift_sum_triton(
@@ -318,11 +322,8 @@ def shift_sum_triton(
     Args/returns as :func:`shift_sum_ext`. Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``.
     """
     hh, ww = _check(planes, bias, grid)
-    if not HAS_TRITON:
-        raise RuntimeError("shift_sum_triton needs triton")
-    if not planes.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        raise RuntimeError("shift_sum_triton needs CUDA tensors, or CPU tensors under TRITON_INTERPRET=1")
-    return _shift_sum_triton_op(planes, bias, hh, ww, bool(relu))
+    require_triton_device("shift_sum_triton", planes.device)
+    return shift_sum_triton_op(planes, bias, hh, ww, bool(relu))
 
 
 __all__ = ["shift_sum_ext", "shift_sum_triton", "deploy_conv_ext", "TAP_OFFSETS"]

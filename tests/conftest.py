@@ -1,4 +1,9 @@
-"""Test configuration: Triton kernels run under the interpreter on CPU-only machines; a seed fixture."""
+"""Test configuration: where the kernels are tested, and a seed fixture.
+
+With a CUDA GPU the kernel tests run on CUDA tensors (compiled Triton kernels, the extension's CUDA kernels); without
+one they run on CPU tensors, the Triton kernels under the interpreter (``TRITON_INTERPRET=1``, set here before triton is
+imported). Compiled Triton kernels are never launched on CPU tensors.
+"""
 import os
 
 import torch
@@ -21,7 +26,7 @@ def seed():
     yield 0
 
 
-@pytest.fixture(params=["cpu"] + (["cuda"] if HAS_CUDA else []))
+@pytest.fixture(params=["cuda"] if HAS_CUDA else ["cpu"])
 def device(request):
-    """Device to run on: CPU (Triton interpreter) always, CUDA when present."""
+    """Device the kernels are tested on: CUDA when present, else CPU (Triton kernels under the interpreter)."""
     return torch.device(request.param)

@@ -67,9 +67,9 @@ def max_err(a, b):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("layer_scale", [False, True])
-def test_deployed_equals_pruned(backend, layer_scale):
-    pruned = mixed_pruned(layer_scale)
-    x = images()
+def test_deployed_equals_pruned(backend, layer_scale, device):
+    pruned = mixed_pruned(layer_scale).to(device)
+    x = images().to(device)
     with torch.no_grad():
         ref = pruned(x)
     deployed = deploy(pruned)
@@ -111,9 +111,9 @@ def test_deploy_does_not_touch_the_model():
 
 
 @pytest.mark.parametrize("backend", ["eager", "triton"])
-def test_bf16_error_at_most_twice_eager(backend):
-    pruned = mixed_pruned(True)
-    x = images(4)
+def test_bf16_error_at_most_twice_eager(backend, device):
+    pruned = mixed_pruned(True).to(device)
+    x = images(4).to(device)
     with torch.no_grad():
         ref = pruned(x)  # fp32 reference
         eager_err = max_err(copy.deepcopy(pruned).to(torch.bfloat16)(x.to(torch.bfloat16)), ref)
@@ -180,10 +180,10 @@ def test_errors(tmp_path):
 
 
 @pytest.mark.parametrize("backend", ["auto", "triton"])
-def test_torch_export(backend):
-    pruned = mixed_pruned()
+def test_torch_export(backend, device):
+    pruned = mixed_pruned().to(device)
     deployed = deploy(pruned)
-    x = images(2)
+    x = images(2).to(device)
     with torch.no_grad():
         ref = pruned(x)
     with K.use_backend(backend):
@@ -191,10 +191,10 @@ def test_torch_export(backend):
         torch.testing.assert_close(ep.module()(x), ref, atol=1e-5, rtol=1e-5)
 
 
-def test_export_with_reference_ops():
-    deployed = deploy(mixed_pruned())
+def test_export_with_reference_ops(device):
+    deployed = deploy(mixed_pruned().to(device))
     deployed.kernels_when_tracing = False
-    x = images(2)
+    x = images(2).to(device)
     with K.use_backend("triton"):
         ep = torch.export.export(deployed, (x,))
     assert not any("spvit" in str(n.target) for n in ep.graph.nodes if n.op == "call_function")
@@ -203,10 +203,10 @@ def test_export_with_reference_ops():
 
 
 @pytest.mark.parametrize("backend", ["auto", "triton"])
-def test_torch_compile(backend):
-    pruned = mixed_pruned()
+def test_torch_compile(backend, device):
+    pruned = mixed_pruned().to(device)
     deployed = deploy(pruned)
-    x = images(2)
+    x = images(2).to(device)
     torch._dynamo.reset()
     compiled = torch.compile(deployed, backend="aot_eager", fullgraph=True)
     with K.use_backend(backend), torch.no_grad():

@@ -210,6 +210,20 @@ def test_low_precision_error_within_2x_of_eager(device, dtype, choice):
     The error is the RMS over four random draws: several gradients here (gates, head_probs, the biases behind a
     training BatchNorm) are a handful of long reductions, for which a single draw's error is mostly chance.
     """
+    _low_precision_vs_eager(device, dtype, choice, autocast=False)
+
+
+AUTOCAST = [(torch.bfloat16, c) for c in GATES] + [(torch.float16, "3x3")]
+
+
+@pytest.mark.parametrize("dtype,choice", AUTOCAST, ids=[f"{str(t)[6:]}-{c}" for t, c in AUTOCAST])
+def test_autocast_error_within_2x_of_eager(device, dtype, choice):
+    """fp32 parameters and inputs under ``torch.autocast``: forward and every gradient (fp32 leaves) run, and their
+    error vs the fp64 reference is at most 2x that of the eager reference under the same autocast."""
+    _low_precision_vs_eager(device, dtype, choice, autocast=True)
+
+
+def _low_precision_vs_eager(device, dtype, choice, autocast):
     _skip_without_triton_device(device)
     bsz, grid, prefix, h, d = 2, (4, 4), 1, 4, 8
     kw = dict(grid=grid, prefix=prefix, h=h, training=True)
@@ -220,9 +234,16 @@ def test_low_precision_error_within_2x_of_eager(device, dtype, choice):
         # round the masters to the test dtype once so all three runs see the same values
         t = {k: (None if v is None else v.to(dtype).float()) for k, v in t.items()}
         exact = _run(reference.gated_attn_conv, t, bns, torch.float64, GATES[choice], **kw)
-        eager = _run(reference.gated_attn_conv, t, bns, dtype, GATES[choice], bn_dtype=torch.float32, **kw)
-        ours = _run(_fused(), t, bns, dtype, GATES[choice], bn_dtype=torch.float32, **kw)
-        assert ours[0].dtype == dtype
+        if autocast:
+            with torch.autocast(device.type, dtype=dtype):
+                eager = _run(reference.gated_attn_conv, t, bns, torch.float32, GATES[choice], **kw)
+                ours = _run(_fused(), t, bns, torch.float32, GATES[choice], **kw)
+            for name, grad in ours[1].items():
+                assert grad is None or grad.dtype == torch.float32, name
+        else:
+            eager = _run(reference.gated_attn_conv, t, bns, dtype, GATES[choice], bn_dtype=torch.float32, **kw)
+            ours = _run(_fused(), t, bns, dtype, GATES[choice], bn_dtype=torch.float32, **kw)
+        assert ours[0].dtype == eager[0].dtype == dtype
         triples = [("out", ours[0], eager[0], exact[0])]
         triples += [(f"grad {k}", ours[1][k], eager[1][k], exact[1][k]) for k in NAMES]
         triples += [(f"running stat {i}", a, b, c) for i, (a, b, c) in enumerate(zip(ours[2], eager[2], exact[2]))]
@@ -273,10 +294,26 @@ def test_rejects_bad_inputs(device):
         fn(pos[0][0], *pos[1:], bn1, bn3, g, **kw)
 
 
-def test_registered_as_torch_library_ops():
-    """The Triton launchers are torch.library ops (traceable by torch.compile) where triton_op exists."""
-    if not hasattr(torch.library, "triton_op"):
-        pytest.skip("torch.library.triton_op is not available in this torch")
-    import spvit_kernels.gated_attn_conv  # noqa: F401
-    for name in ("gac_conv_fwd", "gac_bn_relu", "gac_bn_bwd_stats", "gac_conv_bwd", "gac_dot"):
-        assert hasattr(torch.ops.spvit, name), name
+@pytest.mark.parametrize("choice", list(GATES))
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_opcheck(device, choice, training):
+    """``spvit::gated_attn_conv`` passes torch.library.opcheck (schema, fake shapes, autograd registration, AOT
+    dispatch) with and without a backward."""
+    _skip_without_triton_device(device)
+    from spvit_kernels.gated_attn_conv import gated_attn_conv_op  # noqa: F401  (registers the op)
+    bsz, grid, prefix, h, d = SHAPES[1]
+    t, bns, dtype = _make(bsz, grid, prefix, h, d, device)
+    for save in (True, False):
+        args, (bn1, bn3), g = _clone(t, bns, dtype, GATES[choice], gate_grad=save)
+        tensors = [args[k] if save or args[k] is None else args[k].detach() for k in NAMES[:8]]
+        bn_t = [bn1.weight, bn1.bias, bn1.running_mean, bn1.running_var, bn3.weight, bn3.bias, bn3.running_mean,
+                bn3.running_var]
+        bn_t = [b if b is None or save else b.detach() for b in bn_t]
+        e1, e3, em = GATES[choice]
+        live = [True, True, True] if (training or save) else [em == 1, e3 * (1 - em) == 1,
+                                                              e1 * (1 - e3) * (1 - em) == 1]
+        if not any(live):
+            continue
+        torch.library.opcheck(torch.ops.spvit.gated_attn_conv.default,
+                              (*tensors, *bn_t, g, h, 0.01, grid[0], grid[1], training, prefix, 4, [e1, e3, em], live,
+                               [1e-5, 1e-5], save))

@@ -204,10 +204,14 @@ def test_compile_inductor_gpu():
 def test_opcheck(device):
     x, w1, b1, w2, b2, mask = make_inputs((1, 50, 32, 37), torch.float32, device)
     x2 = x.detach().reshape(-1, 32).requires_grad_()
-    torch.library.opcheck(torch.ops.spvit.masked_ffn_fwd.default, (x2, w1, b1, w2, b2, mask, "none", True, "cublas"))
+    torch.library.opcheck(torch.ops.spvit.masked_ffn.default, (x2, w1, b1, w2, b2, mask, "none", True, "cublas"))
     no_grad = [t.detach() for t in (x2, w1, w2, mask)]  # save_preact=False: only valid without a backward
-    torch.library.opcheck(torch.ops.spvit.masked_ffn_fwd.default,
+    torch.library.opcheck(torch.ops.spvit.masked_ffn.default,
                           (no_grad[0], no_grad[1], None, no_grad[2], None, no_grad[3], "tanh", False, "triton"))
+    z = torch.randn(50, 37, device=device)
+    dy = torch.randn(50, 32, device=device)
+    torch.library.opcheck(torch.ops.spvit.masked_ffn_backward.default,
+                          (dy, no_grad[0], no_grad[1], no_grad[2], no_grad[3], z, "none"))
 
 
 def test_errors(device):
