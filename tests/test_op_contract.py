@@ -1,0 +1,94 @@
+"""The op contract of spvit_kernels: one name stem per op (file, torch.library op, dispatcher, test, benchmark), loud
+registration failures, and the version-dependent settings read in one place."""
+import importlib
+import inspect
+import os
+
+import pytest
+import torch
+
+import spvit_kernels
+from spvit_kernels import _compat, _ext, ops, reference
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEMS = ("gated_attn_conv", "masked_ffn", "pruned_ffn", "shift_sum", "deploy_conv")
+
+
+@pytest.mark.parametrize("stem", STEMS)
+def test_one_stem_per_op(stem):
+    module = importlib.import_module(f"spvit_kernels.{stem}")
+    assert inspect.ismodule(getattr(spvit_kernels, stem)), "a package attribute shadows the op's module"
+    assert module is getattr(spvit_kernels, stem)
+    assert callable(getattr(ops, stem)) and callable(getattr(reference, stem))
+    assert os.path.exists(os.path.join(ROOT, "tests", f"test_{stem}.py"))
+    assert os.path.exists(os.path.join(ROOT, "bench", f"bench_{stem}.py"))
+    if stem == "shift_sum" and not _ext.has_op("shift_sum"):
+        pytest.skip(f"spvit::shift_sum comes from the extension, not built here: {_ext.error()}")
+    assert hasattr(torch.ops.spvit, stem), f"torch.ops.spvit.{stem} is not registered"
+
+
+def test_dispatcher_signatures_follow_the_reference():
+    """Every provider has the signature of the reference function of the same name."""
+    from spvit_kernels.backend import _PROVIDERS, _load
+    for stem, providers in _PROVIDERS.items():
+        ref = inspect.signature(getattr(reference, stem))
+        for backend, spec in providers.items():
+            fn = _load(spec)
+            if fn is None:
+                continue
+            ours = inspect.signature(fn)
+            assert [(p.name, p.kind, p.default) for p in ours.parameters.values()] == \
+                [(p.name, p.kind, p.default) for p in ref.parameters.values()], (stem, backend)
+
+
+def test_registration_failure_is_loud():
+    """A registration that fails raises and names the op (no silent fallback to an unregistered function)."""
+    def no_types(x, scale):  # no type hints: no schema can be inferred
+        return x * scale
+
+    with pytest.raises(RuntimeError, match="spvit::test_contract_untyped"):
+        _compat.define_op("test_contract_untyped", no_types, lambda x, scale: torch.empty_like(x))
+
+
+@pytest.fixture
+def restore_precision():
+    matmul = torch.backends.cuda.matmul
+    new = getattr(matmul, "fp32_precision", None)
+    legacy = None if new not in (None, "none") else matmul.allow_tf32
+    yield
+    if new is not None:
+        matmul.fp32_precision = new
+    if legacy is not None:
+        matmul.allow_tf32 = legacy
+
+
+def test_allow_tf32_reads_the_new_setting(restore_precision):
+    """With torch's fp32_precision API set, reading the legacy flag raises; our switch must not."""
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("this torch has no fp32_precision setting")
+    matmul.fp32_precision = "tf32"
+    assert _compat.allow_tf32() is True
+    assert _compat.dot_precision(torch.float32) == "tf32"
+    matmul.fp32_precision = "ieee"
+    assert _compat.allow_tf32() is False
+    assert _compat.dot_precision(torch.float32) == "ieee"
+    assert _compat.dot_precision(torch.bfloat16) == "tf32"
+
+
+def test_kernels_run_with_the_new_precision_setting(restore_precision, device):
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("this torch has no fp32_precision setting")
+    matmul.fp32_precision = "ieee"
+    x, w1, w2 = torch.randn(8, 16, device=device), torch.randn(12, 16, device=device), torch.randn(16, 12, device=device)
+    with torch.no_grad():
+        y = ops.pruned_ffn(x, w1, None, w2, None) if device.type == "cuda" else \
+            spvit_kernels.pruned_ffn.pruned_ffn(x, w1, None, w2, None)
+    torch.testing.assert_close(y, reference.pruned_ffn(x, w1, None, w2, None), atol=1e-5, rtol=1e-5)
+
+
+def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        _compat.require_triton_device("masked_ffn", torch.device("cpu"))
