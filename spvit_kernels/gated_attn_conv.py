@@ -19,10 +19,10 @@ Same signature and semantics as :func:`spvit_kernels.reference.gated_attn_conv`.
     gradient;
   - ``_gated_attn_conv_dot_kernel``: fp32 inner product ``<G, out_msa>`` for the MSA gate gradient.
 
-* Plain torch inside the autograd Function: the tiny weight-side maths (softmax over heads and its backward,
-  mixed biases/output maps and their gradients, combining the per-program partial sums, running-statistic
-  updates, gate-gradient scalars) and the SDPA backward (``torch.autograd.grad`` through the SDPA node kept from
-  the forward).
+* Plain torch in the op and its backward: the tiny weight-side maths (softmax over heads and its backward, mixed
+  biases/output maps and their gradients, combining the per-program partial sums, gate-gradient scalars) and the
+  attention backward (the attention is recomputed from the saved q, k, v and differentiated by SDPA's own backward:
+  one extra attention forward, a few percent of the layer's FLOPs at ViT token counts).
 
 Gates are exactly 0/1, so exactly one candidate (or none: skip) has coefficient 1. The forward reads the three
 gate values on the host (one device sync, as the official code does), produces only the live candidate's
@@ -36,11 +36,15 @@ The value projection ``u = x Wv^T`` is computed once without bias (in one GEMM w
 shared: the conv path adds its mixed bias like the reference, and MSA folds ``bv`` into its output bias
 (attention rows sum to 1, so ``attn (u + bv) Wo^T + bo = attn u Wo^T + (bo + Wo bv)``, exactly).
 
-Limitations: no double backward; ``retain_graph=True`` is not supported when MSA is live (its SDPA graph is
-released after the first backward).
+The layer is the functional ``torch.library`` op ``spvit::gated_attn_conv`` (fake shapes, autograd registered,
+``opcheck`` in the tests): it returns the layer output plus the tensors its backward needs, and the new BatchNorm
+batch statistics, from which :func:`gated_attn_conv` updates the running statistics (so the op mutates nothing). Its
+backward's Triton launches are ops as well (``spvit::gated_attn_conv_bn_bwd_stats``, ``..._conv_bwd``, ``..._dot``),
+so AOT autograd / ``torch.compile`` can trace the backward. The host read of the gates (in the Python function,
+before the op) is a graph break. Under ``torch.autocast`` the activations and projection weights are cast to the
+autocast dtype first (as ``F.linear`` would); the op itself runs with autocast off.
 
-The Triton launchers are registered with ``torch.library.triton_op`` (``spvit::gac_*``) so ``torch.compile`` can
-trace them; the host read of the gates is a graph break.
+Limitations: no double backward.
 """
 from typing import List, NamedTuple, Optional, Tuple
 
