@@ -1,4 +1,4 @@
-// spvit::shift_sum: the folded depthwise 3x3 step of SPViT (algorithm doc §1.4, §10.4), schema + CPU kernels.
+// spvit::shift_sum: the folded depthwise 3x3 step of SPViT (docs/method.md §1.4, §10.4), schema + CPU kernels.
 //
 //   shift_sum(planes (B, P, T, d), bias (d,)?, H, W, relu) -> (B, P, d)
 //     out[b, p] = act(sum_k planes[b, p + offset_k, k] + bias), neighbours outside the H x W grid are zero.

@@ -1,4 +1,4 @@
-"""Deployment: a fine-tuned SPViT model as the fastest exact inference model (spec §6, §10.4).
+"""Deployment: a fine-tuned SPViT model as the fastest exact inference model (docs/method.md §6, §10.4).
 
 ``deploy(pruned)`` returns a :class:`DeployedModel`, an eval-only copy of the pruned model in which
 
@@ -123,7 +123,7 @@ class FusedAttention(nn.Module):
 
 
 class FoldedConv(nn.Module):
-    """3x3 / 1x1 conv layer with head mixing and BatchNorm folded (spec §10.4), run by ``spvit_kernels.deploy_conv``.
+    """3x3 / 1x1 conv layer with head mixing and BatchNorm folded (docs/method.md §10.4), run by ``spvit_kernels.deploy_conv``.
 
     Parameters: ``w_planes`` (T*d, C) with T = 9 or 1, ``b_fold`` (d,), ``w_out`` (C, d), ``b_out`` (C,).
     forward(x_hat: (B, N, C)) -> (B, N, C), prefix (class) token passed through.

@@ -1,4 +1,4 @@
-"""The FLOPs model of SPViT (spec §3.1, in multiply-accumulates; "GFLOPs" = MACs / 1e9).
+"""The FLOPs model of SPViT (docs/method.md §3.1, in multiply-accumulates; "GFLOPs" = MACs / 1e9).
 
 For a ViT with embedding C, h heads (d = C/h), a patch grid of HW positions, N = HW + 1 tokens:
 

@@ -1,4 +1,4 @@
-"""Gate sampling and complexity indicators of SPViT (spec §2.1, §2.3, §2.4).
+"""Gate sampling and complexity indicators of SPViT (docs/method.md §2.1, §2.3, §2.4).
 
 A gate logit ``theta`` gives, per forward pass:
 

@@ -1,4 +1,4 @@
-"""Deployed SPViT conv layer (BN folded, §10.4) as one fused Triton kernel (inference).
+"""Deployed SPViT conv layer (BN folded, docs/method.md §10.4) as one fused Triton kernel (inference).
 
 Computes, with the signature of :func:`spvit_kernels.reference.deploy_conv`::
 

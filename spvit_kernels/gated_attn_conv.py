@@ -1,4 +1,4 @@
-"""Fused search-mode SPViT attention layer: MSA, 3x3 and 1x1 candidates from one value projection (§1, §2, §10).
+"""Fused search-mode SPViT attention layer: MSA, 3x3 and 1x1 candidates from one value projection (docs/method.md §1, §2, §10).
 
 Same signature and semantics as :func:`spvit_kernels.reference.gated_attn_conv`. What runs where:
 

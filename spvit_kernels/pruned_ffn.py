@@ -1,4 +1,4 @@
-"""Deploy-mode compact FFN (spec §5.2, §10.4): ``y = GELU(x W1^T + b1) W2^T + b2`` at the pruned hidden width.
+"""Deploy-mode compact FFN (docs/method.md §5.2, §10.4): ``y = GELU(x W1^T + b1) W2^T + b2`` at the pruned hidden width.
 
 Kernels
     Both GEMMs run the GEMM-with-epilogue kernel of :mod:`spvit_kernels.masked_ffn` (``_masked_ffn_fwd_kernel``)

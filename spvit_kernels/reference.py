@@ -1,6 +1,6 @@
 """Eager PyTorch definition of every SPViT op (the specification the fused kernels are tested against).
 
-Everything here follows ``shared/docs/spvit-algorithm.md`` (section numbers in the comments refer to it).
+Everything here follows the method as described in ``docs/method.md`` (section numbers in the comments refer to it).
 Conventions:
 
 * tokens are ``(batch, tokens, channels)``; the first ``num_prefix_tokens`` tokens (the class token in DeiT/ViT)

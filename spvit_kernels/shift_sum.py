@@ -1,4 +1,4 @@
-"""Folded depthwise 3x3 shift-sum (algorithm doc §1.4, §10.4): C++/CUDA extension op and a Triton kernel.
+"""Folded depthwise 3x3 shift-sum (docs/method.md §1.4, §10.4): C++/CUDA extension op and a Triton kernel.
 
 ``shift_sum(planes, bias, grid, relu)`` computes, for planes ``(B, P, T, d)`` (P = H*W row-major, T = 9 taps in
 ``reference.TAP_OFFSETS`` order or T = 1)::

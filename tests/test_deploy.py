@@ -214,7 +214,7 @@ def test_torch_compile(backend, device):
 
 
 def _official_finetune_state_dict(pruned):
-    """The original fine-tune layout (spec §5.7, §6) of our pruned model: qk/v split for MSA, head_probs + bn_* for
+    """The original fine-tune layout (docs/method.md §5.7, §6) of our pruned model: qk/v split for MSA, head_probs + bn_* for
     block 0, the parameter-optimised ``bconv`` form for block 2, nothing for the skip block 3."""
     sd = {}
     for k, v in pruned.state_dict().items():

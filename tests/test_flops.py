@@ -1,4 +1,4 @@
-"""The FLOPs model against the spec's golden numbers (§3.1, §3.3) and its gradient."""
+"""The FLOPs model against the golden numbers of docs/method.md (§3.1, §3.3) and its gradient."""
 import pytest
 import timm
 import torch
@@ -84,7 +84,7 @@ def test_flops_target_out_of_range():
                                                 ("spvit_deit_small_patch16_224", 3.347, 16.12),
                                                 ("spvit_deit_base_patch16_224", 8.391, 46.21)])
 def test_registered_shipped_models(name, gmacs, mparams):
-    # spec §8.4 recount: fine-tune-format parameters (incl. head_probs and BN affine, excl. BN buffers)
+    # docs/method.md §8.4 recount: fine-tune-format parameters (incl. head_probs and BN affine, excl. BN buffers)
     with torch.device("meta"):
         m = timm.create_model(name)
     assert isinstance(m, spvit.PrunedModel)

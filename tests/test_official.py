@@ -79,7 +79,7 @@ def test_finetune_checkpoint_with_skip(tmp_path):
 
 
 def _param_opt_sd(pruned):
-    """Apply the original post-training optimisation (spec §6) to conv layers, computed per the spec's formula."""
+    """Apply the original post-training optimisation (docs/method.md §6) to conv layers, computed per the formula of docs/method.md §6."""
     sd = _finetune_sd(pruned)
     sig = pruned.signature
     h, d = sig.num_heads, sig.head_dim

@@ -1,4 +1,4 @@
-"""The eager reference ops against independent formulations (PyTorch conv2d / BatchNorm2d / the spec's tables)."""
+"""The eager reference ops against independent formulations (PyTorch conv2d / BatchNorm2d / the tables of docs/method.md)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,7 +14,7 @@ def test_tap_order_matches_spec_table():
 
 
 def _conv_weight_spec(taps):
-    """(T, d, C) -> (d, C, 3, 3) with element [kh, kw] = K_{kh + 3*kw} (spec §1.3), written independently."""
+    """(T, d, C) -> (d, C, 3, 3) with element [kh, kw] = K_{kh + 3*kw} (docs/method.md §1.3), written independently."""
     t, d, c = taps.shape
     w = torch.empty(d, c, 3, 3, dtype=taps.dtype)
     for kh in range(3):
@@ -82,7 +82,7 @@ def test_activation_side_mixing_equals_weight_side():
     m = R.head_mix(a, 0.5)
     torch.testing.assert_close(m.sum(0), torch.ones(9, dtype=torch.float64))
     taps, tb, om = R.mixed_conv_params(w_v, b_v, w_o, m, h, "3x3")
-    # spec §1.2 written per head
+    # docs/method.md §1.2 written per head
     for k in range(9):
         kk = sum(m[g, k] * w_v[g * d:(g + 1) * d] for g in range(h))
         torch.testing.assert_close(taps[k], kk)

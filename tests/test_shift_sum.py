@@ -32,7 +32,7 @@ def test_extension_is_built():
 
 
 def test_tap_order_matches_reference():
-    """The C++/CUDA/Triton kernels hard-code tap k -> (k % 3 - 1, k // 3 - 1); the spec's table must agree."""
+    """The C++/CUDA/Triton kernels hard-code tap k -> (k % 3 - 1, k // 3 - 1); the table of docs/method.md §1.3 must agree."""
     assert reference.TAP_OFFSETS == tuple((k % 3 - 1, k // 3 - 1) for k in range(9))
 
 

@@ -1,4 +1,4 @@
-"""Loading checkpoints saved by the original SPViT code (github ziplab/SPViT, DeiT part), spec §4.8, §5.7, §6.
+"""Loading checkpoints saved by the original SPViT code (github ziplab/SPViT, DeiT part), docs/method.md §4.8, §5.7, §6.
 
 Three layouts are recognised from the keys:
 

@@ -1,4 +1,4 @@
-"""Fine-tune-mode SPViT: the searched architecture as a plain model (spec §5).
+"""Fine-tune-mode SPViT: the searched architecture as a plain model (docs/method.md §5).
 
 Attention layers are timm ``Attention`` (MSA), :class:`ConvAttention` (3x3/1x1 rebuilt from the shared value /
 output projections and ``head_probs`` at every forward, as the original), :class:`ExplicitConvAttention` (the
@@ -22,7 +22,7 @@ from .supernet import GatedMlp, SearchAttention, Supernet, _bn_state
 
 
 class ConvAttention(nn.Module):
-    """A 3x3 or 1x1 conv layer sharing the MSA value/output projections (spec §1.2-1.6, §5.3).
+    """A 3x3 or 1x1 conv layer sharing the MSA value/output projections (docs/method.md §1.2-1.6, §5.3).
 
     Parameters: ``v`` (C -> C), ``proj`` (C -> C), ``head_probs`` (h, 9), ``bn_3x3`` or ``bn_1x1``.
     forward(x_hat: (B, N, C)) -> (B, N, C), prefix (class) token passed through.
@@ -64,7 +64,7 @@ class ConvAttention(nn.Module):
 
 class ExplicitConvAttention(nn.Module):
     """A conv layer stored as the compact conv it computes (the original's ``bconv``: conv C->d, BN, ReLU, 1x1 conv
-    d->C; spec §6). forward(x_hat: (B, N, C)) -> (B, N, C)."""
+    d->C; docs/method.md §6). forward(x_hat: (B, N, C)) -> (B, N, C)."""
 
     spvit_kind = "conv"
 
@@ -92,7 +92,7 @@ class ExplicitConvAttention(nn.Module):
 
 class SkipAttention(nn.Module):
     """A pruned attention layer. ``official=False`` (default): outputs 0, so the block's residual is the identity (the
-    method, spec §1.4). ``official=True``: returns its input, i.e. the block adds LN1(x), as the original fine-tune
+    method, docs/method.md §1.4). ``official=True``: returns its input, i.e. the block adds LN1(x), as the original fine-tune
     code does (§5.4, quirk Q4) — used only for original checkpoints trained that way."""
 
     spvit_kind = "skip"
@@ -106,7 +106,7 @@ class SkipAttention(nn.Module):
 
 
 def _compact_mlp(mlp: nn.Module, keep) -> nn.Module:
-    """timm Mlp with fc1 rows / fc2 columns restricted to ``keep`` (spec §5.2)."""
+    """timm Mlp with fc1 rows / fc2 columns restricted to ``keep`` (docs/method.md §5.2)."""
     from timm.layers import Mlp
 
     if isinstance(mlp, GatedMlp):

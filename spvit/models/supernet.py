@@ -23,7 +23,7 @@ def _bn_state(bn: nn.BatchNorm2d) -> BNState:
 
 
 class SearchAttention(nn.Module):
-    """Single-path attention layer (spec §1): MSA, 3x3 conv, 1x1 conv and skip from one parameter set.
+    """Single-path attention layer (docs/method.md §1): MSA, 3x3 conv, 1x1 conv and skip from one parameter set.
 
     Parameters (official names): ``qk`` (C -> 2C), ``v`` (C -> C), ``proj`` (C -> C), ``head_probs`` (h, 9),
     ``bn_1x1``/``bn_3x3`` (BatchNorm over d), ``kernel_thresholds`` (3,) gate logits (1x1, 3x3, MSA).
@@ -94,7 +94,7 @@ class SearchAttention(nn.Module):
 
 
 class GatedMlp(nn.Module):
-    """FFN with one gate per hidden unit (spec §2.3): ``(GELU(x W1^T + b1) * m) W2^T + b2``.
+    """FFN with one gate per hidden unit (docs/method.md §2.3): ``(GELU(x W1^T + b1) * m) W2^T + b2``.
 
     forward(x: (B, N, C)) -> (B, N, C).
     """
@@ -137,7 +137,7 @@ class GatedMlp(nn.Module):
 
 
 class Supernet(nn.Module):
-    """SPViT supernet over a timm VisionTransformer (search phase, spec §4).
+    """SPViT supernet over a timm VisionTransformer (search phase, docs/method.md §4).
 
     The timm model is copied and each block's ``attn`` / ``mlp`` replaced by :class:`SearchAttention` /
     :class:`GatedMlp` sharing the pre-trained weights; everything else keeps its timm state-dict key under
