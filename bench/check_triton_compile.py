@@ -50,7 +50,6 @@ from triton.compiler import ASTSource  # noqa: E402
 from bench.common import write_rows  # noqa: E402
 import importlib  # noqa: E402
 
-# modules, not the same-named functions spvit_kernels re-exports
 dc_mod = importlib.import_module("spvit_kernels.deploy_conv")
 gac = importlib.import_module("spvit_kernels.gated_attn_conv")
 mf = importlib.import_module("spvit_kernels.masked_ffn")
@@ -214,7 +213,7 @@ def ffn_cases(quick: bool) -> List[Case]:
                     dict(x_ptr=f"*{ty}", w_ptr=f"*{ty}", b_ptr=f"*{ty}", mask_ptr="*fp32", out_ptr=f"*{ty}",
                          z_ptr=f"*{ty}", M=i32(m_rows), N=i32(f), K=i32(c), stride_xm=i32(c), stride_xk=i32(1),
                          stride_wn=i32(c), stride_wk=i32(1), stride_om=i32(f_pad), stride_on=i32(1)),
-                    dict(ACT=act, HAS_BIAS=True, HAS_MASK=has_mask, STORE_Z=store_z, ALLOW_TF32=tf32,
+                    dict(ACT=act, HAS_BIAS=True, HAS_MASK=has_mask, STORE_Z=store_z, PRECISION="tf32" if tf32 else "ieee",
                          INTERPRET_BF16=False, **tiles),
                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
             # fc2 on the Triton GEMM (masked_ffn_with_fc2(fc2="triton"), pruned_ffn default): no act, no mask
@@ -223,7 +222,7 @@ def ffn_cases(quick: bool) -> List[Case]:
                 dict(x_ptr=f"*{ty}", w_ptr=f"*{ty}", b_ptr=f"*{ty}", mask_ptr=f"*{ty}", out_ptr=f"*{ty}",
                      z_ptr=f"*{ty}", M=i32(m_rows), N=i32(c), K=i32(f), stride_xm=i32(f_pad), stride_xk=i32(1),
                      stride_wn=i32(f), stride_wk=i32(1), stride_om=i32(c), stride_on=i32(1)),
-                dict(ACT=0, HAS_BIAS=True, HAS_MASK=False, STORE_Z=False, ALLOW_TF32=tf32, INTERPRET_BF16=False,
+                dict(ACT=0, HAS_BIAS=True, HAS_MASK=False, STORE_Z=False, PRECISION="tf32" if tf32 else "ieee", INTERPRET_BF16=False,
                      **tiles),
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
             if pruned:
@@ -233,7 +232,7 @@ def ffn_cases(quick: bool) -> List[Case]:
                     "ffn_bwd", mf._masked_ffn_bwd_kernel, label, ty,
                     dict(dy_ptr=f"*{ty}", w2_ptr=f"*{ty}", z_ptr=f"*{ty}", mask_ptr="*fp32", dz_ptr=f"*{ty}",
                          h_ptr=f"*{ty}", part_ptr="*fp32", M=i32(m_rows), F=i32(f), C=i32(c)),
-                    dict(ACT=act, ALLOW_TF32=tf32, INTERPRET_BF16=False, BLOCK_M=cfg["BLOCK_M"],
+                    dict(ACT=act, PRECISION="tf32" if tf32 else "ieee", INTERPRET_BF16=False, BLOCK_M=cfg["BLOCK_M"],
                          BLOCK_F=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"]),
                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
     return cases
@@ -295,7 +294,7 @@ def deploy_conv_cases(quick: bool) -> List[Case]:
                         dict(x_ptr=f"*{ty}", wp_ptr=f"*{ty}", bf_ptr="*fp32", wo_ptr=f"*{ty}", bo_ptr="*fp32",
                              out_ptr=f"*{ty}", H=i32(GH), W=i32(GW), C=i32(c), D=i32(d), PREFIX=i32(PREFIX),
                              stride_xb=i32(N_TOK * c), stride_xn=i32(c), stride_ob=i32(N_TOK * c),
-                             stride_on=i32(c)),
+                             stride_on=i32(c), B_BUCKET=i32(BATCH)),
                         dict(T=t, HAS_BOUT=True, DOT_PRECISION=prec, UPCAST=False, BLOCK_D=block_d,
                              **cfg.kwargs),
                         num_warps=cfg.num_warps, num_stages=cfg.num_stages, autotuned=True))

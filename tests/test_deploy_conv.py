@@ -93,3 +93,13 @@ def test_ext_backward(device):
     g = torch.randn_like(out)
     for got, want in zip(torch.autograd.grad(out, args, g), torch.autograd.grad(ref, args, g)):
         torch.testing.assert_close(got, want)
+
+
+def test_opcheck_and_autotune_key(device):
+    """``spvit::deploy_conv`` passes opcheck; its autotuner keys on the batch bucket (a batch-1 choice is not reused at
+    batch 256)."""
+    from spvit_kernels.deploy_conv import _deploy_conv_fwd_tuned
+    assert "B_BUCKET" in _deploy_conv_fwd_tuned.keys and "C" in _deploy_conv_fwd_tuned.keys
+    x, wp, bf, wo, bo = _layer(2, (3, 4), 16, 8, 9, 1, torch.float32, device)
+    torch.library.opcheck(torch.ops.spvit.deploy_conv.default, (x, wp, bf, wo, bo, 3, 4, 1))
+    torch.library.opcheck(torch.ops.spvit.deploy_conv.default, (x[:, 1:].contiguous(), wp[:8], bf, wo, None, 3, 4, 0))
