@@ -43,7 +43,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import bench_fn, default_device, env_info, markdown_table, peak_memory_mb, write_rows  # noqa: E402
+from bench.common import (bench_fn, compile_backend, default_device, env_info, first_call_s,  # noqa: E402
+                          markdown_table, peak_memory_mb, write_rows)
 
 PROVIDERS = ("ours", "ours_compiled", "pruned", "pruned_compiled", "dense", "dense_compiled")
 CPU_PROVIDERS = ("ours", "ours_compiled", "pruned", "pruned_compiled", "dense", "dense_compiled")
@@ -78,14 +79,21 @@ def build_dense(base_name: str) -> torch.nn.Module:
 
 def build_models(name: str, device: torch.device, dtype: torch.dtype):
     """(dense timm model, pruned model, deployed model) of architecture ``name``, eval mode, on device/dtype."""
+    base_name, choices, widths = ARCHS[name]
+    return build_from_spec(build_dense(base_name), choices, widths, device, dtype)
+
+
+def build_from_spec(dense: torch.nn.Module, choices, widths, device: torch.device, dtype: torch.dtype):
+    """(dense, pruned, deployed) for the dense timm model ``dense`` and the architecture given by its MSA choices and
+    kept FFN widths per block (the first ``w`` units kept), with non-trivial BN statistics and head mixing, as after
+    fine-tuning; the dense and pruned models are moved to device/dtype, all three are in eval mode."""
     import spvit
     from spvit.arch import Architecture
     from spvit.models.convert import model_name_of, signature_of
 
-    base_name, choices, widths = ARCHS[name]
-    dense = build_dense(base_name)
+    dense = dense.eval()
     arch = Architecture.from_choices(model_name_of(dense), signature_of(dense), choices, [range(w) for w in widths])
-    with torch.no_grad():  # non-trivial BN statistics and head mixing, as after fine-tuning
+    with torch.no_grad():
         pruned = spvit.prune(dense, arch)
         for m in pruned.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
@@ -99,7 +107,9 @@ def build_models(name: str, device: torch.device, dtype: torch.dtype):
 
 
 def _compile(model: torch.nn.Module, device: torch.device):
-    return torch.compile(model, dynamic=False)
+    # dynamo is reset once per batch size in run(): every shape compiles anew, and the compiled providers of one
+    # batch size stay compiled through the interleaved CPU rounds
+    return torch.compile(model, backend=compile_backend(device), dynamic=False)
 
 
 def setup_ours(models, device):
@@ -204,20 +214,18 @@ def run(arch_names: List[str], batches: List[int], device: torch.device, dtype: 
         print(f"[{name}] built in {time.perf_counter() - t0:.1f}s: {gf_model:.3f} vs dense {gf_dense:.3f} GFLOPs; "
               f"ops {backends}", flush=True)
         fns = {}
-        for prov in providers:
-            fns[prov] = globals()[f"setup_{prov}"](models, device)
         for batch in batches:
             x = torch.randn(batch, sig.in_chans, *sig.img_size, device=device, dtype=dtype)
             with torch.inference_mode():
                 err = (deployed(x).float() - pruned(x).float()).abs().max().item()
             res: Dict[str, Dict] = {}
+            torch._dynamo.reset()
             for prov in providers:
-                fn = fns[prov]
-                t1 = time.perf_counter()
                 try:
+                    # a fresh setup per batch size: compiled providers compile anew for every shape
+                    fn = fns[prov] = globals()[f"setup_{prov}"](models, device)
                     with torch.inference_mode():
-                        fn(x)  # first call: compilation for the compiled providers
-                        compile_s = time.perf_counter() - t1
+                        compile_s = first_call_s(lambda: fn(x), device)  # compilation for the compiled providers
                         t = bench_fn(lambda: fn(x), device) if device.type == "cuda" else {}
                         mem = peak_memory_mb(lambda: fn(x), device)
                 except Exception as exc:  # noqa: BLE001 - record and go on (e.g. no C++ compiler for inductor)
