@@ -106,10 +106,13 @@ def build_from_spec(dense: torch.nn.Module, choices, widths, device: torch.devic
     return dense.to(device, dtype), pruned.to(device, dtype), deployed
 
 
+_COMPILE = {"backend": "inductor"}  # set by run(): inductor, or dynamo capture only in CPU --quick runs
+
+
 def _compile(model: torch.nn.Module, device: torch.device):
     # dynamo is reset once per batch size in run(): every shape compiles anew, and the compiled providers of one
     # batch size stay compiled through the interleaved CPU rounds
-    return torch.compile(model, backend=compile_backend(device), dynamic=False)
+    return torch.compile(model, backend=_COMPILE["backend"], dynamic=False)
 
 
 def setup_ours(models, device):
@@ -197,11 +200,12 @@ def layer_breakdown(deployed, x: torch.Tensor, device: torch.device) -> Dict[str
 
 
 def run(arch_names: List[str], batches: List[int], device: torch.device, dtype: torch.dtype,
-        providers: List[str], breakdown: bool = True, rounds: int = 5):
+        providers: List[str], breakdown: bool = True, rounds: int = 5, smoke: bool = False):
     import spvit
     from spvit_kernels.backend import backend_of
 
     env = env_info(device)
+    _COMPILE["backend"] = compile_backend(device, smoke)
     rows, layer_rows = [], []
     for name in arch_names:
         torch.manual_seed(0)
@@ -313,8 +317,9 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2, help="CPU threads (CPU runs only)")
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds per batch (CPU; x3 for batch <= 4)")
     p.add_argument("--no-breakdown", action="store_true")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     args = p.parse_args(argv)
-    device = default_device()
+    device = torch.device(args.device) if args.device else default_device()
     if device.type == "cuda":
         dtype, archs, batches, providers = torch.bfloat16, GPU_ARCHS, GPU_BATCHES, PROVIDERS
     else:
@@ -331,7 +336,7 @@ def main(argv=None):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         rows, layer_rows = run(archs, batches, device, dtype, providers, breakdown=not args.no_breakdown,
-                               rounds=args.rounds)
+                               rounds=args.rounds, smoke=args.quick)
     tag = "gpu" if device.type == "cuda" else "cpu"
     path = write_rows(f"deploy_e2e_{tag}", rows, args.out)
     md = os.path.join(os.path.dirname(path), f"deploy_e2e_{tag}.md")

@@ -116,12 +116,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     budget = args.budget_s if args.budget_s is not None else (GPU_HEADLINE_BUDGET_S if device == "cuda" and not smoke
                                                               else None)
     sections = args.sections.split(",") if args.sections else None
+    scripts = discover(args.only.split(",") if args.only else None) if args.suite == "full" else []
     os.makedirs(args.out, exist_ok=True)
     t_start = time.perf_counter()
     parts = [run_headline(args.out, device, smoke, budget, sections, args.amp)]
     print(f"[run_all] headline: {parts[-1]['status']} ({parts[-1]['seconds']:.0f} s)", flush=True)
     if args.suite == "full":
-        for name in discover(args.only.split(",") if args.only else None):
+        for name in scripts:
             print(f"[run_all] {name} ...", flush=True)
             parts.append(run_script(name, args.out, device, smoke))
             print(f"[run_all] {name}: {parts[-1]['status']} ({parts[-1]['seconds']:.0f} s)", flush=True)
