@@ -37,7 +37,7 @@ import sys
 import time
 import warnings
 from collections import OrderedDict
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 
@@ -254,7 +254,8 @@ def run(arch_names: List[str], batches: List[int], device: torch.device, dtype: 
                 if "ms" in r:
                     ips = batch / r[key] * 1e3
                     gf = gf_dense if prov.startswith("dense") else gf_model
-                    row.update({"img_s": ips, "latency_ms": r["ms"], "ms_min": r.get("ms_min", ""), "ms_p20": r["ms_p20"],
+                    row.update({"img_s": ips, "latency_ms": r["ms"], "ms_min": r.get("ms_min", ""),
+                                "ms_p20": r["ms_p20"],
                                 "ms_p80": r["ms_p80"],
                                 "gflops": gf, "flops_ratio": gf_dense / gf,
                                 "speedup_vs_dense": ips / ref["dense"] if "dense" in ref else "",
@@ -340,14 +341,16 @@ def main(argv=None):
     tag = "gpu" if device.type == "cuda" else "cpu"
     path = write_rows(f"deploy_e2e_{tag}", rows, args.out)
     md = os.path.join(os.path.dirname(path), f"deploy_e2e_{tag}.md")
-    cols = ["arch", "provider", "dtype", "batch", "img_s", "latency_ms", "ms_min", "gflops", "flops_ratio", "speedup_vs_dense",
+    cols = ["arch", "provider", "dtype", "batch", "img_s", "latency_ms", "ms_min", "gflops", "flops_ratio",
+            "speedup_vs_dense",
             "speedup_vs_dense_compiled", "speedup_vs_pruned_compiled", "max_abs_err", "error"]
     with open(md, "w") as f:
         env = env_info(device)
         f.write(f"# deploy_e2e ({tag})\n\n{env['device']}; torch {env['torch']}, triton {env['triton']}, timm "
                 f"{env['timm']}, CUDA {env['cuda']}; {env['date']}; ops: {rows[0]['ops'] if rows else ''}; "
                 f"{os.cpu_count()} CPU cores on the machine, load average (1 min) during the run "
-                f"{min(r['loadavg_1m'] for r in rows) if rows else '?'}..{max(r['loadavg_1m'] for r in rows) if rows else '?'}"
+                f"{min(r['loadavg_1m'] for r in rows) if rows else '?'}.."
+                f"{max(r['loadavg_1m'] for r in rows) if rows else '?'}"
                 "\n\n")
         f.write(markdown_table(rows, cols))
         f.write(summary(rows, device))

@@ -169,10 +169,9 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
                 t0 = time.perf_counter()
                 r = measure(label, factory, prov, b, device, amp, warmup, rep, backend)
                 rows.append({**r, "compile_backend": backend if prov.endswith("compiled") else "", **info})
-                print(f"[supernet_step] {label} b{b} {prov}: "
-                      + (f"error {r['error']}" if r["error"] else f"{r['img_s']:.1f} img/s, first call "
-                         f"{r['first_call_s']:.1f} s, peak {r['peak_mem_mb']} MiB") + f" ({time.perf_counter() - t0:.0f} s)",
-                      flush=True)
+                res = (f"error {r['error']}" if r["error"] else
+                       f"{r['img_s']:.1f} img/s, first call {r['first_call_s']:.1f} s, peak {r['peak_mem_mb']} MiB")
+                print(f"[supernet_step] {label} b{b} {prov}: {res} ({time.perf_counter() - t0:.0f} s)", flush=True)
     name = "supernet_step" + ("_quick" if args.quick else "") + ("_cpu" if device.type == "cpu" else "")
     path = write_rows(name, rows, args.out)
     print(f"wrote {path}")

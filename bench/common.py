@@ -1,4 +1,4 @@
-"""Shared helpers of the benchmarks: timing, measured peaks, fresh compiles, environment facts, CSV/JSON/Markdown output.
+"""Shared helpers of the benchmarks: timing, measured peaks, fresh compiles, environment facts, CSV/JSON/MD output.
 
 Timing rules (every benchmark goes through :func:`bench_fn` / :func:`bench_backward`):
 
