@@ -279,40 +279,41 @@ def error_rows(rows: Iterable[Dict]) -> List[Dict]:
 
 # -------------------------------------------------------------------------------------------------------------- output
 def write_rows(name: str, rows: Iterable[Dict], out_dir: Optional[str] = None,
-               cols: Optional[List[str]] = None, title: Optional[str] = None) -> str:
-    """Append rows to ``<out_dir>/<name>.csv`` (creating the header) and write ``<name>.json`` and ``<name>.md``.
+               cols: Optional[List[str]] = None, title: Optional[str] = None,
+               replace_run: Optional[str] = None) -> str:
+    """Add rows to ``<out_dir>/<name>.csv`` and write ``<name>.json`` and ``<name>.md`` (of these rows).
 
-    An existing CSV with another header is left alone; the rows then go to ``<name>-<timestamp>.csv`` beside it.
+    The CSV keeps the rows already in it (results of earlier runs and other machines): the file is rewritten with the
+    old rows, then the new ones, under the union of the columns (atomically: a crash leaves the old file). With
+    ``replace_run``, old rows whose ``run_id`` equals it are dropped first (a run rewriting its own partial results).
     ``cols`` picks the Markdown table's columns (default: all); ``title`` heads the Markdown file.
     """
     rows = list(rows)
     out_dir = out_dir or RESULTS_DIR
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"{name}.csv")
+    old: List[Dict] = []
     keys: List[str] = []
-    for r in rows:
-        for k in r:
-            if k not in keys:
-                keys.append(k)
-    exists = os.path.exists(path)
-    if exists:
+    if os.path.exists(path):
         with open(path, newline="") as f:
-            header = next(csv.reader(f), [])
-        if header != keys:  # a different layout: start a new file beside the old one rather than mixing
-            path = os.path.join(out_dir, f"{name}-{_dt.datetime.now():%Y%m%d%H%M%S}.csv")
-            exists = False
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        if not exists:
-            w.writeheader()
-        for r in rows:
+            reader = csv.DictReader(f)
+            keys = list(reader.fieldnames or [])
+            old = [r for r in reader if replace_run is None or r.get("run_id") != replace_run]
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys, restval="")
+        w.writeheader()
+        for r in old + rows:
             w.writerow(r)
+    os.replace(tmp, path)
     with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
         json.dump(rows, f, indent=1, default=str)
     with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
         if title:
             f.write(f"# {title}\n\n")
-        f.write(markdown_table(rows, cols))
+        f.write(markdown_table(rows, [c for c in cols if any(c in r for r in rows)] if cols else None))
     return path
 
 

@@ -144,9 +144,10 @@ def section_peaks(cfg: Config) -> List[Dict]:
              "GB/s": p["peak_gbs"], "error": ""}]
 
 
-def section_supernet_step(cfg: Config) -> List[Dict]:
+def section_supernet_step(cfg: Config, only: Optional[int] = None) -> List[Dict]:
+    """Rows of the training-step providers for every model of ``cfg.sn_models`` (or only the one at index ``only``)."""
     rows = []
-    for label, factory in cfg.sn_models:
+    for label, factory in cfg.sn_models if only is None else cfg.sn_models[only:only + 1]:
         for prov in SN_PROVIDERS:
             t0 = time.perf_counter()
             late = cfg.over_budget()
@@ -179,14 +180,15 @@ def _infer_row(label: str, prov: str, fn: Callable, x: torch.Tensor, cfg: Config
     return row
 
 
-def section_inference(cfg: Config) -> List[Dict]:
+def section_inference(cfg: Config, only: Optional[int] = None) -> List[Dict]:
+    """Rows of the inference providers for every architecture of ``cfg.archs`` (or only the one at index ``only``)."""
     import spvit
     import spvit_kernels as K
     from bench.bench_deploy_e2e import build_from_spec
 
     rows = []
     dev = cfg.device
-    for label, factory, choices, widths in cfg.archs:
+    for label, factory, choices, widths in cfg.archs if only is None else cfg.archs[only:only + 1]:
         late = cfg.over_budget()
         if late:
             rows += [{"arch": label, "provider": p, "error": late} for p in INFER_PROVIDERS]
@@ -498,8 +500,25 @@ def write_summary(results: Dict[str, List[Dict]], cfg: Config, out: str, section
     return path
 
 
+def plan(cfg: Config, sections: Sequence[str]) -> List[Tuple[str, Optional[int]]]:
+    """Order of the work: (section, model index or None). The DeiT-B items (first in ``cfg``) of the supernet step and
+    of inference come before the DeiT-S ones, so that a run cut short by its budget has the most important rows."""
+    items: List[Tuple[str, Optional[int]]] = []
+    if "peaks" in sections:
+        items.append(("peaks", None))
+    for i in range(max(len(cfg.sn_models), len(cfg.archs))):
+        if "supernet_step" in sections and i < len(cfg.sn_models):
+            items.append(("supernet_step", i))
+        if "inference" in sections and i < len(cfg.archs):
+            items.append(("inference", i))
+    if "kernels" in sections:
+        items.append(("kernels", None))
+    return items
+
+
 def run(cfg: Config, out: str, sections: Optional[Sequence[str]] = None) -> Tuple[Dict[str, List[Dict]], int]:
-    """Run the headline sections into ``out``; returns (rows per section, number of error rows)."""
+    """Run the headline sections into ``out`` (in the order of :func:`plan`; each section's files are rewritten after
+    each of its items); returns (rows per section, number of error rows)."""
     sections = list(sections or SECTIONS)
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:
@@ -510,23 +529,27 @@ def run(cfg: Config, out: str, sections: Optional[Sequence[str]] = None) -> Tupl
            "kernels": section_kernels}
     results: Dict[str, List[Dict]] = {}
     section_s: Dict[str, float] = {}
-    for name in SECTIONS:
-        if name not in sections:
-            continue
+    for name, index in plan(cfg, sections):
         t0 = time.perf_counter()
-        print(f"[headline] {name} ...", flush=True)
+        what = name if index is None else f"{name} [{index}]"
+        print(f"[headline] {what} ...", flush=True)
         try:
-            rows = fns[name](cfg)
+            rows = fns[name](cfg) if index is None else fns[name](cfg, only=index)
         except Exception as exc:  # noqa: BLE001 - a section that breaks is one error row; the others still run
-            rows = [{"error": f"section {name} failed: {error_text(exc)}"}]
+            rows = [{"error": f"section {what} failed: {error_text(exc)}"}]
             print(f"[headline:{name}] ERROR {rows[0]['error']}", flush=True)
-        section_s[name] = time.perf_counter() - t0
-        rows = [{**r, **env} for r in rows]
-        results[name] = rows
-        write_rows(f"headline_{name}", rows, out, cols=MD_COLS.get(name), title=f"headline: {name}")
-        print(f"[headline] {name}: {len(rows)} rows, {len(error_rows(rows))} errors, {section_s[name]:.0f} s",
-              flush=True)
+        section_s[name] = section_s.get(name, 0.0) + time.perf_counter() - t0
+        results.setdefault(name, []).extend({**r, **env} for r in rows)
+        _write_section(name, results[name], out)
+        print(f"[headline] {what}: {len(rows)} rows, {len(error_rows(rows))} errors, "
+              f"{time.perf_counter() - t0:.0f} s", flush=True)
         write_summary(results, cfg, out, section_s)
     with contextlib.suppress(Exception):
         torch._dynamo.reset()
     return results, sum(len(error_rows(r)) for r in results.values())
+
+
+def _write_section(name: str, rows: List[Dict], out: str) -> None:
+    """headline_<name>.{csv,json,md} with this run's rows so far (earlier runs' CSV rows are kept)."""
+    write_rows(f"headline_{name}", rows, out, cols=MD_COLS.get(name), title=f"headline: {name}",
+               replace_run=rows[0]["run_id"] if rows else None)

@@ -31,7 +31,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 SUITES = ("headline", "full")
-GPU_HEADLINE_BUDGET_S = 420.0
+GPU_HEADLINE_BUDGET_S = 400.0
 
 
 def discover(only: Optional[List[str]] = None) -> List[str]:

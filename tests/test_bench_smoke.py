@@ -139,3 +139,13 @@ def test_unknown_sections_and_scripts_are_refused(tmp_path):
     cfg = headline.make_config(torch.device("cpu"), smoke=True)
     with pytest.raises(ValueError, match="unknown headline sections"):
         headline.run(cfg, str(tmp_path), ["nope"])
+
+
+def test_write_rows_keeps_earlier_rows(tmp_path):
+    """Results already in a CSV (other runs, other machines) are kept; a run can rewrite its own rows."""
+    common.write_rows("t", [{"a": 1, "run_id": "r1"}], str(tmp_path))
+    common.write_rows("t", [{"a": 2, "b": "x", "run_id": "r2"}], str(tmp_path))
+    common.write_rows("t", [{"a": 3, "run_id": "r2"}, {"a": 4, "run_id": "r2"}], str(tmp_path), replace_run="r2")
+    rows = _read_csv(tmp_path / "t.csv")
+    assert [r["a"] for r in rows] == ["1", "3", "4"] and list(rows[0]) == ["a", "run_id", "b"]
+    assert json.loads((tmp_path / "t.json").read_text()) == [{"a": 3, "run_id": "r2"}, {"a": 4, "run_id": "r2"}]
