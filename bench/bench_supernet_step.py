@@ -70,7 +70,7 @@ def make_step(model: torch.nn.Module, device: torch.device, amp_dtype: Optional[
     target = 0.7 * inner.dense_gflops() if hasattr(inner, "flops_loss") else None
 
     def step() -> torch.Tensor:
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext():
             logits = model(x)
             loss = torch.nn.functional.cross_entropy(logits.float(), y)
             if target is not None:

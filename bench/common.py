@@ -257,10 +257,12 @@ def compile_stats() -> Dict[str, int]:
 
 
 def free_memory(device: torch.device) -> None:
-    import gc
-
-    gc.collect()
+    """Collect garbage and return cached blocks to the driver (CUDA only: between providers, so that one provider's
+    leftovers do not count in the next one's peak memory)."""
     if device.type == "cuda":
+        import gc
+
+        gc.collect()
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
 

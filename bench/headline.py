@@ -1,6 +1,8 @@
 """The headline benchmark: what a GPU owner runs first (``python bench/run_all.py --suite headline --out DIR``).
 
-Sections (in this order; each writes ``headline_<section>.{csv,json,md}`` as soon as it is done):
+Sections (``headline_<section>.{csv,json,md}``, rewritten after each item, so a run cut short keeps what it did; the
+order of the work is peaks, supernet step DeiT-B, inference SPViT-DeiT-B, supernet step DeiT-S, inference
+SPViT-DeiT-S, kernels: the rows the performance targets need come first):
 
 * ``peaks``: the device's peaks measured in this run: a large GEMM (bf16 8192^3 on CUDA) and a device-to-device
   copy (1 GiB on CUDA); the per-kernel fractions below are of these.
@@ -17,7 +19,7 @@ Sections (in this order; each writes ``headline_<section>.{csv,json,md}`` as soo
 
 Work on a GPU: 10 torch.compile (inductor) compilations, 4 of a training step (eager-reference supernet and timm
 model, DeiT-S and DeiT-B) and 6 of an inference forward; no autotuning mode; Triton JIT of the package's kernels
-once per shape (the supernet sections come first, so the kernels section at the same DeiT-B shapes reuses them).
+once per shape (the kernels section comes last and finds most of them compiled, at the same DeiT-B shapes).
 Timed calls: 8 training providers x (1 first + 3 warm-up + 10 timed steps), 10 inference providers x (1 + 5 + 20),
 30 kernel rows x (1 + 5 + 20).
 
