@@ -49,7 +49,9 @@ fi
 export CUDA_HOME="${CUDA_HOME:-}"
 [ -n "$CUDA_HOME" ] && export PATH="$CUDA_HOME/bin:$PATH"
 SANITIZER="$(command -v compute-sanitizer || true)"
-[ -z "$SANITIZER" ] && [ -n "$CUDA_HOME" ] && [ -x "$CUDA_HOME/bin/compute-sanitizer" ] && SANITIZER="$CUDA_HOME/bin/compute-sanitizer"
+if [ -z "$SANITIZER" ] && [ -n "$CUDA_HOME" ] && [ -x "$CUDA_HOME/bin/compute-sanitizer" ]; then
+    SANITIZER="$CUDA_HOME/bin/compute-sanitizer"
+fi
 
 log() { echo "[gpu_check $(date +%H:%M:%S)] $*"; }
 
@@ -59,16 +61,21 @@ log() { echo "[gpu_check $(date +%H:%M:%S)] $*"; }
     echo "host: $(uname -srm)"
     echo "repo: $REPO"
     if command -v git >/dev/null 2>&1 && git -C "$REPO" rev-parse HEAD >/dev/null 2>&1; then
-        echo "commit: $(git -C "$REPO" rev-parse HEAD)$(git -C "$REPO" diff --quiet 2>/dev/null || echo ' (with local changes)')"
+        dirty="$(git -C "$REPO" diff --quiet 2>/dev/null || echo ' (with local changes)')"
+        echo "commit: $(git -C "$REPO" rev-parse HEAD)$dirty"
     fi
     if command -v nvidia-smi >/dev/null 2>&1; then
-        echo "gpu: $(nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv,noheader 2>&1 | head -1)"
+        echo "gpu: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -1)"
     else
         echo "gpu: nvidia-smi not found"
     fi
     echo "CUDA_HOME: ${CUDA_HOME:-not found}"
     echo "nvcc: $( { nvcc --version 2>&1 || echo 'not found'; } | tail -1)"
-    echo "compute-sanitizer: $( { [ -n "$SANITIZER" ] && "$SANITIZER" --version 2>&1 | grep -i version | head -1; } || echo 'not found')"
+    if [ -n "$SANITIZER" ]; then
+        echo "compute-sanitizer: $("$SANITIZER" --version 2>&1 | grep -i version | head -1)"
+    else
+        echo "compute-sanitizer: not found"
+    fi
     echo "cpus: $(nproc 2>/dev/null || echo '?')"
     "$PY" - <<'EOF' 2>&1
 import importlib, sys
