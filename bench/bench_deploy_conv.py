@@ -6,9 +6,12 @@ C++/CUDA shift-sum + bias + ReLU -> output GEMM), ``eager`` (reference.deploy_co
 Shapes: DeiT-S (C 384) and DeiT-B (C 768) deployed layers, d = 64, N = 197 (14x14 grid + class token),
 batch 1/64/256, T = 9 (3x3) and T = 1 (1x1); bf16 on CUDA, fp32 on CPU (2 threads).
 
-Roofline (§10.5, H100 SXM): MACs = B*P*(T*d*C + d*C); minimal bytes = read x_hat + write out (B*N*C each) +
-weights; t_min = max(2*MACs / 989 TFLOP/s (bf16 dense), bytes / 3.35 TB/s); ``roofline_frac`` = t_min / t.
-CUDA rows only (the CPU rows report achieved GFLOP/s).
+Roofline: MACs = B*P*(T*d*C + d*C); minimal bytes = read x_hat + write out (B*N*C each) + weights;
+t_min = max(2*MACs / peak FLOP/s, bytes / peak bytes/s) with the peaks measured in this run on this device (a large
+GEMM and a device-to-device copy, ``bench.common.measure_peaks``); ``roofline_frac`` = t_min / t.
+The compiled provider is compiled afresh (dynamo reset) for every shape; the first call of every provider and shape
+(compilation, Triton autotuning at that batch) is timed apart (``first_call_s``). A provider that fails on a shape
+gives a row with its ``error``.
 
 Usage: ``python bench/bench_deploy_conv.py [--quick] [--out DIR] [--device cpu|cuda]``.
 """
@@ -23,11 +26,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import bench_fn, default_device, env_info, write_rows  # noqa: E402
+from bench.common import (bench_fn, compile_backend, default_device, env_info, error_text, first_call_s,  # noqa: E402
+                          fresh_compile, measure_peaks, write_rows)
 from spvit_kernels import _ext, reference  # noqa: E402
 
-PEAK_FLOPS_BF16 = 989e12
-HBM_BYTES_PER_S = 3.35e12
 GRID = (14, 14)
 D = 64
 MODELS = {"deit_small": 384, "deit_base": 768}
@@ -53,8 +55,8 @@ def setup_eager(device: torch.device) -> Optional[Callable]:
     return reference.deploy_conv
 
 
-def setup_compile(device: torch.device) -> Optional[Callable]:
-    return torch.compile(reference.deploy_conv, dynamic=False)
+def setup_compile(device: torch.device, smoke: bool = False) -> Optional[Callable]:
+    return fresh_compile(reference.deploy_conv, compile_backend(device, smoke))
 
 
 PROVIDERS: Dict[str, Callable[[torch.device], Optional[Callable]]] = {
@@ -62,13 +64,22 @@ PROVIDERS: Dict[str, Callable[[torch.device], Optional[Callable]]] = {
 }
 
 
-def roofline(b: int, c: int, t: int, elem: int) -> Dict[str, float]:
-    p = GRID[0] * GRID[1]
+def roofline(b: int, c: int, t: int, elem: int, peaks: Optional[Dict[str, float]] = None, grid=GRID,
+             d: int = D) -> Dict[str, float]:
+    """Work model of one layer call: GMACs, minimal MB moved and (with ``peaks``) the roofline time in ms."""
+    p = grid[0] * grid[1]
     n = p + 1
-    macs = b * p * (t * D * c + D * c)
-    nbytes = (2 * b * n * c + (t * D + D) * c + D + c) * elem
-    t_min = max(2 * macs / PEAK_FLOPS_BF16, nbytes / HBM_BYTES_PER_S)
-    return {"gmac": macs / 1e9, "min_MB": nbytes / 1e6, "t_min_ms": t_min * 1e3}
+    macs = b * p * (t * d * c + d * c)
+    nbytes = (2 * b * n * c + (t * d + d) * c + d + c) * elem
+    res = {"gmac": macs / 1e9, "min_MB": nbytes / 1e6}
+    if peaks:
+        t_min = max(2 * macs / (peaks["peak_tflops"] * 1e12), nbytes / (peaks["peak_gbs"] * 1e9))
+        res["t_min_ms"] = t_min * 1e3
+    return res
+
+
+def _setup(name: str, device: torch.device, quick: bool) -> Optional[Callable]:
+    return PROVIDERS[name](device, quick) if name == "compile" else PROVIDERS[name](device)
 
 
 def run(device: torch.device, quick: bool, providers: List[str]) -> List[Dict]:
@@ -78,12 +89,19 @@ def run(device: torch.device, quick: bool, providers: List[str]) -> List[Dict]:
     else:
         batches, models = ((1, 64), list(MODELS)) if quick else ((1, 64, 256), list(MODELS))
     info = env_info(device)
+    peaks = measure_peaks(device, smoke=quick)
+    warmup, rep = (2, 10) if quick else (3, 20)
     rows = []
     p = GRID[0] * GRID[1]
     for name in providers:
-        fn = PROVIDERS[name](device)
-        if fn is None:
-            print(f"[bench_deploy_conv] provider {name!r} not available on {device.type}; skipped")
+        if name not in PROVIDERS:
+            raise ValueError(f"unknown provider {name!r}; expected some of {list(PROVIDERS)}")
+        if _setup(name, device, quick) is None:
+            if device.type == "cuda":
+                rows.append({"op": "deploy_conv", "provider": name, "error": f"provider {name!r} not available on cuda",
+                             **info})
+            else:
+                print(f"[bench_deploy_conv] provider {name!r} not available on {device.type}; skipped")
             continue
         for model in models:
             c = MODELS[model]
@@ -94,24 +112,29 @@ def run(device: torch.device, quick: bool, providers: List[str]) -> List[Dict]:
                 b_out = (torch.randn(c, device=device) * 0.1).to(dtype)
                 for b in batches:
                     x = torch.randn(b, p + 1, c, device=device, dtype=dtype)
+                    row = {"op": "deploy_conv", "provider": name, "model": model, "B": b, "N": p + 1, "C": c, "d": D,
+                           "T": t, "dtype": str(dtype).replace("torch.", ""), "error": ""}
+                    # a fresh provider per shape: the compiled one compiles anew, nothing is reused across shapes
+                    fn = _setup(name, device, quick)
 
-                    def call(x=x, w_planes=w_planes, b_fold=b_fold, w_out=w_out, b_out=b_out):
+                    def call(fn=fn, x=x, w_planes=w_planes, b_fold=b_fold, w_out=w_out, b_out=b_out):
                         with torch.inference_mode():
                             return fn(x, w_planes, b_fold, w_out, b_out, GRID, 1)
                     try:
-                        timing = bench_fn(call, device, warmup=2 if quick else 3, rep=10 if quick else 20)
-                    except Exception as exc:  # a provider that fails on this machine is reported, not fatal
-                        print(f"[bench_deploy_conv] {name} {model} B={b} T={t} failed: {exc}")
+                        first = first_call_s(call, device)
+                        timing = bench_fn(call, device, warmup=warmup, rep=rep, flush_l2=True)
+                    except Exception as exc:  # noqa: BLE001 - recorded in the row (the run then fails)
+                        row["error"] = error_text(exc)
+                        rows.append({**row, **info})
+                        print(f"[bench_deploy_conv] {name} {model} B={b} T={t} failed: {row['error']}")
                         continue
-                    rl = roofline(b, c, t, x.element_size())
+                    rl = roofline(b, c, t, x.element_size(), peaks)
                     tflops = 2 * rl["gmac"] * 1e9 / (timing["ms"] * 1e-3) / 1e12
-                    row = {
-                        "op": "deploy_conv", "provider": name, "model": model, "B": b, "N": p + 1, "C": c, "d": D,
-                        "T": t, "dtype": str(dtype).replace("torch.", ""), **timing, "TFLOP/s": tflops, **rl,
-                        "roofline_frac": rl["t_min_ms"] / timing["ms"] if device.type == "cuda" else None, **info,
-                    }
-                    rows.append(row)
-                    print(f"{name:8s} {model} T={t} B={b:4d}: {timing['ms']:.4f} ms  {tflops:7.3f} TFLOP/s")
+                    row.update({**timing, "first_call_s": first, "TFLOP/s": tflops, **rl,
+                                "roofline_frac": rl["t_min_ms"] / timing["ms"]})
+                    rows.append({**row, **info})
+                    print(f"{name:8s} {model} T={t} B={b:4d}: {timing['ms']:.4f} ms  {tflops:7.3f} TFLOP/s  "
+                          f"({100 * rl['t_min_ms'] / timing['ms']:.0f}% of the measured roofline)")
     return rows
 
 
@@ -128,7 +151,7 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
     if args.providers:
         providers = args.providers.split(",")
     elif device.type == "cpu" and args.quick:
-        providers = ["ext", "eager"]  # torch.compile's CPU codegen would dominate a quick run
+        providers = ["ext", "eager", "compile"]  # compile: dynamo capture only (the eager backend) in a quick CPU run
     else:
         providers = list(PROVIDERS)
     rows = run(device, args.quick, providers)

@@ -37,13 +37,14 @@ import sys
 import time
 import warnings
 from collections import OrderedDict
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import bench_fn, default_device, env_info, markdown_table, peak_memory_mb, write_rows  # noqa: E402
+from bench.common import (bench_fn, compile_backend, default_device, env_info, first_call_s,  # noqa: E402
+                          markdown_table, peak_memory_mb, write_rows)
 
 PROVIDERS = ("ours", "ours_compiled", "pruned", "pruned_compiled", "dense", "dense_compiled")
 CPU_PROVIDERS = ("ours", "ours_compiled", "pruned", "pruned_compiled", "dense", "dense_compiled")
@@ -78,14 +79,21 @@ def build_dense(base_name: str) -> torch.nn.Module:
 
 def build_models(name: str, device: torch.device, dtype: torch.dtype):
     """(dense timm model, pruned model, deployed model) of architecture ``name``, eval mode, on device/dtype."""
+    base_name, choices, widths = ARCHS[name]
+    return build_from_spec(build_dense(base_name), choices, widths, device, dtype)
+
+
+def build_from_spec(dense: torch.nn.Module, choices, widths, device: torch.device, dtype: torch.dtype):
+    """(dense, pruned, deployed) for the dense timm model ``dense`` and the architecture given by its MSA choices and
+    kept FFN widths per block (the first ``w`` units kept), with non-trivial BN statistics and head mixing, as after
+    fine-tuning; the dense and pruned models are moved to device/dtype, all three are in eval mode."""
     import spvit
     from spvit.arch import Architecture
     from spvit.models.convert import model_name_of, signature_of
 
-    base_name, choices, widths = ARCHS[name]
-    dense = build_dense(base_name)
+    dense = dense.eval()
     arch = Architecture.from_choices(model_name_of(dense), signature_of(dense), choices, [range(w) for w in widths])
-    with torch.no_grad():  # non-trivial BN statistics and head mixing, as after fine-tuning
+    with torch.no_grad():
         pruned = spvit.prune(dense, arch)
         for m in pruned.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
@@ -98,8 +106,13 @@ def build_models(name: str, device: torch.device, dtype: torch.dtype):
     return dense.to(device, dtype), pruned.to(device, dtype), deployed
 
 
+_COMPILE = {"backend": "inductor"}  # set by run(): inductor, or dynamo capture only in CPU --quick runs
+
+
 def _compile(model: torch.nn.Module, device: torch.device):
-    return torch.compile(model, dynamic=False)
+    # dynamo is reset once per batch size in run(): every shape compiles anew, and the compiled providers of one
+    # batch size stay compiled through the interleaved CPU rounds
+    return torch.compile(model, backend=_COMPILE["backend"], dynamic=False)
 
 
 def setup_ours(models, device):
@@ -187,11 +200,12 @@ def layer_breakdown(deployed, x: torch.Tensor, device: torch.device) -> Dict[str
 
 
 def run(arch_names: List[str], batches: List[int], device: torch.device, dtype: torch.dtype,
-        providers: List[str], breakdown: bool = True, rounds: int = 5):
+        providers: List[str], breakdown: bool = True, rounds: int = 5, smoke: bool = False):
     import spvit
     from spvit_kernels.backend import backend_of
 
     env = env_info(device)
+    _COMPILE["backend"] = compile_backend(device, smoke)
     rows, layer_rows = [], []
     for name in arch_names:
         torch.manual_seed(0)
@@ -204,20 +218,18 @@ def run(arch_names: List[str], batches: List[int], device: torch.device, dtype: 
         print(f"[{name}] built in {time.perf_counter() - t0:.1f}s: {gf_model:.3f} vs dense {gf_dense:.3f} GFLOPs; "
               f"ops {backends}", flush=True)
         fns = {}
-        for prov in providers:
-            fns[prov] = globals()[f"setup_{prov}"](models, device)
         for batch in batches:
             x = torch.randn(batch, sig.in_chans, *sig.img_size, device=device, dtype=dtype)
             with torch.inference_mode():
                 err = (deployed(x).float() - pruned(x).float()).abs().max().item()
             res: Dict[str, Dict] = {}
+            torch._dynamo.reset()
             for prov in providers:
-                fn = fns[prov]
-                t1 = time.perf_counter()
                 try:
+                    # a fresh setup per batch size: compiled providers compile anew for every shape
+                    fn = fns[prov] = globals()[f"setup_{prov}"](models, device)
                     with torch.inference_mode():
-                        fn(x)  # first call: compilation for the compiled providers
-                        compile_s = time.perf_counter() - t1
+                        compile_s = first_call_s(lambda: fn(x), device)  # compilation for the compiled providers
                         t = bench_fn(lambda: fn(x), device) if device.type == "cuda" else {}
                         mem = peak_memory_mb(lambda: fn(x), device)
                 except Exception as exc:  # noqa: BLE001 - record and go on (e.g. no C++ compiler for inductor)
@@ -242,7 +254,8 @@ def run(arch_names: List[str], batches: List[int], device: torch.device, dtype: 
                 if "ms" in r:
                     ips = batch / r[key] * 1e3
                     gf = gf_dense if prov.startswith("dense") else gf_model
-                    row.update({"img_s": ips, "latency_ms": r["ms"], "ms_min": r.get("ms_min", ""), "ms_p20": r["ms_p20"],
+                    row.update({"img_s": ips, "latency_ms": r["ms"], "ms_min": r.get("ms_min", ""),
+                                "ms_p20": r["ms_p20"],
                                 "ms_p80": r["ms_p80"],
                                 "gflops": gf, "flops_ratio": gf_dense / gf,
                                 "speedup_vs_dense": ips / ref["dense"] if "dense" in ref else "",
@@ -305,8 +318,9 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2, help="CPU threads (CPU runs only)")
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds per batch (CPU; x3 for batch <= 4)")
     p.add_argument("--no-breakdown", action="store_true")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     args = p.parse_args(argv)
-    device = default_device()
+    device = torch.device(args.device) if args.device else default_device()
     if device.type == "cuda":
         dtype, archs, batches, providers = torch.bfloat16, GPU_ARCHS, GPU_BATCHES, PROVIDERS
     else:
@@ -323,18 +337,20 @@ def main(argv=None):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         rows, layer_rows = run(archs, batches, device, dtype, providers, breakdown=not args.no_breakdown,
-                               rounds=args.rounds)
+                               rounds=args.rounds, smoke=args.quick)
     tag = "gpu" if device.type == "cuda" else "cpu"
     path = write_rows(f"deploy_e2e_{tag}", rows, args.out)
     md = os.path.join(os.path.dirname(path), f"deploy_e2e_{tag}.md")
-    cols = ["arch", "provider", "dtype", "batch", "img_s", "latency_ms", "ms_min", "gflops", "flops_ratio", "speedup_vs_dense",
+    cols = ["arch", "provider", "dtype", "batch", "img_s", "latency_ms", "ms_min", "gflops", "flops_ratio",
+            "speedup_vs_dense",
             "speedup_vs_dense_compiled", "speedup_vs_pruned_compiled", "max_abs_err", "error"]
     with open(md, "w") as f:
         env = env_info(device)
         f.write(f"# deploy_e2e ({tag})\n\n{env['device']}; torch {env['torch']}, triton {env['triton']}, timm "
                 f"{env['timm']}, CUDA {env['cuda']}; {env['date']}; ops: {rows[0]['ops'] if rows else ''}; "
                 f"{os.cpu_count()} CPU cores on the machine, load average (1 min) during the run "
-                f"{min(r['loadavg_1m'] for r in rows) if rows else '?'}..{max(r['loadavg_1m'] for r in rows) if rows else '?'}"
+                f"{min(r['loadavg_1m'] for r in rows) if rows else '?'}.."
+                f"{max(r['loadavg_1m'] for r in rows) if rows else '?'}"
                 "\n\n")
         f.write(markdown_table(rows, cols))
         f.write(summary(rows, device))

@@ -4,9 +4,11 @@ Modes: ``forward`` (training forward, graph recorded), ``backward`` (backward on
 timed call), ``full`` (forward + backward). Shapes: one DeiT-Ti/S/B attention layer (N = 197, d = 64) at batch 128
 and 256 in bf16 on CUDA, in training mode with gates that need a gradient (every candidate is evaluated, as in the
 search). Throughput is reported against a FLOP and byte model of the fused algorithm (see ``_model``): achieved
-TFLOP/s and GB/s, which H100 roof binds (989 TFLOP/s bf16 dense, 3.35 TB/s HBM) and the fraction of it reached.
+TFLOP/s and GB/s, which roof binds and the fraction of it reached, the roofs being the peaks measured in this run on
+this device (a large GEMM and a device-to-device copy: ``bench.common.measure_peaks``). The compiled provider is
+compiled afresh (dynamo reset) for every shape.
 
-``--quick`` runs a tiny fp32 CPU configuration (a smoke test; the Triton provider runs on CPU only under
+``--quick`` runs a tiny configuration (fp32 on CPU; a smoke test; the Triton provider runs on CPU only under
 ``TRITON_INTERPRET=1`` and is skipped otherwise, with a message).
 
 Usage:
@@ -16,9 +18,7 @@ Usage:
 import argparse
 import importlib
 import os
-import statistics
 import sys
-import time
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -26,11 +26,10 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import bench_fn, env_info, peak_memory_mb, write_rows  # noqa: E402
+from bench.common import (bench_backward, bench_fn, compile_backend, default_device, env_info,  # noqa: E402
+                          fresh_compile, measure_peaks, peak_memory_mb, write_rows)
 from spvit_kernels import reference  # noqa: E402
 
-H100_BF16_TFLOPS = 989.0
-H100_HBM_TBPS = 3.35
 MODELS = {"ti": (192, 3), "s": (384, 6), "b": (768, 12)}  # C, heads (d = 64)
 GATES = {"msa": (1.0, 1.0, 1.0), "3x3": (1.0, 1.0, 0.0), "1x1": (1.0, 0.0, 0.0), "skip": (0.0, 0.0, 0.0)}
 
@@ -81,7 +80,7 @@ def _inputs(bsz: int, grid, prefix: int, c: int, h: int, d: int, device, dtype):
     return x, params, bns
 
 
-def _providers(device: torch.device, wanted: List[str]) -> Dict[str, Optional[Callable]]:
+def _providers(device: torch.device, wanted: List[str], smoke: bool = False) -> Dict[str, Optional[Callable]]:
     out: Dict[str, Optional[Callable]] = {}
     for name in wanted:
         if name == "ours":
@@ -94,44 +93,20 @@ def _providers(device: torch.device, wanted: List[str]) -> Dict[str, Optional[Ca
         elif name == "eager":
             out[name] = reference.gated_attn_conv
         elif name == "compiled":
-            out[name] = torch.compile(reference.gated_attn_conv)
+            out[name] = fresh_compile(reference.gated_attn_conv, compile_backend(device, smoke))
         else:
             raise ValueError(f"unknown provider {name!r}")
     return out
 
 
-def _time_backward(make_out: Callable[[], torch.Tensor], device: torch.device, warmup: int, rep: int):
-    """Median / quantiles (ms) of ``out.backward(g)`` alone; a fresh forward runs untimed before each call."""
-    for _ in range(warmup):
-        out = make_out()
-        out.backward(torch.ones_like(out))
-    times = []
-    for _ in range(rep):
-        out = make_out()
-        g = torch.ones_like(out)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            out.backward(g)
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            out.backward(g)
-            times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    q = statistics.quantiles(times, n=10) if len(times) >= 2 else times * 9
-    return {"ms": statistics.median(times), "ms_p20": q[1], "ms_p80": q[7]}
-
-
-def run(configs, providers, modes, choices, device, dtype, warmup: int, rep: int) -> List[Dict]:
+def run(configs, providers, modes, choices, device, dtype, warmup: int, rep: int, smoke: bool = False) -> List[Dict]:
     rows: List[Dict] = []
     env = env_info(device)
-    fns = _providers(device, providers)
+    peaks = measure_peaks(device, smoke=smoke)
+    roof_tflops, roof_gbs = peaks["peak_tflops"], peaks["peak_gbs"]
     elem = torch.finfo(dtype).bits // 8
     for label, bsz, grid, prefix, c, h, d in configs:
+        fns = _providers(device, providers, smoke)  # per shape: a fresh compilation for the compiled provider
         n = prefix + grid[0] * grid[1]
         x, params, bns = _inputs(bsz, grid, prefix, c, h, d, device, dtype)
         for choice in choices:
@@ -154,7 +129,7 @@ def run(configs, providers, modes, choices, device, dtype, warmup: int, rep: int
                             t = bench_fn(fwd, device, warmup=warmup, rep=rep)
                             mem = peak_memory_mb(fwd, device)
                         elif mode == "backward":
-                            t = _time_backward(fwd, device, warmup, rep)
+                            t = bench_backward(fwd, device, warmup, rep)
                             mem = peak_memory_mb(full, device)
                         else:
                             t = bench_fn(full, device, warmup=warmup, rep=rep)
@@ -168,18 +143,16 @@ def run(configs, providers, modes, choices, device, dtype, warmup: int, rep: int
                     flops, nbytes = _model(bsz, n, c, h, d, prefix, choice, mode, elem)
                     tflops = flops / (t["ms"] * 1e-3) / 1e12
                     gbps = nbytes / (t["ms"] * 1e-3) / 1e9
-                    bound = "compute" if flops / nbytes > H100_BF16_TFLOPS / H100_HBM_TBPS else "memory"
-                    frac = tflops / H100_BF16_TFLOPS if bound == "compute" else gbps / (H100_HBM_TBPS * 1e3)
-                    if device.type != "cuda":
-                        frac = float("nan")  # the H100 roof means nothing for a CPU smoke run
+                    bound = "compute" if flops / nbytes > roof_tflops * 1e3 / roof_gbs else "memory"
+                    frac = tflops / roof_tflops if bound == "compute" else gbps / roof_gbs
                     row = {"op": "gated_attn_conv", "provider": prov, "mode": mode, "config": label, "choice": choice,
                            "B": bsz, "N": n, "C": c, "heads": h, "d": d, "dtype": str(dtype).replace("torch.", ""),
                            "ms": t["ms"], "ms_p20": t["ms_p20"], "ms_p80": t["ms_p80"], "tflops": tflops,
-                           "gbps": gbps, "bound": bound, "frac_of_h100_roof": frac, "peak_mem_mb": mem,
+                           "gbps": gbps, "bound": bound, "frac_of_peak": frac, "peak_mem_mb": mem,
                            "error": err, **env}
                     rows.append(row)
                     print(f"{label:>12} {choice:>4} {prov:>8} {mode:>8}: {t['ms']:9.3f} ms  {tflops:7.2f} TFLOP/s  "
-                          f"{gbps:8.1f} GB/s  ({bound}, {100 * frac:.1f}% of H100 roof)"
+                          f"{gbps:8.1f} GB/s  ({bound}, {100 * frac:.1f}% of the measured peak)"
                           + (f"  mem {mem:.0f} MiB" if mem is not None else "") + (f"  [{err}]" if err else ""))
     return rows
 
@@ -187,24 +160,26 @@ def run(configs, providers, modes, choices, device, dtype, warmup: int, rep: int
 def main(argv=None) -> List[Dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="output directory (default bench/results)")
-    ap.add_argument("--quick", action="store_true", help="tiny fp32 CPU smoke configuration")
+    ap.add_argument("--quick", action="store_true", help="tiny smoke configuration")
     ap.add_argument("--providers", default=None, help="comma list of ours,eager,compiled")
     ap.add_argument("--modes", default="forward,backward,full")
     ap.add_argument("--choices", default=None, help="gate choices (msa,3x3,1x1,skip)")
     ap.add_argument("--batches", default="128,256")
     ap.add_argument("--models", default="ti,s,b")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     args = ap.parse_args(argv)
     modes = args.modes.split(",")
+    device = torch.device(args.device) if args.device else default_device()
     if args.quick:
-        device, dtype = torch.device("cpu"), torch.float32
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         configs = [("quick", 2, (4, 4), 1, 32, 2, 16)]
-        providers = (args.providers or "ours,eager").split(",")
+        providers = (args.providers or "ours,eager,compiled").split(",")
         choices = (args.choices or "msa,3x3").split(",")
         warmup, rep = 1, 3
     else:
-        if not torch.cuda.is_available():
+        if device.type != "cuda":
             raise SystemExit("bench_gated_attn_conv: the full benchmark needs a CUDA GPU (use --quick on CPU)")
-        device, dtype = torch.device("cuda"), torch.bfloat16
+        dtype = torch.bfloat16
         configs = []
         for m in args.models.split(","):
             c, h = MODELS[m]
@@ -214,7 +189,7 @@ def main(argv=None) -> List[Dict]:
         choices = (args.choices or "msa,3x3,1x1").split(",")
         warmup, rep = 3, 20
     torch.manual_seed(0)
-    rows = run(configs, providers, modes, choices, device, dtype, warmup, rep)
+    rows = run(configs, providers, modes, choices, device, dtype, warmup, rep, smoke=args.quick)
     path = write_rows("gated_attn_conv", rows, args.out)
     print(f"[bench_gated_attn_conv] wrote {len(rows)} rows to {path}")
     return rows

@@ -4,7 +4,7 @@ Providers (one ``setup_<provider>`` each):
   ours              Triton fc1+bias+GELU+mask kernel, cuBLAS fc2; fused backward kernel (gate + bias grads)
   ours_fc2_triton   the same with fc2 on the Triton GEMM kernel too (to settle the fc2 choice)
   eager             reference.masked_ffn in eager PyTorch
-  compiled          torch.compile(reference.masked_ffn) (inductor on CUDA, aot_eager on CPU)
+  compiled          torch.compile(reference.masked_ffn) (inductor; dynamo only in CPU --quick runs)
 Modes: forward, backward (autograd.grad of a retained graph), full (forward + backward).
 
 Shapes: DeiT-S (C 384, F 1536) and DeiT-B (C 768, F 3072), N = 197, B = 128/256, half the units masked, bf16 on
@@ -23,10 +23,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import bench_fn, default_device, env_info, peak_memory_mb, write_rows  # noqa: E402
+from bench.common import (bench_fn, compile_backend, default_device, env_info, error_text,  # noqa: E402
+                          first_call_s, fresh_compile, measure_peaks, peak_memory_mb, write_rows)
 from spvit_kernels import reference  # noqa: E402
 
-H100_BF16_DENSE_TFLOPS = 989.0
 PROVIDERS = ("ours", "ours_fc2_triton", "eager", "compiled")
 MODES = ("forward", "backward", "full")
 # name, B, N, C, F
@@ -52,9 +52,8 @@ def setup_eager(device):
     return reference.masked_ffn
 
 
-def setup_compiled(device):
-    backend = "inductor" if device.type == "cuda" else "aot_eager"
-    return torch.compile(reference.masked_ffn, backend=backend)
+def setup_compiled(device, smoke=False):
+    return fresh_compile(reference.masked_ffn, compile_backend(device, smoke))
 
 
 def make_inputs(b, n, c, f, dtype, device):
@@ -90,9 +89,10 @@ def bench_one(fn, inputs, mode, device):
     return bench_fn(call, device), peak_memory_mb(call, device)
 
 
-def run(configs, device, dtype, providers, modes):
+def run(configs, device, dtype, providers, modes, smoke=False):
     rows = []
     env = env_info(device)
+    peak = measure_peaks(device, smoke=smoke)["peak_tflops"]
     for name, b, n, c, f in configs:
         inputs = make_inputs(b, n, c, f, dtype, device)
         with torch.no_grad():
@@ -101,19 +101,31 @@ def run(configs, device, dtype, providers, modes):
             if prov.startswith("ours") and not triton_usable(device):
                 print(f"[skip] {prov}: Triton needs a CUDA device or TRITON_INTERPRET=1 on CPU")
                 continue
-            fn = globals()[f"setup_{prov}"](device)
-            with torch.no_grad():
-                err = (fn(*inputs).float() - y_ref.float()).abs().max().item()
-            for mode in modes:
-                t, mem = bench_one(fn, inputs, mode, device)
-                tflops = gemm_flops(b, n, c, f, mode) / (t["ms"] * 1e-3) / 1e12
-                row = dict(op="masked_ffn", config=name, B=b, N=n, C=c, F=f, kept=int(inputs[-1].sum().item()),
-                           dtype=str(dtype).replace("torch.", ""), provider=prov, mode=mode, **t,
-                           tflops=tflops, roofline_frac_h100_bf16=tflops / H100_BF16_DENSE_TFLOPS,
-                           peak_mem_mb=mem, max_abs_err_vs_eager=err, **env)
-                rows.append(row)
-                print(f"{name:7s} B={b:<4d} {prov:16s} {mode:8s} {t['ms']:9.3f} ms  {tflops:7.2f} TFLOP/s "
-                      f"({100 * tflops / H100_BF16_DENSE_TFLOPS:5.1f}% of H100 bf16)  mem {mem}  err {err:.2e}")
+            try:
+                # a fresh setup per shape: the compiled provider compiles anew (dynamo reset) for every configuration
+                fn = setup_compiled(device, smoke) if prov == "compiled" else globals()[f"setup_{prov}"](device)
+                first: dict = {}
+
+                def first_call(fn=fn):
+                    with torch.no_grad():
+                        first["y"] = fn(*inputs)
+                first_s = first_call_s(first_call, device)  # compilation / Triton JIT, timed apart
+                err = (first.pop("y").float() - y_ref.float()).abs().max().item()
+                for mode in modes:
+                    t, mem = bench_one(fn, inputs, mode, device)
+                    tflops = gemm_flops(b, n, c, f, mode) / (t["ms"] * 1e-3) / 1e12
+                    row = dict(op="masked_ffn", config=name, B=b, N=n, C=c, F=f, kept=int(inputs[-1].sum().item()),
+                               dtype=str(dtype).replace("torch.", ""), provider=prov, mode=mode, **t,
+                               tflops=tflops, frac_of_peak=tflops / peak,
+                               peak_mem_mb=mem, first_call_s=first_s, max_abs_err_vs_eager=err, **env)
+                    rows.append(row)
+                    print(f"{name:7s} B={b:<4d} {prov:16s} {mode:8s} {t['ms']:9.3f} ms  {tflops:7.2f} TFLOP/s "
+                          f"({100 * tflops / peak:5.1f}% of the measured GEMM peak)  mem {mem}  err {err:.2e}")
+            except Exception as exc:  # noqa: BLE001 - recorded in a row (the run then fails)
+                rows.append(dict(op="masked_ffn", config=name, B=b, N=n, C=c, F=f,
+                                 dtype=str(dtype).replace("torch.", ""),
+                                 provider=prov, error=error_text(exc), **env))
+                print(f"{name:7s} B={b:<4d} {prov:16s} failed: {rows[-1]['error']}")
     return rows
 
 
@@ -123,8 +135,9 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny configuration (the only one on CPU)")
     p.add_argument("--providers", default=",".join(PROVIDERS))
     p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     args = p.parse_args(argv)
-    device = default_device()
+    device = torch.device(args.device) if args.device else default_device()
     if device.type == "cuda":
         configs, dtype = (GPU_CONFIGS[:1] if args.quick else GPU_CONFIGS), torch.bfloat16
     else:
@@ -132,7 +145,7 @@ def main(argv=None):
             print("no CUDA device: running the --quick CPU configuration")
         configs, dtype = QUICK_CONFIGS, torch.float32
     torch.manual_seed(0)
-    rows = run(configs, device, dtype, args.providers.split(","), args.modes.split(","))
+    rows = run(configs, device, dtype, args.providers.split(","), args.modes.split(","), smoke=args.quick)
     path = write_rows("masked_ffn", rows, args.out)
     print(f"wrote {len(rows)} rows to {path}")
     return rows

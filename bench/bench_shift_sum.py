@@ -3,8 +3,10 @@
 Shapes: the deployed conv layers of DeiT-S/B (N = 197 tokens -> 14x14 grid, d = 64; the shift-sum does not depend
 on C), batch 1/64/256, T = 9 (3x3) and T = 1 (1x1); bf16 on CUDA, fp32 on CPU (2 threads).
 Modes: ``fwd`` (y = shift_sum(planes)) and ``bwd`` (gradient of planes and bias from a given output gradient).
-The op is memory-bound; ``hbm_frac`` = achieved bytes/s over 3.35 TB/s (H100 SXM HBM3), for CUDA rows only.
-Bytes: fwd reads B*P*T*d + writes B*P*d elements; bwd reads grad and y (2*B*P*d) and writes B*P*T*d.
+The op is memory-bound; ``bw_frac`` = achieved bytes/s over the device-to-device copy bandwidth measured in this run
+(``bench.common.measure_peaks``). Bytes: fwd reads B*P*T*d + writes B*P*d elements; bwd reads grad and y (2*B*P*d)
+and writes B*P*T*d. The compiled provider is compiled afresh (dynamo reset) for every shape and mode; the first call
+of every provider and shape is timed apart (``first_call_s``). A provider that fails gives a row with its ``error``.
 
 Usage: ``python bench/bench_shift_sum.py [--quick] [--out DIR] [--device cpu|cuda]``.
 """
@@ -19,10 +21,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import bench_fn, default_device, env_info, write_rows  # noqa: E402
+from bench.common import (bench_fn, compile_backend, default_device, env_info, error_text, first_call_s,  # noqa: E402
+                          fresh_compile, measure_peaks, write_rows)
 from spvit_kernels import _ext, reference  # noqa: E402
 
-HBM_BYTES_PER_S = 3.35e12
 GRID = (14, 14)
 D = 64
 
@@ -47,8 +49,8 @@ def setup_eager(device: torch.device) -> Optional[Callable]:
     return reference.shift_sum
 
 
-def setup_compile(device: torch.device) -> Optional[Callable]:
-    return torch.compile(reference.shift_sum, dynamic=False)
+def setup_compile(device: torch.device, smoke: bool = False) -> Optional[Callable]:
+    return fresh_compile(reference.shift_sum, compile_backend(device, smoke))
 
 
 PROVIDERS: Dict[str, Callable[[torch.device], Optional[Callable]]] = {
@@ -62,48 +64,63 @@ def _bytes(mode: str, b: int, p: int, t: int, d: int, elem: int) -> int:
     return (2 * b * p * d + b * p * t * d) * elem + d * 4
 
 
+def _setup(name: str, device: torch.device, quick: bool) -> Optional[Callable]:
+    return PROVIDERS[name](device, quick) if name == "compile" else PROVIDERS[name](device)
+
+
 def run(device: torch.device, quick: bool, providers: List[str], modes: List[str]) -> List[Dict]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     batches = (1, 16) if (quick and device.type == "cpu") else ((1, 64) if quick else (1, 64, 256))
     info = env_info(device)
+    peaks = measure_peaks(device, smoke=quick)
+    warmup, rep = (2, 10) if quick else (3, 20)
     rows = []
     p = GRID[0] * GRID[1]
     for name in providers:
-        fn = PROVIDERS[name](device)
-        if fn is None:
-            print(f"[bench_shift_sum] provider {name!r} not available on {device.type}; skipped")
+        if name not in PROVIDERS:
+            raise ValueError(f"unknown provider {name!r}; expected some of {list(PROVIDERS)}")
+        if _setup(name, device, quick) is None:
+            if device.type == "cuda":
+                rows.append({"op": "shift_sum", "provider": name, "error": f"provider {name!r} not available on cuda",
+                             **info})
+            else:
+                print(f"[bench_shift_sum] provider {name!r} not available on {device.type}; skipped")
             continue
         for t in (9, 1):
             for b in batches:
                 planes = torch.randn(b, p, t, D, device=device, dtype=dtype)
                 bias = torch.randn(D, device=device, dtype=dtype)
                 for mode in modes:
-                    if mode == "fwd":
-                        def call(planes=planes, bias=bias):
-                            with torch.no_grad():
-                                return fn(planes, bias, GRID, True)
-                    else:
-                        leaf = planes.clone().requires_grad_()
-                        bleaf = bias.clone().requires_grad_()
-                        y = fn(leaf, bleaf, GRID, True)
-                        g = torch.randn_like(y)
-
-                        def call(y=y, leaf=leaf, bleaf=bleaf, g=g):
-                            return torch.autograd.grad(y, [leaf, bleaf], g, retain_graph=True)
+                    row = {"op": "shift_sum", "provider": name, "mode": mode, "B": b, "N": p + 1, "grid": "14x14",
+                           "d": D, "T": t, "dtype": str(dtype).replace("torch.", ""), "error": ""}
+                    # a fresh provider per shape and mode: the compiled one compiles anew every time
+                    fn = _setup(name, device, quick)
                     try:
-                        timing = bench_fn(call, device, warmup=2 if quick else 3, rep=10 if quick else 20)
-                    except Exception as exc:  # a provider that fails on this machine is reported, not fatal
-                        print(f"[bench_shift_sum] {name} {mode} B={b} T={t} failed: {exc}")
+                        if mode == "fwd":
+                            def call(fn=fn, planes=planes, bias=bias):
+                                with torch.no_grad():
+                                    return fn(planes, bias, GRID, True)
+                        else:
+                            leaf = planes.clone().requires_grad_()
+                            bleaf = bias.clone().requires_grad_()
+                            y = fn(leaf, bleaf, GRID, True)
+                            g = torch.randn_like(y)
+
+                            def call(y=y, leaf=leaf, bleaf=bleaf, g=g):
+                                return torch.autograd.grad(y, [leaf, bleaf], g, retain_graph=True)
+                        first = first_call_s(call, device)
+                        timing = bench_fn(call, device, warmup=warmup, rep=rep, flush_l2=True)
+                    except Exception as exc:  # noqa: BLE001 - recorded in the row (the run then fails)
+                        row["error"] = error_text(exc)
+                        rows.append({**row, **info})
+                        print(f"[bench_shift_sum] {name} {mode} B={b} T={t} failed: {row['error']}")
                         continue
                     nbytes = _bytes(mode, b, p, t, D, planes.element_size())
                     gbs = nbytes / (timing["ms"] * 1e-3) / 1e9
-                    row = {
-                        "op": "shift_sum", "provider": name, "mode": mode, "B": b, "N": p + 1, "grid": "14x14",
-                        "d": D, "T": t, "dtype": str(dtype).replace("torch.", ""), **timing, "GB/s": gbs,
-                        "hbm_frac": gbs * 1e9 / HBM_BYTES_PER_S if device.type == "cuda" else None, **info,
-                    }
-                    rows.append(row)
-                    print(f"{name:8s} {mode} T={t} B={b:4d}: {timing['ms']:.4f} ms  {gbs:8.1f} GB/s")
+                    row.update({**timing, "first_call_s": first, "GB/s": gbs, "bw_frac": gbs / peaks["peak_gbs"]})
+                    rows.append({**row, **info})
+                    print(f"{name:8s} {mode} T={t} B={b:4d}: {timing['ms']:.4f} ms  {gbs:8.1f} GB/s "
+                          f"({100 * gbs / peaks['peak_gbs']:.0f}% of the measured copy bandwidth)")
     return rows
 
 
@@ -121,7 +138,7 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
     if args.providers:
         providers = args.providers.split(",")
     elif device.type == "cpu" and args.quick:
-        providers = ["ext", "eager"]  # torch.compile's CPU codegen would dominate a quick run
+        providers = ["ext", "eager", "compile"]  # compile: dynamo capture only (the eager backend) in a quick CPU run
     else:
         providers = list(PROVIDERS)
     rows = run(device, args.quick, providers, args.modes.split(","))

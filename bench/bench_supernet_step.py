@@ -1,35 +1,80 @@
-"""End-to-end supernet training step (fwd + bwd + optimiser, bf16 autocast on GPU): img/s and peak memory.
+"""End-to-end supernet training step (forward + loss + backward + AdamW, bf16 autocast on GPU): img/s, peak memory.
 
 Providers:
-  fused      the supernet with the default backend (Triton kernels on CUDA)
-  eager      the supernet on the eager reference ops (SPVIT_BACKEND=eager)
-  compiled   torch.compile of the eager-reference supernet
-  timm       the plain timm model's training step (the floor), and timm_compiled
+  fused           the supernet on the package's kernels (default backend: Triton on CUDA)
+  eager           the supernet on the eager reference ops (``use_backend("eager")``, as SPVIT_BACKEND=eager)
+  eager_compiled  torch.compile of the eager-reference supernet
+  timm            the plain timm model's training step
+  timm_compiled   torch.compile of the plain timm model (the floor)
 
-python bench/bench_supernet_step.py --out bench/results [--quick] [--models deit_small_patch16_224,...] [--batch 128,256]
+Every provider gets its own model (same seed, same weights), its own optimiser and, where compiled, its own fresh
+compilation. The first step (compilation, Triton JIT and autotuning, optimiser state allocation) is timed apart
+(``first_call_s``, synchronised); then ``warmup`` untimed and ``rep`` timed steps. The supernet samples its gates
+as in the search; the RNG is seeded identically before every provider's steps, so all providers see the same gates.
+Peak memory (CUDA) is the allocator's peak over the timed steps: parameters, gradients, optimiser state and
+activations. Compiled rows carry the number of captured graphs and graph breaks.
+
+python bench/bench_supernet_step.py --out DIR [--quick] [--models deit_small_patch16_224,...] [--batch 128,256]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+import time
+from typing import Callable, Dict, List, Optional
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import bench_fn, default_device, env_info, peak_memory_mb, write_rows  # noqa: E402
+from bench.common import (bench_fn, compile_backend, compile_stats, default_device, env_info, error_text,  # noqa: E402
+                          first_call_s, free_memory, fresh_compile, write_rows)
+
+PROVIDERS = ("fused", "eager", "eager_compiled", "timm", "timm_compiled")
+FUSED_OPS = ("gated_attn_conv", "masked_ffn")
 
 
-def _make_step(model, device, amp_dtype, arch_params=None):
-    opt = torch.optim.AdamW([p for p in model.parameters()], lr=1e-4)
+def smoke_model(num_classes: int = 10) -> torch.nn.Module:
+    """A tiny timm VisionTransformer (32 px, patch 8, width 32, depth 2) for smoke runs."""
+    from timm.models.vision_transformer import VisionTransformer
 
-    def step(x, y):
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+    return VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=num_classes)
+
+
+def timm_factory(name: str) -> Callable[[], torch.nn.Module]:
+    def build() -> torch.nn.Module:
+        import timm
+
+        return timm.create_model(name, pretrained=False)
+
+    return build
+
+
+def fused_backend(device: torch.device) -> str:
+    """Backend of the ``fused`` provider: ``auto`` (Triton on CUDA); on CPU ``triton`` under TRITON_INTERPRET=1 (the
+    kernels run in the interpreter), else ``auto`` (extension or eager: the row's ``impl`` says which)."""
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return "triton"
+    return "auto"
+
+
+def make_step(model: torch.nn.Module, device: torch.device, amp_dtype: Optional[torch.dtype], x: torch.Tensor,
+              y: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """One training step of ``model`` on (x, y): autocast forward, cross-entropy (+ the supernet's FLOPs loss),
+    backward, AdamW step, gradients set to None."""
+    fused_opt = device.type == "cuda"
+    opt = torch.optim.AdamW(list(model.parameters()), lr=1e-4, fused=fused_opt)
+    inner = getattr(model, "_orig_mod", model)
+    target = 0.7 * inner.dense_gflops() if hasattr(inner, "flops_loss") else None
+
+    def step() -> torch.Tensor:
+        with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext():
             logits = model(x)
             loss = torch.nn.functional.cross_entropy(logits.float(), y)
-            if hasattr(model, "flops_loss"):
-                loss = loss + model.flops_loss(0.7 * model.dense_gflops(), 1.0)
+            if target is not None:
+                loss = loss + inner.flops_loss(target, 1.0)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -38,66 +83,95 @@ def _make_step(model, device, amp_dtype, arch_params=None):
     return step
 
 
-def run(model_name: str, batch: int, device: torch.device, providers, quick: bool):
-    import timm
-
+def measure(label: str, factory: Callable[[], torch.nn.Module], provider: str, batch: int, device: torch.device,
+            amp_dtype: Optional[torch.dtype], warmup: int, rep: int, backend: str = "inductor",
+            seed: int = 0) -> Dict:
+    """One row: ``provider``'s training step of the model ``factory()`` at ``batch`` (errors go in the row)."""
     import spvit
     import spvit_kernels as K
 
-    kw = dict(img_size=32, num_classes=10) if quick else {}
-    base = timm.create_model(model_name, pretrained=False, **kw).to(device)
-    amp = torch.bfloat16 if device.type == "cuda" else None
-    img = base.patch_embed.img_size
-    x = torch.randn(batch, 3, *img, device=device)
-    y = torch.randint(0, base.num_classes, (batch,), device=device)
-    rows = []
-    for prov in providers:
-        if prov.startswith("timm"):
-            model = timm.create_model(model_name, pretrained=False, **kw).to(device).train()
-            backend = "eager"
+    row: Dict = {"model": label, "batch": batch, "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
+                 "provider": provider, "impl": "", "first_call_s": None, "ms": None, "ms_p20": None, "ms_p80": None,
+                 "img_s": None, "peak_mem_mb": None, "graphs": None, "graph_breaks": None, "error": ""}
+    if provider not in PROVIDERS:
+        row["error"] = f"unknown provider {provider!r}; expected one of {PROVIDERS}"
+        return row
+    step = model = None
+    try:
+        torch.manual_seed(seed)
+        base = factory()
+        if provider.startswith("timm"):
+            model, be = base, None
+            row["impl"] = "timm"
         else:
-            model = spvit.supernet(base).to(device).train()
-            backend = "auto" if prov == "fused" else "eager"
-        if prov.endswith("compiled"):
-            if device.type == "cpu" and quick:
-                continue
-            model = torch.compile(model)
-        step = _make_step(model, device, amp)
-        try:
-            with K.use_backend(backend):
-                res = bench_fn(lambda: step(x, y), device, warmup=2, rep=3 if quick else 10)
-                mem = peak_memory_mb(lambda: step(x, y), device)
-        except Exception as exc:  # record the failure instead of hiding it
-            rows.append({"model": model_name, "batch": batch, "provider": prov, "error": repr(exc)[:200]})
-            continue
-        rows.append({"model": model_name, "batch": batch, "provider": prov, "backend": backend,
-                     "ms": res["ms"], "img_s": batch / res["ms"] * 1e3, "peak_mem_mb": mem})
-    return rows
+            model = spvit.supernet(base)
+            be = fused_backend(device) if provider == "fused" else "eager"
+        model = model.to(device).train()
+        img = base.patch_embed.img_size
+        gen = torch.Generator(device="cpu").manual_seed(seed + 1)
+        x = torch.randn(batch, 3, *img, generator=gen).to(device)
+        y = torch.randint(0, base.num_classes, (batch,), generator=gen).to(device)
+        if provider.endswith("compiled"):
+            model = fresh_compile(model, backend)
+        step = make_step(model, device, amp_dtype, x, y)
+        ctx = K.use_backend(be) if be else contextlib.nullcontext()
+        with ctx:
+            if be:
+                row["impl"] = ",".join(f"{op}={K.backend_of(op, device)}" for op in FUSED_OPS)
+                if provider == "fused" and device.type == "cuda" and any(
+                        K.backend_of(op, device) != "triton" for op in FUSED_OPS):
+                    raise RuntimeError(f"the fused provider does not run the Triton kernels here ({row['impl']})")
+            torch.manual_seed(seed)
+            row["first_call_s"] = first_call_s(step, device)
+            if provider.endswith("compiled"):
+                row.update(compile_stats())
+            torch.manual_seed(seed + 2)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            t = bench_fn(step, device, warmup=warmup, rep=rep)
+            if device.type == "cuda":
+                row["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        row.update({"ms": t["ms"], "ms_p20": t["ms_p20"], "ms_p80": t["ms_p80"], "img_s": batch / t["ms"] * 1e3})
+    except Exception as exc:  # noqa: BLE001 - recorded in the row; the caller decides the exit status
+        row["error"] = error_text(exc)
+    finally:
+        del step, model
+        free_memory(device)
+    return row
 
 
-def main(argv=None):
+def main(argv: Optional[List[str]] = None) -> List[Dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--quick", action="store_true", help="tiny CPU smoke configuration")
+    ap.add_argument("--out", default=None, help="results directory (default bench/results)")
+    ap.add_argument("--quick", action="store_true", help="tiny smoke configuration (32 px model, batch 4)")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--models", default="deit_tiny_patch16_224,deit_small_patch16_224,deit_base_patch16_224")
     ap.add_argument("--batch", default="128,256")
-    ap.add_argument("--providers", default="fused,eager,compiled,timm,timm_compiled")
+    ap.add_argument("--providers", default=",".join(PROVIDERS))
+    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--rep", type=int, default=None)
     args = ap.parse_args(argv)
-    device = default_device()
+    device = torch.device(args.device) if args.device else default_device()
+    amp = torch.bfloat16 if device.type == "cuda" else None
     if args.quick:
-        models, batches = ["deit_tiny_patch16_224"], [4]
+        models, batches = [("smoke_vit", smoke_model)], [4]
     else:
-        models, batches = args.models.split(","), [int(b) for b in args.batch.split(",")]
-    providers = args.providers.split(",")
-    if device.type == "cpu":
-        providers = [p for p in providers if p != "fused" or os.environ.get("TRITON_INTERPRET") == "1"]
+        models = [(m, timm_factory(m)) for m in args.models.split(",")]
+        batches = [int(b) for b in args.batch.split(",")]
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
+    rep = args.rep if args.rep is not None else (2 if args.quick else 10)
+    backend = compile_backend(device, smoke=args.quick)
     info = env_info(device)
     rows = []
-    for m in models:
+    for label, factory in models:
         for b in batches:
-            for r in run(m, b, device, providers, args.quick):
-                rows.append({**r, **info})
-                print({k: r[k] for k in r if k in ("model", "batch", "provider", "img_s", "peak_mem_mb", "error")})
+            for prov in args.providers.split(","):
+                t0 = time.perf_counter()
+                r = measure(label, factory, prov, b, device, amp, warmup, rep, backend)
+                rows.append({**r, "compile_backend": backend if prov.endswith("compiled") else "", **info})
+                res = (f"error {r['error']}" if r["error"] else
+                       f"{r['img_s']:.1f} img/s, first call {r['first_call_s']:.1f} s, peak {r['peak_mem_mb']} MiB")
+                print(f"[supernet_step] {label} b{b} {prov}: {res} ({time.perf_counter() - t0:.0f} s)", flush=True)
     name = "supernet_step" + ("_quick" if args.quick else "") + ("_cpu" if device.type == "cpu" else "")
     path = write_rows(name, rows, args.out)
     print(f"wrote {path}")

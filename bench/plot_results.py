@@ -3,9 +3,10 @@
 * ``deploy_e2e_<tag>.csv``: images/s per architecture, one bar per provider, one panel per batch size (with the
   FLOPs ratio dense / SPViT under each architecture) -> ``deploy_e2e_<tag>.png``; with ``deploy_e2e_<tag>_layers.csv``
   the deployed model's time per part (embedding, attention by kind, FFN, head) -> ``deploy_e2e_<tag>_layers.png``.
-* any other ``<name>.csv`` with a ``provider`` column: the time (``ms``; or ``img_s`` when present) per
-  configuration, one bar per provider -> ``<name>.png``. Configuration columns are the usual shape / mode columns
-  found in the file (op, mode, model, arch, config, choice, B, N, C, d, F, batch, dtype).
+* any other ``<name>.csv`` with a ``provider`` column: ``img_s`` when present, else the fraction of the measured peak
+  (``frac_of_peak``) when present, else the time (``ms``) per configuration, one bar per provider -> ``<name>.png``.
+  Configuration columns are the usual shape / mode columns found in the file (op, case, mode, model, arch, config,
+  choice, B, N, C, d, F, T, batch, dtype).
 
 Rows of several devices in one CSV give one figure per device (``<name>-<device>.png``); for each (device,
 configuration, provider) the latest row wins.
@@ -23,9 +24,11 @@ from collections import OrderedDict
 from typing import Dict, List, Optional
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-CONFIG_COLS = ("op", "mode", "model", "arch", "config", "choice", "B", "N", "C", "d", "F", "batch", "dtype")
-PROVIDER_ORDER = ("ours", "ours_compiled", "pruned", "pruned_compiled", "dense", "dense_compiled", "eager",
-                  "compiled")
+CONFIG_COLS = ("op", "case", "mode", "model", "arch", "config", "choice", "B", "N", "C", "d", "F", "T", "batch",
+               "dtype")
+PROVIDER_ORDER = ("fused", "ours", "deployed", "ours_compiled", "deployed_compiled", "pruned", "pruned_compiled",
+                  "dense", "dense_compiled", "triton", "ext", "eager", "eager_compiled", "compiled", "timm",
+                  "timm_compiled")
 PART_COLORS = {"embed": "#999999", "attn_msa": "#4c72b0", "attn_3x3": "#dd8452", "attn_1x1": "#55a868",
                "attn_skip_ln": "#c44e52", "ffn": "#8172b3", "ffn_width0": "#cccccc", "norm_head": "#64b5cd"}
 
@@ -146,7 +149,12 @@ def plot_layers(rows: List[Dict], title: str, out_png: str) -> str:
 def plot_generic(rows: List[Dict], title: str, out_png: str) -> Optional[str]:
     if not rows or "provider" not in rows[0]:
         return None
-    metric = "img_s" if any(_float(r.get("img_s")) for r in rows) else "ms"
+    if any(_float(r.get("img_s")) for r in rows):
+        metric, ylabel, log = "img_s", "images / s", True
+    elif any(_float(r.get("frac_of_peak")) for r in rows):
+        metric, ylabel, log = "frac_of_peak", "fraction of the measured peak (GEMM or copy)", False
+    else:
+        metric, ylabel, log = "ms", "ms (lower is better)", True
     cfg_cols = [c for c in CONFIG_COLS if c in rows[0]]
     rows = [r for r in _latest(rows, cfg_cols + ["provider"]) if _float(r.get(metric))]
     if not rows:
@@ -155,8 +163,7 @@ def plot_generic(rows: List[Dict], title: str, out_png: str) -> Optional[str]:
     groups = list(OrderedDict.fromkeys(" ".join(f"{r[c]}" for c in cfg_cols if r.get(c)) for r in rows))
     val = {(" ".join(f"{r[c]}" for c in cfg_cols if r.get(c)), r["provider"]): _float(r[metric]) for r in rows}
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(groups) + 3), 4.2))
-    _grouped_bars(ax, groups, _providers(rows), lambda g, p: val.get((g, p)),
-                  "images / s" if metric == "img_s" else "ms (lower is better)", log=True)
+    _grouped_bars(ax, groups, _providers(rows), lambda g, p: val.get((g, p)), ylabel, log=log)
     ax.legend(fontsize=7)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
