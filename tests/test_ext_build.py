@@ -68,18 +68,11 @@ def elf_section_names(path: Path) -> set[str]:
 
 
 def find_cuobjdump() -> str | None:
-    """Path of a cuobjdump executable: PATH, then CUDA_HOME/bin (or torch's CUDA_HOME), then the PyPI wheel."""
+    """Path of a cuobjdump executable: PATH, then CUDA_HOME/bin (default /usr/local/cuda), then the PyPI wheel."""
     found = shutil.which("cuobjdump")
     if found:
         return found
-    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
-    try:
-        from torch.utils.cpp_extension import CUDA_HOME
-
-        homes.append(CUDA_HOME)
-    except ImportError:  # torch is a dependency; tolerate its absence here all the same
-        pass
-    for home in filter(None, homes):
+    for home in filter(None, (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda")):
         candidate = Path(home) / "bin" / "cuobjdump"
         if candidate.is_file() and os.access(candidate, os.X_OK):
             return str(candidate)
