@@ -90,3 +90,23 @@ def test_dynamo_without_onnxscript_is_a_clear_error(deployed, tmp_path, monkeypa
     with pytest.raises(ImportError, match="onnxscript"):
         export_onnx(deployed, str(tmp_path / "m.onnx"), dynamo=True)
     assert not os.listdir(tmp_path)
+
+
+def test_deploy_format_hook(deployed, tmp_path, capsys):
+    """The `spvit deploy --format onnx` pieces: the argument, and the export into the output folder."""
+    import argparse
+
+    from spvit.export import add_format_argument, export_for_format
+
+    parser = argparse.ArgumentParser()
+    add_format_argument(parser)
+    assert parser.parse_args([]).format == "torch"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--format", "tflite"])
+    assert export_for_format(parser.parse_args([]), deployed, str(tmp_path)) is None
+    assert not os.listdir(tmp_path)
+    path = export_for_format(parser.parse_args(["--format", "onnx"]), deployed, str(tmp_path))
+    assert path == str(tmp_path / "model.onnx") and "model.onnx" in capsys.readouterr().out
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(run_ort(path, x), deployed(x), atol=1e-5, rtol=1e-5)
