@@ -12,9 +12,10 @@ from .models.official import load_official
 __version__ = "0.1.0"
 
 from .deploy import DeployedModel, deploy, load_deployed
+from .export import export_onnx
 
 __all__ = ["Architecture", "BlockArch", "ModelSignature", "count_params", "gflops", "PrunedModel", "Supernet",
            "UnsupportedModelError", "prune", "supernet", "load_official", "DeployedModel", "deploy",
-           "load_deployed", "__version__"]
+           "load_deployed", "export_onnx", "__version__"]
 
 

@@ -346,6 +346,13 @@ class DeployedModel(nn.Module):
         torch.save(self.to_file_dict(), tmp)
         os.replace(tmp, path)
 
+    def export_onnx(self, path: str, batch: Optional[int] = None, opset: Optional[int] = None,
+                    dynamo: Optional[bool] = None) -> str:
+        """Write an ONNX file of standard operators (dynamic batch by default); see :func:`spvit.export.export_onnx`."""
+        from .export import export_onnx
+
+        return export_onnx(self, path, batch=batch, opset=opset, dynamo=dynamo)
+
     def extra_repr(self) -> str:
         return f"{self.model_name}: " + " ".join(b["kind"] for b in self.config["blocks"])
 

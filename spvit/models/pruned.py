@@ -8,8 +8,9 @@ timm ``Mlp`` compacted to the kept units.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
-from typing import Optional, Union
+from typing import Any, Dict, List, Optional, Set, Union
 
 import torch
 import torch.nn as nn
@@ -172,13 +173,35 @@ def _conv_from(attn: nn.Module, kind: str, sig, alpha: float, carry: bool) -> Co
     return new
 
 
+def _prefixed_cfg(cfg: Any, prefix: str) -> Dict[str, Any]:
+    """A timm pretrained cfg (dict or PretrainedCfg) as a dict whose module names carry ``prefix``."""
+    if cfg is None:
+        return {}
+    d = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+    for key in ("first_conv", "classifier"):
+        names = d.get(key)
+        if isinstance(names, str):
+            d[key] = prefix + names
+        elif isinstance(names, (tuple, list)):
+            d[key] = type(names)(prefix + n for n in names)
+    return d
+
+
 class PrunedModel(nn.Module):
-    """A searched SPViT architecture as a trainable model (fine-tune phase).
+    """A searched SPViT architecture as a trainable model (fine-tune phase), with timm's model API.
+
+    The timm methods (``forward_features``, ``forward_head``, ``forward_intermediates``, ``reset_classifier``,
+    ``get_classifier``, ``set_grad_checkpointing``, ``no_weight_decay``, ``group_matcher``) act on the wrapped
+    VisionTransformer; names they return carry its ``vit.`` prefix, so they match ``named_parameters()`` and feed
+    timm's optimizer factory (weight-decay groups, layer decay) unchanged. ``head_probs`` of conv layers is a weight
+    (decayed, as in the original fine-tune; docs/method.md quirk Q22).
 
     Attributes:
         vit: the timm VisionTransformer with replaced attention / FFN modules.
         architecture: the :class:`Architecture` it realises.
-    forward(images: (B, in_chans, H, W)) -> logits (B, num_classes).
+        pretrained_cfg / default_cfg: timm's data and model config (the base model's, module names prefixed
+            ``vit.``; a registered ``spvit_*`` model carries its own).
+    forward(images: (B, in_chans, H, W)) -> logits (B, num_classes) (pooled features when num_classes is 0).
     """
 
     def __init__(self, vit: nn.Module, architecture: Architecture, alpha: float = 1e-2):
@@ -188,10 +211,113 @@ class PrunedModel(nn.Module):
         self.signature = architecture.signature
         self.model_name = architecture.model_name
         self.alpha = alpha
+        cfg = _prefixed_cfg(getattr(vit, "pretrained_cfg", None), "vit.")
+        cfg.update(input_size=(self.signature.in_chans, *self.signature.img_size), fixed_input_size=True,
+                   num_classes=self.signature.num_classes)
+        cfg.setdefault("first_conv", "vit.patch_embed.proj")
+        cfg.setdefault("classifier", "vit.head")
+        self.pretrained_cfg = cfg
+
+    # -- timm attributes -------------------------------------------------------------------------------------------
+    @property
+    def default_cfg(self) -> Dict[str, Any]:
+        return self.pretrained_cfg
+
+    @default_cfg.setter
+    def default_cfg(self, cfg: Dict[str, Any]) -> None:
+        self.pretrained_cfg = cfg
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.vit.num_classes)
+
+    @property
+    def num_features(self) -> int:
+        return int(self.vit.num_features)
+
+    @property
+    def head_hidden_size(self) -> int:
+        return int(getattr(self.vit, "head_hidden_size", self.vit.num_features))
+
+    @property
+    def in_chans(self) -> int:
+        return int(self.signature.in_chans)
+
+    @property
+    def global_pool(self) -> str:
+        return self.vit.global_pool
+
+    @property
+    def feature_info(self) -> List[Dict[str, Any]]:
+        """timm's feature info of the blocks (``module`` names prefixed ``vit.``)."""
+        return [dict(f, module="vit." + f["module"]) for f in getattr(self.vit, "feature_info", [])]
+
+    # -- forward ---------------------------------------------------------------------------------------------------
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """images (B, in_chans, H, W) -> token features (B, N, C) after the final norm, before pooling and head."""
+        check_images(x, self.signature)
+        return self.vit.forward_features(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """token features (B, N, C) -> logits (B, num_classes), or the pooled features (B, C) with ``pre_logits``."""
+        return self.vit.forward_head(x, pre_logits=pre_logits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_images(x, self.signature)
         return self.vit(x)
+
+    @torch.jit.ignore
+    def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
+                              return_prefix_tokens: bool = False, norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False, **kwargs):
+        """Block outputs (timm's ``forward_intermediates``): the last ``indices`` blocks if an int, those listed if a
+        sequence, all if None; ``output_fmt`` NCHW (B, C, H, W) or NLC (B, H*W, C), prefix tokens split off.
+
+        Returns:
+            ``(final features, [intermediates])``, or the list alone with ``intermediates_only``.
+        """
+        check_images(x, self.signature)
+        return self.vit.forward_intermediates(x, indices, return_prefix_tokens=return_prefix_tokens, norm=norm,
+                                              stop_early=stop_early, output_fmt=output_fmt,
+                                              intermediates_only=intermediates_only, **kwargs)
+
+    # -- head ------------------------------------------------------------------------------------------------------
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.vit.get_classifier()
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """A fresh head for ``num_classes`` (0: none, forward returns pooled features); the pruned trunk is kept.
+
+        The architecture's signature follows the new class count, so checkpoints of the result rebuild it.
+        """
+        if not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes must be a non-negative integer, got {num_classes!r}")
+        self.vit.reset_classifier(num_classes, global_pool)
+        sig = dataclasses.replace(self.architecture.signature, num_classes=num_classes)
+        self.architecture = Architecture(self.architecture.model_name, sig, list(self.architecture.blocks),
+                                         meta=dict(self.architecture.meta))
+        self.signature = sig
+        if isinstance(self.pretrained_cfg, dict) and "num_classes" in self.pretrained_cfg:
+            self.pretrained_cfg = dict(self.pretrained_cfg, num_classes=num_classes)
+
+    # -- training --------------------------------------------------------------------------------------------------
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing of the blocks (as timm's ViT). In training mode a conv layer's BatchNorm then
+        updates its running statistics twice per step (forward and recomputation), as any checkpointed BatchNorm."""
+        self.vit.set_grad_checkpointing(enable)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        """Parameter names kept out of weight decay (position embedding, class / register / distillation tokens)."""
+        return {"vit." + n for n in self.vit.no_weight_decay()}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """Parameter groups for timm's layer decay: the stem, one group per block, the final norm; head last."""
+        return dict(stem=r"^vit\.(?:cls_token|reg_token|pos_embed|patch_embed|norm_pre)",
+                    blocks=[(r"^vit\.blocks\.(\d+)", None), (r"^vit\.norm", (99999,))])
 
 
 def prune(model: Union[nn.Module, Supernet], arch: Architecture, carry_weights: Optional[bool] = None,

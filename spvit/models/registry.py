@@ -1,12 +1,15 @@
-"""The architectures published with the original SPViT (spec §8.3) and timm registrations of them.
+"""The architectures published with the original SPViT (docs/method.md §8.3) and timm registrations of them.
 
 ``timm.create_model("spvit_deit_small_patch16_224")`` builds the SPViT-DeiT-S fine-tune model (a
-:class:`~spvit.models.pruned.PrunedModel`) from a DeiT of the same size; ``pretrained=True`` is not available (no
-released weights are bundled: load the original checkpoints with :func:`spvit.load_official`).
+:class:`~spvit.models.pruned.PrunedModel`) from a DeiT of the same size. No weights are bundled: with a released
+checkpoint of the original SPViT downloaded, ``timm.create_model(name, pretrained=True,
+pretrained_cfg_overlay=dict(file=path))`` loads it (through :func:`spvit.load_official`). Each registration carries a
+timm pretrained cfg (input size, mean/std, the evaluation crop, the release file name in ``notes``), so
+``timm.data.resolve_data_config`` gives the original evaluation transform.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from ..arch import Architecture, BlockArch
 from .convert import signature_of
@@ -41,22 +44,104 @@ def shipped_architecture(name: str, base_model=None, **create_kwargs) -> Archite
                         meta={"source": f"SPViT release ({name})"})
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# timm pretrained cfgs of the spvit_deit_* registrations
+# ----------------------------------------------------------------------------------------------------------------------
+RELEASE_URL = "https://github.com/ziplab/SPViT/releases/tag/1.0"
+# registered name -> checkpoint file of the original release (None: architecture published without weights)
+RELEASE_FILES: Dict[str, Optional[str]] = {
+    "spvit_deit_tiny_patch16_224": "spvit_deit_ti_l200_t10.pth",
+    "spvit_deit_small_patch16_224": "spvit_deit_sm_l30_t32.pth",
+    "spvit_deit_base_patch16_224": "spvit_deit_bs_l008_t60.pth",
+    "spvit_deit_base_l006_t100_patch16_224": None,
+}
+# The original evaluation transform (DeiT's recipe, docs/method.md §4.5): resize 256 (bicubic), centre crop 224.
+EVAL_CROP_PCT = 224 / 256
+
+
+def spvit_deit_cfg(name: str) -> Dict[str, Any]:
+    """timm pretrained cfg (as a dict) of the registered SPViT-DeiT model ``name``."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    release = RELEASE_FILES[name]
+    note = (f"original release file {release} ({RELEASE_URL}); load it with pretrained=True, "
+            f"pretrained_cfg_overlay=dict(file=<path>)" if release else "no released weights")
+    return {
+        "architecture": name, "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "fixed_input_size": True,
+        "pool_size": None, "crop_pct": EVAL_CROP_PCT, "crop_mode": "center", "interpolation": "bicubic",
+        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD, "first_conv": "vit.patch_embed.proj",
+        "classifier": "vit.head", "license": "apache-2.0", "origin_url": RELEASE_URL,
+        "paper_name": "Pruning Self-attentions into Convolutional Layers in Single Path",
+        "paper_ids": "arXiv:2111.11802", "notes": (note,),
+    }
+
+
+# timm reads the pretrained cfgs of an entry point from ``default_cfgs`` of the module it is registered from
+default_cfgs: Dict[str, Any] = {}
+
+
+def _deit_default_cfgs() -> Dict[str, Any]:
+    """The generated timm default cfgs of the spvit_deit registrations."""
+    from timm.models import generate_default_cfgs
+
+    return generate_default_cfgs({name: spvit_deit_cfg(name) for name in SHIPPED})
+
+
+def _load_release(name: str, path: str, num_classes: Optional[int], create_kwargs: Dict[str, Any]):
+    """The PrunedModel of a released checkpoint ``path`` of architecture ``name`` (checked against the registry)."""
+    import os
+
+    from .official import load_official
+    from .pruned import PrunedModel
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{name}: checkpoint file not found: {path}")
+    base_name, attn, widths = SHIPPED[name]
+    model = load_official(path, base_name, **create_kwargs)
+    if not isinstance(model, PrunedModel):
+        raise ValueError(f"{name}: {path} is a search (supernet) checkpoint, not a fine-tuned {name}")
+    arch = model.architecture
+    if arch.attn_choices != attn or arch.ffn_widths != widths:
+        raise ValueError(f"{name}: {path} holds another architecture (attention {arch.attn_choices}, FFN widths "
+                         f"{arch.ffn_widths}; expected {attn}, {widths})")
+    if num_classes is not None and num_classes != model.num_classes:
+        model.reset_classifier(num_classes)
+    return model
+
+
 def _factory(name: str):
     def build(pretrained: bool = False, **kwargs):
         import timm
 
         from .pruned import prune
 
+        if kwargs.pop("features_only", False):
+            raise ValueError(f"{name}: features_only=True is not supported by SPViT models; use "
+                             "model.forward_intermediates(x) for block outputs (timm's feature API of ViTs)")
+        kwargs.pop("pretrained_cfg", None)
+        kwargs.pop("cache_dir", None)
+        overlay = kwargs.pop("pretrained_cfg_overlay", None) or {}
+        cfg = dict(spvit_deit_cfg(name), **overlay)
         if pretrained:
-            raise ValueError(f"{name}: no bundled pretrained weights; load an original checkpoint with "
-                             "spvit.load_official(path, base_model_name)")
-        for k in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-            kwargs.pop(k, None)
-        base = timm.create_model(SHIPPED[name][0], pretrained=False, **kwargs)
-        return prune(base, shipped_architecture(name, base))
+            if not cfg.get("file"):
+                release = RELEASE_FILES[name]
+                where = (f"download {release} from the original SPViT release ({RELEASE_URL}) and pass"
+                         if release else "no weights were released for this architecture; for your own checkpoint "
+                         "of it pass")
+                raise ValueError(f"{name}: no bundled pretrained weights; {where} "
+                                 "pretrained_cfg_overlay=dict(file=<path>)")
+            num_classes = kwargs.pop("num_classes", None)
+            model = _load_release(name, cfg["file"], num_classes, kwargs)
+        else:
+            base = timm.create_model(SHIPPED[name][0], pretrained=False, **kwargs)
+            model = prune(base, shipped_architecture(name, base))
+        cfg["num_classes"] = model.num_classes
+        model.pretrained_cfg = cfg
+        return model
 
     build.__name__ = name
-    build.__doc__ = f"SPViT fine-tune model {name} (spec §8.3) built on {SHIPPED[name][0]}."
+    build.__module__ = __name__
+    build.__doc__ = f"SPViT fine-tune model {name} (docs/method.md §8.3) built on {SHIPPED[name][0]}."
     return build
 
 
@@ -64,6 +149,7 @@ def register_with_timm() -> None:
     """Register every shipped architecture with timm (idempotent)."""
     from timm.models import is_model, register_model
 
+    default_cfgs.update(_deit_default_cfgs())
     for name in SHIPPED:
         if not is_model(name):
             register_model(_factory(name))

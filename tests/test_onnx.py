@@ -1,0 +1,112 @@
+"""ONNX export of deployed models (spvit.export_onnx): standard operators only, dynamic batch, onnxruntime equal to the
+deployed model; errors; the user's file and model settings are left intact."""
+import importlib.util
+import os
+
+import pytest
+import torch
+
+import spvit
+from spvit.deploy import deploy
+from spvit.export import INPUT_NAME, dynamo_exporter_available, export_onnx
+
+from .test_deploy import mixed_pruned
+
+onnx = pytest.importorskip("onnx", reason="the onnx package is not installed (pip install 'spvit[test]')")
+ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'spvit[test]')")
+
+EXPORTERS = [
+    pytest.param(True, id="dynamo", marks=pytest.mark.skipif(
+        not dynamo_exporter_available(), reason="the dynamo ONNX exporter needs onnxscript (not installed)")),
+    pytest.param(False, id="torchscript"),
+]
+
+
+@pytest.fixture(scope="module")
+def deployed():
+    """Mixed msa / 3x3 / 1x1 / skip blocks, FFN widths 32, 0, 3, 63, LayerScale, random BN statistics."""
+    torch.manual_seed(1)
+    return deploy(mixed_pruned(layer_scale=True))
+
+
+def run_ort(path, x):
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == [INPUT_NAME]
+    return torch.from_numpy(session.run(None, {INPUT_NAME: x.numpy()})[0])
+
+
+@pytest.mark.parametrize("dynamo", EXPORTERS)
+def test_onnxruntime_equals_deployed_at_two_batch_sizes(deployed, dynamo, tmp_path):
+    path = str(tmp_path / "model.onnx")
+    assert export_onnx(deployed, path, dynamo=dynamo) == path
+    assert os.listdir(tmp_path) == ["model.onnx"]  # self-contained, no temporary left behind
+    graph = onnx.load(path).graph
+    onnx.checker.check_model(path)
+    domains = {n.domain for n in graph.node}
+    assert domains <= {"", "ai.onnx"}, f"non-standard operator domains in the graph: {domains}"
+    assert not any("spvit" in n.op_type.lower() for n in graph.node)
+    assert deployed.kernels_when_tracing  # the model's setting is restored
+    for b in (1, 5):
+        x = torch.randn(b, 3, 32, 32)
+        with torch.no_grad():
+            ref = deployed(x)  # the deployed model on its default kernels
+        out = run_ort(path, x)
+        assert out.shape == (b, 10)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_fixed_batch_and_method_form(deployed, tmp_path):
+    path = str(tmp_path / "fixed.onnx")
+    deployed.export_onnx(path, batch=3, dynamo=False)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(run_ort(path, x), deployed(x), atol=1e-5, rtol=1e-5)
+    dims = onnx.load(path).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims] == [3, 3, 32, 32]
+    assert spvit.export_onnx is export_onnx
+
+
+def test_errors_leave_the_users_file_alone(deployed, tmp_path):
+    pruned = mixed_pruned()
+    with pytest.raises(TypeError, match="deploy it first"):
+        export_onnx(pruned, str(tmp_path / "m.onnx"))
+    with pytest.raises(ValueError, match="batch must be a positive integer"):
+        export_onnx(deployed, str(tmp_path / "m.onnx"), batch=0)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        export_onnx(deployed, str(tmp_path / "no" / "m.onnx"))
+    # a failing export (an opset no exporter supports) keeps the existing file and leaves no temporary
+    path = tmp_path / "keep.onnx"
+    path.write_bytes(b"user data")
+    with pytest.raises(Exception):
+        export_onnx(deployed, str(path), opset=1, dynamo=False)
+    assert path.read_bytes() == b"user data"
+    assert sorted(os.listdir(tmp_path)) == ["keep.onnx"]
+    assert deployed.kernels_when_tracing
+
+
+def test_dynamo_without_onnxscript_is_a_clear_error(deployed, tmp_path, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else real(name, *a))
+    with pytest.raises(ImportError, match="onnxscript"):
+        export_onnx(deployed, str(tmp_path / "m.onnx"), dynamo=True)
+    assert not os.listdir(tmp_path)
+
+
+def test_deploy_format_hook(deployed, tmp_path, capsys):
+    """The `spvit deploy --format onnx` pieces: the argument, and the export into the output folder."""
+    import argparse
+
+    from spvit.export import add_format_argument, export_for_format
+
+    parser = argparse.ArgumentParser()
+    add_format_argument(parser)
+    assert parser.parse_args([]).format == "torch"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--format", "tflite"])
+    assert export_for_format(parser.parse_args([]), deployed, str(tmp_path)) is None
+    assert not os.listdir(tmp_path)
+    path = export_for_format(parser.parse_args(["--format", "onnx"]), deployed, str(tmp_path))
+    assert path == str(tmp_path / "model.onnx") and "model.onnx" in capsys.readouterr().out
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(run_ort(path, x), deployed(x), atol=1e-5, rtol=1e-5)

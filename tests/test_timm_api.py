@@ -1,0 +1,188 @@
+"""timm's model API on PrunedModel and the spvit_deit_* registrations: features / head / intermediates against the
+modules run by hand, reset_classifier keeps the pruned trunk, optimizer-factory groups, pretrained cfgs, errors."""
+import pytest
+import timm
+import torch
+from timm.data import resolve_data_config
+from timm.models import get_pretrained_cfg
+from timm.optim import create_optimizer_v2
+
+import spvit
+from spvit.data import DataConfig
+from spvit.deploy import deploy
+from spvit.models.registry import RELEASE_FILES, SHIPPED
+
+from .test_deploy import CHOICES, images, mixed_pruned
+
+REGISTERED = sorted(SHIPPED)
+
+
+def by_hand(pruned, x):
+    """Token features after each block and after the final norm, computed from the modules directly."""
+    vit = pruned.vit
+    t = vit.norm_pre(vit._pos_embed(vit.patch_embed(x)))
+    outs = []
+    for blk in vit.blocks:
+        t = blk(t)
+        outs.append(t)
+    return outs, vit.norm(t)
+
+
+def test_features_head_and_intermediates_match_the_modules():
+    m = mixed_pruned(layer_scale=True)
+    x = images(2)
+    with torch.no_grad():
+        blocks, feats = by_hand(m, x)
+        torch.testing.assert_close(m.forward_features(x), feats)
+        torch.testing.assert_close(m.forward_head(feats, pre_logits=True), feats[:, 0])  # token pool, no fc_norm
+        torch.testing.assert_close(m.forward_head(m.forward_features(x)), m(x))
+        final, inter = m.forward_intermediates(x)
+        torch.testing.assert_close(final, feats)
+        assert len(inter) == len(CHOICES)
+        for got, ref in zip(inter, blocks):  # NCHW, class token split off
+            torch.testing.assert_close(got, ref[:, 1:].reshape(2, 4, 4, -1).permute(0, 3, 1, 2))
+        last = m.forward_intermediates(x, indices=[1, 3], output_fmt="NLC", intermediates_only=True)
+        torch.testing.assert_close(last[0], blocks[1][:, 1:])
+        torch.testing.assert_close(last[1], blocks[3][:, 1:])
+    with pytest.raises(ValueError, match="expected images"):
+        m.forward_features(torch.randn(2, 3, 48, 48))
+    assert m.num_features == m.head_hidden_size == 32 and m.num_classes == 10 and m.in_chans == 3
+    assert [f["module"] for f in m.feature_info] == [f"vit.blocks.{i}" for i in range(4)]
+
+
+def test_reset_classifier_keeps_the_pruned_trunk():
+    m = mixed_pruned()
+    x = images(2)
+    trunk = {k: v.clone() for k, v in m.state_dict().items() if not k.startswith("vit.head.")}
+    arch = m.architecture
+    m.reset_classifier(5)
+    assert m.get_classifier() is m.vit.head and m.vit.head.out_features == 5
+    assert m.num_classes == 5 and m.architecture.signature.num_classes == 5 and m.pretrained_cfg["num_classes"] == 5
+    assert m.architecture.attn_choices == arch.attn_choices and m.architecture.ffn_widths == arch.ffn_widths
+    for k, v in m.state_dict().items():
+        if k in trunk:
+            assert torch.equal(v, trunk[k]), k
+    with torch.no_grad():
+        out = m.eval()(x)
+        assert out.shape == (2, 5)
+        torch.testing.assert_close(deploy(m)(x), out, atol=1e-5, rtol=1e-5)  # still deploys
+        m.reset_classifier(0)
+        _, feats = by_hand(m, x)
+        torch.testing.assert_close(m(x), feats[:, 0])  # no head: pooled features
+    with pytest.raises(ValueError, match="num_classes"):
+        m.reset_classifier(-1)
+
+
+def test_grad_checkpointing_same_outputs_and_grads():
+    m = mixed_pruned().train()
+    x = images(2)
+
+    def step():
+        m.zero_grad()
+        torch.manual_seed(3)
+        out = m(x)
+        out.square().mean().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    bn_state = {k: v.clone() for k, v in m.state_dict().items() if "running" in k or "num_batches" in k}
+    ref_out, ref_grads = step()
+    m.load_state_dict({**m.state_dict(), **bn_state})
+    m.set_grad_checkpointing(True)
+    assert m.vit.grad_checkpointing
+    out, grads = step()
+    torch.testing.assert_close(out, ref_out)
+    assert grads.keys() == ref_grads.keys()
+    for n in grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], atol=1e-6, rtol=1e-5)
+
+
+def test_optimizer_factory_groups():
+    m = timm.create_model("spvit_deit_tiny_patch16_224")
+    names = dict(m.named_parameters())
+    for n in m.no_weight_decay():
+        assert n in names or getattr(m.vit, n[len("vit."):], None) is None, n
+    opt = create_optimizer_v2(m, "adamw", lr=1e-3, weight_decay=0.05)
+    decay_of = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    assert decay_of[id(m.vit.pos_embed)] == 0 and decay_of[id(m.vit.cls_token)] == 0
+    assert decay_of[id(m.vit.blocks[0].norm1.weight)] == 0
+    assert decay_of[id(m.vit.blocks[0].attn.head_probs)] == 0.05  # a weight, decayed as in the original
+    assert decay_of[id(m.vit.blocks[5].mlp.fc1.weight)] == 0.05
+    # layer decay: the same learning-rate scales as timm gives the dense DeiT (stem, one group per block, norm, head)
+    dense = timm.create_model("deit_tiny_patch16_224")
+    opt = create_optimizer_v2(m, "adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.5)
+    dense_opt = create_optimizer_v2(dense, "adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.5)
+    scale_of = {id(p): g["lr_scale"] for g in opt.param_groups for p in g["params"]}
+    dense_scale = {id(p): g["lr_scale"] for g in dense_opt.param_groups for p in g["params"]}
+    compared = 0
+    for n, p in dense.named_parameters():
+        if "vit." + n in names:
+            assert scale_of[id(names["vit." + n])] == dense_scale[id(p)], n
+            compared += 1
+    assert compared > 100 and len(set(scale_of.values())) == 14
+    assert scale_of[id(m.vit.blocks[0].attn.head_probs)] == scale_of[id(m.vit.blocks[0].mlp.fc1.weight)]
+
+
+@pytest.mark.parametrize("name", REGISTERED)
+def test_registered_pretrained_cfg(name):
+    cfg = get_pretrained_cfg(name)
+    assert cfg is not None and cfg.input_size == (3, 224, 224) and cfg.fixed_input_size
+    assert cfg.crop_pct == DataConfig().crop_pct  # the original evaluation transform, as spvit.data uses
+    assert cfg.interpolation == "bicubic" and cfg.mean == timm.data.IMAGENET_DEFAULT_MEAN
+    if RELEASE_FILES[name]:
+        assert RELEASE_FILES[name] in cfg.notes[0]
+    assert not cfg.has_weights  # nothing timm would try to download
+    m = timm.create_model(name, num_classes=3)
+    data = resolve_data_config(model=m)
+    assert data["crop_pct"] == cfg.crop_pct and data["input_size"] == cfg.input_size and data["std"] == cfg.std
+    sd = m.state_dict()
+    assert m.pretrained_cfg["first_conv"] + ".weight" in sd and m.pretrained_cfg["classifier"] + ".weight" in sd
+    assert m.default_cfg is m.pretrained_cfg and m.num_classes == 3 and m.pretrained_cfg["num_classes"] == 3
+    assert m.architecture.attn_choices == SHIPPED[name][1] and m.architecture.ffn_widths == SHIPPED[name][2]
+
+
+def test_registration_errors():
+    with pytest.raises(ValueError, match="features_only=True is not supported.*forward_intermediates"):
+        timm.create_model("spvit_deit_tiny_patch16_224", features_only=True)
+    with pytest.raises(ValueError, match="spvit_deit_ti_l200_t10.pth.*pretrained_cfg_overlay"):
+        timm.create_model("spvit_deit_tiny_patch16_224", pretrained=True)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        timm.create_model("spvit_deit_tiny_patch16_224", pretrained=True,
+                          pretrained_cfg_overlay=dict(file="/nonexistent/spvit.pth"))
+    with pytest.raises(TypeError):
+        timm.create_model("spvit_deit_tiny_patch16_224", not_a_model_arg=1)
+
+
+def _original_layout(pruned):
+    """A PrunedModel's weights in the original fine-tune checkpoint layout (qkv of MSA layers split into qk / v)."""
+    sd, c = {}, pruned.signature.embed_dim
+    for k, v in pruned.state_dict().items():
+        k = k[len("vit."):]
+        if ".attn.qkv." in k:
+            sd[k.replace("qkv", "qk")], sd[k.replace("qkv", "v")] = v[:2 * c], v[2 * c:]
+        else:
+            sd[k] = v
+    return {"model": sd}
+
+
+def test_pretrained_from_a_release_file(tmp_path):
+    src = timm.create_model("spvit_deit_tiny_patch16_224").eval()
+    with torch.no_grad():
+        for n, p in src.named_parameters():
+            if n.endswith("bias") or "head_probs" in n:
+                p.normal_(0, 0.1)
+    path = tmp_path / "spvit_deit_ti_l200_t10.pth"
+    torch.save(_original_layout(src), path)
+    m = timm.create_model("spvit_deit_tiny_patch16_224", pretrained=True,
+                          pretrained_cfg_overlay=dict(file=str(path))).eval()
+    assert m.pretrained_cfg["file"] == str(path) and m.pretrained_cfg["crop_pct"] == DataConfig().crop_pct
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), src(x))
+    m5 = timm.create_model("spvit_deit_tiny_patch16_224", pretrained=True, num_classes=5,
+                           pretrained_cfg_overlay=dict(file=str(path))).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(m5.forward_features(x), src.forward_features(x))
+    assert m5(x).shape == (2, 5)
+    # a checkpoint of another architecture is refused
+    with pytest.raises(ValueError, match="another architecture|different|blocks"):
+        timm.create_model("spvit_deit_small_patch16_224", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
