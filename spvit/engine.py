@@ -124,7 +124,7 @@ def seed_everything(seed: int) -> None:
 
 def decay_groups(model: nn.Module, weight_decay: float, skip_names=("pos_embed", "cls_token")) -> List[Dict]:
     """DeiT's two groups over the non-architecture parameters: >= 2-D (not pos_embed / cls_token) get weight decay,
-    1-D parameters and biases do not. ``head_probs`` (2-D) is a weight with decay (spec §4.3, Q22)."""
+    1-D parameters and biases do not. ``head_probs`` (2-D) is a weight with decay (docs/method.md §4.3, Q22)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad or "thresholds" in name:
@@ -148,7 +148,7 @@ def cosine_lr(t: int, base: float, floor: float, t_initial: int, warmup_t: int =
 def epoch_lr(epoch: int, base: float, floor: float, t_initial: int, warmup_t: int = 0,
              warmup_lr: float = 1e-6) -> float:
     """The lr epoch ``epoch`` runs at in DeiT's loop: the scheduler is stepped with the finished epoch index, so epoch
-    e uses the schedule value at max(e - 1, 0) (spec §4.4)."""
+    e uses the schedule value at max(e - 1, 0) (docs/method.md §4.4)."""
     t = max(epoch - 1, 0)
     return cosine_lr(t, base, floor, t_initial, warmup_t, warmup_lr)
 
@@ -596,11 +596,11 @@ def fit(*, model: nn.Module, schedules: List[Schedule], epochs: int, loss_fn: Ca
                             runs.save_torch({"model": raw.state_dict(), "epoch": epoch, "val_acc1": m["val_acc1"],
                                              **(best_meta or {})}, os.path.join(out, "best.pth"))
                         runs.crash_point("after_best", epoch)
-                        runs.save_torch({"model": raw.state_dict(), "optimizers": [s.opt.state_dict() for s in schedules],
+                        opts = [s.opt.state_dict() for s in schedules]
+                        runs.save_torch({"model": raw.state_dict(), "optimizers": opts,
                                          "scaler": scaler.state_dict() if scaler is not None else None,
                                          "ema": ema.module.state_dict() if ema is not None else None, "epoch": epoch,
                                          "best_acc": best, "rng": rngs, **(best_meta or {})}, ckpt_path)
-                        saved = epoch
                         runs.crash_point("after_checkpoint", epoch)
                         if tb is not None:
                             for k, v in m.items():

@@ -63,7 +63,7 @@ def run(cfg: Union[SearchConfig, Dict], supernet_module: Optional[nn.Module] = N
         opt_w = torch.optim.AdamW(E.decay_groups(sn, cfg.weight_decay), lr=lr, betas=betas, eps=cfg.opt_eps)
         opt_a = torch.optim.AdamW(sn.arch_parameters(), lr=cfg.arc_lr, betas=betas, eps=cfg.opt_eps,
                                   weight_decay=0.0)
-        # The official create_scheduler ignores its min_lr argument and uses args.min_lr for both (docs/method.md Q10).
+        # The original create_scheduler ignores its min_lr argument: args.min_lr for both (docs/method.md Q10).
         arc_min = cfg.arc_min_lr if cfg.arc_min_lr is not None else cfg.min_lr
         schedules = [E.Schedule(opt_w, lr, min_lr, cfg.schedule_length, cfg.warmup_epochs, cfg.warmup_lr),
                      E.Schedule(opt_a, cfg.arc_lr, arc_min, cfg.schedule_length, 0)]

@@ -24,7 +24,8 @@ def test_digits_splits_are_disjoint_deterministic_and_complete():
     assert torch.bincount(test.targets, minlength=10).min() >= 20
     assert torch.bincount(val.targets, minlength=10).min() >= 8
     assert torch.bincount(train.targets, minlength=10).min() >= 100
-    flat = {s: [tuple(v.tolist()) for v in DigitsDataset(s, size=8).images.flatten(1)] for s in ("train", "val", "test")}
+    flat = {s: [tuple(v.tolist()) for v in DigitsDataset(s, size=8).images.flatten(1)]
+            for s in ("train", "val", "test")}
     for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
         seen = set(flat[a])
         assert sum(v in seen for v in flat[b]) <= 2  # the raw UCI set has a few exact duplicate bitmaps, nothing more
