@@ -47,3 +47,22 @@ def free_port() -> int:
 
 def repo_root() -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_args(train_limit: int = 64, val_limit: int = 32):
+    """Command-line flags (with a YAML written by the caller for the rest) of a tiny run on the digits."""
+    import json
+
+    return ["--model", "spvit_demo_vit", "--model-kwargs", json.dumps(TINY_MODEL), "--pretrained", "none",
+            "--data", "digits", "--device", "cpu", "--batch-size", "16", "--epochs", "1", "--num-workers", "0",
+            "--no-progress", "--no-repeated-aug", "--no-scale-lr", "--mixup", "0", "--cutmix", "0"]
+
+
+def tiny_yaml(folder, **over) -> str:
+    import yaml
+
+    cfg = {"train_limit": 64, "val_limit": 32, "tensorboard": False, **over}
+    p = os.path.join(str(folder), "tiny.yaml")
+    with open(p, "w") as f:
+        yaml.safe_dump(cfg, f)
+    return p
