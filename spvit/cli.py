@@ -122,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(p, demo=True)
     p.add_argument("--device", default=S, help="cpu (default) or cuda")
     p.add_argument("--seed", type=int, default=S, help="random seed (the results file has seeds 0, 1, 2)")
-    p.add_argument("--threads", type=int, default=S, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=S, help="torch CPU threads (default 1: the published table; results may differ slightly "
+                   "with more threads)")
     p.add_argument("--teacher-epochs", type=int, default=S, help="epochs of the dense teacher")
     p.add_argument("--search-epochs", type=int, default=S, help="epochs of the search")
     p.add_argument("--finetune-epochs", type=int, default=S, help="epochs of the fine-tune")
@@ -200,6 +201,8 @@ def resolve_config(cls, args: argparse.Namespace):
     config = getattr(args, "config", None)
     if not flags.get("resume"):
         return C.resolve(cls, flags, config)
+    if flags.get("overwrite"):
+        raise C.ConfigError("--overwrite and --resume exclude each other")
     if not flags.get("out"):
         raise C.ConfigError("--resume needs --out (the run folder to continue)")
     out = flags["out"]

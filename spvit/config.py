@@ -290,7 +290,9 @@ class DemoConfig(BaseConfig):
     overwrite: bool = False
     device: str = "cpu"
     seed: int = 0
-    threads: Optional[int] = None
+    # one torch thread: the results do not depend on the machine's core count (torch's CPU kernels may sum in another
+    # order with more threads), and a busy machine does not slow the run down by thread oversubscription
+    threads: Optional[int] = 1
     progress: bool = True
     model_kwargs: Dict[str, Any] = field(default_factory=lambda: {
         "img_size": 16, "patch_size": 4, "in_chans": 1, "embed_dim": 64, "depth": 6, "num_heads": 4,

@@ -358,6 +358,9 @@ def open_run(out: str, overwrite: bool = False, resume: bool = False) -> RunLock
         raise RunError(f"run folder {out} is in use by {_lock_owner(os.path.join(out, LOCK))}; wait for that run to "
                        f"end (or stop it) before starting, resuming or overwriting a run there")
     try:
+        for entry in os.scandir(out):  # temporary files of a killed run (no live writer: we hold the lock)
+            if entry.name.endswith(".spvit-tmp") and entry.is_file():
+                os.remove(entry.path)
         if overwrite and not resume:
             _clean(out)
         if not is_run_folder(out):

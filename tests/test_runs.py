@@ -354,7 +354,7 @@ def test_resume_from_the_folder_alone_and_changed_settings(tmp_path, capsys):
     rows = list(open(out / "metrics.csv"))[1:]
     assert [int(r.split(",")[0]) for r in rows] == [0, 1]
     saved = yaml.safe_load(open(out / "config.yaml"))
-    assert saved["epochs"] == 2 and saved["lr"] == 1e-3
+    assert saved["epochs"] == 2 and saved["lr"] == 5e-5 and saved["seed"] == 0  # the refused values were not applied
     assert cli.main(["search", "--out", str(out), "--resume", "--epochs", "3", "--allow-changes",
                      "--no-progress"]) == 0
     assert yaml.safe_load(open(out / "config.yaml"))["epochs"] == 3  # the saved config tells what ran
