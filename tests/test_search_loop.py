@@ -100,3 +100,12 @@ def test_lr_schedule_matches_deit_semantics():
     assert E.epoch_lr(0, 1e-3, 1e-4, 300) == E.epoch_lr(1, 1e-3, 1e-4, 300) == pytest.approx(1e-3)
     assert E.epoch_lr(20, 1e-3, 1e-4, 300) == pytest.approx(0.990e-3, rel=2e-3)
     assert E.epoch_lr(131, 1e-4, 1e-5, 130) == pytest.approx(1e-5)
+
+
+def test_lr_never_rises_when_the_scaled_lr_is_below_min_lr():
+    # a small batch scales lr 5e-5 x 64/512 below min_lr 1e-4: the floor is capped at the scaled lr
+    lr = 5e-5 * 64 / 512
+    floor = E.lr_floor(lr, 1e-4, "--min-lr")
+    values = [E.epoch_lr(e, lr, floor, 300) for e in range(30)]
+    assert floor == lr and all(b <= a for a, b in zip(values, values[1:]))
+    assert E.lr_floor(1e-3, 1e-5, "--min-lr") == 1e-5
