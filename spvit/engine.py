@@ -718,8 +718,15 @@ def load_local_weights(model: nn.Module, path: str, dist: Optional[DistInfo] = N
                        what: str = "--pretrained") -> None:
     """Load a local checkpoint into a timm model (safe load), non-strict for a differently sized head; report what
     was skipped."""
-    state = runs.state_dict_of(runs.load_torch_file(path, f"{what} file"), path, f"{what} file")
+    state = dict(runs.state_dict_of(runs.load_torch_file(path, f"{what} file"), path, f"{what} file"))
     own = model.state_dict()
+    pe = state.get("pos_embed")
+    if pe is not None and "pos_embed" in own and pe.shape != own["pos_embed"].shape and pe.dim() == 3:
+        from timm.layers import resample_abs_pos_embed  # weights of another image size: resample the grid
+
+        npt = 0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens", 1)
+        state["pos_embed"] = resample_abs_pos_embed(pe, new_size=list(model.patch_embed.grid_size),
+                                                    num_prefix_tokens=npt)
     skipped = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     state = {k: v for k, v in state.items() if k not in skipped}
     res = model.load_state_dict(state, strict=False)

@@ -227,6 +227,14 @@ def _bad_files(tmp_path):
     return txt, empty
 
 
+def _arch_with(tmp_path, arch, **over):
+    d = json.load(open(arch))
+    d.update(over)
+    p = tmp_path / "arch_bad.json"
+    p.write_text(json.dumps(d))
+    return p
+
+
 def test_bad_checkpoint_files(tmp_path, runs_dir, capsys):
     txt, empty = _bad_files(tmp_path)
     best = runs_dir / "ft" / "best.pth"
@@ -249,11 +257,14 @@ def test_bad_checkpoint_files(tmp_path, runs_dir, capsys):
         "teacher-weights truncated": (ft + ["--init", "none", "--distillation", "hard", "--teacher", "spvit_demo_vit",
                                             "--teacher-weights", trunc, "--out", tmp_path / "o4"], "truncated"),
         "deploy --out is a file": (["deploy", "--checkpoint", best, "--out", txt], "not a folder"),
+        "arch.json version as a string": (ft[:-2] + ["--arch", _arch_with(tmp_path, arch, version="1"), "--out",
+                                                     tmp_path / "o5"], "--arch"),
+        "arch.json not JSON": (ft[:-2] + ["--arch", txt, "--out", tmp_path / "o6"], "--arch"),
     }
     for name, (argv, msg) in cases.items():
         rc, err = _rc(argv, capsys)
         assert rc == 2 and _one_error_line(err) and msg in err, (name, err)
-    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 5))
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 7))
     assert txt.read_text() == "these are my notes\n"
 
 
@@ -384,3 +395,24 @@ def test_an_error_prints_once_under_torchrun(tmp_path):
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert p.returncode != 0
     assert (p.stdout + p.stderr).count("spvit: error:") == 1, p.stderr[-2000:]
+
+
+def test_pretrained_file_of_another_image_size_is_resampled(tmp_path):
+    import timm
+    import torch.nn.functional as F
+
+    from spvit import engine
+
+    kw = {"patch_size": 2, "in_chans": 1, "embed_dim": 32, "depth": 2, "num_heads": 2}
+    small = timm.create_model("spvit_demo_vit", num_classes=10, img_size=8, **kw)
+    with torch.no_grad():
+        small.pos_embed.normal_()
+    torch.save(small.state_dict(), tmp_path / "w8.pth")
+    big = timm.create_model("spvit_demo_vit", num_classes=10, img_size=16, **kw)
+    engine.load_local_weights(big, str(tmp_path / "w8.pth"))
+    grid = small.pos_embed[:, 1:].reshape(1, 4, 4, 32).permute(0, 3, 1, 2)
+    ref = F.interpolate(grid, size=(8, 8), mode="bicubic", antialias=True, align_corners=False)
+    ref = ref.permute(0, 2, 3, 1).reshape(1, 64, 32)
+    assert torch.equal(big.pos_embed[:, :1], small.pos_embed[:, :1])
+    torch.testing.assert_close(big.pos_embed[:, 1:], ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(big.blocks[0].mlp.fc1.weight, small.blocks[0].mlp.fc1.weight)
