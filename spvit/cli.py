@@ -18,11 +18,14 @@ from typing import Dict, List, Optional
 
 from ._version import __version__
 from . import config as C
+from . import demo, finetune, runs, search
 from . import engine as E
-from . import runs
-from .data import DataError, build_datasets, build_loaders
+from .data import DataConfig, DataError, build_datasets, build_loaders
+from .deploy import deploy_checkpoint
+from .finetune import model_from_checkpoint
 from .flops import count_params, gflops
 from .models import UnsupportedModelError
+from .timing import time_fn
 
 EXIT_BAD_INPUT = 2
 EXIT_IO = 1
@@ -220,8 +223,6 @@ def resolve_config(cls, args: argparse.Namespace):
 
 
 def cmd_search(args) -> int:
-    from . import search
-
     res = search.run(resolve_config(C.SearchConfig, args))
     _finish()
     if res["dist"].main:
@@ -231,8 +232,6 @@ def cmd_search(args) -> int:
 
 
 def cmd_finetune(args) -> int:
-    from . import finetune
-
     res = finetune.run(resolve_config(C.FinetuneConfig, args))
     _finish()
     if res["dist"].main:
@@ -250,8 +249,6 @@ def _finish() -> None:
 
 
 def cmd_demo(args) -> int:
-    from . import demo
-
     demo.run(C.resolve(C.DemoConfig, _flags(args), args.config))
     return 0
 
@@ -259,8 +256,6 @@ def cmd_demo(args) -> int:
 def load_finetuned(path: str):
     """A fine-tuned pruned model (eval mode) and its checkpoint, from a ``best.pth`` / ``checkpoint.pth`` of a
     fine-tune run (loaded with ``weights_only=True``)."""
-    from .finetune import model_from_checkpoint
-
     ck = runs.load_torch_file(path, "checkpoint")
     if not isinstance(ck, dict) or not isinstance(ck.get("arch"), dict) or "model" not in ck:
         raise E.RunError(f"{path} is not a checkpoint of `spvit finetune` (no architecture inside)")
@@ -282,8 +277,6 @@ def cmd_eval(args) -> int:
         if "img_size" not in kwargs and size != E.timm_default_size(cfg.model):
             kwargs["img_size"] = size
         model = None
-    from .data import DataConfig
-
     dcfg = DataConfig(input_size=size, crop_pct=cfg.crop_pct)
     _, val = build_datasets(cfg.data, dcfg, need_train=False, eval_split="test")
     _, _, loader = build_loaders(None, val, cfg.batch_size, dist.world, dist.rank, num_workers=cfg.num_workers,
@@ -304,8 +297,6 @@ DEPLOY_FILES = ("deployed.pth", "arch.json", "model.pt2")
 
 def cmd_deploy(args) -> int:
     import torch
-
-    from .deploy import deploy_checkpoint
 
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise E.RunError(f"--out {args.out} exists and is not a folder")
@@ -341,8 +332,6 @@ def cmd_deploy(args) -> int:
 
 def cmd_bench(args) -> int:
     import torch
-
-    from .timing import time_fn
 
     if args.iters < 1:
         raise C.ConfigError(f"--iters must be >= 1, got {args.iters}")

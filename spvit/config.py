@@ -14,7 +14,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from .runs import RunError
+from .runs import RunError, write_text
 
 DEVICE_HELP = "auto (CUDA when visible, else CPU), cpu, cuda or cuda:N"
 # Settings that do not change what a run computes: --resume accepts new values for them.
@@ -420,8 +420,6 @@ def resolve(cls, flags: Dict[str, Any], config: Optional[str] = None, base: Opti
 def save(cfg: BaseConfig, path: str) -> None:
     """Write the resolved config as YAML (atomically)."""
     import yaml
-
-    from .runs import write_text
 
     write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 

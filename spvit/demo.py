@@ -22,6 +22,7 @@ from . import engine as E
 from . import finetune, runs, search
 from .arch import Architecture
 from .config import DemoConfig, FinetuneConfig, SearchConfig, TrainConfig
+from .config import save as save_config
 from .data import DigitsDataset
 from .flops import count_params, gflops
 from .models import supernet
@@ -91,9 +92,7 @@ def run(opts: Union[DemoConfig, Dict]) -> Dict:
     times = {}
     lock = runs.open_run(o.out, overwrite=o.overwrite)
     try:
-        from .config import save
-
-        save(o, os.path.join(o.out, "demo.yaml"))
+        save_config(o, os.path.join(o.out, "demo.yaml"))
         # 1. teacher
         E.log("== 1/3 teacher: dense ViT on the UCI digits ==")
         t0 = time.perf_counter()

@@ -26,6 +26,7 @@ from torch.utils.data import Subset
 
 from . import runs
 from .config import TrainConfig
+from .config import save as save_config
 from .data import DataConfig, DataError, build_datasets, build_loaders, build_mixup
 from .distill import soft_target_cross_entropy
 from .runs import CHECKPOINT, RunError, rng_state, set_rng_state
@@ -458,9 +459,7 @@ def run_folder(cfg: TrainConfig, dist: DistInfo) -> Iterator[str]:
 
 def save_run_config(cfg, out: str, dist: DistInfo, name: str = "config.yaml") -> None:
     if dist.main:
-        from .config import save
-
-        save(cfg, os.path.join(out, name))
+        save_config(cfg, os.path.join(out, name))
 
 
 # ----------------------------------------------------------------------------------------------------------------
