@@ -86,6 +86,7 @@ def run(opts: Union[DemoConfig, Dict]) -> Dict:
         probe.check_target(o.target_fraction * probe.dense_gflops())
     except ValueError as exc:
         raise E.RunError(f"--target-fraction {o.target_fraction:g}: {exc}") from None
+    threads_before = torch.get_num_threads()
     if o.threads:
         torch.set_num_threads(int(o.threads))
     t_start = time.perf_counter()
@@ -153,6 +154,7 @@ def run(opts: Union[DemoConfig, Dict]) -> Dict:
             E.log("(matplotlib not installed: plots skipped)")
     finally:
         lock.release()
+        torch.set_num_threads(threads_before)
     E.log(format_table(summary))
     E.log(f"run folder: {o.out}")
     return summary

@@ -459,7 +459,8 @@ def run_folder(cfg: TrainConfig, dist: DistInfo) -> Iterator[str]:
 
 def save_run_config(cfg, out: str, dist: DistInfo, name: str = "config.yaml") -> None:
     if dist.main:
-        save_config(cfg, os.path.join(out, name))
+        run_flags = {k: False for k in ("resume", "overwrite", "allow_changes") if hasattr(cfg, k)}
+        save_config(cfg.replace(**run_flags), os.path.join(out, name))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ import socket
 import sys
 import time
 import uuid
+import warnings
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import numpy as np
@@ -160,7 +161,9 @@ def load_torch_file(path: str, what: str = "checkpoint") -> Any:
     if os.path.getsize(path) == 0:
         raise RunError(f"{what} {path} is empty (0 bytes)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about foreign pickle protocols: the error below says enough
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         msg = str(exc)
         if "Unsupported global" in msg or "GLOBAL" in msg or "weights_only" in msg and "load key" not in msg:

@@ -416,3 +416,13 @@ def test_pretrained_file_of_another_image_size_is_resampled(tmp_path):
     assert torch.equal(big.pos_embed[:, :1], small.pos_embed[:, :1])
     torch.testing.assert_close(big.pos_embed[:, 1:], ref, rtol=1e-5, atol=1e-5)
     assert torch.equal(big.blocks[0].mlp.fc1.weight, small.blocks[0].mlp.fc1.weight)
+
+
+def test_resume_from_a_truncated_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _main(_search_argv(tmp_path, out)) == 0
+    ck = out / "checkpoint.pth"
+    ck.write_bytes(ck.read_bytes()[:1000])
+    rc, err = _rc(["search", "--out", out, "--resume", "--epochs", "2", "--allow-changes"], capsys)
+    assert rc == 2 and _one_error_line(err) and "truncated" in err, err
+    assert (out / "best.pth").exists() and (out / "metrics.csv").exists()  # nothing else was touched
