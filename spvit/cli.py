@@ -125,8 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(p, demo=True)
     p.add_argument("--device", default=S, help="cpu (default) or cuda")
     p.add_argument("--seed", type=int, default=S, help="random seed (the results file has seeds 0, 1, 2)")
-    p.add_argument("--threads", type=int, default=S, help="torch CPU threads (default 1: the published table; results may differ slightly "
-                   "with more threads)")
+    p.add_argument("--threads", type=int, default=S,
+                   help="torch CPU threads (default 1: the published table; more threads may change the results "
+                        "slightly)")
     p.add_argument("--teacher-epochs", type=int, default=S, help="epochs of the dense teacher")
     p.add_argument("--search-epochs", type=int, default=S, help="epochs of the search")
     p.add_argument("--finetune-epochs", type=int, default=S, help="epochs of the fine-tune")

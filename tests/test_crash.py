@@ -65,8 +65,8 @@ def test_kill_at_any_point_then_resume_equals_an_uninterrupted_run(point, epoch,
     out = tmp_path / "killed"
     env = {**os.environ, runs.CRASH_ENV: f"{point}:{epoch}", "OMP_NUM_THREADS": str(torch.get_num_threads()),
            "PYTHONPATH": repo_root() + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    p = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(_cfg(out)), str(torch.get_num_threads())], env=env, capture_output=True, text=True,
-                       timeout=300)
+    p = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(_cfg(out)), str(torch.get_num_threads())], env=env,
+                       capture_output=True, text=True, timeout=300)
     assert p.returncode == 137, p.stderr[-2000:]
     ck = torch.load(out / "checkpoint.pth", weights_only=True)  # the last complete checkpoint is readable
     assert ck["epoch"] == (epoch if point == "after_checkpoint" else epoch - 1)
