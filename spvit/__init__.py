@@ -4,13 +4,11 @@
     arch = sn.architecture()             # read out
     pruned = spvit.prune(timm_model, arch)   # fine-tune
 """
+from ._version import __version__
 from .arch import Architecture, BlockArch, ModelSignature
 from .flops import count_params, gflops
 from .models import PrunedModel, Supernet, UnsupportedModelError, prune, supernet
 from .models.official import load_official
-
-__version__ = "0.1.0"
-
 from .deploy import DeployedModel, deploy, load_deployed
 from .export import export_onnx
 

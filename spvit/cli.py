@@ -1,26 +1,36 @@
 """The ``spvit`` command (also ``python -m spvit``): demo, search, finetune, eval, deploy, bench.
 
-Configuration: built-in defaults, then ``--config file.yaml`` (flat keys named like the flags, with underscores),
-then the flags given on the command line; the resolved config is saved in the run folder. Bad input (missing
-dataset, wrong layout, unreachable FLOPs target, architecture for another model, existing run folder) prints one
-``spvit: error: ...`` line and exits with code 2.
+Configuration (:mod:`spvit.config`): built-in defaults, then ``--config file.yaml`` (flat keys named like the flags,
+with underscores), then the flags given on the command line; the resolved config is saved in the run folder.
+``--resume`` continues a run from its folder alone (its saved config); a changed setting is refused unless
+``--allow-changes``. Bad input prints one ``spvit: error: ...`` line (once, on rank 0 under torchrun) and exits with
+code 2; a failed write (a full disk) exits with 1; SIGINT / SIGTERM stop cleanly (130 / 143) saying how to continue.
+``SPVIT_TRACEBACK=1`` shows the Python traceback instead of the one line.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import signal
 import sys
 from typing import Dict, List, Optional
 
+from ._version import __version__
+from . import config as C
+from . import demo, finetune, runs, search
+from . import engine as E
+from .data import DataConfig, DataError, build_datasets, build_loaders
+from .deploy import deploy_checkpoint
+from .finetune import model_from_checkpoint
+from .flops import count_params, gflops
+from .models import UnsupportedModelError
+from .timing import time_fn
+
 EXIT_BAD_INPUT = 2
-CONFIG_DIRS = [os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"),
-               os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")]
+EXIT_IO = 1
 S = argparse.SUPPRESS
-
-
-class ConfigError(ValueError):
-    """Bad --config file or key."""
+DEBUG_ENV = "SPVIT_TRACEBACK"
 
 
 def _json(s: str):
@@ -30,69 +40,102 @@ def _json(s: str):
         raise argparse.ArgumentTypeError(f"not valid JSON: {s!r} ({exc})")
 
 
+def _json_dict(s: str) -> Dict:
+    v = _json(s)
+    if not isinstance(v, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object such as '{{\"img_size\": 32}}', got {s!r}")
+    return v
+
+
 def _optional_float(s: str):
     return None if s.lower() in ("none", "null", "") else float(s)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the package's one-line error format (exit code 2)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"spvit: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _add_run(g, demo: bool = False) -> None:
+    g.add_argument("--out", default=S, help="run folder: created if new; an existing one is only continued "
+                   "(--resume) or replaced (--overwrite)" + (" (default ./spvit_demo)" if demo else ""))
+    g.add_argument("--overwrite", action="store_true", default=S,
+                   help="replace the run in --out: removes only the files spvit wrote there, and only in a folder "
+                        "spvit created (never ., $HOME or /)")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config read first; flags override it (see configs/)")
     g = p.add_argument_group("model")
     g.add_argument("--model", default=S, help="timm model name, e.g. deit_small_patch16_224")
-    g.add_argument("--model-kwargs", type=_json, default=S, help="JSON dict of extra timm.create_model kwargs")
-    g.add_argument("--pretrained", default=S, help="'timm' (hub, needs network), 'none', or a local checkpoint path")
-    g.add_argument("--drop-path", type=float, default=S)
+    g.add_argument("--model-kwargs", type=_json_dict, default=S, help="JSON object of extra timm.create_model kwargs")
+    g.add_argument("--pretrained", default=S, help="'timm' (hub, needs network or the hub cache), 'none', or a local "
+                   "checkpoint path")
+    g.add_argument("--drop-path", type=float, default=S, help="stochastic depth rate, in [0, 1)")
     g = p.add_argument_group("data")
     g.add_argument("--data", default=S, help="ImageNet-layout folder (train/, val/ of class folders) or 'digits'")
-    g.add_argument("--num-classes", type=int, default=S)
-    g.add_argument("--input-size", type=int, default=S)
+    g.add_argument("--num-classes", type=int, default=S, help="must match the dataset (default: from the data)")
+    g.add_argument("--input-size", type=int, default=S, help="image side in pixels; the model is built for it "
+                   "(default: the model's own size; fine-tune: the architecture's)")
     g.add_argument("--aa", default=S, help="RandAugment policy ('none' to disable)")
-    g.add_argument("--reprob", type=float, default=S, help="random erasing probability")
-    g.add_argument("--mixup", type=float, default=S)
-    g.add_argument("--cutmix", type=float, default=S)
-    g.add_argument("--smoothing", type=float, default=S)
-    g.add_argument("--no-repeated-aug", dest="repeated_aug", action="store_false", default=S)
-    g.add_argument("--num-workers", type=int, default=S)
+    g.add_argument("--reprob", type=float, default=S, help="random erasing probability, in [0, 1]")
+    g.add_argument("--mixup", type=float, default=S, help="Mixup alpha (0 disables)")
+    g.add_argument("--cutmix", type=float, default=S, help="CutMix alpha (0 disables)")
+    g.add_argument("--smoothing", type=float, default=S, help="label smoothing, in [0, 1)")
+    g.add_argument("--no-repeated-aug", dest="repeated_aug", action="store_false", default=S,
+                   help="plain shuffling instead of repeated augmentation")
+    g.add_argument("--num-workers", type=int, default=S, help="data loader processes per rank")
     g = p.add_argument_group("run")
-    g.add_argument("--out", default=S, help="run folder (never overwritten without --overwrite)")
-    g.add_argument("--overwrite", action="store_true", default=S)
-    g.add_argument("--resume", action="store_true", default=S, help="continue the run in --out from its checkpoint")
+    _add_run(g)
+    g.add_argument("--resume", action="store_true", default=S,
+                   help="continue the run in --out from its checkpoint and saved config (no other flag needed)")
+    g.add_argument("--allow-changes", action="store_true", default=S,
+                   help="with --resume: accept settings that differ from the saved config (saved anew)")
     g.add_argument("--stop-after-epoch", type=int, default=S, help="end after this epoch (resume later)")
-    g.add_argument("--device", default=S, help="auto, cpu, cuda (one process per GPU under torchrun)")
+    g.add_argument("--device", default=S, help=C.DEVICE_HELP + "; one process per GPU under torchrun")
     g.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default=S,
                    help="auto: bf16 autocast on GPU, fp32 on CPU")
-    g.add_argument("--seed", type=int, default=S)
-    g.add_argument("--no-progress", dest="progress", action="store_false", default=S)
+    g.add_argument("--seed", type=int, default=S, help="random seed (each rank adds its rank)")
+    g.add_argument("--no-progress", dest="progress", action="store_false", default=S, help="no progress bars")
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, default=S, help="per process")
-    g.add_argument("--epochs", type=int, default=S, help="epochs to run")
-    g.add_argument("--sched-epochs", type=int, default=S, help="cosine schedule length (default: --epochs)")
+    g.add_argument("--epochs", type=int, default=S, help="epochs to run (>= 1)")
+    g.add_argument("--sched-epochs", type=int, default=S,
+                   help="cosine schedule length (search default 300, as the original; fine-tune: --epochs)")
     g.add_argument("--lr", type=float, default=S, help="scaled by global batch / 512 unless --no-scale-lr")
-    g.add_argument("--no-scale-lr", dest="scale_lr", action="store_false", default=S)
-    g.add_argument("--min-lr", type=float, default=S)
-    g.add_argument("--warmup-epochs", type=int, default=S)
-    g.add_argument("--weight-decay", type=float, default=S)
-    g.add_argument("--clip-grad", type=_optional_float, default=S)
-    g.add_argument("--model-ema", action="store_true", default=S)
-    g.add_argument("--model-ema-decay", type=float, default=S)
+    g.add_argument("--no-scale-lr", dest="scale_lr", action="store_false", default=S,
+                   help="use --lr as given (no batch scaling)")
+    g.add_argument("--min-lr", type=float, default=S, help="floor of the cosine schedule (capped at the scaled lr)")
+    g.add_argument("--warmup-epochs", type=int, default=S, help="linear warm-up epochs")
+    g.add_argument("--weight-decay", type=float, default=S, help="AdamW weight decay (>= 0)")
+    g.add_argument("--clip-grad", type=_optional_float, default=S, help="gradient norm clip ('none': off)")
+    g.add_argument("--model-ema", action="store_true", default=S, help="keep an EMA of the weights")
+    g.add_argument("--model-ema-decay", type=float, default=S, help="EMA decay, in [0, 1]")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="spvit", description="SPViT: prune ViT self-attentions into convolutions.")
+    ap = Parser(prog="spvit", description="SPViT: prune ViT self-attentions into convolutions.")
+    ap.add_argument("--version", action="version", version=f"spvit {__version__}")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("demo", help="the whole method on the embedded digits set, in minutes on a laptop CPU")
-    p.add_argument("--config")
-    p.add_argument("--out", default=S, help="run folder (default ./spvit_demo)")
-    p.add_argument("--overwrite", action="store_true", default=S)
+    p.add_argument("--config", help="YAML file of demo settings")
+    _add_run(p, demo=True)
     p.add_argument("--device", default=S, help="cpu (default) or cuda")
-    p.add_argument("--seed", type=int, default=S)
-    p.add_argument("--threads", type=int, default=S, help="torch CPU threads")
-    p.add_argument("--teacher-epochs", type=int, default=S)
-    p.add_argument("--search-epochs", type=int, default=S)
-    p.add_argument("--finetune-epochs", type=int, default=S)
-    p.add_argument("--target-fraction", type=float, default=S, help="FLOPs target as a fraction of the teacher's")
-    p.add_argument("--distillation", choices=["none", "hard", "soft"], default=S)
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=S)
+    p.add_argument("--seed", type=int, default=S, help="random seed (the results file has seeds 0, 1, 2)")
+    p.add_argument("--threads", type=int, default=S,
+                   help="torch CPU threads (default 1: the published table; more threads may change the results "
+                        "slightly)")
+    p.add_argument("--teacher-epochs", type=int, default=S, help="epochs of the dense teacher")
+    p.add_argument("--search-epochs", type=int, default=S, help="epochs of the search")
+    p.add_argument("--finetune-epochs", type=int, default=S, help="epochs of the fine-tune")
+    p.add_argument("--target-fraction", type=float, default=S,
+                   help="FLOPs target as a fraction of the teacher's, in (0, 1]")
+    p.add_argument("--distillation", choices=["none", "hard", "soft"], default=S,
+                   help="distillation from the teacher during the fine-tune")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=S, help="no progress bars")
 
     p = sub.add_parser("search", help="SPViT search: supernet + FLOPs loss, writes arch.json")
     _add_common(p)
@@ -100,91 +143,89 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--target-gflops", type=float, default=S, help="FLOPs target T in GFLOPs (MACs / 1e9)")
     g.add_argument("--loss-lambda", type=float, default=S, help="weight of the FLOPs loss lambda (T - F)^2")
     g.add_argument("--arc-lr", type=float, default=S, help="learning rate of the gate logits (not scaled)")
-    g.add_argument("--arc-min-lr", type=float, default=S)
+    g.add_argument("--arc-min-lr", type=float, default=S, help="floor of the gate logits' schedule "
+                   "(default: --min-lr, as the original)")
     g.add_argument("--theta", type=float, default=S, help="initial gate logit")
-    g.add_argument("--alpha", type=float, default=S, help="head-mixing temperature")
+    g.add_argument("--alpha", type=float, default=S, help="head-mixing temperature (> 0)")
 
     p = sub.add_parser("finetune", help="fine-tune the pruned model of an arch.json (optionally distilled)")
     _add_common(p)
     g = p.add_argument_group("fine-tune")
     g.add_argument("--arch", default=S, help="arch.json from `spvit search`")
-    g.add_argument("--init", default=S, help="'pretrained' (dense weights, the original) or a search checkpoint path")
-    g.add_argument("--teacher", default=S, help="timm model name (e.g. regnety_160) or a saved model file")
+    g.add_argument("--init", default=S, help="'pretrained' (dense weights, the original), 'none', or a search "
+                   "checkpoint path (carries the searched weights)")
+    g.add_argument("--teacher", default=S, help="timm model name (e.g. regnety_160) or a best.pth of a run")
     g.add_argument("--teacher-weights", default=S, help="'timm' (hub) or a local checkpoint for --teacher")
-    g.add_argument("--distillation", choices=["none", "hard", "soft"], default=S)
-    g.add_argument("--distillation-alpha", type=float, default=S)
-    g.add_argument("--distillation-tau", type=float, default=S)
+    g.add_argument("--teacher-file-runs-code", action="store_true", default=S,
+                   help="allow --teacher to be a whole pickled model: loading it RUNS CODE from the file; only for "
+                        "files you trust")
+    g.add_argument("--distillation", choices=["none", "hard", "soft"], default=S, help="DeiT distillation kind")
+    g.add_argument("--distillation-alpha", type=float, default=S, help="weight of the distillation term, in [0, 1]")
+    g.add_argument("--distillation-tau", type=float, default=S, help="temperature of soft distillation (> 0)")
 
     p = sub.add_parser("eval", help="top-1/top-5 of a fine-tuned checkpoint (best.pth) or a dense timm model")
-    p.add_argument("--config")
+    p.add_argument("--config", help="YAML file of eval settings")
     p.add_argument("--checkpoint", default=S, help="best.pth / checkpoint.pth of a fine-tune run")
     p.add_argument("--model", default=S, help="dense timm model (with --pretrained) instead of --checkpoint")
-    p.add_argument("--pretrained", default=S)
-    p.add_argument("--data", default=S)
-    p.add_argument("--batch-size", type=int, default=S)
-    p.add_argument("--device", default=S)
-    p.add_argument("--input-size", type=int, default=S)
-    p.add_argument("--num-workers", type=int, default=S)
+    p.add_argument("--model-kwargs", type=_json_dict, default=S, help="JSON object of extra timm kwargs (--model)")
+    p.add_argument("--pretrained", default=S, help="weights of --model: 'timm', 'none' or a local file")
+    p.add_argument("--data", default=S, help="ImageNet-layout folder (its val/) or 'digits' (its test split)")
+    p.add_argument("--batch-size", type=int, default=S, help="images per batch")
+    p.add_argument("--device", default=S, help=C.DEVICE_HELP)
+    p.add_argument("--input-size", type=int, default=S, help="image side (default: the model's)")
+    p.add_argument("--num-workers", type=int, default=S, help="data loader processes")
 
     p = sub.add_parser("deploy", help="export the fine-tuned model for inference")
     p.add_argument("--checkpoint", required=True,
                    help="best.pth of a fine-tune run, or an original SPViT fine-tune checkpoint (with --model)")
     p.add_argument("--model", default=None, help="timm model an original SPViT checkpoint was trained from")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="weights and compute dtype")
+    p.add_argument("--out", required=True, help="output folder (new or empty, or with --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace deployed.pth / arch.json / model.pt2 in --out")
     p.add_argument("--no-export", dest="export", action="store_false", help="skip torch.export")
 
-    p = sub.add_parser("bench", help="inference throughput of a fine-tuned checkpoint vs its dense model")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--iters", type=int, default=20)
+    p = sub.add_parser("bench", help="inference time of a fine-tuned checkpoint vs its dense model (eager PyTorch)")
+    p.add_argument("--checkpoint", required=True, help="best.pth / checkpoint.pth of a fine-tune run")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch (>= 1)")
+    p.add_argument("--device", default="auto", help=C.DEVICE_HELP)
+    p.add_argument("--iters", type=int, default=20, help="timed batches per model (>= 1)")
     return ap
 
 
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def find_config(path: str) -> str:
-    if os.path.isfile(path):
-        return path
-    for d in CONFIG_DIRS:
-        for cand in (os.path.join(d, path), os.path.join(d, path + ".yaml")):
-            if os.path.isfile(cand):
-                return cand
-    raise ConfigError(f"config file not found: {path}")
+def _flags(args: argparse.Namespace) -> Dict:
+    return {k: v for k, v in vars(args).items() if k not in ("command", "config")}
 
 
-def resolve_config(defaults: Dict, args: argparse.Namespace) -> Dict:
-    """defaults < YAML (--config) < flags. Unknown YAML keys are an error."""
-    import yaml
-
-    cfg = dict(defaults)
-    given = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
-    if getattr(args, "config", None):
-        path = find_config(args.config)
-        try:
-            with open(path) as f:
-                y = yaml.safe_load(f) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
-        if not isinstance(y, dict):
-            raise ConfigError(f"{path} must hold a mapping of settings")
-        unknown = sorted(set(y) - set(defaults))
-        if unknown:
-            raise ConfigError(f"{path}: unknown setting(s) {', '.join(unknown)}")
-        cfg.update(y)
-        cfg["config_file"] = path
-    cfg.update(given)
+def resolve_config(cls, args: argparse.Namespace):
+    """The run's config: defaults (or, with --resume, the run's saved config), then --config, then the flags."""
+    flags = _flags(args)
+    config = getattr(args, "config", None)
+    if not flags.get("resume"):
+        return C.resolve(cls, flags, config)
+    if flags.get("overwrite"):
+        raise C.ConfigError("--overwrite and --resume exclude each other")
+    if not flags.get("out"):
+        raise C.ConfigError("--resume needs --out (the run folder to continue)")
+    out = flags["out"]
+    runs.check_out(out, resume=True)
+    saved = C.load_saved(cls, os.path.join(out, "config.yaml"))
+    cfg = C.resolve(cls, flags, config, base=saved.replace(resume=False, overwrite=False, allow_changes=False))
+    changed = C.changed_settings(saved, cfg)
+    if changed and not cfg.allow_changes:
+        what = ", ".join(f"{C.flag(k)} {getattr(saved, k)!r} -> {getattr(cfg, k)!r}" for k in changed)
+        raise C.ConfigError(f"--resume: settings differ from the run's saved config ({what}); drop them to continue "
+                            f"the run as it was, or pass --allow-changes to continue with them")
+    if changed:
+        print(f"note: resuming with changed settings: {', '.join(changed)} (config.yaml is updated)", flush=True)
     return cfg
 
 
 def cmd_search(args) -> int:
-    from . import search
-
-    res = search.run(resolve_config(search.DEFAULTS, args))
-    _finish(res)
+    res = search.run(resolve_config(C.SearchConfig, args))
+    _finish()
     if res["dist"].main:
         print(f"architecture: {res['arch']} ({res['gflops']:.4g} of {res['dense_gflops']:.4g} GFLOPs, "
               f"val acc {res['val_acc1']:.2f})" if res["val_acc1"] is not None else f"architecture: {res['arch']}")
@@ -192,17 +233,15 @@ def cmd_search(args) -> int:
 
 
 def cmd_finetune(args) -> int:
-    from . import finetune
-
-    res = finetune.run(resolve_config(finetune.DEFAULTS, args))
-    _finish(res)
+    res = finetune.run(resolve_config(C.FinetuneConfig, args))
+    _finish()
     if res["dist"].main:
         print(f"fine-tuned: {res['gflops']:.4g} GFLOPs, best val acc {res['best_acc1']:.2f}; "
               f"weights in {os.path.join(res['out'], 'best.pth')}")
     return 0
 
 
-def _finish(res) -> None:
+def _finish() -> None:
     import torch.distributed as tdist
 
     if tdist.is_initialized():
@@ -211,78 +250,71 @@ def _finish(res) -> None:
 
 
 def cmd_demo(args) -> int:
-    from . import demo
-
-    cfg = resolve_config(demo.DEFAULTS, args)
-    demo.run(cfg)
+    demo.run(C.resolve(C.DemoConfig, _flags(args), args.config))
     return 0
 
 
 def load_finetuned(path: str):
-    """Rebuild a fine-tuned pruned model from a ``best.pth`` / ``checkpoint.pth`` of a fine-tune run."""
-    import torch
-
-    from . import demo  # noqa: F401  (registers the demo model with timm)
-    from . import engine as E
-    from .arch import Architecture
-    from .finetune import build_pruned
-
-    if not os.path.isfile(path):
-        raise E.RunError(f"checkpoint not found: {path}")
-    ck = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(ck, dict) or "arch" not in ck or "model" not in ck:
+    """A fine-tuned pruned model (eval mode) and its checkpoint, from a ``best.pth`` / ``checkpoint.pth`` of a
+    fine-tune run (loaded with ``weights_only=True``)."""
+    ck = runs.load_torch_file(path, "checkpoint")
+    if not isinstance(ck, dict) or not isinstance(ck.get("arch"), dict) or "model" not in ck:
         raise E.RunError(f"{path} is not a checkpoint of `spvit finetune` (no architecture inside)")
-    arch = Architecture.from_dict(ck["arch"])
-    model = build_pruned(arch, ck["model_name"], ck["num_classes"], None, 0.0, ck.get("model_kwargs"), "none")
-    model.load_state_dict(ck["model"])
-    return model.eval(), ck
+    return model_from_checkpoint(ck, path).eval(), ck
 
 
 def cmd_eval(args) -> int:
-    from . import engine as E
-    from .search import COMMON_DEFAULTS, data_config
-    from .data import build_datasets, build_loaders
-
-    defaults = {**COMMON_DEFAULTS, "checkpoint": None, "batch_size": 100}
-    cfg = resolve_config(defaults, args)
-    if cfg.get("data") is None:
-        raise E.RunError("--data is required")
-    dist = E.init_distributed(cfg["device"])
-    import spvit
-
-    if cfg.get("checkpoint"):
-        model, _ = load_finetuned(cfg["checkpoint"])
+    cfg = C.resolve(C.EvalConfig, _flags(args), args.config)
+    dist = E.init_distributed(cfg.device)
+    if cfg.checkpoint:
+        model, _ = load_finetuned(cfg.checkpoint)
         size = model.architecture.signature.img_size[0]
-        cfg["digits_size"] = cfg["input_size"] = size  # the model's own input size
+        if cfg.input_size is not None and cfg.input_size != size:
+            raise E.RunError(f"--input-size {cfg.input_size}: the checkpoint's model takes {size}x{size} images")
+        kwargs = None
     else:
+        size = cfg.input_size or cfg.model_kwargs.get("img_size") or E.timm_default_size(cfg.model)
+        kwargs = dict(cfg.model_kwargs)
+        if "img_size" not in kwargs and size != E.timm_default_size(cfg.model):
+            kwargs["img_size"] = size
         model = None
-    _, val = build_datasets(cfg["data"], data_config(cfg), cfg.get("digits_size", 16), need_train=False)
-    _, _, loader = build_loaders(None, val, cfg["batch_size"], dist.world, dist.rank, num_workers=cfg["num_workers"],
-                                 eval_batch_size=cfg["batch_size"])
+    dcfg = DataConfig(input_size=size, crop_pct=cfg.crop_pct)
+    _, val = build_datasets(cfg.data, dcfg, need_train=False, eval_split="test")
+    _, _, loader = build_loaders(None, val, cfg.batch_size, dist.world, dist.rank, num_workers=cfg.num_workers,
+                                 eval_batch_size=cfg.batch_size)
     if model is None:
-        model = E.build_timm_model(cfg["model"], val.num_classes, cfg["pretrained"], 0.0, cfg.get("model_kwargs"))
+        model = E.build_timm_model(cfg.model, val.num_classes, cfg.pretrained, 0.0, kwargs)
     model.to(dist.device)
-    r = E.evaluate(model, loader, dist, E.amp_dtype(cfg["amp"], dist.device))
+    r = E.evaluate(model, loader, dist, E.amp_dtype(cfg.amp, dist.device))
     if dist.main:
-        print(json.dumps({"acc1": r["acc1"], "acc5": r["acc5"], "loss": r["loss"], "gflops": spvit.gflops(model),
-                          "params": spvit.count_params(model), "images": len(val)}))
+        print(json.dumps({"acc1": r["acc1"], "acc5": r["acc5"], "loss": r["loss"], "gflops": gflops(model),
+                          "params": count_params(model), "images": len(val)}))
+    _finish()
     return 0
+
+
+DEPLOY_FILES = ("deployed.pth", "arch.json", "model.pt2")
 
 
 def cmd_deploy(args) -> int:
     import torch
 
-    from . import demo  # noqa: F401  (registers the demo model with timm)
-    from . import engine as E
-    from .deploy import deploy_checkpoint
-
-    if os.path.isdir(args.out) and any(os.scandir(args.out)) and not args.overwrite:
-        raise E.RunError(f"{args.out} exists and is not empty; pass --overwrite")
-    os.makedirs(args.out, exist_ok=True)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise E.RunError(f"--out {args.out} exists and is not a folder")
+    if os.path.isdir(args.out) and any(os.scandir(args.out)):
+        if not args.overwrite:
+            raise E.RunError(f"{args.out} exists and is not empty; pass --overwrite (replaces only "
+                             f"{', '.join(DEPLOY_FILES)}) or choose another --out")
+        others = sorted(e.name for e in os.scandir(args.out) if e.name not in DEPLOY_FILES)
+        if others:
+            raise E.RunError(f"--overwrite refused: {args.out} holds files spvit deploy did not write "
+                             f"({', '.join(others[:3])}); choose another --out")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    deployed = deploy_checkpoint(args.checkpoint, model=args.model, dtype=dtype)  # validates before any write
+    os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "deployed.pth")
-    deployed = deploy_checkpoint(args.checkpoint, out=path, model=args.model, dtype=dtype)
-    E.write_json(deployed.architecture.to_dict(), os.path.join(args.out, "arch.json"))
+    deployed.save(path)
+    runs.write_json(deployed.architecture.to_dict(), os.path.join(args.out, "arch.json"))
     print(f"deployed (BN folded, FFNs compacted, fused kernels): {path}  "
           f"[{' '.join(deployed.architecture.attn_choices)}]  load with spvit.load_deployed()")
     if args.export:
@@ -300,37 +332,24 @@ def cmd_deploy(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    import time
-
     import torch
 
-    from . import engine as E
-
+    if args.iters < 1:
+        raise C.ConfigError(f"--iters must be >= 1, got {args.iters}")
+    if args.batch_size < 1:
+        raise C.ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    C.check_device(args.device)
     model, ck = load_finetuned(args.checkpoint)
     dist = E.init_distributed(args.device)
-    import spvit
-
     dense = E.build_timm_model(ck["model_name"], ck["num_classes"], None, 0.0, ck.get("model_kwargs")).eval()
     sig = model.architecture.signature
     x = torch.randn(args.batch_size, sig.in_chans, *sig.img_size, device=dist.device)
-    rows = []
     for name, m in (("dense", dense), ("pruned", model)):
         m.to(dist.device)
         with torch.no_grad():
-            for _ in range(3):
-                m(x)
-            if dist.device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(args.iters):
-                m(x)
-            if dist.device.type == "cuda":
-                torch.cuda.synchronize()
-            dt = (time.perf_counter() - t0) / args.iters
-        rows.append({"model": name, "gflops": spvit.gflops(m), "ms_per_batch": 1e3 * dt,
-                     "img_s": args.batch_size / dt})
-    for r in rows:
-        print(f"{r['model']:>7s}: {r['gflops']:.4g} GFLOPs  {r['ms_per_batch']:.2f} ms/batch  {r['img_s']:.0f} img/s")
+            t = time_fn(lambda: m(x), dist.device, warmup=3, rep=args.iters)
+        print(f"{name:>7s}: {gflops(m):.4g} GFLOPs  {t['ms']:.2f} ms/batch (median of {args.iters})  "
+              f"{1e3 * args.batch_size / t['ms']:.0f} img/s")
     print("(eager PyTorch; kernel benchmarks: bench/ in the repository)")
     return 0
 
@@ -339,23 +358,41 @@ COMMANDS = {"demo": cmd_demo, "search": cmd_search, "finetune": cmd_finetune, "e
             "bench": cmd_bench}
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    """Entry point of ``spvit``; returns the exit code (2 on bad input)."""
-    from . import engine as E
-    from .data import DataError
-    from .models import UnsupportedModelError
+def _say(msg: str) -> None:
+    """One line on stderr, from rank 0 only under torchrun."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"spvit: {msg}", file=sys.stderr, flush=True)
 
+
+def _one_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    if len(lines) > 1 and lines[0].startswith("Caught"):  # re-raised from a DataLoader worker: its last line
+        return lines[-1].split(": ", 1)[-1]
+    return " ".join(lines) or type(exc).__name__
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of ``spvit``; returns the exit code (2 on bad input, 1 on a failed write, 130/143 on a signal)."""
     args = build_parser().parse_args(argv)
+    debug = os.environ.get(DEBUG_ENV) == "1"
     try:
         return COMMANDS[args.command](args)
-    except (DataError, E.RunError, ConfigError, UnsupportedModelError, ValueError, FileNotFoundError) as exc:
-        if os.environ.get("SPVIT_DEBUG") == "1":
-            raise
-        print(f"spvit: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    except runs.Interrupted as exc:
+        _say(str(exc))
+        return 128 + exc.signum
     except KeyboardInterrupt:
-        print("spvit: interrupted; continue the run with --resume", file=sys.stderr)
-        return 130
+        _say("interrupted before training began; nothing was saved to resume")
+        return 128 + signal.SIGINT
+    except (DataError, runs.RunError, UnsupportedModelError, ValueError, FileNotFoundError, TypeError) as exc:
+        if debug:
+            raise
+        _say(f"error: {_one_line(exc)}")
+        return EXIT_BAD_INPUT
+    except OSError as exc:  # a failed write (full disk, permissions): the previous files are intact
+        if debug:
+            raise
+        _say(f"error: {_one_line(exc)}")
+        return EXIT_IO
 
 
 if __name__ == "__main__":

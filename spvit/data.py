@@ -1,6 +1,6 @@
 """Data loading: ImageFolder/ImageNet with the DeiT recipe, repeated augmentation, and the embedded digits set.
 
-The DeiT recipe (spec §4.5): RandomResizedCrop (bicubic), flip, RandAugment ``rand-m9-mstd0.5-inc1``, random
+The DeiT recipe (docs/method.md §4.5): RandomResizedCrop (bicubic), flip, RandAugment ``rand-m9-mstd0.5-inc1``, random
 erasing 0.25, Mixup 0.8 / CutMix 1.0 with label smoothing 0.1, repeated augmentation x3. The transforms come from
 ``timm.data.create_transform`` and the mixing from ``timm.data.Mixup``; the samplers are ours.
 
@@ -35,32 +35,48 @@ class DataError(ValueError):
 class DigitsDataset(Dataset):
     """The embedded 8x8 handwritten digits, upsampled to ``size`` x ``size``, one channel, normalised.
 
-    Deterministic split: a fixed permutation (seed 0) of the 1797 images; the last ``n_test`` (360) are the test set.
-    With ``augment`` the training images get a random shift of up to ``max_shift`` pixels (of the upsampled image).
+    Three disjoint splits from a fixed permutation (seed 0) of the 1797 images: the last :attr:`n_test` (360) are
+    the test set, the :attr:`n_val` (180) before them the validation set (every choice of a run: the best epoch),
+    the other 1257 the training set. With ``augment`` the training images get a random shift of up to
+    ``max_shift`` pixels (of the upsampled image).
 
     Args:
-        train: training (1437 images) or test split (360).
+        split: ``"train"``, ``"val"`` or ``"test"``.
         size: side of the upsampled image (bilinear).
-        augment: random translation (training only).
+        augment: random translation (training split only).
     Items: ``(image (1, size, size) float32, label int)``.
     """
 
     n_test = 360
+    n_val = 180
+    SPLITS = ("train", "val", "test")
 
-    def __init__(self, train: bool = True, size: int = 16, augment: bool = False, max_shift: int = 2):
+    def __init__(self, split: str = "train", size: int = 16, augment: bool = False, max_shift: int = 2):
+        if split not in self.SPLITS:
+            raise DataError(f"digits split must be one of {self.SPLITS}, got {split!r}")
+        if size < 1:
+            raise DataError(f"digits image size must be >= 1, got {size}")
         with np.load(DIGITS_PATH) as z:
             images, labels = z["images"], z["labels"]
-        perm = np.random.default_rng(0).permutation(len(labels))
-        idx = perm[:-self.n_test] if train else perm[-self.n_test:]
+        idx = self.split_indices(len(labels))[split]
         x = torch.from_numpy(images[idx].astype(np.float32) / 16.0).unsqueeze(1)  # (n, 1, 8, 8) in [0, 1]
         if size != 8:
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
         self.images = ((x - 0.3) / 0.4).contiguous()
         self.targets = torch.from_numpy(labels[idx].astype(np.int64))
-        self.augment = augment and train
+        self.split = split
+        self.augment = augment and split == "train"
         self.max_shift = max_shift
         self.num_classes = 10
         self.in_chans = 1
+
+    @classmethod
+    def split_indices(cls, n: int) -> dict:
+        """Indices of the three disjoint splits (a fixed permutation, seed 0)."""
+        perm = np.random.default_rng(0).permutation(n)
+        n_trainval = n - cls.n_test
+        return {"train": perm[:n_trainval - cls.n_val], "val": perm[n_trainval - cls.n_val:n_trainval],
+                "test": perm[n_trainval:]}
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -95,11 +111,27 @@ def check_imagefolder(root: str) -> None:
     if not classes:
         raise DataError(f"{root} has no class subfolders (expected {root}/<class>/<image>.jpg, ImageNet layout)")
     for c in classes:
+        found = False
         for dirpath, _, files in os.walk(os.path.join(root, c)):
-            if any(f.lower().endswith(IMG_EXTENSIONS) for f in files):
-                break
-        else:
+            for f in files:
+                if f.lower().endswith(IMG_EXTENSIONS):
+                    found = True
+                    if os.path.getsize(os.path.join(dirpath, f)) == 0:
+                        raise DataError(f"image {os.path.join(dirpath, f)} is empty (0 bytes); remove or replace it")
+        if not found:
             raise DataError(f"class folder {os.path.join(root, c)} holds no images ({', '.join(IMG_EXTENSIONS)})")
+
+
+def load_image(path: str):
+    """An RGB PIL image; an unreadable file is a :class:`DataError` naming it."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            return img.convert("RGB")
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise DataError(f"cannot read image {path} ({exc}); remove or replace it") from None
 
 
 def split_dir(root: str, split: str) -> str:
@@ -117,7 +149,7 @@ def split_dir(root: str, split: str) -> str:
 
 @dataclass
 class DataConfig:
-    """The DeiT data recipe; defaults are the original values (spec §4.5)."""
+    """The DeiT data recipe; defaults are the original values (docs/method.md §4.5)."""
 
     input_size: int = 224
     color_jitter: float = 0.4
@@ -157,7 +189,7 @@ def build_imagefolder(root: str, split: str, cfg: DataConfig):
 
     d = split_dir(root, split)
     check_imagefolder(d)
-    ds = ImageFolder(d, transform=build_transform(split == "train", cfg))
+    ds = ImageFolder(d, transform=build_transform(split == "train", cfg), loader=load_image)
     ds.num_classes = len(ds.classes)
     return ds
 
@@ -253,11 +285,13 @@ def build_loaders(train_set, val_set, batch_size: int, world: int = 1, rank: int
     return train_loader, train_sampler, val_loader
 
 
-def build_datasets(data: str, cfg: DataConfig, demo_size: int = 16, need_train: bool = True):
-    """``data`` = ``"digits"`` (the embedded set) or an ImageNet-layout folder. Returns (train or None, val)."""
+def build_datasets(data: str, cfg: DataConfig, need_train: bool = True, eval_split: str = "val"):
+    """``data`` = ``"digits"`` (the embedded set, at ``cfg.input_size``) or an ImageNet-layout folder. Returns
+    (train or None, the evaluation set): for the digits, ``eval_split`` picks validation (model selection) or
+    test (the final report); an ImageFolder has one evaluation folder, ``val``."""
     if data == "digits":
-        train = DigitsDataset(train=True, size=demo_size, augment=True) if need_train else None
-        return train, DigitsDataset(train=False, size=demo_size)
+        train = DigitsDataset("train", size=cfg.input_size, augment=True) if need_train else None
+        return train, DigitsDataset(eval_split, size=cfg.input_size)
     train = build_imagefolder(data, "train", cfg) if need_train else None
     val = build_imagefolder(data, "val", cfg)
     if train is not None and train.classes != val.classes:

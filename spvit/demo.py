@@ -3,190 +3,161 @@
 1. train a small ViT teacher (timm ``VisionTransformer``, 16x16 upsampled digits, patch 4: 4x4 grid + class token);
 2. SPViT search under a FLOPs target (a fraction of the teacher's GFLOPs), architecture read out every epoch;
 3. fine-tune the pruned model (searched weights carried over) with hard distillation from the teacher;
-4. print and save the comparison (``summary.json``, plots, every sub-run's configs, metrics and checkpoints).
+4. report and save the comparison (``summary.json``, plots, every stage's configs, metrics and checkpoints).
+
+The digits are split three ways (:class:`spvit.data.DigitsDataset`): every choice (the best epoch of the teacher
+and of the fine-tune) is made on the validation split; the test split is evaluated once, at the end, for the chosen
+teacher and the chosen pruned model.
 """
 from __future__ import annotations
 
-import copy
 import os
 import time
-from typing import Dict
+from typing import Dict, Union
 
 import torch
+from torch.utils.data import DataLoader
 
 from . import engine as E
-
-DEMO_MODEL = "spvit_demo_vit"
-
-# The demo's settings (each stage's full config is saved in its sub-folder).
-DEFAULTS: Dict = {
-    "out": "spvit_demo",
-    "overwrite": False,
-    "device": "cpu",
-    "seed": 0,
-    "threads": None,
-    "progress": True,
-    "model_kwargs": {"img_size": 16, "patch_size": 4, "in_chans": 1, "embed_dim": 64, "depth": 6, "num_heads": 4,
-                     "mlp_ratio": 4.0},
-    "batch_size": 32,
-    "digits_shift": 1,
-    "teacher_epochs": 30,
-    "teacher_lr": 2e-3,
-    "search_epochs": 10,
-    "search_lr": 5e-4,
-    "arc_lr": 2e-2,
-    "target_fraction": 0.6,
-    # lambda of the FLOPs loss relative to the model size: lambda = lambda_rel / dense_gflops^2, so the loss is
-    # lambda_rel * (T/F_dense - F/F_dense)^2 (DeiT-S's lambda 3 at 4.59 G is lambda_rel ~ 63)
-    "lambda_rel": 60.0,
-    "finetune_epochs": 15,
-    "finetune_lr": 5e-4,
-    "distillation": "hard",
-    "train_limit": None,  # quick runs / tests only
-}
+from . import finetune, runs, search
+from .arch import Architecture
+from .config import DemoConfig, FinetuneConfig, SearchConfig, TrainConfig
+from .config import save as save_config
+from .data import DigitsDataset
+from .flops import count_params, gflops
+from .models import supernet
+from .models.registry import DEMO_MODEL
+from .plots import plot_demo
 
 
-def _register() -> None:
-    """Register ``spvit_demo_vit`` with timm (a plain timm VisionTransformer; sizes come as kwargs)."""
-    import timm
-    from timm.models import register_model
-    from timm.models.vision_transformer import VisionTransformer
-
-    if timm.is_model(DEMO_MODEL):
-        return
-
-    @register_model
-    def spvit_demo_vit(pretrained: bool = False, **kwargs) -> VisionTransformer:
-        """Small ViT for the 8x8 digits demo: 16x16 one-channel input, patch 4, dim 64, depth 6, 4 heads."""
-        if pretrained:
-            raise ValueError("spvit_demo_vit has no pretrained weights")
-        for k in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-            kwargs.pop(k, None)
-        args = dict(img_size=16, patch_size=4, in_chans=1, num_classes=10, embed_dim=64, depth=6, num_heads=4,
-                    mlp_ratio=4.0, class_token=True, global_pool="token")
-        args.update(kwargs)
-        model = VisionTransformer(**args)
-        model.pretrained_cfg = {"architecture": DEMO_MODEL, "num_classes": args["num_classes"]}
-        return model
+def _stage(cls, o: DemoConfig, name: str, **over):
+    """The full config of one stage (saved in its sub-folder)."""
+    common = dict(model=DEMO_MODEL, model_kwargs=dict(o.model_kwargs), pretrained="none", data="digits",
+                  num_classes=10, device=o.device, seed=o.seed, batch_size=o.batch_size, progress=o.progress,
+                  overwrite=False, resume=False, num_workers=0, pin_mem=False, amp="auto", scale_lr=False,
+                  mixup=0.0, cutmix=0.0, smoothing=0.1, repeated_aug=False, drop_path=0.0, warmup_epochs=0,
+                  weight_decay=0.05, digits_augment=True, digits_shift=o.digits_shift, tensorboard=True,
+                  train_limit=o.train_limit, out=os.path.join(o.out, name))
+    common.update(over)
+    return cls.from_dict(common).validate()
 
 
-_register()
+def train_teacher(cfg: TrainConfig):
+    """Dense training of the demo ViT (no pruning, no distillation); the model selected on validation is in
+    ``best.pth``."""
+    size = E.model_input_size(cfg)
+    st = E.setup(cfg, size)
+    dist = st.dist
+    model = E.build_timm_model(cfg.model, st.num_classes, None, cfg.drop_path, cfg.model_kwargs, dist)
+    with E.run_folder(cfg, dist) as out:
+        E.save_run_config(cfg, out, dist)
+        model.to(dist.device)
+        opt = torch.optim.AdamW(E.decay_groups(model, cfg.weight_decay), lr=cfg.lr)
+        sched = E.Schedule(opt, cfg.lr, cfg.min_lr, cfg.schedule_length, cfg.warmup_epochs, cfg.warmup_lr)
+        task = E.task_loss_fn(cfg.smoothing, False)
+        E.fit(model=E.wrap_ddp(model, dist), schedules=[sched], epochs=cfg.epochs,
+              loss_fn=lambda im, lo, y: (task(lo, y), {}), train_loader=st.train_loader, train_sampler=st.sampler,
+              val_loader=st.val_loader, dist=dist, out=out, dtype=E.amp_dtype(cfg.amp, dist.device),
+              best_meta={"model_name": cfg.model, "model_kwargs": cfg.model_kwargs, "num_classes": st.num_classes},
+              show=cfg.progress, desc="teacher", tensorboard=cfg.tensorboard)
+    return dist
 
 
-def _stage_cfg(base: Dict, stage_defaults: Dict, **over) -> Dict:
-    cfg = copy.deepcopy(stage_defaults)
-    cfg.update({"model": DEMO_MODEL, "model_kwargs": base["model_kwargs"], "pretrained": "none", "data": "digits",
-                "num_classes": 10, "device": base["device"], "seed": base["seed"], "batch_size": base["batch_size"],
-                "progress": base["progress"], "overwrite": True, "resume": False, "num_workers": 0, "pin_mem": False,
-                "amp": "auto", "scale_lr": False, "mixup": 0.0, "cutmix": 0.0, "smoothing": 0.1,
-                "repeated_aug": False, "drop_path": 0.0, "warmup_epochs": 0, "weight_decay": 0.05,
-                "digits_size": base["model_kwargs"]["img_size"], "digits_augment": True,
-                "digits_shift": base["digits_shift"], "tensorboard": True,
-                "train_limit": base.get("train_limit")})
-    cfg.update(over)
-    return cfg
+def _chosen(path: str) -> torch.nn.Module:
+    """The model a stage selected on validation (its ``best.pth``)."""
+    return finetune.model_from_checkpoint(runs.load_torch_file(path), path).eval()
 
 
-def train_teacher(cfg: Dict):
-    """Dense training of the demo ViT (no pruning, no distillation)."""
-    from .search import setup, task_loss_fn
-
-    dist, _, _, train_loader, sampler, val_loader, mixup = setup(cfg)
-    E.save_config(cfg, cfg["out"])
-    model = E.build_timm_model(cfg["model"], cfg["num_classes"], None, cfg["drop_path"], cfg["model_kwargs"], dist)
-    model.to(dist.device)
-    opt = torch.optim.AdamW(E.decay_groups(model, cfg["weight_decay"]), lr=cfg["lr"])
-    sched = E.Schedule(opt, cfg["lr"], cfg["min_lr"], cfg["epochs"], cfg["warmup_epochs"], cfg["warmup_lr"])
-    task = task_loss_fn(cfg["smoothing"], False)
-    res = E.fit(model=E.wrap_ddp(model, dist), schedules=[sched], epochs=cfg["epochs"],
-                loss_fn=lambda im, lo, y: (task(lo, y), {}), train_loader=train_loader, train_sampler=sampler,
-                val_loader=val_loader, dist=dist, out=cfg["out"], dtype=E.amp_dtype(cfg["amp"], dist.device),
-                best_meta={"model_name": cfg["model"], "model_kwargs": cfg["model_kwargs"], "num_classes": 10},
-                show=cfg["progress"], desc="teacher")
-    return model, res, dist
+def test_accuracy(model: torch.nn.Module, size: int, dist: E.DistInfo) -> float:
+    """Top-1 (%) on the digits test split (used once per model, for the report)."""
+    loader = DataLoader(DigitsDataset("test", size=size), batch_size=256)
+    return E.evaluate(model, loader, dist, show=False)["acc1"]
 
 
-def run(opts: Dict) -> Dict:
+def run(opts: Union[DemoConfig, Dict]) -> Dict:
     """Run the demo; returns the summary (also written to ``out/summary.json``)."""
-    import spvit
-
-    from . import finetune, search
-    from .plots import plot_demo
-
-    o = {**DEFAULTS, **{k: v for k, v in opts.items() if v is not None}}
-    if o["threads"]:
-        torch.set_num_threads(int(o["threads"]))
-    out = o["out"]
-    E.prepare_run_dir(out, overwrite=o["overwrite"])
-    E.save_config(o, out, "demo.yaml")
+    o = DemoConfig.from_dict(opts) if isinstance(opts, dict) else opts
+    o = o.validate()
+    size = int(o.model_kwargs["img_size"])
+    tcfg = _stage(TrainConfig, o, "teacher", epochs=o.teacher_epochs, lr=o.teacher_lr, min_lr=1e-5)
+    runs.check_out(o.out, o.overwrite)
+    probe = supernet(E.build_timm_model(DEMO_MODEL, 10, None, 0.0, o.model_kwargs), model_name=DEMO_MODEL)
+    try:  # before any training: the target must be reachable
+        probe.check_target(o.target_fraction * probe.dense_gflops())
+    except ValueError as exc:
+        raise E.RunError(f"--target-fraction {o.target_fraction:g}: {exc}") from None
+    threads_before = torch.get_num_threads()
+    if o.threads:
+        torch.set_num_threads(int(o.threads))
     t_start = time.perf_counter()
     times = {}
-
-    # 1. teacher
-    E.log("== 1/3 teacher: dense ViT on the UCI digits ==")
-    t0 = time.perf_counter()
-    tcfg = _stage_cfg(o, search.COMMON_DEFAULTS, out=os.path.join(out, "teacher"), epochs=o["teacher_epochs"],
-                      lr=o["teacher_lr"], min_lr=1e-5, warmup_epochs=0)
-    teacher, tres, dist = train_teacher(tcfg)
-    teacher.eval()
-    teacher_acc = E.evaluate(teacher, _val_loader(tcfg), dist, show=False)["acc1"]
-    times["teacher_s"] = time.perf_counter() - t0
-
-    # 2. search
-    E.log("== 2/3 SPViT search ==")
-    t0 = time.perf_counter()
-    sn = spvit.supernet(copy.deepcopy(teacher), theta=1.5, alpha=1e-2, model_name=DEMO_MODEL)
-    dense = sn.dense_gflops()
-    target = o["target_fraction"] * dense
-    scfg = _stage_cfg(o, search.DEFAULTS, out=os.path.join(out, "search"), epochs=o["search_epochs"],
-                      sched_epochs=o["search_epochs"], lr=o["search_lr"], min_lr=o["search_lr"], arc_lr=o["arc_lr"],
-                      target_gflops=target, loss_lambda=o["lambda_rel"] / dense ** 2)
-    sres = search.run(scfg, supernet=sn)
-    arch = spvit.Architecture.load(sres["arch"])
-    E.log(arch.summary())
-    times["search_s"] = time.perf_counter() - t0
-
-    # 3. fine-tune with hard distillation from the teacher
-    E.log("== 3/3 fine-tune the pruned model (distillation: %s) ==" % o["distillation"])
-    t0 = time.perf_counter()
-    fcfg = _stage_cfg(o, finetune.DEFAULTS, out=os.path.join(out, "finetune"), arch=os.path.join(out, "search",
-                      "arch.json"), init="search", epochs=o["finetune_epochs"], lr=o["finetune_lr"], min_lr=1e-5,
-                      distillation=o["distillation"], teacher=os.path.join(out, "teacher", "teacher_model.pth"))
-    torch.save(teacher, os.path.join(out, "teacher", "teacher_model.pth"))
-    fres = finetune.run(fcfg, source=sn, teacher=teacher)
-    pruned = fres["model"]
-    pruned.eval()
-    pruned_acc = E.evaluate(pruned, _val_loader(fcfg), dist, show=False)["acc1"]
-    times["finetune_s"] = time.perf_counter() - t0
-    wall = time.perf_counter() - t_start
-
-    summary = {
-        "teacher_acc": round(teacher_acc, 3), "pruned_acc": round(pruned_acc, 3),
-        "teacher_gflops": spvit.gflops(teacher), "pruned_gflops": spvit.gflops(pruned),
-        "target_gflops": target, "flops_cut": 1 - spvit.gflops(pruned) / spvit.gflops(teacher),
-        "teacher_params": spvit.count_params(teacher), "pruned_params": spvit.count_params(pruned),
-        "wall_s": round(wall, 1), "stage_s": {k: round(v, 1) for k, v in times.items()},
-        "blocks": [{"block": i, "attn": b.attn, "ffn_kept": b.ffn_width, "ffn_total": arch.signature.mlp_hidden}
-                   for i, b in enumerate(arch.blocks)],
-        "device": str(dist.device), "threads": torch.get_num_threads(), "test_images": 360, "train_images": 1437,
-        "dataset": "UCI Optical Recognition of Handwritten Digits (CC BY 4.0), 8x8 upsampled to "
-                   f"{o['model_kwargs']['img_size']}x{o['model_kwargs']['img_size']}",
-    }
-    E.write_json(summary, os.path.join(out, "summary.json"))
+    lock = runs.open_run(o.out, overwrite=o.overwrite)
     try:
-        plot_demo(out, summary)
-    except ImportError:
-        E.log("(matplotlib not installed: plots skipped)")
+        save_config(o, os.path.join(o.out, "demo.yaml"))
+        # 1. teacher
+        E.log("== 1/3 teacher: dense ViT on the UCI digits ==")
+        t0 = time.perf_counter()
+        dist = train_teacher(tcfg)
+        teacher_ckpt = os.path.join(o.out, "teacher", "best.pth")
+        teacher = _chosen(teacher_ckpt)
+        times["teacher_s"] = time.perf_counter() - t0
+
+        # 2. search, from the teacher chosen on validation
+        E.log("== 2/3 SPViT search ==")
+        t0 = time.perf_counter()
+        sn = supernet(_chosen(teacher_ckpt), theta=1.5, alpha=1e-2, model_name=DEMO_MODEL)
+        dense = sn.dense_gflops()
+        target = o.target_fraction * dense
+        scfg = _stage(SearchConfig, o, "search", epochs=o.search_epochs, sched_epochs=o.search_epochs,
+                      lr=o.search_lr, min_lr=o.search_lr, arc_lr=o.arc_lr, target_gflops=target,
+                      loss_lambda=o.lambda_rel / dense ** 2)
+        sres = search.run(scfg, supernet_module=sn)
+        arch = Architecture.load(sres["arch"])
+        E.log(arch.summary())
+        times["search_s"] = time.perf_counter() - t0
+
+        # 3. fine-tune (searched weights carried from the search checkpoint) with distillation from the teacher
+        E.log(f"== 3/3 fine-tune the pruned model (distillation: {o.distillation}) ==")
+        t0 = time.perf_counter()
+        fcfg = _stage(FinetuneConfig, o, "finetune", arch=sres["arch"],
+                      init=os.path.join(o.out, "search", runs.CHECKPOINT), epochs=o.finetune_epochs,
+                      lr=o.finetune_lr, min_lr=1e-5, distillation=o.distillation,
+                      teacher=teacher_ckpt if o.distillation != "none" else None)
+        finetune.run(fcfg)
+        pruned = _chosen(os.path.join(o.out, "finetune", "best.pth"))
+        times["finetune_s"] = time.perf_counter() - t0
+
+        # 4. the report: test accuracy, once, of the two chosen models
+        teacher_acc = test_accuracy(teacher, size, dist)
+        pruned_acc = test_accuracy(pruned, size, dist)
+        wall = time.perf_counter() - t_start
+        splits = DigitsDataset.split_indices(1797)
+        n_train = len(splits["train"]) if o.train_limit is None else min(o.train_limit, len(splits["train"]))
+        summary = {
+            "teacher_acc": round(teacher_acc, 3), "pruned_acc": round(pruned_acc, 3),
+            "teacher_gflops": gflops(teacher), "pruned_gflops": gflops(pruned),
+            "target_gflops": target, "flops_cut": 1 - gflops(pruned) / gflops(teacher),
+            "teacher_params": count_params(teacher), "pruned_params": count_params(pruned),
+            "wall_s": round(wall, 1), "stage_s": {k: round(v, 1) for k, v in times.items()},
+            "blocks": [{"block": i, "attn": b.attn, "ffn_kept": b.ffn_width, "ffn_total": arch.signature.mlp_hidden}
+                       for i, b in enumerate(arch.blocks)],
+            "seed": o.seed, "device": str(dist.device), "threads": torch.get_num_threads(),
+            "train_images": n_train, "val_images": len(splits["val"]), "test_images": len(splits["test"]),
+            "selection": "best epoch on the validation split (teacher and fine-tune); test split evaluated once",
+            "dataset": "UCI Optical Recognition of Handwritten Digits (CC BY 4.0), 8x8 upsampled to "
+                       f"{size}x{size}",
+        }
+        runs.write_json(summary, os.path.join(o.out, "summary.json"))
+        try:
+            plot_demo(o.out, summary)
+        except ImportError:
+            E.log("(matplotlib not installed: plots skipped)")
+    finally:
+        lock.release()
+        torch.set_num_threads(threads_before)
     E.log(format_table(summary))
-    E.log(f"run folder: {out}")
+    E.log(f"run folder: {o.out}")
     return summary
-
-
-def _val_loader(cfg: Dict):
-    from .data import DigitsDataset
-    from torch.utils.data import DataLoader
-
-    return DataLoader(DigitsDataset(train=False, size=cfg["digits_size"]), batch_size=256)
 
 
 def format_table(s: Dict) -> str:
@@ -201,6 +172,8 @@ def format_table(s: Dict) -> str:
         f"{'params':22s}{s['teacher_params']:12,d}{s['pruned_params']:15,d}",
         f"FLOPs cut {cut:.1f}%, accuracy change {s['pruned_acc'] - s['teacher_acc']:+.2f} points, "
         f"wall time {s['wall_s']:.0f} s ({s['threads']} threads on {s['device']})",
+        f"splits: {s['train_images']} train / {s['val_images']} validation (model selection) / {s['test_images']} "
+        f"test (reported once)",
         "",
         "block  attention  FFN units kept",
     ]

@@ -327,7 +327,7 @@ class DeployedModel(nn.Module):
     # -- files -----------------------------------------------------------------------------------------------------
     def to_file_dict(self) -> Dict[str, Any]:
         """The content :meth:`save` writes (plain dicts, lists, numbers, strings and CPU tensors)."""
-        from . import __version__
+        from ._version import __version__
 
         return {
             "format": FORMAT,
@@ -567,7 +567,7 @@ def load_deployed(path: str, device: Optional[Union[str, torch.device]] = None,
 
 def from_file_dict(obj: Any, path: str = "<dict>", device=None, dtype: Optional[torch.dtype] = None) -> DeployedModel:
     """Rebuild a :class:`DeployedModel` from :meth:`DeployedModel.to_file_dict` output."""
-    from . import __version__
+    from ._version import __version__
 
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise ValueError(f"{path} is not a deployed SPViT model (no 'format': {FORMAT!r} tag); for a fine-tuned "

@@ -1,4 +1,5 @@
-"""Distillation losses for the fine-tune phase (spec §5.6): DeiT's hard and soft variants, no distillation token."""
+"""Distillation losses for the fine-tune phase (docs/method.md §5.6): DeiT's hard and soft variants, no
+distillation token."""
 from __future__ import annotations
 
 from typing import Optional

@@ -1,33 +1,37 @@
-"""Shared training machinery of search and fine-tune: run folders, DDP, optimisers, schedules, the epoch loop,
-evaluation, atomic checkpoints with exact resume, metrics (CSV, TensorBoard when installed) and progress bars.
+"""Shared training machinery of search, fine-tune and the demo: processes (DDP), data and loaders, models by name,
+optimiser groups, schedules, the epoch loop with evaluation, exact resume and crash-consistent outputs.
 
 Multi-GPU is plain DDP under ``torchrun`` (env vars RANK / WORLD_SIZE / LOCAL_RANK); nccl on CUDA, gloo on CPU.
+The run folder, checkpoints and logs are written through :mod:`spvit.runs`; the configuration is a typed
+:class:`spvit.config.TrainConfig`. This module imports neither search, fine-tune nor the demo.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
-import csv
-import json
 import math
 import os
 import random
-import shutil
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 import numpy as np
 import torch
 import torch.distributed as tdist
 import torch.nn as nn
+from torch.utils.data import Subset
 
-CHECKPOINT = "checkpoint.pth"
+from . import runs
+from .config import TrainConfig
+from .config import save as save_config
+from .data import DataConfig, DataError, build_datasets, build_loaders, build_mixup
+from .distill import soft_target_cross_entropy
+from .runs import CHECKPOINT, RunError, rng_state, set_rng_state
 
-
-class RunError(ValueError):
-    """Bad run input (existing run folder, nothing to resume, bad target); the CLI exits with code 2."""
+__all__ = ["RunError", "CHECKPOINT", "DistInfo", "init_distributed", "setup", "fit", "evaluate", "build_timm_model"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -95,8 +99,18 @@ def wrap_ddp(model: nn.Module, dist: DistInfo, find_unused: bool = False) -> nn.
     return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused)
 
 
+def broadcast_ok(ok: bool, dist: DistInfo) -> bool:
+    """True on every rank when ``ok`` is true on every rank (a failure on one rank reaches all of them)."""
+    if not dist.enabled:
+        return ok
+    t = torch.tensor([0.0 if ok else 1.0], dtype=torch.float64,
+                     device=dist.device if dist.device.type == "cuda" else torch.device("cpu"))
+    tdist.all_reduce(t)
+    return t.item() == 0.0
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# Seeds and RNG state
+# Seeds
 
 
 def seed_everything(seed: int) -> None:
@@ -105,101 +119,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def rng_state() -> Dict:
-    s = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        s["cuda"] = torch.cuda.get_rng_state_all()
-    return s
-
-
-def set_rng_state(s: Dict) -> None:
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
-    torch.set_rng_state(s["torch"])
-    if "cuda" in s and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Run folder, config, checkpoints
-
-
-def prepare_run_dir(out: str, overwrite: bool = False, resume: bool = False, dist: Optional[DistInfo] = None) -> str:
-    """Create the run folder. An existing non-empty one is an error unless ``resume`` or ``overwrite``."""
-    main = dist is None or dist.main
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise RunError(f"--out {out} exists and is not a folder")
-    exists = os.path.isdir(out) and any(os.scandir(out))
-    if resume:
-        if not os.path.exists(os.path.join(out, CHECKPOINT)):
-            raise RunError(f"--resume: no {CHECKPOINT} in {out} to resume from")
-    elif exists:
-        if not overwrite:
-            raise RunError(f"run folder {out} already exists and is not empty; pass --overwrite to replace it, "
-                           f"--resume to continue it, or choose another --out")
-        if main:
-            shutil.rmtree(out)
-    if dist is not None:
-        barrier(dist)
-    if main:
-        os.makedirs(out, exist_ok=True)
-    if dist is not None:
-        barrier(dist)
-    return out
-
-
-def save_config(cfg: Dict, out: str, name: str = "config.yaml") -> str:
-    """The resolved config, as YAML, in the run folder."""
-    import yaml
-
-    path = os.path.join(out, name)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        yaml.safe_dump(cfg, f, sort_keys=False)
-    os.replace(tmp, path)
-    return path
-
-
-def atomic_save(obj, path: str) -> None:
-    """torch.save to ``path.tmp``, fsync, then rename over ``path``: the previous file stays until the new one is
-    complete."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_json(obj, path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
-def load_weights(path: str) -> Dict[str, torch.Tensor]:
-    """A state dict from a checkpoint file: accepts our checkpoints ({"model": ...}), timm/DeiT files, bare dicts."""
-    if not os.path.exists(path):
-        raise RunError(f"weights file not found: {path}")
-    obj = torch.load(path, map_location="cpu", weights_only=False)
-    if isinstance(obj, dict):
-        for k in ("model", "state_dict"):
-            if k in obj and isinstance(obj[k], dict):
-                return obj[k]
-        return obj
-    if isinstance(obj, nn.Module):
-        return obj.state_dict()
-    raise RunError(f"{path} holds no state dict")
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Optimisers and schedules
 
 
 def decay_groups(model: nn.Module, weight_decay: float, skip_names=("pos_embed", "cls_token")) -> List[Dict]:
     """DeiT's two groups over the non-architecture parameters: >= 2-D (not pos_embed / cls_token) get weight decay,
-    1-D parameters and biases do not. ``head_probs`` (2-D) is a weight with decay (spec §4.3, Q22)."""
+    1-D parameters and biases do not. ``head_probs`` (2-D) is a weight with decay (docs/method.md §4.3, Q22)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad or "thresholds" in name:
@@ -209,11 +135,6 @@ def decay_groups(model: nn.Module, weight_decay: float, skip_names=("pos_embed",
         else:
             decay.append(p)
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
-
-
-def arch_parameters(model: nn.Module) -> List[nn.Parameter]:
-    """Architecture parameters: every parameter whose name contains ``thresholds``."""
-    return [p for n, p in model.named_parameters() if "thresholds" in n and p.requires_grad]
 
 
 def cosine_lr(t: int, base: float, floor: float, t_initial: int, warmup_t: int = 0, warmup_lr: float = 1e-6) -> float:
@@ -228,7 +149,7 @@ def cosine_lr(t: int, base: float, floor: float, t_initial: int, warmup_t: int =
 def epoch_lr(epoch: int, base: float, floor: float, t_initial: int, warmup_t: int = 0,
              warmup_lr: float = 1e-6) -> float:
     """The lr epoch ``epoch`` runs at in DeiT's loop: the scheduler is stepped with the finished epoch index, so epoch
-    e uses the schedule value at max(e - 1, 0) (spec §4.4)."""
+    e uses the schedule value at max(e - 1, 0) (docs/method.md §4.4)."""
     t = max(epoch - 1, 0)
     return cosine_lr(t, base, floor, t_initial, warmup_t, warmup_lr)
 
@@ -257,56 +178,7 @@ class ModelEma:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Metrics
-
-
-class MetricsWriter:
-    """Appends one row per epoch to ``metrics.csv`` (new columns extend the header); TensorBoard when installed."""
-
-    def __init__(self, out: str, enabled: bool = True, tensorboard: bool = True):
-        self.path = os.path.join(out, "metrics.csv")
-        self.enabled = enabled
-        self.tb = None
-        if enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(os.path.join(out, "tb"))
-            except Exception:  # tensorboard not installed
-                self.tb = None
-
-    def write(self, row: Dict) -> None:
-        if not self.enabled:
-            return
-        rows = []
-        if os.path.exists(self.path):
-            with open(self.path) as f:
-                rows = list(csv.DictReader(f))
-            # a resumed run rewrites the epochs it repeats
-            rows = [r for r in rows if int(r.get("epoch", -1)) < int(row["epoch"])]
-        rows.append({k: _fmt(v) for k, v in row.items()})
-        keys: List[str] = []
-        for r in rows:
-            keys += [k for k in r if k not in keys]
-        tmp = self.path + ".tmp"
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys)
-            w.writeheader()
-            w.writerows(rows)
-        os.replace(tmp, self.path)
-        if self.tb is not None:
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and k != "epoch":
-                    self.tb.add_scalar(k, v, int(row["epoch"]))
-            self.tb.flush()
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
-def _fmt(v):
-    return f"{v:.6g}" if isinstance(v, float) else v
+# Progress and precision
 
 
 def progress(iterable, total: int, desc: str, enabled: bool):
@@ -442,12 +314,162 @@ def log(msg: str, dist: Optional[DistInfo] = None) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Data, loaders and the loss of the task
+
+
+@dataclass
+class Setup:
+    """What a run trains on: the process group, the datasets and loaders, Mixup and the number of classes."""
+
+    dist: DistInfo
+    train_set: object
+    val_set: object
+    train_loader: object
+    sampler: object
+    val_loader: object
+    mixup: object
+    num_classes: int
+
+
+def data_config(cfg: TrainConfig, input_size: int) -> DataConfig:
+    keys = DataConfig.__dataclass_fields__.keys()
+    values = {k: getattr(cfg, k) for k in keys if hasattr(cfg, k)}
+    values["input_size"] = input_size
+    return DataConfig(**values)
+
+
+def timm_default_size(model_name: Optional[str]) -> int:
+    """The input size a timm model is built for (224 when unknown)."""
+    import timm
+
+    try:
+        pc = timm.models.get_pretrained_cfg(model_name) if model_name else None
+        size = getattr(pc, "input_size", None) if pc is not None else None
+        if size:
+            return int(size[-1])
+        if model_name and timm.is_model(model_name):  # no pretrained config (e.g. spvit_demo_vit): build it, empty
+            with torch.device("meta"):
+                m = timm.create_model(model_name, pretrained=False)
+            img = getattr(getattr(m, "patch_embed", None), "img_size", None)
+            if img:
+                return int(img[0])
+    except Exception:  # an unknown name is reported when the model is built
+        pass
+    return 224
+
+
+def model_input_size(cfg: TrainConfig, arch_size: Optional[int] = None) -> int:
+    """The one image size of a run: ``--input-size``, else ``model_kwargs.img_size``, else the architecture's,
+    else the timm model's default. A disagreement with the architecture is an error."""
+    size = cfg.input_size or cfg.model_kwargs.get("img_size") or arch_size or timm_default_size(cfg.model)
+    if arch_size is not None and size != arch_size:
+        raise RunError(f"image size {size} differs from the architecture's ({arch_size}, from the grid it was "
+                       f"searched on); fine-tune at --input-size {arch_size}")
+    return int(size)
+
+
+def model_kwargs_for(cfg: TrainConfig, size: int) -> Dict:
+    """``model_kwargs`` with ``img_size`` set when the run's size is not the model's default."""
+    kw = dict(cfg.model_kwargs or {})
+    if "img_size" not in kw and size != timm_default_size(cfg.model):
+        kw["img_size"] = size
+    return kw
+
+
+def setup(cfg: TrainConfig, input_size: int, need_train: bool = True) -> Setup:
+    """Process group, data and loaders, seeds (nothing is written)."""
+    dist = init_distributed(cfg.device)
+    if not cfg.data:
+        raise RunError("--data is required (an ImageNet-layout folder, or 'digits' for the embedded demo set)")
+    dcfg = data_config(cfg, input_size)
+    train_set, val_set = build_datasets(cfg.data, dcfg, need_train=need_train)
+    if cfg.data == "digits" and train_set is not None:
+        train_set.augment = bool(cfg.digits_augment)
+        train_set.max_shift = int(cfg.digits_shift)
+    num_classes = val_set.num_classes
+    if cfg.num_classes is not None and cfg.num_classes != num_classes:
+        raise DataError(f"--num-classes {cfg.num_classes} disagrees with the dataset, which has {num_classes} "
+                        f"classes; leave --num-classes out to take it from the data")
+    if cfg.train_limit and train_set is not None:
+        train_set = Subset(train_set, range(min(cfg.train_limit, len(train_set))))
+    if cfg.val_limit:
+        val_set = Subset(val_set, range(min(cfg.val_limit, len(val_set))))
+    seed_everything(cfg.seed + dist.rank)
+    bs = cfg.batch_size
+    if train_set is not None and len(train_set) < bs * dist.world:
+        raise RunError(f"the training set has {len(train_set)} images, fewer than one global batch "
+                       f"({bs} x {dist.world}); lower --batch-size")
+    train_loader, sampler, val_loader = build_loaders(
+        train_set, val_set, bs, dist.world, dist.rank, repeated_aug=cfg.repeated_aug and train_set is not None,
+        num_workers=cfg.num_workers, pin_memory=cfg.pin_mem and dist.device.type == "cuda", seed=cfg.seed,
+        eval_batch_size=cfg.eval_batch_size)
+    mixup = build_mixup(dcfg, num_classes) if train_set is not None else None
+    return Setup(dist, train_set, val_set, train_loader, sampler, val_loader, mixup, num_classes)
+
+
+def effective_lr(cfg: TrainConfig, dist: DistInfo) -> float:
+    """DeiT's linear scaling: lr x global batch / 512 (when ``scale_lr``)."""
+    return cfg.lr * cfg.batch_size * dist.world / 512.0 if cfg.scale_lr else cfg.lr
+
+
+def lr_floor(lr: float, min_lr: float, name: str, dist: Optional[DistInfo] = None) -> float:
+    """The schedule's floor: ``min_lr``, but never above the (scaled) lr, so the lr never rises during a run."""
+    if min_lr > lr:
+        log(f"note: {name} {min_lr:g} is above the scaled lr {lr:.4g}; the lr stays at {lr:.4g}", dist)
+        return lr
+    return min_lr
+
+
+def task_loss_fn(smoothing: float, mixup_on: bool) -> Callable:
+    """Soft-target CE against Mixup targets; label-smoothed CE without Mixup."""
+    ce = nn.CrossEntropyLoss(label_smoothing=smoothing)
+
+    def fn(logits, target):
+        if mixup_on or target.dim() == 2:
+            return soft_target_cross_entropy(logits.float(), target)
+        return ce(logits.float(), target)
+
+    return fn
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The run folder of a (possibly distributed) run
+
+
+@contextlib.contextmanager
+def run_folder(cfg: TrainConfig, dist: DistInfo) -> Iterator[str]:
+    """Open (create, lock, clean for ``--overwrite``, mark) ``cfg.out`` on rank 0 for the duration of the block.
+    Every rank learns when rank 0 failed. Call after all validation: this is a run's first write."""
+    lock, err = None, None
+    if dist.main:
+        try:
+            lock = runs.open_run(cfg.out, overwrite=cfg.overwrite, resume=cfg.resume)
+        except (RunError, OSError) as exc:
+            err = exc
+    if not broadcast_ok(err is None, dist):
+        if err is not None:
+            raise err
+        raise RunError("rank 0 could not open the run folder")
+    try:
+        yield cfg.out
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def save_run_config(cfg, out: str, dist: DistInfo, name: str = "config.yaml") -> None:
+    if dist.main:
+        run_flags = {k: False for k in ("resume", "overwrite", "allow_changes") if hasattr(cfg, k)}
+        save_config(cfg.replace(**run_flags), os.path.join(out, name))
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The epoch loop shared by search, fine-tune and the demo's teacher training
 
 
 @dataclass
 class Schedule:
-    """One optimiser with its per-epoch cosine schedule (timm semantics, spec §4.4)."""
+    """One optimiser with its per-epoch cosine schedule (timm semantics, docs/method.md §4.4)."""
 
     opt: torch.optim.Optimizer
     base_lr: float
@@ -460,123 +482,257 @@ class Schedule:
         return epoch_lr(epoch, self.base_lr, self.min_lr, self.t_initial, self.warmup_t, self.warmup_lr)
 
 
+def load_state(module: nn.Module, state: Dict, path: str, what: str) -> None:
+    """``module.load_state_dict(state)`` with a mismatch reported as one :class:`RunError` line."""
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, KeyError, TypeError, AttributeError) as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        detail = next((ln for ln in lines if ln.startswith("size mismatch")), lines[-1] if lines else str(exc))
+        raise RunError(f"{what} {path} does not fit the model ({detail[:300]}); it was made for another model, "
+                       f"architecture or image size") from None
+
+
+def read_checkpoint(path: str) -> Dict:
+    """A resumable checkpoint of a run (safe load; the keys a resume needs are checked)."""
+    ck = runs.load_torch_file(path, "checkpoint")
+    need = ("model", "optimizers", "epoch", "rng")
+    if not isinstance(ck, dict) or any(k not in ck for k in need):
+        raise RunError(f"{path} is not a resumable checkpoint of spvit (it lacks "
+                       f"{', '.join(k for k in need if not isinstance(ck, dict) or k not in ck)})")
+    return ck
+
+
 def fit(*, model: nn.Module, schedules: List[Schedule], epochs: int, loss_fn: Callable, train_loader, train_sampler,
         val_loader, dist: DistInfo, out: str, mixup=None, dtype: Optional[torch.dtype] = None,
         scaler: Optional[torch.amp.GradScaler] = None, clip_grad: Optional[float] = None,
         ema: Optional[ModelEma] = None, resume: bool = False, stop_after_epoch: Optional[int] = None,
-        after_epoch: Optional[Callable[[int, Dict], Dict]] = None, postfix: Optional[Callable[[], Dict]] = None,
-        best_meta: Optional[Dict] = None, show: bool = True, desc: str = "train",
-        metrics_name: str = "metrics.csv") -> Dict:
+        after_epoch: Optional[Callable[[int, Dict], Dict]] = None,
+        write_epoch: Optional[Callable[[int, Dict], None]] = None, postfix: Optional[Callable[[], Dict]] = None,
+        best_meta: Optional[Dict] = None, show: bool = True, desc: str = "train", tensorboard: bool = False,
+        resume_hint: Optional[str] = None) -> Dict:
     """Train ``epochs`` epochs with per-epoch evaluation, metrics, a checkpoint every epoch and the best weights.
 
-    The checkpoint (``out/checkpoint.pth``, atomic) holds the model, every optimiser, the scaler, the EMA, the epoch,
-    the best accuracy and every rank's RNG state, so ``resume=True`` continues bit-identically. ``best.pth`` holds the
-    weights (and ``best_meta``) of the epoch with the best val top-1. ``after_epoch(epoch, metrics)`` may add
-    metrics (e.g. GFLOPs, gate statistics) and write per-epoch files. ``stop_after_epoch`` ends the run after that
-    epoch's checkpoint (to split a run into pieces, and for the resume test).
+    The checkpoint (``out/checkpoint.pth``) holds the model, every optimiser, the scaler, the EMA, the epoch, the
+    best accuracy and every rank's RNG state (all loadable with ``weights_only=True``), so ``resume=True`` continues
+    bit-identically. ``best.pth`` holds the weights (and ``best_meta``) of the epoch with the best val top-1.
+    ``after_epoch(epoch, metrics)`` may add metrics; ``write_epoch(epoch, metrics)`` writes per-epoch files (rank 0).
+    Per epoch, on rank 0: ``write_epoch``, the ``metrics.csv`` row, ``best.pth``, then the checkpoint, each written
+    atomically; a resume trims the logs to the checkpoint's epoch. SIGINT / SIGTERM stop the run (deferred while
+    files are written) with :class:`spvit.runs.Interrupted`, whose message says how to continue.
     """
     raw = unwrap(model)
-    writer = MetricsWriter(out, enabled=dist.main)
-    writer.path = os.path.join(out, metrics_name)
-    start, best = 0, -1.0
     ckpt_path = os.path.join(out, CHECKPOINT)
+    metrics_path = os.path.join(out, "metrics.csv")
+    start, best, saved = 0, -1.0, None
     if resume:
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        raw.load_state_dict(ck["model"])
-        for s, st in zip(schedules, ck["optimizers"]):
-            s.opt.load_state_dict(st)
-        if scaler is not None and ck.get("scaler"):
-            scaler.load_state_dict(ck["scaler"])
+        ck = read_checkpoint(ckpt_path)
+        load_state(raw, ck["model"], ckpt_path, "checkpoint")
+        if len(ck["optimizers"]) != len(schedules):
+            raise RunError(f"{ckpt_path} holds {len(ck['optimizers'])} optimiser(s), this run has {len(schedules)}")
+        try:
+            for s, st in zip(schedules, ck["optimizers"]):
+                s.opt.load_state_dict(st)
+            if scaler is not None and ck.get("scaler"):
+                scaler.load_state_dict(ck["scaler"])
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise RunError(f"{ckpt_path}: the optimiser state does not fit this run ({exc})") from None
         if ema is not None and ck.get("ema"):
-            ema.module.load_state_dict(ck["ema"])
-        start, best = ck["epoch"] + 1, ck.get("best_acc", -1.0)
+            load_state(ema.module, ck["ema"], ckpt_path, "checkpoint (EMA)")
+        start, best, saved = int(ck["epoch"]) + 1, float(ck.get("best_acc", -1.0)), int(ck["epoch"])
         rngs = ck["rng"]
         if len(rngs) != dist.world:
             log(f"note: checkpoint was written by {len(rngs)} process(es), resuming with {dist.world}; "
                 f"random streams restart from rank 0's state", dist)
         set_rng_state(rngs[dist.rank % len(rngs)])
-        log(f"resumed from {ckpt_path} at epoch {start}", dist)
-    last: Dict = {}
-    for epoch in range(start, epochs):
-        for s in schedules:
-            set_lr(s.opt, s.lr(epoch))
-        if hasattr(train_sampler, "set_epoch"):
-            train_sampler.set_epoch(epoch)
-        t0 = time.perf_counter()
-        m = {"epoch": epoch, **{f"lr{i}": s.lr(epoch) for i, s in enumerate(schedules)}}
-        m.update(train_one_epoch(model, train_loader, [s.opt for s in schedules], loss_fn, dist, epoch, mixup=mixup,
-                                 dtype=dtype, scaler=scaler, clip_grad=clip_grad, ema=ema, postfix=postfix,
-                                 show=show, desc=desc))
-        ev = evaluate(model, val_loader, dist, dtype, show=show)
-        m.update({f"val_{k}": v for k, v in ev.items()})
-        if ema is not None:
-            m.update({f"ema_val_{k}": v for k, v in evaluate(ema.module, val_loader, dist, dtype, show=False).items()})
-        if after_epoch is not None:
-            m.update(after_epoch(epoch, m) or {})
-        m["epoch_time_s"] = time.perf_counter() - t0
-        improved = m["val_acc1"] > best
-        best = max(best, m["val_acc1"])
-        m["best_acc1"] = best
-        rngs = gather_rng_states(dist)
         if dist.main:
-            if improved:
-                atomic_save({"model": raw.state_dict(), "epoch": epoch, "val_acc1": m["val_acc1"], **(best_meta or {})},
-                            os.path.join(out, "best.pth"))
-            atomic_save({"model": raw.state_dict(), "optimizers": [s.opt.state_dict() for s in schedules],
-                         "scaler": scaler.state_dict() if scaler is not None else None,
-                         "ema": ema.module.state_dict() if ema is not None else None, "epoch": epoch,
-                         "best_acc": best, "rng": rngs, **(best_meta or {})}, ckpt_path)
-            writer.write(m)
-            extra = "".join(f"  {k} {m[k]:.4g}" for k in ("gflops",) if k in m)
-            log(f"{desc} epoch {epoch}: loss {m.get('train_loss', float('nan')):.4f}  train acc {m['train_acc']:.2f}  "
-                f"val acc {m['val_acc1']:.2f} (best {best:.2f}){extra}  {m['train_img_s']:.0f} img/s  "
-                f"{m['epoch_time_s']:.1f}s", dist)
-        barrier(dist)
-        last = m
-        if stop_after_epoch is not None and epoch >= stop_after_epoch and epoch < epochs - 1:
-            log(f"stopping after epoch {epoch} (--stop-after-epoch); continue with --resume", dist)
-            writer.close()
-            return {"last": last, "best_acc1": best, "stopped": True}
-    writer.close()
+            runs.trim_logs(out, saved)
+        log(f"resumed from {ckpt_path} at epoch {start}", dist)
+    tb = None
+    if tensorboard and dist.main:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            tb = SummaryWriter(os.path.join(out, "tb"))
+        except Exception:  # tensorboard not installed
+            tb = None
+    last: Dict = {}
+    stopped = False
+    epoch = start
+    try:
+        with runs.StopSignals() as sig:
+            for epoch in range(start, epochs):
+                runs.CURRENT_EPOCH = epoch
+                for s in schedules:
+                    set_lr(s.opt, s.lr(epoch))
+                if hasattr(train_sampler, "set_epoch"):
+                    train_sampler.set_epoch(epoch)
+                t0 = time.perf_counter()
+                m = {"epoch": epoch, **{f"lr{i}": s.lr(epoch) for i, s in enumerate(schedules)}}
+                m.update(train_one_epoch(model, train_loader, [s.opt for s in schedules], loss_fn, dist, epoch,
+                                         mixup=mixup, dtype=dtype, scaler=scaler, clip_grad=clip_grad, ema=ema,
+                                         postfix=postfix, show=show, desc=desc))
+                ev = evaluate(model, val_loader, dist, dtype, show=show)
+                m.update({f"val_{k}": v for k, v in ev.items()})
+                if ema is not None:
+                    m.update({f"ema_val_{k}": v
+                              for k, v in evaluate(ema.module, val_loader, dist, dtype, show=False).items()})
+                if after_epoch is not None:
+                    m.update(after_epoch(epoch, m) or {})
+                m["epoch_time_s"] = time.perf_counter() - t0
+                improved = m["val_acc1"] > best
+                best = max(best, m["val_acc1"])
+                m["best_acc1"] = best
+                rngs = gather_rng_states(dist)
+                runs.crash_point("after_train", epoch)
+                with sig.critical():
+                    if dist.main:
+                        # logs and read-outs first, then the checkpoint that covers them (resume trims the logs)
+                        if write_epoch is not None:
+                            write_epoch(epoch, m)
+                        runs.log_epoch_row(metrics_path, m)
+                        runs.crash_point("after_metrics", epoch)
+                        if improved:
+                            runs.save_torch({"model": raw.state_dict(), "epoch": epoch, "val_acc1": m["val_acc1"],
+                                             **(best_meta or {})}, os.path.join(out, "best.pth"))
+                        runs.crash_point("after_best", epoch)
+                        opts = [s.opt.state_dict() for s in schedules]
+                        runs.save_torch({"model": raw.state_dict(), "optimizers": opts,
+                                         "scaler": scaler.state_dict() if scaler is not None else None,
+                                         "ema": ema.module.state_dict() if ema is not None else None, "epoch": epoch,
+                                         "best_acc": best, "rng": rngs, **(best_meta or {})}, ckpt_path)
+                        runs.crash_point("after_checkpoint", epoch)
+                        if tb is not None:
+                            for k, v in m.items():
+                                if isinstance(v, (int, float)) and k != "epoch":
+                                    tb.add_scalar(k, v, epoch)
+                            tb.flush()
+                        extra = "".join(f"  {k} {m[k]:.4g}" for k in ("gflops",) if k in m)
+                        log(f"{desc} epoch {epoch}: loss {m.get('train_loss', float('nan')):.4f}  train acc "
+                            f"{m['train_acc']:.2f}  val acc {m['val_acc1']:.2f} (best {best:.2f}){extra}  "
+                            f"{m['train_img_s']:.0f} img/s  {m['epoch_time_s']:.1f}s", dist)
+                    saved = epoch
+                    barrier(dist)
+                last = m
+                if stop_after_epoch is not None and epoch >= stop_after_epoch and epoch < epochs - 1:
+                    log(f"stopping after epoch {epoch} (--stop-after-epoch); continue with "
+                        f"{resume_hint or '--resume'}", dist)
+                    stopped = True
+                    break
+    except runs.Interrupted as exc:
+        if saved is None:
+            how = ("no checkpoint was written yet, so there is nothing to resume: start the run again "
+                   "(with --overwrite for the same --out)")
+        elif resume_hint:
+            how = f"the last checkpoint is epoch {saved}; continue with `{resume_hint}`"
+        else:
+            how = f"the last checkpoint is epoch {saved}"
+        raise runs.Interrupted(f"interrupted ({exc}) in {desc} epoch {epoch}; {how}", exc.signum) from None
+    finally:
+        runs.CURRENT_EPOCH = -1
+        if tb is not None:
+            tb.close()
     if not last and resume:
         last = {"epoch": epochs - 1}
-    return {"last": last, "best_acc1": best, "stopped": False}
+        log(f"{ckpt_path} already covers all {epochs} epochs; nothing left to run", dist)
+    return {"last": last, "best_acc1": best, "stopped": stopped}
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Models (timm by name; weights from the timm hub or a local file)
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """False when the hub is declared offline (HF_HUB_OFFLINE) or cannot be reached within ``timeout`` seconds."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no"):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _hub_offline_mode(offline: bool) -> Iterator[None]:
+    """Make huggingface_hub use its local cache only (no retries) while ``offline``."""
+    if not offline:
+        yield
+        return
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        yield
+        return
+    old = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = old
+
+
 def build_timm_model(name: str, num_classes: int, pretrained: Optional[str] = None, drop_path: float = 0.0,
-                     model_kwargs: Optional[Dict] = None, dist: Optional[DistInfo] = None) -> nn.Module:
-    """A timm model by name. ``pretrained``: None / "none" (random init), "timm" (the timm hub; needs network),
-    or a local checkpoint path (a classifier head of another size is left at its fresh init)."""
+                     model_kwargs: Optional[Dict] = None, dist: Optional[DistInfo] = None,
+                     weights_flag: str = "--pretrained") -> nn.Module:
+    """A timm model by name. ``pretrained``: None / "none" (random init), "timm" (the timm hub: needs network or
+    the local hub cache; an offline machine fails at once, naming the alternatives), or a local checkpoint path (a
+    classifier head of another size is left at its fresh init)."""
     import timm
 
-    from . import demo  # noqa: F401  (registers the demo model, spvit_demo_vit, with timm)
-
+    if model_kwargs is not None and not isinstance(model_kwargs, dict):
+        raise RunError(f"model kwargs must be a JSON object (a mapping), got {model_kwargs!r}")
+    hub = pretrained == "timm"
+    if hub and not timm.is_model(name):
+        raise RunError(f"unknown timm model {name!r}")
+    offline = hub and not _hub_reachable()
     try:
-        model = timm.create_model(name, pretrained=(pretrained == "timm"), num_classes=num_classes,
-                                  drop_path_rate=drop_path, **(model_kwargs or {}))
+        with _hub_offline_mode(offline):
+            model = timm.create_model(name, pretrained=hub, num_classes=num_classes, drop_path_rate=drop_path,
+                                      **(model_kwargs or {}))
     except RuntimeError as exc:
         if "Unknown model" in str(exc):
-            raise RunError(f"unknown timm model {name!r}") from exc
-        raise
+            raise RunError(f"unknown timm model {name!r}") from None
+        if not hub:
+            raise RunError(f"cannot build {name} with {model_kwargs}: {str(exc).splitlines()[0][:200]}") from None
+        raise _hub_error(name, exc, offline, weights_flag) from None
+    except TypeError as exc:
+        raise RunError(f"cannot build {name} with model kwargs {model_kwargs}: {exc}") from None
+    except Exception as exc:  # hub / network errors of every kind
+        if not hub:
+            raise
+        raise _hub_error(name, exc, offline, weights_flag) from None
     if pretrained not in (None, "", "none", "timm"):
-        load_local_weights(model, pretrained, dist)
+        load_local_weights(model, pretrained, dist, weights_flag)
     return model
 
 
-def load_local_weights(model: nn.Module, path: str, dist: Optional[DistInfo] = None) -> None:
-    """Load a local checkpoint into a timm model, non-strict for a differently sized head; report what was skipped."""
-    state = load_weights(path)
+def _hub_error(name: str, exc: BaseException, offline: bool, weights_flag: str) -> RunError:
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+    where = "the hub is not reachable and they are not in the local cache" if offline else first
+    return RunError(f"{weights_flag} timm: cannot get the pretrained weights of {name} ({where}); use "
+                    f"{weights_flag} none (random init) or {weights_flag} <file> (a local checkpoint)")
+
+
+def load_local_weights(model: nn.Module, path: str, dist: Optional[DistInfo] = None,
+                       what: str = "--pretrained") -> None:
+    """Load a local checkpoint into a timm model (safe load), non-strict for a differently sized head; report what
+    was skipped."""
+    state = dict(runs.state_dict_of(runs.load_torch_file(path, f"{what} file"), path, f"{what} file"))
     own = model.state_dict()
+    pe = state.get("pos_embed")
+    if pe is not None and "pos_embed" in own and pe.shape != own["pos_embed"].shape and pe.dim() == 3:
+        from timm.layers import resample_abs_pos_embed  # weights of another image size: resample the grid
+
+        npt = 0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens", 1)
+        state["pos_embed"] = resample_abs_pos_embed(pe, new_size=list(model.patch_embed.grid_size),
+                                                    num_prefix_tokens=npt)
     skipped = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     state = {k: v for k, v in state.items() if k not in skipped}
     res = model.load_state_dict(state, strict=False)
     missing = [k for k in res.missing_keys if k not in skipped]
     if len(missing) > len(own) // 2:
-        raise RunError(f"{path} does not fit the model: {len(missing)} of {len(own)} weights missing "
+        raise RunError(f"{what} file {path} does not fit the model: {len(missing)} of {len(own)} weights missing "
                        f"(e.g. {missing[:3]})")
     msg = f"loaded {path}"
     if skipped or missing:

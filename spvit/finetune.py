@@ -1,150 +1,186 @@
-"""The SPViT fine-tune phase (spec §5): the pruned model of an architecture, trained with optional hard/soft
-distillation from any timm model (or a local checkpoint) as teacher.
+"""The SPViT fine-tune phase (docs/method.md §5): the pruned model of an architecture, trained with optional
+hard/soft distillation from any timm model (or a checkpoint of a run) as teacher.
 
-Initialisation (``init``): ``pretrained`` (official: the dense pre-trained weights, §5.1) or the path of a search
-checkpoint (carry the searched weights: learned head mixing, BNs). The run folder gets ``config.yaml``,
-``arch.json``, ``metrics.csv``, ``checkpoint.pth`` (resumable) and ``best.pth`` (weights + architecture: what
-``spvit eval`` and ``spvit deploy`` read).
+Initialisation (``init``): ``pretrained`` (official: the dense pre-trained weights, docs/method.md §5.1), ``none``
+or the path of a search checkpoint (carry the searched weights: learned head mixing, BNs). The run folder gets
+``config.yaml``, ``arch.json``, ``metrics.csv``, ``checkpoint.pth`` (resumable) and ``best.pth`` (weights +
+architecture: what ``spvit eval`` and ``spvit deploy`` read).
 """
 from __future__ import annotations
 
 import os
-from typing import Dict, Optional
+from typing import Dict, Optional, Union
 
 import torch
 import torch.nn as nn
 
 from . import engine as E
+from . import runs
+from .arch import Architecture
+from .config import FinetuneConfig
 from .distill import DistillationLoss
-from .search import COMMON_DEFAULTS, effective_lr, setup, task_loss_fn
+from .flops import count_params, gflops
+from .models import prune, supernet
+from .models.official import load_official
 
-DEFAULTS: Dict = {
-    **COMMON_DEFAULTS,
-    "model": None,  # from the architecture file when not given
-    "arch": None,
-    "init": "pretrained",
-    "epochs": 130,
-    "sched_epochs": None,
-    "min_lr": 1e-5,
-    "teacher": None,
-    "teacher_weights": "timm",
-    "teacher_kwargs": {},
-    "distillation": "none",
-    "distillation_alpha": 0.5,
-    "distillation_tau": 1.0,
-}
+DEFAULTS = FinetuneConfig()
+TEACHER_CODE_FLAG = "--teacher-file-runs-code"
 
 
-def load_arch(path: Optional[str], model_name: Optional[str] = None, num_classes: Optional[int] = None):
+def load_arch(path: Optional[str], model_name: Optional[str] = None,
+              num_classes: Optional[int] = None) -> Architecture:
     """An :class:`Architecture` from an ``arch.json``, or from an original SPViT checkpoint (``.pth``: a search
     checkpoint's gates or a fine-tuned model's layers, via :func:`spvit.load_official`; needs ``model_name``)."""
-    from .arch import Architecture
-
     if not path:
         raise E.RunError("--arch is required (the arch.json written by `spvit search`)")
+    if not os.path.isfile(path):
+        raise E.RunError(f"architecture file not found: {path}")
     if path.endswith((".pth", ".pt", ".bin")):
-        import spvit
-
-        if not os.path.isfile(path):
-            raise E.RunError(f"architecture file not found: {path}")
         if not model_name:
             raise E.RunError("--arch with an original SPViT checkpoint needs --model (e.g. deit_small_patch16_224)")
         try:
-            m = spvit.load_official(path, model_name, **({"num_classes": num_classes} if num_classes else {}))
-        except ValueError as exc:
-            raise E.RunError(str(exc)) from exc
+            m = load_official(path, model_name, **({"num_classes": num_classes} if num_classes else {}))
+        except (ValueError, FileNotFoundError) as exc:
+            raise E.RunError(str(exc)) from None
         return m.architecture() if callable(m.architecture) else m.architecture
     try:
         return Architecture.load(path)
-    except (FileNotFoundError, ValueError) as exc:
-        raise E.RunError(str(exc)) from exc
+    except (FileNotFoundError, ValueError, TypeError, KeyError) as exc:
+        raise E.RunError(f"--arch {path}: {exc}") from None
 
 
-def build_pruned(arch, model_name: str, num_classes: int, pretrained: Optional[str], drop_path: float = 0.0,
-                 model_kwargs: Optional[Dict] = None, init: str = "pretrained", dist: Optional[E.DistInfo] = None,
-                 source: Optional[nn.Module] = None) -> nn.Module:
-    """The pruned model of ``arch`` from a timm model (or ``source``: a dense model or a supernet to carry)."""
-    import spvit
+def build_pruned(arch: Architecture, model_name: str, num_classes: int, pretrained: Optional[str],
+                 drop_path: float = 0.0, model_kwargs: Optional[Dict] = None, init: Optional[str] = "pretrained",
+                 dist: Optional[E.DistInfo] = None, source: Optional[nn.Module] = None) -> nn.Module:
+    """The pruned model of ``arch`` from a timm model (or ``source``: a dense model or a supernet to carry).
 
+    ``init``: ``pretrained`` (the timm model's ``pretrained`` weights), ``none`` (random) or the path of a search
+    checkpoint whose supernet weights are carried (loaded safely; a checkpoint of another model or image size is
+    a :class:`RunError`)."""
     if source is None:
         source = E.build_timm_model(model_name, num_classes, pretrained if init == "pretrained" else None, drop_path,
                                     model_kwargs, dist)
         if init not in ("pretrained", "none", None):
-            sn = spvit.supernet(source, model_name=model_name)
-            sn.load_state_dict(E.load_weights(init))
+            state = runs.state_dict_of(runs.load_torch_file(init, "--init checkpoint"), init, "--init checkpoint")
+            sn = supernet(source, model_name=model_name)
+            E.load_state(sn, state, init, "--init checkpoint")
             source = sn
     try:
-        return spvit.prune(source, arch)
+        return prune(source, arch)
     except ValueError as exc:
         raise E.RunError(f"architecture {getattr(arch, 'model_name', '?')} does not fit model {model_name}: {exc}") \
-            from exc
+            from None
 
 
-def build_teacher(cfg: Dict, dist: E.DistInfo) -> nn.Module:
-    """A teacher: a timm name (weights "timm" = hub, or a local file) or the path of a saved whole model."""
-    name = cfg["teacher"]
-    if name is None:
-        raise E.RunError(f"--distillation {cfg['distillation']} needs --teacher (a timm model name or a file)")
-    if os.path.isfile(name):
-        obj = torch.load(name, map_location="cpu", weights_only=False)
-        if isinstance(obj, nn.Module):
-            return obj
-        raise E.RunError(f"teacher file {name} holds no model; give a timm name and --teacher-weights {name}")
-    return E.build_timm_model(name, cfg["num_classes"], cfg["teacher_weights"], 0.0, cfg.get("teacher_kwargs"), dist)
-
-
-def run(cfg: Dict, source: Optional[nn.Module] = None, teacher: Optional[nn.Module] = None) -> Dict:
-    """Run (or resume) a fine-tune. ``source`` / ``teacher``: already built modules (the demo passes its own)."""
-    arch = cfg["arch"] if hasattr(cfg["arch"], "blocks") else load_arch(cfg["arch"], cfg.get("model"),
-                                                                           cfg.get("num_classes"))
-    if cfg.get("model") is None:
-        cfg["model"] = arch.model_name
-    dist, _, _, train_loader, sampler, val_loader, mixup = setup(cfg)
-    model = build_pruned(arch, cfg["model"], cfg["num_classes"], cfg["pretrained"], cfg["drop_path"],
-                         cfg.get("model_kwargs"), cfg.get("init", "pretrained"), dist, source)
-    model.to(dist.device)
-    if dist.main:
-        arch.save(os.path.join(cfg["out"], "arch.json"))
-        if not cfg["resume"]:
-            E.save_config({**cfg, "arch": cfg["arch"] if isinstance(cfg["arch"], str) else "arch.json"}, cfg["out"])
-    if cfg["distillation"] != "none" and teacher is None:
-        teacher = build_teacher(cfg, dist)
-    if teacher is not None and cfg["distillation"] != "none":
-        teacher = teacher.to(dist.device).eval()
+def model_from_checkpoint(ck: Dict, path: str, what: str = "checkpoint") -> nn.Module:
+    """The model a checkpoint of a run describes (a pruned model when it records an architecture, else the dense
+    timm model), with its weights."""
+    if not isinstance(ck, dict) or not isinstance(ck.get("model"), dict) or not ck.get("model_name"):
+        raise E.RunError(f"{what} {path} is not a checkpoint of an spvit run (no model name and weights inside)")
+    kwargs, ncls = ck.get("model_kwargs") or {}, ck.get("num_classes")
+    if isinstance(ck.get("arch"), dict):
+        try:
+            arch = Architecture.from_dict(ck["arch"])
+        except (ValueError, TypeError, KeyError) as exc:
+            raise E.RunError(f"{what} {path}: malformed architecture record ({exc})") from None
+        model = build_pruned(arch, ck["model_name"], ncls or arch.signature.num_classes, None, 0.0, kwargs, "none")
     else:
-        teacher = None
-    task = task_loss_fn(cfg["smoothing"], mixup is not None)
-    distill = DistillationLoss(teacher, cfg["distillation"], cfg["distillation_alpha"], cfg["distillation_tau"])
-    dtype = E.amp_dtype(cfg["amp"], dist.device)
+        if not ncls:
+            raise E.RunError(f"{what} {path} does not record its number of classes")
+        model = E.build_timm_model(ck["model_name"], ncls, None, 0.0, kwargs)
+    E.load_state(model, ck["model"], path, what)
+    return model
 
-    def loss_fn(images, logits, y):
-        t = task(logits, y)
-        if teacher is None:
-            return t, {}
-        with E.autocast(dist.device, dtype):
-            d = distill.distill_term(images, logits)
-        return (1 - distill.alpha) * t + distill.alpha * d, {"task": t.item(), "distill": d.item()}
 
-    lr = effective_lr(cfg, dist)
-    opt = torch.optim.AdamW(E.decay_groups(model, cfg["weight_decay"]), lr=lr, betas=tuple(cfg["opt_betas"]),
-                            eps=cfg["opt_eps"])
-    t_init = cfg["sched_epochs"] or cfg["epochs"]
-    schedules = [E.Schedule(opt, lr, cfg["min_lr"], t_init, cfg["warmup_epochs"], cfg["warmup_lr"])]
-    scaler = torch.amp.GradScaler(dist.device.type) if dtype == torch.float16 else None
-    ema = E.ModelEma(model, cfg["model_ema_decay"]) if cfg["model_ema"] else None
-    ddp = E.wrap_ddp(model, dist, find_unused="skip" in arch.attn_choices)  # a skip block leaves norm1 unused
-    import spvit
+def build_teacher(cfg: FinetuneConfig, num_classes: int, dist: Optional[E.DistInfo] = None) -> nn.Module:
+    """The teacher: a timm name (weights ``--teacher-weights``: "timm" = hub, or a local file) or a checkpoint file
+    of a run (``best.pth``). A whole pickled model only with ``--teacher-file-runs-code``: loading it runs code."""
+    name = cfg.teacher
+    if not name:
+        raise E.RunError(f"--distillation {cfg.distillation} needs --teacher (a timm model name or a file)")
+    if os.path.isfile(name):
+        if cfg.teacher_file_runs_code:
+            obj = torch.load(name, map_location="cpu", weights_only=False)  # the user asked for it by name
+            if not isinstance(obj, nn.Module):
+                raise E.RunError(f"--teacher {name} holds no model (a {type(obj).__name__})")
+            return obj
+        try:
+            ck = runs.load_torch_file(name, "--teacher file")
+        except E.RunError as exc:
+            if "Python objects" in str(exc):
+                raise E.RunError(f"{exc}. A whole pickled model is loaded only with {TEACHER_CODE_FLAG} (it runs "
+                                 f"code from the file: only for files you trust)") from None
+            raise
+        if not isinstance(ck, dict) or not ck.get("model_name"):
+            raise E.RunError(f"--teacher file {name} is not a checkpoint of an spvit run; for plain weights give the "
+                             f"timm name: --teacher <model> --teacher-weights {name}")
+        teacher = model_from_checkpoint(ck, name, "--teacher file")
+    else:
+        teacher = E.build_timm_model(name, num_classes, cfg.teacher_weights, 0.0, cfg.teacher_kwargs, dist,
+                                     weights_flag="--teacher-weights")
+    out_dim = getattr(teacher, "num_classes", None)
+    if out_dim is not None and out_dim != num_classes:
+        raise E.RunError(f"the teacher predicts {out_dim} classes, the dataset has {num_classes}")
+    return teacher
 
-    gf = spvit.gflops(model)
-    E.log(f"fine-tune {cfg['model']}: {gf:.4g} GFLOPs, {spvit.count_params(model) / 1e6:.3f} M params, lr {lr:.3g}, "
-          f"distillation {cfg['distillation']}, {dist.world} process(es) on {dist.device}", dist)
-    meta = {"model_name": cfg["model"], "model_kwargs": cfg.get("model_kwargs") or {},
-            "num_classes": cfg["num_classes"], "arch": arch.to_dict()}
-    res = E.fit(model=ddp, schedules=schedules, epochs=cfg["epochs"], loss_fn=loss_fn, train_loader=train_loader,
-                train_sampler=sampler, val_loader=val_loader, dist=dist, out=cfg["out"], mixup=mixup, dtype=dtype,
-                scaler=scaler, clip_grad=cfg["clip_grad"], ema=ema, resume=cfg["resume"],
-                stop_after_epoch=cfg["stop_after_epoch"], after_epoch=lambda e, m: {"gflops": gf},
-                postfix=lambda: {"GFLOPs": f"{gf:.4g}"},
-                best_meta=meta, show=cfg["progress"], desc="finetune")
+
+def run(cfg: Union[FinetuneConfig, Dict], source: Optional[nn.Module] = None,
+        teacher: Optional[nn.Module] = None) -> Dict:
+    """Run (or resume) a fine-tune. ``source`` / ``teacher``: already built modules (instead of ``init`` and
+    ``teacher``). Everything is validated before the first file is written."""
+    if isinstance(cfg, dict):
+        cfg = FinetuneConfig.from_dict(cfg)
+    cfg = cfg.validate()
+    runs.check_out(cfg.out, cfg.overwrite, cfg.resume)
+    arch_path = os.path.join(cfg.out, "arch.json") if cfg.resume else cfg.arch
+    arch = load_arch(arch_path, cfg.model, cfg.num_classes)
+    if cfg.model is None:
+        cfg = cfg.replace(model=arch.model_name)
+    size = E.model_input_size(cfg, arch.signature.img_size[0])
+    kwargs = E.model_kwargs_for(cfg, size)
+    st = E.setup(cfg, size)
+    dist = st.dist
+    # a resumed run takes every weight from its checkpoint: nothing is downloaded or read for the init
+    model = build_pruned(arch, cfg.model, st.num_classes, "none" if cfg.resume else cfg.pretrained, cfg.drop_path,
+                         kwargs, "none" if cfg.resume else cfg.init, dist, source)
+    if cfg.distillation != "none" and teacher is None:
+        teacher = build_teacher(cfg, st.num_classes, dist)
+    teacher = teacher.to(dist.device).eval() if teacher is not None and cfg.distillation != "none" else None
+    lr = E.effective_lr(cfg, dist)
+    min_lr = E.lr_floor(lr, cfg.min_lr, "--min-lr", dist)
+    with E.run_folder(cfg, dist) as out:
+        if dist.main and not cfg.resume:
+            runs.write_json(arch.to_dict(), os.path.join(out, "arch.json"))
+        E.save_run_config(cfg, out, dist)
+        model.to(dist.device)
+        task = E.task_loss_fn(cfg.smoothing, st.mixup is not None)
+        distill = DistillationLoss(teacher, cfg.distillation, cfg.distillation_alpha, cfg.distillation_tau)
+        dtype = E.amp_dtype(cfg.amp, dist.device)
+
+        def loss_fn(images, logits, y):
+            t = task(logits, y)
+            if teacher is None:
+                return t, {}
+            with E.autocast(dist.device, dtype):
+                d = distill.distill_term(images, logits)
+            return (1 - distill.alpha) * t + distill.alpha * d, {"task": t.item(), "distill": d.item()}
+
+        opt = torch.optim.AdamW(E.decay_groups(model, cfg.weight_decay), lr=lr, betas=tuple(cfg.opt_betas),
+                                eps=cfg.opt_eps)
+        schedules = [E.Schedule(opt, lr, min_lr, cfg.schedule_length, cfg.warmup_epochs, cfg.warmup_lr)]
+        scaler = torch.amp.GradScaler(dist.device.type) if dtype == torch.float16 else None
+        ema = E.ModelEma(model, cfg.model_ema_decay) if cfg.model_ema else None
+        ddp = E.wrap_ddp(model, dist, find_unused="skip" in arch.attn_choices)  # a skip block leaves norm1 unused
+        gf = gflops(model)
+        E.log(f"fine-tune {cfg.model}: {gf:.4g} GFLOPs, {count_params(model) / 1e6:.3f} M params, lr {lr:.3g}, "
+              f"distillation {cfg.distillation}, {dist.world} process(es) on {dist.device}", dist)
+        meta = {"model_name": cfg.model, "model_kwargs": kwargs, "num_classes": st.num_classes,
+                "arch": arch.to_dict()}
+        res = E.fit(model=ddp, schedules=schedules, epochs=cfg.epochs, loss_fn=loss_fn, train_loader=st.train_loader,
+                    train_sampler=st.sampler, val_loader=st.val_loader, dist=dist, out=out, mixup=st.mixup,
+                    dtype=dtype, scaler=scaler, clip_grad=cfg.clip_grad, ema=ema, resume=cfg.resume,
+                    stop_after_epoch=cfg.stop_after_epoch, after_epoch=lambda e, m: {"gflops": gf},
+                    postfix=lambda: {"GFLOPs": f"{gf:.4g}"}, best_meta=meta, show=cfg.progress, desc="finetune",
+                    tensorboard=cfg.tensorboard, resume_hint=f"spvit finetune --out {out} --resume")
     return {"model": model, "gflops": gf, "val_acc1": res["last"].get("val_acc1"), "best_acc1": res["best_acc1"],
-            "stopped": res["stopped"], "out": cfg["out"], "dist": dist}
+            "stopped": res["stopped"], "out": out, "dist": dist}

@@ -42,14 +42,20 @@ def plot_demo(out: str, summary: Dict) -> str:
     if rows:
         g = [float(r["gflops"]) * 1e3 for r in rows]
         acc = [float(r["val_acc1"]) for r in rows]
-        a2.plot(g, acc, "o-", color="#999999", label="supernet read-out (per search epoch)")
+        ep = [int(r["epoch"]) for r in rows]
+        a2.plot(g, acc, "-", color="#dddddd", zorder=1)
+        sc = a2.scatter(g, acc, c=ep, cmap="viridis", s=30, zorder=2,
+                        label="supernet read-out per search epoch (validation)")
+        for x, y, e in zip(g, acc, ep):
+            a2.annotate(str(e), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color="#555555")
+        fig.colorbar(sc, ax=a2, label="search epoch")
     a2.scatter([summary["teacher_gflops"] * 1e3], [summary["teacher_acc"]], s=80, marker="s", color="black",
-               label="teacher (dense)", zorder=3)
+               label="teacher (dense, test)", zorder=3)
     a2.scatter([summary["pruned_gflops"] * 1e3], [summary["pruned_acc"]], s=110, marker="*", color="#c44e52",
-               label="SPViT pruned + fine-tuned", zorder=3)
+               label="SPViT pruned + fine-tuned (test)", zorder=3)
     a2.axvline(summary["target_gflops"] * 1e3, ls="--", color="#bbbbbb", label="FLOPs target")
     a2.set_xlabel("MFLOPs per image (MACs)")
-    a2.set_ylabel("test accuracy (%)")
+    a2.set_ylabel("top-1 accuracy (%)")
     a2.set_title("FLOPs / accuracy")
     a2.legend(fontsize=8, loc="lower right")
     fig.tight_layout()

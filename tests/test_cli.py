@@ -18,7 +18,7 @@ TINY = ["--model", "spvit_demo_vit", "--model-kwargs", json.dumps({"img_size": 8
 
 
 def _tiny_yaml(tmp_path, **over):
-    cfg = {"digits_size": 8, "train_limit": 64, "val_limit": 32, "tensorboard": False, **over}
+    cfg = {"train_limit": 64, "val_limit": 32, "tensorboard": False, **over}
     p = tmp_path / "tiny.yaml"
     p.write_text(yaml.safe_dump(cfg))
     return str(p)
@@ -40,25 +40,24 @@ def test_config_then_flags_and_resolved_config_saved(tmp_path):
 
 @pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(repo_root(), "configs"))))
 def test_shipped_configs_resolve(name):
-    from spvit import finetune
+    from spvit.config import FinetuneConfig, SearchConfig
 
-    defaults = search.DEFAULTS if "search" in name else finetune.DEFAULTS
+    cls = SearchConfig if "search" in name else FinetuneConfig
     args = cli.build_parser().parse_args(["search" if "search" in name else "finetune", "--config", name[:-5]])
-    cfg = cli.resolve_config(defaults, args)
-    assert cfg["lr"] == 5e-5 and cfg["weight_decay"] == 0.05 and cfg["drop_path"] == 0.1
-    assert cfg["mixup"] == 0.8 and cfg["cutmix"] == 1.0 and cfg["smoothing"] == 0.1 and cfg["repeated_aug"]
+    c = cli.resolve_config(cls, args)
+    assert c.lr == 5e-5 and c.weight_decay == 0.05 and c.drop_path == 0.1
+    assert c.mixup == 0.8 and c.cutmix == 1.0 and c.smoothing == 0.1 and c.repeated_aug
     gpus = 4 if "_ti_" in name else 8
-    assert cfg["lr"] * cfg["batch_size"] * gpus / 512 == pytest.approx(1e-4)  # effective lr of the original runs
+    assert c.lr * c.batch_size * gpus / 512 == pytest.approx(1e-4)  # effective lr of the original runs
     if "search" in name:
         tag = name.split("_")[2:4]  # e.g. l30, t32
-        assert cfg["loss_lambda"] == pytest.approx(int(tag[0][1:].lstrip("0") or 0) / (100 if tag[0][1] == "0"
-                                                    else 10))
-        assert cfg["target_gflops"] == pytest.approx(int(tag[1][1:]) / 10)
-        assert cfg["epochs"] == 21 and cfg["sched_epochs"] == 300 and cfg["min_lr"] == 1e-4
-        assert cfg["arc_lr"] == (5e-4 if "_sm_" in name else 1e-3)
+        assert c.loss_lambda == pytest.approx(int(tag[0][1:].lstrip("0") or 0) / (100 if tag[0][1] == "0" else 10))
+        assert c.target_gflops == pytest.approx(int(tag[1][1:]) / 10)
+        assert c.epochs == 21 and c.sched_epochs == 300 and c.min_lr == 1e-4
+        assert c.arc_lr == (5e-4 if "_sm_" in name else 1e-3)
     else:
-        assert cfg["min_lr"] == 1e-5 and cfg["epochs"] == (200 if "dist" in name else 130)
-        assert cfg["distillation"] == ("hard" if "dist" in name else "none")
+        assert c.min_lr == 1e-5 and c.epochs == (200 if "dist" in name else 130)
+        assert c.distillation == ("hard" if "dist" in name else "none")
 
 
 def _rc(argv, capsys):
@@ -73,10 +72,11 @@ def test_bad_input_exits_2(tmp_path, capsys):
     rc, err = _rc(["search", "--data", str(tmp_path / "flat"), "--out", str(tmp_path / "o2")], capsys)
     assert rc == 2 and "no 'train' folder" in err
     conf = _tiny_yaml(tmp_path)
-    for t, msg in ((1e-9, "out of reach"), (10 * dense_gflops(), "out of reach")):
+    for t, msg in ((1e-9, "cannot be met"), (10 * dense_gflops(), "cannot be met")):
         rc, err = _rc(["search", "--config", conf, *TINY, "--out", str(tmp_path / f"t{t}"), "--target-gflops",
                        str(t)], capsys)
         assert rc == 2 and msg in err and "dense model" in err
+        assert not os.path.exists(tmp_path / f"t{t}")  # nothing written before validation passed
     rc, err = _rc(["search", "--config", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "o3")], capsys)
     assert rc == 2 and "config file not found" in err
     bad = tmp_path / "bad.yaml"
@@ -114,7 +114,7 @@ def test_finetune_eval_deploy_round_trip(tmp_path, capsys):
     assert cli.main(["eval", "--checkpoint", str(ft / "best.pth"), "--data", "digits", "--device", "cpu"]) == 1 - 1
     line = capsys.readouterr().out.strip().splitlines()[-1]
     r = json.loads(line)
-    best = torch.load(ft / "best.pth", weights_only=False)
+    best = torch.load(ft / "best.pth", weights_only=True)
     assert r["images"] == 360 and r["gflops"] == pytest.approx(res["gflops"]) and 0 <= r["acc1"] <= 100
     dep = tmp_path / "deployed"
     assert cli.main(["deploy", "--checkpoint", str(ft / "best.pth"), "--out", str(dep)]) == 0

@@ -9,19 +9,26 @@ from spvit.data import (DataConfig, DataError, DigitsDataset, RepeatedAugSampler
                         build_loaders, build_mixup)
 
 
-def test_digits_split_is_deterministic_and_complete():
-    train, test = DigitsDataset(train=True, size=16), DigitsDataset(train=False, size=16)
-    assert (len(train), len(test)) == (1437, 360)
+def test_digits_splits_are_disjoint_deterministic_and_complete():
+    train, val, test = (DigitsDataset(s, size=16) for s in ("train", "val", "test"))
+    assert (len(train), len(val), len(test)) == (1257, 180, 360)
     x, y = train[0]
     assert x.shape == (1, 16, 16) and x.dtype == torch.float32 and 0 <= y < 10
-    again = DigitsDataset(train=False, size=16)
+    again = DigitsDataset("test", size=16)
     assert torch.equal(again.images, test.images) and torch.equal(again.targets, test.targets)
-    # every class is in both splits, roughly balanced; the two splits are disjoint images
+    # the three index sets are disjoint and cover the 1797 images
+    idx = DigitsDataset.split_indices(1797)
+    sets = [set(idx[s].tolist()) for s in ("train", "val", "test")]
+    assert sum(map(len, sets)) == 1797 and len(set.union(*sets)) == 1797
+    # every class is in every split, roughly balanced
     assert torch.bincount(test.targets, minlength=10).min() >= 20
-    assert torch.bincount(train.targets, minlength=10).min() >= 120
-    flat_tr = {tuple(v.tolist()) for v in DigitsDataset(train=True, size=8).images.flatten(1)}
-    overlap = sum(tuple(v.tolist()) in flat_tr for v in DigitsDataset(train=False, size=8).images.flatten(1))
-    assert overlap <= 2  # the raw UCI set has a few exact duplicate bitmaps, nothing more
+    assert torch.bincount(val.targets, minlength=10).min() >= 8
+    assert torch.bincount(train.targets, minlength=10).min() >= 100
+    flat = {s: [tuple(v.tolist()) for v in DigitsDataset(s, size=8).images.flatten(1)]
+            for s in ("train", "val", "test")}
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        seen = set(flat[a])
+        assert sum(v in seen for v in flat[b]) <= 2  # the raw UCI set has a few exact duplicate bitmaps, nothing more
 
 
 def test_digits_license_is_shipped():
@@ -34,7 +41,7 @@ def test_digits_license_is_shipped():
 
 
 def test_digits_augment_shifts_but_keeps_shape():
-    ds = DigitsDataset(train=True, size=16, augment=True)
+    ds = DigitsDataset("train", size=16, augment=True)
     torch.manual_seed(0)
     xs = [ds[3][0] for _ in range(8)]
     assert all(x.shape == (1, 16, 16) for x in xs)
@@ -106,3 +113,17 @@ def test_bad_layouts(tmp_path):
     (tmp_path / "empty" / "val" / "cat").mkdir(parents=True)
     with pytest.raises(DataError, match="holds no images"):
         build_datasets(str(tmp_path / "empty"), cfg)
+
+
+def test_empty_or_corrupt_image_is_named(tmp_path):
+    _make_imagefolder(tmp_path)
+    cfg = DataConfig(input_size=32, num_workers=0)
+    bad = tmp_path / "train" / sorted(os.listdir(tmp_path / "train"))[0] / "broken.png"
+    bad.write_bytes(b"")
+    with pytest.raises(DataError, match="empty \\(0 bytes\\)"):  # found before any training
+        build_datasets(str(tmp_path), cfg)
+    bad.write_bytes(b"this is not a png")
+    train, _ = build_datasets(str(tmp_path), cfg)
+    i = [os.path.basename(p) for p, _ in train.samples].index("broken.png")
+    with pytest.raises(DataError, match="cannot read image .*broken.png"):
+        train[i]

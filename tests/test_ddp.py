@@ -65,7 +65,14 @@ def test_ddp_two_ranks_match_single_process(tmp_path):
     init = finetune.build_pruned(__import__("spvit").Architecture.load(arch), "spvit_demo_vit", 10, None, 0.0,
                                  ddp_cfg["model_kwargs"], "none")
     for k in r0:
-        torch.testing.assert_close(r0[k], s0[k], rtol=1e-4, atol=1e-5, msg=f"DDP vs single process differ in {k}")
+        a, b = r0[k], s0[k]
+        if k.endswith("attn.qkv.bias"):
+            # The key bias cannot change any output (it adds the same q.b_k to every logit of a softmax row), so its
+            # gradient is zero up to rounding, and AdamW turns that rounding noise into +-lr steps that differ
+            # between any two summation orders. Compare the query and value biases only.
+            dim = a.numel() // 3
+            a, b = torch.cat([a[:dim], a[2 * dim:]]), torch.cat([b[:dim], b[2 * dim:]])
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"DDP vs single process differ in {k}")
         moved += not torch.equal(s0[k], init.state_dict()[k]) if k in init.state_dict() else 0
     assert moved > 0  # training did change the weights
     # the evaluation summed over both ranks equals the single-process one

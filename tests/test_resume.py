@@ -1,17 +1,19 @@
 """Checkpoints: an interrupted run resumed with --resume ends bit-identical to an uninterrupted one; atomic writes."""
 import csv
+import errno
 import os
 
 import pytest
 import torch
 
 from spvit import engine as E
+from spvit import runs
 from spvit import finetune, search
 from .pipeline_helpers import tiny_cfg, tiny_search_cfg
 
 
 def _weights(path):
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _assert_same_run(a, b):
@@ -63,17 +65,15 @@ def test_resume_without_checkpoint_is_an_error(tmp_path):
         search.run(tiny_search_cfg(tmp_path / "nothing", resume=True))
 
 
-def test_atomic_save_keeps_last_good(tmp_path, monkeypatch):
+def test_atomic_write_keeps_last_good_and_leaves_no_temp(tmp_path):
     path = str(tmp_path / "checkpoint.pth")
-    E.atomic_save({"epoch": 1}, path)
-    real_save = torch.save
+    runs.save_torch({"epoch": 1}, path)
 
-    def broken(obj, f, *a, **k):
-        real_save(obj, f, *a, **k)
-        raise OSError("disk full")  # dies after writing part of the new file
+    def dies(f):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(torch, "save", broken)
-    with pytest.raises(OSError):
-        E.atomic_save({"epoch": 2}, path)
-    monkeypatch.setattr(torch, "save", real_save)
-    assert torch.load(path, weights_only=False)["epoch"] == 1
+    with pytest.raises(runs.RunIOError, match="disk is full"):
+        runs.atomic_write(path, dies)
+    assert torch.load(path, weights_only=True)["epoch"] == 1
+    assert os.listdir(tmp_path) == ["checkpoint.pth"]

@@ -10,6 +10,7 @@ import torch
 import spvit
 from spvit import engine as E
 from spvit import finetune, search
+from spvit.config import SearchConfig
 from spvit.distill import DistillationLoss
 from .pipeline_helpers import dense_gflops, tiny_cfg, tiny_search_cfg
 
@@ -37,16 +38,16 @@ def test_search_writes_everything_and_meets_pressure(tmp_path):
 
 def test_two_optimisers_split_parameters(tmp_path):
     cfg = tiny_search_cfg(tmp_path / "s", epochs=1)
-    sn = search.build_supernet({**cfg, "num_classes": 10}, E.DistInfo())
+    sn = search.build_supernet(SearchConfig.from_dict(cfg), 10, cfg["model_kwargs"], E.DistInfo())
     groups = E.decay_groups(sn, 0.05)
-    arch = E.arch_parameters(sn)
+    arch = sn.arch_parameters()
     names = {id(p): n for n, p in sn.named_parameters()}
     assert arch and all("thresholds" in names[id(p)] for p in arch)
     weight_names = {names[id(p)] for g in groups for p in g["params"]}
     assert not any("thresholds" in n for n in weight_names)
     decay = {names[id(p)] for p in groups[1]["params"]}
     no_decay = {names[id(p)] for p in groups[0]["params"]}
-    assert any(n.endswith("head_probs") for n in decay)  # head_probs is a weight with decay (spec 4.3)
+    assert any(n.endswith("head_probs") for n in decay)  # head_probs is a weight with decay (docs/method.md §4.3)
     assert any(n.endswith("pos_embed") for n in no_decay) and any(n.endswith("cls_token") for n in no_decay)
     assert all(not n.endswith(".bias") for n in decay)
     assert len(weight_names) + len(arch) == len(list(sn.parameters()))
@@ -54,15 +55,19 @@ def test_two_optimisers_split_parameters(tmp_path):
 
 def test_finetune_with_distillation(tmp_path):
     s = search.run(tiny_search_cfg(tmp_path / "search", epochs=1))
-    teacher_path = tmp_path / "teacher.pth"
-    torch.save(s["supernet"].vit, teacher_path)  # any module file works as a teacher
+    module_path = tmp_path / "teacher_module.pth"
+    torch.save(s["supernet"].vit, module_path)  # a whole pickled module: only with the opt-in flag
+    ft0 = tmp_path / "ft_none"
+    finetune.run(tiny_cfg(finetune.DEFAULTS, ft0, arch=s["arch"], init="none", epochs=1))
+    teachers = {"hard": dict(teacher=str(ft0 / "best.pth")),  # a checkpoint of a run (loaded safely)
+                "soft": dict(teacher=str(module_path), teacher_file_runs_code=True)}
     for kind in ("hard", "soft"):
         cfg = tiny_cfg(finetune.DEFAULTS, tmp_path / f"ft_{kind}", arch=s["arch"], init="none", epochs=1,
-                       distillation=kind, teacher=str(teacher_path))
+                       distillation=kind, **teachers[kind])
         res = finetune.run(cfg)
         rows = list(csv.DictReader(open(tmp_path / f"ft_{kind}" / "metrics.csv")))
         assert "train_distill" in rows[0] and res["best_acc1"] >= 0
-        ck = torch.load(tmp_path / f"ft_{kind}" / "best.pth", weights_only=False)
+        ck = torch.load(tmp_path / f"ft_{kind}" / "best.pth", weights_only=True)
         assert ck["arch"]["blocks"] and ck["model_name"] == "spvit_demo_vit"
     # carrying the searched weights from the search checkpoint
     cfg = tiny_cfg(finetune.DEFAULTS, tmp_path / "ft_carry", arch=s["arch"],
@@ -90,8 +95,17 @@ def test_distillation_losses():
 
 
 def test_lr_schedule_matches_deit_semantics():
-    # search configs: weight lr constant at the floor, arc lr decays < 1% over 21 epochs (spec 4.4)
+    # search configs: weight lr constant at the floor, arc lr decays < 1% over 21 epochs (docs/method.md §4.4)
     assert E.epoch_lr(20, 1e-4, 1e-4, 300) == pytest.approx(1e-4)
     assert E.epoch_lr(0, 1e-3, 1e-4, 300) == E.epoch_lr(1, 1e-3, 1e-4, 300) == pytest.approx(1e-3)
     assert E.epoch_lr(20, 1e-3, 1e-4, 300) == pytest.approx(0.990e-3, rel=2e-3)
     assert E.epoch_lr(131, 1e-4, 1e-5, 130) == pytest.approx(1e-5)
+
+
+def test_lr_never_rises_when_the_scaled_lr_is_below_min_lr():
+    # a small batch scales lr 5e-5 x 64/512 below min_lr 1e-4: the floor is capped at the scaled lr
+    lr = 5e-5 * 64 / 512
+    floor = E.lr_floor(lr, 1e-4, "--min-lr")
+    values = [E.epoch_lr(e, lr, floor, 300) for e in range(30)]
+    assert floor == lr and all(b <= a for a, b in zip(values, values[1:]))
+    assert E.lr_floor(1e-3, 1e-5, "--min-lr") == 1e-5

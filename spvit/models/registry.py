@@ -1,4 +1,5 @@
-"""The architectures published with the original SPViT (docs/method.md §8.3) and timm registrations of them.
+"""The architectures published with the original SPViT (docs/method.md §8.3) and timm registrations of them, and
+the small ViT of the demo (``spvit_demo_vit``).
 
 ``timm.create_model("spvit_deit_small_patch16_224")`` builds the SPViT-DeiT-S fine-tune model (a
 :class:`~spvit.models.pruned.PrunedModel`) from a DeiT of the same size. No weights are bundled: with a released
@@ -145,11 +146,33 @@ def _factory(name: str):
     return build
 
 
+DEMO_MODEL = "spvit_demo_vit"
+
+
+def spvit_demo_vit(pretrained: bool = False, **kwargs):
+    """Small ViT of the digits demo (a plain timm ``VisionTransformer``): 16x16 one-channel input, patch 4, dim 64,
+    depth 6, 4 heads by default; every size can be given as a keyword."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    if pretrained:
+        raise ValueError(f"{DEMO_MODEL} has no pretrained weights")
+    for k in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+        kwargs.pop(k, None)
+    args = dict(img_size=16, patch_size=4, in_chans=1, num_classes=10, embed_dim=64, depth=6, num_heads=4,
+                mlp_ratio=4.0, class_token=True, global_pool="token")
+    args.update(kwargs)
+    model = VisionTransformer(**args)
+    model.pretrained_cfg = {"architecture": DEMO_MODEL, "num_classes": args["num_classes"]}
+    return model
+
+
 def register_with_timm() -> None:
-    """Register every shipped architecture with timm (idempotent)."""
+    """Register every shipped architecture and the demo model with timm (idempotent)."""
     from timm.models import is_model, register_model
 
     default_cfgs.update(_deit_default_cfgs())
     for name in SHIPPED:
         if not is_model(name):
             register_model(_factory(name))
+    if not is_model(DEMO_MODEL):
+        register_model(spvit_demo_vit)

@@ -1,0 +1,165 @@
+"""Crash safety: a kill (os._exit, as kill -9) at named points of an epoch's writes, then --resume, ends exactly like
+an uninterrupted run, with no lost or duplicated log row; a full disk keeps the last checkpoint; SIGINT / SIGTERM stop
+with one line that says how to continue (and does not advise --resume when there is nothing to resume)."""
+import csv
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from spvit import cli, engine, runs, search
+from .pipeline_helpers import repo_root, tiny_search_cfg
+
+DRIVER = """
+import json, sys, torch
+from spvit import search
+torch.set_num_threads(int(sys.argv[2]))  # the reference run's thread count: results depend on it
+search.run(json.loads(sys.argv[1]))
+"""
+# (point, epoch): best.pth is written only when the val accuracy improves, which this tiny run does at epoch 2
+POINTS = [("after_train", 1), ("writing_gates.jsonl", 1), ("writing_metrics.csv", 1), ("after_metrics", 1),
+          ("writing_best.pth", 2), ("after_best", 2), ("writing_checkpoint.pth", 1), ("after_checkpoint", 1)]
+
+
+def _cfg(out, **over):
+    return tiny_search_cfg(out, epochs=3, train_limit=48, val_limit=16, tensorboard=False, **over)
+
+
+def _rows(path):
+    return list(csv.DictReader(open(path)))
+
+
+def _same_run(a, b):
+    ca = torch.load(os.path.join(a, "checkpoint.pth"), weights_only=True)
+    cb = torch.load(os.path.join(b, "checkpoint.pth"), weights_only=True)
+    assert ca["epoch"] == cb["epoch"] == 2
+    for k in ca["model"]:
+        assert torch.equal(ca["model"][k], cb["model"][k]), k
+    ra, rb = _rows(os.path.join(a, "metrics.csv")), _rows(os.path.join(b, "metrics.csv"))
+    keys = [k for k in ra[0] if not k.endswith("_s")]  # timings differ
+    assert [[r[k] for k in keys] for r in ra] == [[r[k] for k in keys] for r in rb]
+    ga = [json.loads(ln) for ln in open(os.path.join(a, "gates.jsonl"))]
+    gb = [json.loads(ln) for ln in open(os.path.join(b, "gates.jsonl"))]
+    assert ga == gb and [g["epoch"] for g in gb] == [0, 1, 2]
+    assert open(os.path.join(a, "arch.json")).read() == open(os.path.join(b, "arch.json")).read()
+    ba = torch.load(os.path.join(a, "best.pth"), weights_only=True)
+    bb = torch.load(os.path.join(b, "best.pth"), weights_only=True)
+    assert ba["epoch"] == bb["epoch"] and all(torch.equal(ba["model"][k], bb["model"][k]) for k in ba["model"])
+    assert not [f for f in os.listdir(b) if f.endswith(".spvit-tmp")]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("crash") / "full"
+    search.run(_cfg(out))
+    return out
+
+
+@pytest.mark.parametrize("point,epoch", POINTS, ids=[f"{p}:{e}" for p, e in POINTS])
+def test_kill_at_any_point_then_resume_equals_an_uninterrupted_run(point, epoch, reference, tmp_path):
+    out = tmp_path / "killed"
+    env = {**os.environ, runs.CRASH_ENV: f"{point}:{epoch}", "OMP_NUM_THREADS": str(torch.get_num_threads()),
+           "PYTHONPATH": repo_root() + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    p = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(_cfg(out)), str(torch.get_num_threads())], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 137, p.stderr[-2000:]
+    ck = torch.load(out / "checkpoint.pth", weights_only=True)  # the last complete checkpoint is readable
+    assert ck["epoch"] == (epoch if point == "after_checkpoint" else epoch - 1)
+    if point != "after_train":  # the logs may be ahead of the checkpoint: resume trims them
+        assert [int(r["epoch"]) for r in _rows(out / "metrics.csv")][-1] >= ck["epoch"]
+    res = search.run(_cfg(out, resume=True))  # the lock left by the dead process is taken over
+    assert not res["stopped"]
+    _same_run(reference, out)
+
+
+def test_full_disk_keeps_the_previous_checkpoint(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    real = runs.atomic_write
+
+    def full_disk(path, write, binary=True):
+        if path.endswith("checkpoint.pth") and runs.CURRENT_EPOCH == 1:
+            def partial(f):
+                f.write(b"some bytes")
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(path, partial, binary)
+        return real(path, write, binary)
+
+    monkeypatch.setattr(runs, "atomic_write", full_disk)
+    cfg = _cfg(out)
+    argv = ["search", "--out", str(out), "--model-kwargs", json.dumps(cfg["model_kwargs"])]
+    for k in ("model", "pretrained", "data", "device", "batch_size", "epochs", "num_workers", "target_gflops",
+              "loss_lambda", "arc_lr", "min_lr", "lr", "mixup", "cutmix"):
+        argv += [f"--{k.replace('_', '-')}", str(cfg[k])]
+    y = tmp_path / "rest.yaml"
+    y.write_text(f"train_limit: 48\nval_limit: 16\ntensorboard: false\nrepeated_aug: false\nscale_lr: false\n"
+                 f"progress: false\n")
+    rc = cli.main(["search", "--config", str(y), *argv[1:]])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 1 and len(lines) == 1 and "disk is full" in lines[0] and "checkpoint.pth" in lines[0], err
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["epoch"] == 0
+    assert not [f for f in os.listdir(out) if f.endswith(".spvit-tmp")]
+    monkeypatch.setattr(runs, "atomic_write", real)
+    assert cli.main(["search", "--out", str(out), "--resume"]) == 0  # once there is space again
+    assert [int(r["epoch"]) for r in _rows(out / "metrics.csv")] == [0, 1, 2]
+
+
+def _signal_at(monkeypatch, target, attr, epoch, signum):
+    """Send ``signum`` to this process from inside ``target.attr`` during ``epoch``."""
+    real = getattr(target, attr)
+
+    def wrapped(*a, **k):
+        if runs.CURRENT_EPOCH == epoch:
+            os.kill(os.getpid(), signum)
+        return real(*a, **k)
+
+    monkeypatch.setattr(target, attr, wrapped)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_before_the_first_checkpoint_does_not_advise_resume(signum, tmp_path, capsys, monkeypatch):
+    _signal_at(monkeypatch, engine, "evaluate", 0, signum)
+    with pytest.raises(runs.Interrupted) as info:
+        search.run(_cfg(tmp_path / "run"))
+    msg = str(info.value)
+    assert "nothing to resume" in msg and "--resume" not in msg and info.value.signum == signum
+    assert not (tmp_path / "run" / "checkpoint.pth").exists() and not (tmp_path / "run" / runs.LOCK).exists()
+
+
+def test_signal_mid_run_says_how_to_resume_and_resume_works(tmp_path, monkeypatch, reference):
+    _signal_at(monkeypatch, engine, "evaluate", 1, signal.SIGTERM)
+    with pytest.raises(runs.Interrupted) as info:
+        search.run(_cfg(tmp_path / "run"))
+    assert "last checkpoint is epoch 0" in str(info.value) and "--resume" in str(info.value)
+    monkeypatch.undo()
+    search.run(_cfg(tmp_path / "run", resume=True))
+    _same_run(reference, tmp_path / "run")
+
+
+def test_signal_while_writing_is_deferred_until_the_checkpoint_is_complete(tmp_path, monkeypatch, reference):
+    _signal_at(monkeypatch, runs, "log_epoch_row", 1, signal.SIGINT)
+    with pytest.raises(runs.Interrupted) as info:
+        search.run(_cfg(tmp_path / "run"))
+    assert "last checkpoint is epoch 1" in str(info.value)
+    assert torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)["epoch"] == 1
+    monkeypatch.undo()
+    search.run(_cfg(tmp_path / "run", resume=True))
+    _same_run(reference, tmp_path / "run")
+
+
+def test_cli_exit_codes_on_signals(tmp_path, capsys, monkeypatch):
+    _signal_at(monkeypatch, engine, "evaluate", 0, signal.SIGTERM)
+    y = tmp_path / "t.yaml"
+    cfg = _cfg(tmp_path / "run")
+    y.write_text(json.dumps({k: cfg[k] for k in ("model", "model_kwargs", "pretrained", "data", "device", "batch_size",
+                                                  "epochs", "num_workers", "target_gflops", "loss_lambda", "arc_lr",
+                                                  "train_limit", "val_limit", "tensorboard", "progress",
+                                                  "repeated_aug")}))
+    rc = cli.main(["search", "--config", str(y), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert rc == 128 + signal.SIGTERM and err.count("\n") == 1 and err.startswith("spvit: interrupted (SIGTERM)")
