@@ -22,6 +22,7 @@ from . import demo, finetune, runs, search
 from . import engine as E
 from .data import DataConfig, DataError, build_datasets, build_loaders
 from .deploy import deploy_checkpoint
+from .export import add_format_argument, export_for_format
 from .finetune import model_from_checkpoint
 from .flops import count_params, gflops
 from .models import UnsupportedModelError
@@ -181,8 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="timm model an original SPViT checkpoint was trained from")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="weights and compute dtype")
     p.add_argument("--out", required=True, help="output folder (new or empty, or with --overwrite)")
-    p.add_argument("--overwrite", action="store_true", help="replace deployed.pth / arch.json / model.pt2 in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace deployed.pth / arch.json / model.pt2 / model.onnx in --out")
     p.add_argument("--no-export", dest="export", action="store_false", help="skip torch.export")
+    add_format_argument(p)
 
     p = sub.add_parser("bench", help="inference time of a fine-tuned checkpoint vs its dense model (eager PyTorch)")
     p.add_argument("--checkpoint", required=True, help="best.pth / checkpoint.pth of a fine-tune run")
@@ -293,7 +295,7 @@ def cmd_eval(args) -> int:
     return 0
 
 
-DEPLOY_FILES = ("deployed.pth", "arch.json", "model.pt2")
+DEPLOY_FILES = ("deployed.pth", "arch.json", "model.pt2", "model.onnx")
 
 
 def cmd_deploy(args) -> int:
@@ -327,6 +329,7 @@ def cmd_deploy(args) -> int:
         except Exception as exc:  # report, keep the saved model
             print(f"note: torch.export failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
                   f"{path} still loads with spvit.load_deployed")
+    export_for_format(args, deployed, args.out)
     print(f"deployed model in {args.out}")
     return 0
 

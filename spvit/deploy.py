@@ -43,6 +43,7 @@ from .arch import Architecture
 from .models.convert import UnsupportedModelError, check_images, gelu_approximate
 from .models.pruned import ConvAttention, ExplicitConvAttention, PrunedModel, SkipAttention
 from .models.supernet import Supernet
+from .runs import save_torch
 
 FORMAT = "spvit-deployed"
 FORMAT_VERSION = 1
@@ -341,17 +342,9 @@ class DeployedModel(nn.Module):
         }
 
     def save(self, path: str) -> None:
-        """Write the model to ``path`` (atomically: a temporary file, then rename). Load with :func:`load_deployed`."""
-        tmp = f"{path}.tmp"
-        torch.save(self.to_file_dict(), tmp)
-        os.replace(tmp, path)
-
-    def export_onnx(self, path: str, batch: Optional[int] = None, opset: Optional[int] = None,
-                    dynamo: Optional[bool] = None) -> str:
-        """Write an ONNX file of standard operators (dynamic batch by default); see :func:`spvit.export.export_onnx`."""
-        from .export import export_onnx
-
-        return export_onnx(self, path, batch=batch, opset=opset, dynamo=dynamo)
+        """Write the model to ``path`` (atomically: a unique temporary file, fsync, then rename; a failed write leaves
+        an existing file untouched). Load with :func:`load_deployed`. ONNX: :func:`spvit.export_onnx`."""
+        save_torch(self.to_file_dict(), path)
 
     def extra_repr(self) -> str:
         return f"{self.model_name}: " + " ".join(b["kind"] for b in self.config["blocks"])

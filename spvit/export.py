@@ -23,6 +23,8 @@ from typing import Optional, Union
 
 import torch
 
+from .deploy import DeployedModel
+
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
 
@@ -71,8 +73,6 @@ def export_onnx(model, path: Union[str, os.PathLike], batch: Optional[int] = Non
         ValueError: a batch size below 1.
         ImportError: ``dynamo=True`` without the ``onnx`` / ``onnxscript`` packages.
     """
-    from .deploy import DeployedModel
-
     if not isinstance(model, DeployedModel):
         hint = " (deploy it first: spvit.deploy(pruned))" if isinstance(model, torch.nn.Module) else ""
         raise TypeError(f"export_onnx expects a DeployedModel{hint}; got {type(model).__name__}")

@@ -1,4 +1,5 @@
 """The `spvit` command: config resolution, shipped configs, exit code 2 on bad input, eval / deploy round trip."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -119,6 +120,10 @@ def test_finetune_eval_deploy_round_trip(tmp_path, capsys):
     dep = tmp_path / "deployed"
     assert cli.main(["deploy", "--checkpoint", str(ft / "best.pth"), "--out", str(dep)]) == 0
     assert os.path.exists(dep / "arch.json") and best["arch"] == json.load(open(dep / "arch.json"))
+    if importlib.util.find_spec("onnx") is not None:  # --format onnx: the ONNX file beside deployed.pth
+        assert cli.main(["deploy", "--checkpoint", str(ft / "best.pth"), "--out", str(dep), "--overwrite",
+                         "--no-export", "--format", "onnx"]) == 0
+        assert os.path.getsize(dep / "model.onnx") > 0
     assert cli.main(["bench", "--checkpoint", str(ft / "best.pth"), "--iters", "2", "--batch-size", "8",
                      "--device", "cpu"]) == 0
 

@@ -55,9 +55,9 @@ def test_onnxruntime_equals_deployed_at_two_batch_sizes(deployed, dynamo, tmp_pa
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_fixed_batch_and_method_form(deployed, tmp_path):
+def test_fixed_batch(deployed, tmp_path):
     path = str(tmp_path / "fixed.onnx")
-    deployed.export_onnx(path, batch=3, dynamo=False)
+    export_onnx(deployed, path, batch=3, dynamo=False)
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(run_ort(path, x), deployed(x), atol=1e-5, rtol=1e-5)
