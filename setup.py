@@ -4,8 +4,8 @@ Environment switches (read at build time):
   SPVIT_SKIP_EXT=1       do not build the extension at all (pure Python install; Triton/eager paths only).
   SPVIT_SKIP_CUDA=1      build only the C++ (CPU) kernels even when nvcc is available. Without nvcc (no CUDA_HOME,
                          no ``nvcc`` on PATH) the build is CPU-only as well.
-  SPVIT_DEBUG_BUILD=1    build with -O0 -g (and -G for the CUDA code). Formerly SPVIT_DEBUG, which is now only the
-                         command line's switch for showing tracebacks.
+  SPVIT_DEBUG_BUILD=1    build with -O0 -g (and -G for the CUDA code). Formerly SPVIT_DEBUG, which no longer changes
+                         the build (the command line's traceback switch is SPVIT_TRACEBACK).
   CUDA_HOME              where nvcc lives (e.g. /usr/local/cuda).
   TORCH_CUDA_ARCH_LIST   GPU architectures to build the CUDA code for, in torch's syntax (e.g. "8.0;9.0a;9.0+PTX",
                          "8.6", "Hopper" or "native"). When set, it replaces the default list below and torch's
