@@ -9,7 +9,7 @@ Providers (one ``setup_<provider>`` each; all in eval mode under ``torch.inferen
   dense_compiled        torch.compile(dense timm model)
 
 Architectures: the DeiT-Ti / DeiT-S / DeiT-B (l008_t60 and l006_t100) fine-tune configurations of the original
-paper (spec §8.3: MSA choices and FFN widths; the kept units are the first k, which does not change the speed) and
+paper (docs/method.md §8.3: MSA choices and FFN widths; the kept units are the first k, which does not change the speed) and
 a demo-like small model (16x16 one-channel input, patch 2, dim 64, depth 6, every attention choice). Weights are
 random (speed does not depend on them); ``max_abs_err`` checks ours against the eager pruned model on the same input.
 
@@ -49,7 +49,7 @@ from bench.common import (bench_fn, compile_backend, default_device, env_info, f
 PROVIDERS = ("ours", "ours_compiled", "pruned", "pruned_compiled", "dense", "dense_compiled")
 CPU_PROVIDERS = ("ours", "ours_compiled", "pruned", "pruned_compiled", "dense", "dense_compiled")
 
-# spec §8.3: (timm model, MSA choices, kept FFN units per block), from the package's table of published archs
+# docs/method.md §8.3: (timm model, MSA choices, kept FFN units per block), from the package's table of published archs
 from spvit.models.registry import SHIPPED  # noqa: E402
 
 ARCHS: Dict[str, tuple] = OrderedDict([
@@ -284,7 +284,7 @@ def run(arch_names: List[str], batches: List[int], device: torch.device, dtype: 
 
 
 def summary(rows: List[Dict], device: torch.device) -> str:
-    """Markdown lines on the issue's targets."""
+    """Markdown lines on the performance targets."""
     lines = ["", "## Targets", ""]
     by = {(r["arch"], r["batch"], r["provider"]): r for r in rows if r.get("img_s")}
     if device.type == "cuda":
