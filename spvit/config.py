@@ -14,7 +14,10 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from .data import DataConfig
 from .runs import RunError, write_text
+
+_DATA = DataConfig()  # the data recipe's defaults live in spvit.data.DataConfig alone
 
 DEVICE_HELP = "auto (CUDA when visible, else CPU), cpu, cuda or cuda:N"
 # Settings that do not change what a run computes: --resume accepts new values for them.
@@ -164,20 +167,20 @@ class TrainConfig(BaseConfig):
     progress: bool = True
     # data recipe; input_size None: the model's own size (model_kwargs img_size, the architecture's, or timm's)
     input_size: Optional[int] = None
-    color_jitter: float = 0.4
-    aa: Optional[str] = "rand-m9-mstd0.5-inc1"
-    train_interpolation: str = "bicubic"
-    reprob: float = 0.25
-    remode: str = "pixel"
-    recount: int = 1
-    crop_pct: float = 0.875
-    mixup: float = 0.8
-    cutmix: float = 1.0
-    mixup_prob: float = 1.0
-    mixup_switch_prob: float = 0.5
-    mixup_mode: str = "batch"
-    smoothing: float = 0.1
-    repeated_aug: bool = True
+    color_jitter: float = _DATA.color_jitter
+    aa: Optional[str] = _DATA.aa
+    train_interpolation: str = _DATA.train_interpolation
+    reprob: float = _DATA.reprob
+    remode: str = _DATA.remode
+    recount: int = _DATA.recount
+    crop_pct: float = _DATA.crop_pct
+    mixup: float = _DATA.mixup
+    cutmix: float = _DATA.cutmix
+    mixup_prob: float = _DATA.mixup_prob
+    mixup_switch_prob: float = _DATA.mixup_switch_prob
+    mixup_mode: str = _DATA.mixup_mode
+    smoothing: float = _DATA.smoothing
+    repeated_aug: bool = _DATA.repeated_aug
     digits_augment: bool = True
     digits_shift: int = 2  # random shift (pixels of the upsampled image) of the digits training images
     train_limit: Optional[int] = None  # use only the first N training / validation images (quick runs, tests)
