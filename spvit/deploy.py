@@ -346,6 +346,12 @@ class DeployedModel(nn.Module):
         an existing file untouched). Load with :func:`load_deployed`. ONNX: :func:`spvit.export_onnx`."""
         save_torch(self.to_file_dict(), path)
 
+    def __prepare_scriptable__(self):
+        """TorchScript cannot compile the per-call kernel dispatch (``spvit_kernels.ops``): refuse clearly."""
+        raise RuntimeError("a DeployedModel cannot be compiled with TorchScript (torch.jit.script): its layers choose "
+                           "their kernels per call. Use torch.export.export(deployed, (x,)), torch.compile(deployed) or "
+                           "spvit.export_onnx(deployed, path) instead")
+
     def extra_repr(self) -> str:
         return f"{self.model_name}: " + " ".join(b["kind"] for b in self.config["blocks"])
 

@@ -110,3 +110,8 @@ def test_deploy_format_hook(deployed, tmp_path, capsys):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(run_ort(path, x), deployed(x), atol=1e-5, rtol=1e-5)
+
+
+def test_torchscript_is_refused_clearly(deployed):
+    with pytest.raises(RuntimeError, match="TorchScript.*torch.export"):
+        torch.jit.script(deployed)
