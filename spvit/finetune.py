@@ -100,7 +100,9 @@ def build_teacher(cfg: FinetuneConfig, num_classes: int, dist: Optional[E.DistIn
         raise E.RunError(f"--distillation {cfg.distillation} needs --teacher (a timm model name or a file)")
     if os.path.isfile(name):
         if cfg.teacher_file_runs_code:
-            obj = torch.load(name, map_location="cpu", weights_only=False)  # the user asked for it by name
+            # Unpickling a whole module runs code from the file: only behind the explicit --teacher-file-runs-code
+            # opt-in (its help says so); every other load of a user file is weights_only=True.
+            obj = torch.load(name, map_location="cpu", weights_only=False)
             if not isinstance(obj, nn.Module):
                 raise E.RunError(f"--teacher {name} holds no model (a {type(obj).__name__})")
             return obj

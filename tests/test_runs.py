@@ -166,7 +166,7 @@ def _crafted(tmp_path, name, raw=False):
 def test_crafted_pickle_is_a_working_exploit(tmp_path):
     """The control: loading it the unsafe way does run code (so the tests below can fail)."""
     path, marker = _crafted(tmp_path, "control")
-    torch.load(path, weights_only=False)
+    torch.load(path, weights_only=False)  # deliberately unsafe: the test's own crafted file, in a temporary folder
     assert marker.exists()
 
 
