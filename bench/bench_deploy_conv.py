@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import (bench_fn, compile_backend, default_device, env_info, error_text, first_call_s,  # noqa: E402
-                          fresh_compile, measure_peaks, write_rows)
+                          fresh_compile, measure_peaks, skip_unavailable, write_rows)
 from spvit_kernels import _ext, reference  # noqa: E402
 
 GRID = (14, 14)
@@ -97,11 +97,7 @@ def run(device: torch.device, quick: bool, providers: List[str]) -> List[Dict]:
         if name not in PROVIDERS:
             raise ValueError(f"unknown provider {name!r}; expected some of {list(PROVIDERS)}")
         if _setup(name, device, quick) is None:
-            if device.type == "cuda":
-                rows.append({"op": "deploy_conv", "provider": name, "error": f"provider {name!r} not available on cuda",
-                             **info})
-            else:
-                print(f"[bench_deploy_conv] provider {name!r} not available on {device.type}; skipped")
+            skip_unavailable("deploy_conv", name, device, info, rows)
             continue
         for model in models:
             c = MODELS[model]

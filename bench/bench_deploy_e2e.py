@@ -9,8 +9,8 @@ Providers (one ``setup_<provider>`` each; all in eval mode under ``torch.inferen
   dense_compiled        torch.compile(dense timm model)
 
 Architectures: the DeiT-Ti / DeiT-S / DeiT-B (l008_t60 and l006_t100) fine-tune configurations of the original
-paper (docs/method.md §8.3: MSA choices and FFN widths; the kept units are the first k, which does not change the speed) and
-a demo-like small model (16x16 one-channel input, patch 2, dim 64, depth 6, every attention choice). Weights are
+paper (docs/method.md §8.3: MSA choices and FFN widths; the kept units are the first k, which does not change the
+speed) and a demo-like small model (16x16 one-channel input, patch 2, dim 64, depth 6, every attention choice). Weights are
 random (speed does not depend on them); ``max_abs_err`` checks ours against the eager pruned model on the same input.
 
 GPU: bf16, batch 1 / 64 / 256, every architecture. CPU: fp32, ``torch.set_num_threads(2)``, DeiT-Ti and DeiT-S at

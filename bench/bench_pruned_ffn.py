@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import (bench_fn, compile_backend, default_device, env_info, error_text,  # noqa: E402
-                          first_call_s, fresh_compile, measure_peaks, peak_memory_mb, write_rows)
+                          first_call_and_error, fresh_compile, measure_peaks, peak_memory_mb, write_rows)
 from spvit_kernels import reference  # noqa: E402
 
 PROVIDERS = ("ours", "ours_fc2_cublas", "eager", "compiled")
@@ -92,13 +92,8 @@ def run(configs, device, dtype, providers, modes, smoke=False):
             try:
                 # a fresh setup per shape: the compiled provider compiles anew (dynamo reset) for every configuration
                 fn = setup_compiled(device, smoke) if prov == "compiled" else globals()[f"setup_{prov}"](device)
-                first: dict = {}
-
-                def first_call(fn=fn):
-                    with torch.inference_mode():
-                        first["y"] = fn(*inputs)
-                first_s = first_call_s(first_call, device)  # compilation / Triton JIT, timed apart
-                err = (first.pop("y").float() - y_ref.float()).abs().max().item()
+                # compilation / Triton JIT, timed apart; the first output's error against the eager reference
+                first_s, err = first_call_and_error(fn, inputs, y_ref, device, torch.inference_mode)
                 for mode in modes:
                     t, mem = bench_one(fn, inputs, mode, device)
                     tflops = gemm_flops(b, n, c, f, mode) / (t["ms"] * 1e-3) / 1e12

@@ -213,8 +213,8 @@ def ffn_cases(quick: bool) -> List[Case]:
                     dict(x_ptr=f"*{ty}", w_ptr=f"*{ty}", b_ptr=f"*{ty}", mask_ptr="*fp32", out_ptr=f"*{ty}",
                          z_ptr=f"*{ty}", M=i32(m_rows), N=i32(f), K=i32(c), stride_xm=i32(c), stride_xk=i32(1),
                          stride_wn=i32(c), stride_wk=i32(1), stride_om=i32(f_pad), stride_on=i32(1)),
-                    dict(ACT=act, HAS_BIAS=True, HAS_MASK=has_mask, STORE_Z=store_z, PRECISION="tf32" if tf32 else "ieee",
-                         INTERPRET_BF16=False, **tiles),
+                    dict(ACT=act, HAS_BIAS=True, HAS_MASK=has_mask, STORE_Z=store_z,
+                         PRECISION="tf32" if tf32 else "ieee", INTERPRET_BF16=False, **tiles),
                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
             # fc2 on the Triton GEMM (masked_ffn_with_fc2(fc2="triton"), pruned_ffn default): no act, no mask
             cases.append(Case(
@@ -222,8 +222,8 @@ def ffn_cases(quick: bool) -> List[Case]:
                 dict(x_ptr=f"*{ty}", w_ptr=f"*{ty}", b_ptr=f"*{ty}", mask_ptr=f"*{ty}", out_ptr=f"*{ty}",
                      z_ptr=f"*{ty}", M=i32(m_rows), N=i32(c), K=i32(f), stride_xm=i32(f_pad), stride_xk=i32(1),
                      stride_wn=i32(f), stride_wk=i32(1), stride_om=i32(c), stride_on=i32(1)),
-                dict(ACT=0, HAS_BIAS=True, HAS_MASK=False, STORE_Z=False, PRECISION="tf32" if tf32 else "ieee", INTERPRET_BF16=False,
-                     **tiles),
+                dict(ACT=0, HAS_BIAS=True, HAS_MASK=False, STORE_Z=False, PRECISION="tf32" if tf32 else "ieee",
+                     INTERPRET_BF16=False, **tiles),
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
             if pruned:
                 continue

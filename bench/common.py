@@ -188,6 +188,27 @@ def first_call_s(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
+def first_call_and_error(fn: Callable, inputs, y_ref: torch.Tensor, device: torch.device,
+                          grad_mode: Callable = torch.no_grad) -> "tuple[float, float]":
+    """Time the first (compiling / JIT-ing / autotuning) call of ``fn(*inputs)`` synchronised, under ``grad_mode``, and
+    return (seconds, max abs error of its output against ``y_ref``)."""
+    box: Dict[str, torch.Tensor] = {}
+
+    def call():
+        with grad_mode():
+            box["y"] = fn(*inputs)
+    seconds = first_call_s(call, device)
+    return seconds, (box.pop("y").float() - y_ref.float()).abs().max().item()
+
+
+def skip_unavailable(op: str, provider: str, device: torch.device, info: Dict, rows: List[Dict]) -> None:
+    """A provider this machine lacks: an error row on CUDA (where every provider must run), a printed skip on CPU."""
+    if device.type == "cuda":
+        rows.append({"op": op, "provider": provider, "error": f"provider {provider!r} not available on cuda", **info})
+    else:
+        print(f"[bench_{op}] provider {provider!r} not available on {device.type}; skipped")
+
+
 def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> Optional[float]:
     """Peak CUDA memory of one call of ``fn`` in MiB (None on CPU)."""
     if device.type != "cuda":
