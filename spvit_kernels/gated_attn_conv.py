@@ -869,6 +869,7 @@ def gated_attn_conv(
     head_probs: torch.Tensor, bn1: BNState, bn3: BNState, gates: torch.Tensor, *,
     num_heads: int, alpha: float, grid: Tuple[int, int], training: bool,
     num_prefix_tokens: int = 1, center: int = CENTER_TAP, compute_all: Optional[bool] = None,
+    attn_bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Search-mode single-path attention layer, fused (see the module docstring).
 
@@ -896,6 +897,9 @@ def gated_attn_conv(
     if x_hat.dim() != 3:
         raise ValueError(f"gated_attn_conv: x_hat must be (B, N, C), got shape {tuple(x_hat.shape)}")
     require_triton_device("gated_attn_conv", x_hat.device)
+    if attn_bias is not None:
+        raise NotImplementedError("gated_attn_conv (triton): attn_bias (windowed attention) is not supported by the "
+                                  "fused op yet; use the eager backend")
     x_in = x_hat
     x_hat, w_qk, b_qk, w_v, b_v, w_o, b_o = autocast_cast(x_hat.device.type, (x_hat, w_qk, b_qk, w_v, b_v, w_o, b_o))
     bsz, n, c = x_hat.shape

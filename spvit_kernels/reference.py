@@ -173,8 +173,14 @@ def conv_attention(
 def msa(
     x_hat: torch.Tensor, w_qk: torch.Tensor, b_qk: Optional[torch.Tensor], w_v: torch.Tensor,
     b_v: Optional[torch.Tensor], w_o: torch.Tensor, b_o: Optional[torch.Tensor], num_heads: int,
+    attn_bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Multi-head self-attention with split qk / v projections (§1.4, MSA). Returns (B, N, C)."""
+    """Multi-head self-attention with split qk / v projections (§1.4, MSA). Returns (B, N, C).
+
+    ``attn_bias``: optional additive attention logits of shape (G, h, N, N) with G dividing B; batch row ``b`` uses
+    ``attn_bias[b % G]`` (Swin, §7.2: the relative position bias, plus the shift mask of window ``b % G`` in
+    shifted blocks, with windows of one image consecutive in the batch).
+    """
     b, n, _ = x_hat.shape
     qk = F.linear(x_hat, w_qk, b_qk)
     v = F.linear(x_hat, w_v, b_v)
@@ -182,8 +188,27 @@ def msa(
     d = hd // num_heads
     q, k = qk.reshape(b, n, 2, num_heads, d).permute(2, 0, 3, 1, 4).unbind(0)
     v = v.reshape(b, n, num_heads, d).transpose(1, 2)
-    o = F.scaled_dot_product_attention(q, k, v)
+    if attn_bias is None:
+        o = F.scaled_dot_product_attention(q, k, v)
+    else:
+        g = check_attn_bias(attn_bias, b, num_heads, n)
+        shape = (b // g, g, num_heads, n, d)
+        o = F.scaled_dot_product_attention(q.reshape(shape), k.reshape(shape), v.reshape(shape),
+                                           attn_mask=attn_bias.to(q.dtype)).reshape(b, num_heads, n, d)
     return F.linear(o.transpose(1, 2).reshape(b, n, hd), w_o, b_o)
+
+
+def check_attn_bias(attn_bias: torch.Tensor, batch: int, num_heads: int, tokens: int) -> int:
+    """Validate an additive attention bias (G, h, N, N) for a batch of ``batch`` rows; returns G."""
+    if attn_bias.dim() != 4 or tuple(attn_bias.shape[1:]) != (num_heads, tokens, tokens):
+        raise ValueError(f"attn_bias must be (G, {num_heads}, {tokens}, {tokens}) (groups, heads, tokens, tokens), "
+                         f"got {tuple(attn_bias.shape)}")
+    g = attn_bias.shape[0]
+    if g == 0 or batch % g:
+        raise ValueError(f"attn_bias has {g} groups, which does not divide the batch of {batch} rows")
+    if not attn_bias.is_floating_point():
+        raise TypeError(f"attn_bias must be a floating-point additive bias, got {attn_bias.dtype}")
+    return g
 
 
 def detach_rule(gates: torch.Tensor) -> torch.Tensor:
@@ -216,6 +241,7 @@ def gated_attn_conv(
     head_probs: torch.Tensor, bn1: BNState, bn3: BNState, gates: torch.Tensor, *,
     num_heads: int, alpha: float, grid: Tuple[int, int], training: bool,
     num_prefix_tokens: int = 1, center: int = CENTER_TAP, compute_all: Optional[bool] = None,
+    attn_bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Search-mode single-path attention layer (§1, §2.1, §10.1).
 
@@ -230,6 +256,8 @@ def gated_attn_conv(
         training: BN uses batch statistics (and updates running ones) when True.
         compute_all: evaluate every candidate even when its coefficient is 0. Default: in training (both BNs
             update their running statistics every step, §4.6) or when ``gates`` needs a gradient.
+        attn_bias: optional (G, h, N, N) additive attention logits for the MSA candidate only (see :func:`msa`);
+            the conv candidates never see it (§7.2).
     Returns:
         (B, N, C): em*out_msa + e3(1-em)*out_3x3 + e1(1-e3)(1-em)*out_1x1.
     """
@@ -259,7 +287,7 @@ def gated_attn_conv(
         term = coef * _with_prefix(x_hat, F.linear(r, out_map, b_o), num_prefix_tokens)
         out = term if out is None else out + term
     if live[0]:
-        term = c_m * msa(x_hat, w_qk, b_qk, w_v, b_v, w_o, b_o, num_heads)
+        term = c_m * msa(x_hat, w_qk, b_qk, w_v, b_v, w_o, b_o, num_heads, attn_bias)
         out = term if out is None else out + term
     return out
 
@@ -346,7 +374,7 @@ def taps_to_conv_weight(taps: torch.Tensor) -> torch.Tensor:
 
 
 __all__: Sequence[str] = [
-    "TAP_OFFSETS", "CENTER_TAP", "BNState", "head_mix", "tap_columns", "mixed_conv_params", "mix_planes",
-    "shift_sum", "conv_attention", "msa", "detach_rule", "gate_coefficients", "gated_attn_conv", "masked_ffn",
+    "TAP_OFFSETS", "CENTER_TAP", "BNState", "check_attn_bias", "head_mix", "tap_columns", "mixed_conv_params",
+    "mix_planes", "shift_sum", "conv_attention", "msa", "detach_rule", "gate_coefficients", "gated_attn_conv", "masked_ffn",
     "pruned_ffn", "fold_bn", "deploy_conv", "conv_weight_to_taps", "taps_to_conv_weight",
 ]

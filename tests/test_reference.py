@@ -161,3 +161,33 @@ def test_conv_weight_taps_roundtrip():
     w = torch.randn(4, 6, 3, 3)
     torch.testing.assert_close(R.taps_to_conv_weight(R.conv_weight_to_taps(w)), w)
     torch.testing.assert_close(R.conv_weight_to_taps(w), torch.stack([w[:, :, k % 3, k // 3] for k in range(9)]))
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+def test_msa_attn_bias_equals_explicit_softmax(groups):
+    # Windowed attention (Swin, docs/method.md §7.2): row b of the batch adds attn_bias[b % G] to its logits.
+    torch.manual_seed(3)
+    b, n, h, d = 6, 9, 2, 4
+    c = h * d
+    x = torch.randn(b, n, c, dtype=torch.float64)
+    w_qk, b_qk = torch.randn(2 * c, c, dtype=torch.float64), torch.randn(2 * c, dtype=torch.float64)
+    w_v, b_v = torch.randn(c, c, dtype=torch.float64), torch.randn(c, dtype=torch.float64)
+    w_o, b_o = torch.randn(c, c, dtype=torch.float64), torch.randn(c, dtype=torch.float64)
+    bias = torch.randn(groups, h, n, n, dtype=torch.float64)
+    bias[..., 0, 1] = -100.0  # a masked pair, as the shift mask writes it
+    got = R.msa(x, w_qk, b_qk, w_v, b_v, w_o, b_o, h, attn_bias=bias)
+    want = torch.empty_like(x)
+    for i in range(b):
+        qk = x[i] @ w_qk.t() + b_qk
+        v = x[i] @ w_v.t() + b_v
+        heads = []
+        for j in range(h):
+            q, k = qk[:, j * d:(j + 1) * d], qk[:, c + j * d:c + (j + 1) * d]
+            a = torch.softmax(q @ k.t() / d ** 0.5 + bias[i % groups, j], dim=-1)
+            heads.append(a @ v[:, j * d:(j + 1) * d])
+        want[i] = torch.cat(heads, -1) @ w_o.t() + b_o
+    torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="does not divide"):
+        R.msa(x, w_qk, b_qk, w_v, b_v, w_o, b_o, h, attn_bias=torch.zeros(4, h, n, n, dtype=torch.float64))
+    with pytest.raises(ValueError, match="attn_bias must be"):
+        R.msa(x, w_qk, b_qk, w_v, b_v, w_o, b_o, h, attn_bias=torch.zeros(1, h, n, n - 1, dtype=torch.float64))
