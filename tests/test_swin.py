@@ -295,3 +295,80 @@ def test_flops_loss_and_readout_fix_roundtrip():
         sn.flops_loss(2 * sn.dense_gflops(), 1.0)
     rows = sn.gate_summary()
     assert [r["stage"] for r in rows] == [0, 0, 1, 1] and rows[0]["attn"] == "1x1"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# FLOPs model (docs/method.md §7.5), published architectures (§8.3, §8.4)
+# ----------------------------------------------------------------------------------------------------------------------
+GOLDEN_DENSE = {"swin_tiny_patch4_window7_224": 4_494_405_120, "swin_small_patch4_window7_224": 8_746_520_064,
+                "swin_base_patch4_window7_224": 15_438_473_216}
+
+
+def test_dense_swin_golden():
+    import timm
+    from spvit.flops import dense_macs
+    for name, macs in GOLDEN_DENSE.items():
+        with torch.device("meta"):  # shapes only: fast
+            m = timm.create_model(name)
+        assert dense_macs(swin_signature_of(m)) == macs
+        assert spvit.gflops(m) == pytest.approx(macs / 1e9)
+
+
+def test_swin_t_stage_costs_by_hand():
+    import timm
+    from spvit.flops import swin_stage_costs
+    with torch.device("meta"):
+        sig = swin_signature_of(timm.create_model("swin_tiny_patch4_window7_224"))
+    # stage 3: dim 384 on 14x14 = 4 windows of 49 tokens, d = 32
+    c1, c3, cm, per_unit, norms = swin_stage_costs(sig, 2)
+    assert (c1, c3, per_unit, norms) == (2 * 384 * 32 * 196, 10 * 384 * 32 * 196, 2 * 196 * 384, 2 * 384 * 196)
+    assert cm == 4 * (49 * 384 * 3 * 384 + 2 * 12 * 49 * 32 * 49 + 49 * 384 * 384)
+
+
+@pytest.mark.parametrize("name,macs,mparams", [("spvit_swin_tiny_patch4_window7_224", 3_334_210_560, 26.31),
+                                               ("spvit_swin_small_patch4_window7_224", 6_143_213_568, 39.21),
+                                               ("spvit_swin_base_patch4_window7_224", 11_392_180_224, 68.03)])
+def test_registered_shipped_swin_models(name, macs, mparams):
+    import timm
+    from spvit.flops import arch_macs
+    with torch.device("meta"):
+        m = timm.create_model(name)
+    assert isinstance(m, spvit.SwinPrunedModel)
+    assert arch_macs(m.architecture) == macs
+    # docs/method.md §8.4 recount: fine-tune-format parameters (incl. head_probs and BN affine, excl. BN buffers)
+    assert spvit.count_params(m) / 1e6 == pytest.approx(mparams, abs=5e-3)
+    assert not any(b.attn == "3x3" for b in m.architecture.blocks)
+    cfg = m.pretrained_cfg
+    assert cfg["crop_pct"] == 0.875 and cfg["interpolation"] == "bicubic" and cfg["classifier"] == "swin.head.fc"
+    release = {"tiny": "spvit_swin_t_l28_t32.pth", "small": "spvit_swin_sm_l04_t55.pth"}.get(name.split("_")[2])
+    assert (release in cfg["notes"][0]) if release else cfg["notes"] == ("no released weights",)
+
+
+def test_swin_flops_loss_gradient_matches_closed_form():
+    from spvit.flops import swin_stage_costs
+    sn = spvit.supernet(tiny_swin(), theta=0.7)
+    with torch.no_grad():
+        for a in sn.attns:
+            a.kernel_thresholds_full.uniform_(-2, 2)
+        for m in sn.mlps:
+            m.ffn_thresholds.uniform_(-2, 2)
+    target, lam = sn.min_gflops() + 0.3 * (sn.dense_gflops() - sn.min_gflops()), 5.0
+    loss = sn.flops_loss(target, lam)
+    loss.backward()
+    f = sn.macs_tensor().detach() / 1e9
+    assert loss.item() == pytest.approx(lam * (target - f.item()) ** 2, rel=1e-5)
+    dldf = -2 * lam * (target - f) / 1e9
+
+    def dind(t):  # d(indicator)/d(theta), §2.4
+        s = torch.sigmoid(t)
+        return torch.sigmoid(s - 0.5) * (1 - torch.sigmoid(s - 0.5)) * s * (1 - s)
+
+    for i, s in ((1, 0), (3, 1)):  # a block of each stage
+        c1, c3, cm, per_unit, _ = swin_stage_costs(sn.signature, s)
+        torch.testing.assert_close(sn.mlps[i].ffn_thresholds.grad, dldf * per_unit * dind(sn.mlps[i].ffn_thresholds),
+                                   rtol=1e-4, atol=1e-12)
+        t = sn.attns[i].kernel_thresholds_full.detach()
+        g = (t > 0).float()
+        # F = g1*c1 + g1*g3*(c3 - c1) + g1*g3*gm*(cm - c3) + ...: dF/dg_m = g1*g3*(cm - c3)
+        torch.testing.assert_close(sn.attns[i].kernel_thresholds_full.grad[2],
+                                   dldf * g[0] * g[1] * (cm - c3) * dind(t[2]), rtol=1e-4, atol=1e-12)
