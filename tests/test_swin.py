@@ -216,8 +216,9 @@ def test_shifted_block_3x3_is_window_local_on_the_rolled_map():
         for b in range(2):
             for ti in range(2):
                 for tj in range(2):
-                    tile = xh[b, 7 * ti:7 * ti + 7, 7 * tj:7 * tj + 7].reshape(1, 49, 64)
-                    y[b, 7 * ti:7 * ti + 7, 7 * tj:7 * tj + 7] = _ref_conv3x3_windows(blk.attn, tile)[0].reshape(7, 7, 64)
+                    rows, cols = slice(7 * ti, 7 * ti + 7), slice(7 * tj, 7 * tj + 7)
+                    tile = xh[b, rows, cols].reshape(1, 49, 64)
+                    y[b, rows, cols] = _ref_conv3x3_windows(blk.attn, tile)[0].reshape(7, 7, 64)
         h = x + torch.roll(y, (3, 3), dims=(1, 2))
         mlp = blk.mlp
         f = F.gelu(blk.norm2(h) @ mlp.fc1.weight.t() + mlp.fc1.bias) @ mlp.fc2.weight.t() + mlp.fc2.bias
