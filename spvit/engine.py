@@ -92,11 +92,14 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def wrap_ddp(model: nn.Module, dist: DistInfo, find_unused: bool = False) -> nn.Module:
+def wrap_ddp(model: nn.Module, dist: DistInfo, find_unused: bool = False, broadcast_buffers: bool = True) -> nn.Module:
+    """DDP (when distributed). ``broadcast_buffers``: rank 0's buffers (BN statistics) are sent to every rank at each
+    forward, as in the original DeiT code; its Swin code does not (docs/method.md §7.6)."""
     if not dist.enabled:
         return model
     ids = [dist.device.index] if dist.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused)
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused,
+                                               broadcast_buffers=broadcast_buffers)
 
 
 def broadcast_ok(ok: bool, dist: DistInfo) -> bool:

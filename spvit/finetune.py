@@ -173,7 +173,9 @@ def run(cfg: Union[FinetuneConfig, Dict], source: Optional[nn.Module] = None,
         schedules = [E.Schedule(opt, lr, min_lr, cfg.schedule_length, cfg.warmup_epochs, cfg.warmup_lr * f)]
         scaler = torch.amp.GradScaler(dist.device.type) if dtype == torch.float16 else None
         ema = E.ModelEma(model, cfg.model_ema_decay) if cfg.model_ema else None
-        ddp = E.wrap_ddp(model, dist, find_unused="skip" in arch.attn_choices)  # a skip block leaves norm1 unused
+        # a skip block leaves norm1 unused; the original Swin code does not broadcast buffers (§7.6)
+        ddp = E.wrap_ddp(model, dist, find_unused="skip" in arch.attn_choices,
+                         broadcast_buffers=arch.signature.family != "swin")
         gf = gflops(model)
         E.log(f"fine-tune {cfg.model}: {gf:.4g} GFLOPs, {count_params(model) / 1e6:.3f} M params, lr {lr:.3g}, "
               f"distillation {cfg.distillation}, {dist.world} process(es) on {dist.device}", dist)

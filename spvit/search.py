@@ -71,7 +71,7 @@ def run(cfg: Union[SearchConfig, Dict], supernet_module: Optional[nn.Module] = N
                      E.Schedule(opt_a, arc_lr, arc_min, cfg.arc_sched_epochs or cfg.schedule_length, 0)]
         dtype = E.amp_dtype(cfg.amp, dist.device)
         scaler = torch.amp.GradScaler(dist.device.type) if dtype == torch.float16 else None
-        model = E.wrap_ddp(sn, dist, find_unused=True)
+        model = E.wrap_ddp(sn, dist, find_unused=True, broadcast_buffers=sn.signature.family != "swin")
         task = E.task_loss_fn(cfg.smoothing, st.mixup is not None)
         target, lam = cfg.target_gflops, cfg.loss_lambda
 
