@@ -345,6 +345,21 @@ def test_registered_shipped_swin_models(name, macs, mparams):
     assert (release in cfg["notes"][0]) if release else cfg["notes"] == ("no released weights",)
 
 
+def test_registered_swin_pretrained_needs_a_file_and_other_class_counts_work(tmp_path):
+    import timm
+    with pytest.raises(ValueError, match="spvit_swin_t_l28_t32.pth"):
+        timm.create_model("spvit_swin_tiny_patch4_window7_224", pretrained=True)
+    with pytest.raises(ValueError, match="no weights were released"):
+        timm.create_model("spvit_swin_base_patch4_window7_224", pretrained=True)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        timm.create_model("spvit_swin_small_patch4_window7_224", pretrained=True,
+                          pretrained_cfg_overlay=dict(file=str(tmp_path / "missing.pth")))
+    with torch.device("meta"):
+        m = timm.create_model("spvit_swin_small_patch4_window7_224", num_classes=10)
+    assert m.num_classes == 10 and m.pretrained_cfg["num_classes"] == 10
+    assert m.architecture.stages[2][12].attn == "skip" and m.architecture.stages[2][13].attn == "1x1"
+
+
 def test_swin_flops_loss_gradient_matches_closed_form():
     from spvit.flops import swin_stage_costs
     sn = spvit.supernet(tiny_swin(), theta=0.7)
@@ -507,5 +522,7 @@ def test_pruned_swin_trains_and_has_timm_api():
     assert pruned.forward_features(torch.randn(1, 3, 56, 56)).shape == (1, 7, 7, 128)
     pruned.reset_classifier(3)
     assert pruned.eval()(torch.randn(1, 3, 56, 56)).shape == (1, 3) and pruned.architecture.signature.num_classes == 3
+    feats = pruned.forward_intermediates(torch.randn(1, 3, 56, 56), intermediates_only=True)
+    assert [tuple(f.shape) for f in feats] == [(1, 64, 14, 14), (1, 128, 7, 7)]
     all_skip = _arch(sn, ["skip", "skip", "msa", "msa"])
     assert swin_signature_of(spvit.prune(sn, all_skip)) == sn.signature  # heads of an all-skip stage remembered

@@ -104,6 +104,8 @@ def test_swin_search_finetune_eval_from_the_shipped_configs(tmp_path, capsys):
     assert cli.main(["eval", "--checkpoint", str(ft / "best.pth"), "--data", "digits", "--device", "cpu"]) == 0
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert r["gflops"] == pytest.approx(spvit.gflops(arch)) and 0 <= r["acc1"] <= 100
+    assert cli.main(["bench", "--checkpoint", str(ft / "best.pth"), "--iters", "2", "--batch-size", "4",
+                     "--device", "cpu"]) == 0
     # carrying the searched weights (--init <search checkpoint>)
     rc = cli.main(["finetune", "--config", ft_conf, *flags, "--arch", str(out / "arch.json"), "--out",
                    str(tmp_path / "ft2"), "--init", str(out / "checkpoint.pth"), "--epochs", "1"])
