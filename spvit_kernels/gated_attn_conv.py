@@ -36,11 +36,21 @@ The value projection ``u = x Wv^T`` is computed once without bias (in one GEMM w
 shared: the conv path adds its mixed bias like the reference, and MSA folds ``bv`` into its output bias
 (attention rows sum to 1, so ``attn (u + bv) Wo^T + bo = attn u Wo^T + (bo + Wo bv)``, exactly).
 
+Windowed attention (Swin, docs/method.md §7.2): the batch rows are windows (B = images x windows, ``grid`` the
+window, no prefix token, so the conv candidates' zero padding falls at the window border), and ``attn_bias``
+(G, h, N, N) adds to the MSA logits, row b using ``attn_bias[b % G]`` (G = 1: the relative position bias; G = windows
+per image: bias plus shift mask). The G consecutive rows that share the bias groups are folded into the head axis
+(a (B/G, G*h, N, d) copy of q, k, v for G > 1), so that SDPA sees a 4-D attention with one (1, G*h, N, N) mask
+broadcast over B/G; the backward recomputes it the same way and SDPA's backward returns the bias gradient summed over
+the rows of each group. The bias is cast to the compute dtype like the logits (before the op, differentiably, so an
+fp32 bias gets an fp32 gradient); the convs never see it.
+
 The layer is the functional ``torch.library`` op ``spvit::gated_attn_conv`` (fake shapes, autograd registered,
 ``opcheck`` in the tests): it returns the layer output plus the tensors its backward needs, and the new BatchNorm
 batch statistics, from which :func:`gated_attn_conv` updates the running statistics (so the op mutates nothing). Its
 backward's Triton launches are ops as well (``spvit::gated_attn_conv_bn_bwd_stats``, ``..._conv_bwd``, ``..._dot``),
-so AOT autograd / ``torch.compile`` can trace the backward. The host read of the gates (in the Python function,
+so AOT autograd / ``torch.compile`` can trace the backward. ``attn_bias`` is the op's last argument (optional, after
+the static ones), so that calls without it keep the schema of the plain layer. The host read of the gates (in the Python function,
 before the op) is a graph break. Under ``torch.autocast`` the activations and projection weights are cast to the
 autocast dtype first (as ``F.linear`` would); the op itself runs with autocast off.
 
@@ -928,16 +938,23 @@ def gated_attn_conv(
             training, like ``F.batch_norm``).
         gates: (3,) cumulative gates (e1, e3, em), exactly 0/1 values (may carry straight-through gradients).
         num_heads: h; alpha: head-mixing temperature; grid: (H, W); training: BN batch statistics when True.
-        num_prefix_tokens: tokens before the patch grid (passed through by the conv candidates).
-        center: column of M used by the 1x1 candidate.
+        num_prefix_tokens: tokens before the patch grid (passed through by the conv candidates); 0 for Swin.
+        center: column of M used by the 1x1 candidate (4 in DeiT tap order; a Swin layer permutes its Swin-order
+            head_probs columns to DeiT order and passes 4).
         compute_all: evaluate every candidate even when its coefficient is 0. Default: in training or when
             ``gates`` needs a gradient.
+        attn_bias: optional (G, h, N, N) floating-point additive logits of the MSA candidate, G dividing B, row b
+            using ``attn_bias[b % G]`` (windowed attention: relative position bias, plus the shift mask of window
+            b % G). Cast to the attention's dtype; it may require grad (its gradient is summed over the rows of each
+            group; exact zeros when MSA is computed with coefficient 0, None when MSA is not computed).
     Returns:
         (B, N, C): em*out_msa + e3(1-em)*out_3x3 + e1(1-e3)(1-em)*out_1x1. Under ``torch.autocast`` the activations and
         projection weights are first cast to the autocast dtype (as ``F.linear`` would) and the output has that
         dtype; head mixing, BatchNorm and the gate gradients stay in fp32.
     Raises:
-        ValueError: on wrong shapes/dtypes/devices or gates that are not exactly 0/1.
+        ValueError: on wrong shapes/dtypes/devices (attn_bias: shape, groups not dividing B, device) or gates that are
+            not exactly 0/1.
+        TypeError: on activations other than fp32/bf16/fp16, or an attn_bias that is not floating point.
     """
     if x_hat.dim() != 3:
         raise ValueError(f"gated_attn_conv: x_hat must be (B, N, C), got shape {tuple(x_hat.shape)}")

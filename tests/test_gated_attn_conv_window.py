@@ -71,7 +71,7 @@ def _make_bias(shape, groups, device):
 
 def _run(fn, t, bns, dtype, gates, bias, *, shape, training, center=4, gate_grad=True, bias_grad=True,
          compute_all=None, bn_dtype=None, bias_dtype=None, grad_seed=1):
-    """Forward + backward with a fixed upstream gradient. Returns (out, grads by name incl. attn_bias, running stats)."""
+    """Forward + backward with a fixed upstream gradient. Returns (out, grads by name incl. attn_bias, stats)."""
     _, _, win, h, _ = shape
     args, (bn1, bn3), g = _clone(t, bns, dtype, gates, gate_grad, bn_dtype)
     b = bias.detach().to(bias_dtype or dtype).clone().requires_grad_(bias_grad)
