@@ -2,18 +2,23 @@
 
 Modes: ``forward`` (training forward, graph recorded), ``backward`` (backward only, a fresh forward before each
 timed call), ``full`` (forward + backward). Shapes: one DeiT-Ti/S/B attention layer (N = 197, d = 64) at batch 128
-and 256 in bf16 on CUDA, in training mode with gates that need a gradient (every candidate is evaluated, as in the
-search). Throughput is reported against a FLOP and byte model of the fused algorithm (see ``_model``): achieved
-TFLOP/s and GB/s, which roof binds and the fraction of it reached, the roofs being the peaks measured in this run on
-this device (a large GEMM and a device-to-device copy: ``bench.common.measure_peaks``). The compiled provider is
-compiled afresh (dynamo reset) for every shape.
+and 256 in bf16 on CUDA, and the windowed layer of Swin-T (docs/method.md §7.2: batch rows are 7x7 windows of 49
+tokens, no class token, alpha 100, an additive attention bias that needs a gradient): stage 1 (C 96, h 3, 64 windows
+per image, relative position bias only, G = 1) and stage 3 (C 384, h 12, 4 windows per image, shifted: bias plus
+mask, G = 4), with ``--batches`` counting images (B = images x windows in the rows). All in training mode with gates
+that need a gradient (every candidate is evaluated, as in the search). Throughput is reported against a FLOP and
+byte model of the fused algorithm (see ``_model``): achieved TFLOP/s and GB/s, which roof binds and the fraction of
+it reached, the roofs being the peaks measured in this run on this device (a large GEMM and a device-to-device copy:
+``bench.common.measure_peaks``). The compiled provider is compiled afresh (dynamo reset) for every shape.
 
-``--quick`` runs a tiny configuration (fp32 on CPU; a smoke test; the Triton provider runs on CPU only under
-``TRITON_INTERPRET=1`` and is skipped otherwise, with a message).
+``--quick`` runs two tiny configurations, one with a class token and one windowed with a grouped bias (fp32 on CPU;
+a smoke test; the Triton provider runs on CPU only under ``TRITON_INTERPRET=1`` and is skipped otherwise, with a
+message).
 
 Usage:
     python bench/bench_gated_attn_conv.py [--out DIR] [--quick] [--providers ours,eager,compiled]
-        [--modes forward,backward,full] [--choices msa,3x3,1x1] [--batches 128,256] [--models ti,s,b]
+        [--modes forward,backward,full] [--choices msa,3x3,1x1] [--batches 128,256]
+        [--models ti,s,b,swin_t1,swin_t3]
 """
 import argparse
 import importlib
@@ -31,6 +36,9 @@ from bench.common import (bench_backward, bench_fn, compile_backend, default_dev
 from spvit_kernels import reference  # noqa: E402
 
 MODELS = {"ti": (192, 3), "s": (384, 6), "b": (768, 12)}  # C, heads (d = 64)
+# Swin-T windowed layers: C, heads, windows per image, bias groups G (1: relative position bias; n_win: + shift mask)
+SWIN = {"swin_t1": (96, 3, 64, 1), "swin_t3": (384, 12, 4, 4)}
+SWIN_LABELS = {"swin_t1": "swin_t-s1", "swin_t3": "swin_t-s3-shift"}
 GATES = {"msa": (1.0, 1.0, 1.0), "3x3": (1.0, 1.0, 0.0), "1x1": (1.0, 0.0, 0.0), "skip": (0.0, 0.0, 0.0)}
 
 
@@ -80,6 +88,18 @@ def _inputs(bsz: int, grid, prefix: int, c: int, h: int, d: int, device, dtype):
     return x, params, bns
 
 
+def _attn_bias(groups: int, h: int, n: int, device, dtype) -> Optional[torch.Tensor]:
+    """(G, h, N, N) additive logits that need a gradient (G = 0: none). Shifted layouts (G > 1) get -100 between
+    random token groups, like a shift mask."""
+    if not groups:
+        return None
+    bias = 0.5 * torch.randn(groups, h, n, n, device=device)
+    if groups > 1:
+        labels = torch.randint(0, 2, (groups, n), device=device)
+        bias = bias + (labels[:, None, :, None] != labels[:, None, None, :]).float() * -100.0
+    return bias.to(dtype).requires_grad_()
+
+
 def _providers(device: torch.device, wanted: List[str], smoke: bool = False) -> Dict[str, Optional[Callable]]:
     out: Dict[str, Optional[Callable]] = {}
     for name in wanted:
@@ -105,10 +125,11 @@ def run(configs, providers, modes, choices, device, dtype, warmup: int, rep: int
     peaks = measure_peaks(device, smoke=smoke)
     roof_tflops, roof_gbs = peaks["peak_tflops"], peaks["peak_gbs"]
     elem = torch.finfo(dtype).bits // 8
-    for label, bsz, grid, prefix, c, h, d in configs:
+    for label, bsz, grid, prefix, c, h, d, groups, alpha in configs:
         fns = _providers(device, providers, smoke)  # per shape: a fresh compilation for the compiled provider
         n = prefix + grid[0] * grid[1]
         x, params, bns = _inputs(bsz, grid, prefix, c, h, d, device, dtype)
+        bias = _attn_bias(groups, h, n, device, dtype)
         for choice in choices:
             gates = torch.tensor(GATES[choice], device=device, requires_grad=True)
             for prov, fn in fns.items():
@@ -116,8 +137,8 @@ def run(configs, providers, modes, choices, device, dtype, warmup: int, rep: int
                     continue
 
                 def fwd(fn=fn, gates=gates):
-                    return fn(x, *params[:6], params[6], bns[0], bns[1], gates, num_heads=h, alpha=0.01, grid=grid,
-                              training=True, num_prefix_tokens=prefix)
+                    return fn(x, *params[:6], params[6], bns[0], bns[1], gates, num_heads=h, alpha=alpha, grid=grid,
+                              training=True, num_prefix_tokens=prefix, attn_bias=bias)
 
                 def full(fwd=fwd):
                     out = fwd()
@@ -138,8 +159,9 @@ def run(configs, providers, modes, choices, device, dtype, warmup: int, rep: int
                     except Exception as exc:  # noqa: BLE001  (report and go on: e.g. compile unavailable)
                         t, mem, err = {"ms": float("nan"), "ms_p20": float("nan"), "ms_p80": float("nan")}, None, \
                             f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
-                    for prm in params + [x, gates] + [b.weight for b in bns] + [b.bias for b in bns]:
-                        prm.grad = None
+                    for prm in params + [x, gates] + [b.weight for b in bns] + [b.bias for b in bns] + [bias]:
+                        if prm is not None:
+                            prm.grad = None
                     flops, nbytes = _model(bsz, n, c, h, d, prefix, choice, mode, elem)
                     tflops = flops / (t["ms"] * 1e-3) / 1e12
                     gbps = nbytes / (t["ms"] * 1e-3) / 1e9
@@ -165,14 +187,14 @@ def main(argv=None) -> List[Dict]:
     ap.add_argument("--modes", default="forward,backward,full")
     ap.add_argument("--choices", default=None, help="gate choices (msa,3x3,1x1,skip)")
     ap.add_argument("--batches", default="128,256")
-    ap.add_argument("--models", default="ti,s,b")
+    ap.add_argument("--models", default="ti,s,b,swin_t1,swin_t3")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     args = ap.parse_args(argv)
     modes = args.modes.split(",")
     device = torch.device(args.device) if args.device else default_device()
     if args.quick:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        configs = [("quick", 2, (4, 4), 1, 32, 2, 16)]
+        configs = [("quick", 2, (4, 4), 1, 32, 2, 16, 0, 0.01), ("quick-window", 8, (3, 3), 0, 32, 2, 16, 4, 100.0)]
         providers = (args.providers or "ours,eager,compiled").split(",")
         choices = (args.choices or "msa,3x3").split(",")
         warmup, rep = 1, 3
@@ -182,9 +204,16 @@ def main(argv=None) -> List[Dict]:
         dtype = torch.bfloat16
         configs = []
         for m in args.models.split(","):
-            c, h = MODELS[m]
+            if m not in MODELS and m not in SWIN:
+                raise SystemExit(f"bench_gated_attn_conv: unknown model {m!r}; expected one of "
+                                 f"{', '.join(list(MODELS) + list(SWIN))}")
             for b in (int(v) for v in args.batches.split(",")):
-                configs.append((f"deit-{m}", b, (14, 14), 1, c, h, 64))
+                if m in MODELS:
+                    c, h = MODELS[m]
+                    configs.append((f"deit-{m}", b, (14, 14), 1, c, h, 64, 0, 0.01))
+                else:
+                    c, h, n_win, groups = SWIN[m]
+                    configs.append((SWIN_LABELS[m], b * n_win, (7, 7), 0, c, h, c // h, groups, 100.0))
         providers = (args.providers or "ours,eager,compiled").split(",")
         choices = (args.choices or "msa,3x3,1x1").split(",")
         warmup, rep = 3, 20

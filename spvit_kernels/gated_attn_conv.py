@@ -36,11 +36,21 @@ The value projection ``u = x Wv^T`` is computed once without bias (in one GEMM w
 shared: the conv path adds its mixed bias like the reference, and MSA folds ``bv`` into its output bias
 (attention rows sum to 1, so ``attn (u + bv) Wo^T + bo = attn u Wo^T + (bo + Wo bv)``, exactly).
 
+Windowed attention (Swin, docs/method.md §7.2): the batch rows are windows (B = images x windows, ``grid`` the
+window, no prefix token, so the conv candidates' zero padding falls at the window border), and ``attn_bias``
+(G, h, N, N) adds to the MSA logits, row b using ``attn_bias[b % G]`` (G = 1: the relative position bias; G = windows
+per image: bias plus shift mask). The G consecutive rows that share the bias groups are folded into the head axis
+(a (B/G, G*h, N, d) copy of q, k, v for G > 1), so that SDPA sees a 4-D attention with one (1, G*h, N, N) mask
+broadcast over B/G; the backward recomputes it the same way and SDPA's backward returns the bias gradient summed over
+the rows of each group. The bias is cast to the compute dtype like the logits (before the op, differentiably, so an
+fp32 bias gets an fp32 gradient); the convs never see it.
+
 The layer is the functional ``torch.library`` op ``spvit::gated_attn_conv`` (fake shapes, autograd registered,
 ``opcheck`` in the tests): it returns the layer output plus the tensors its backward needs, and the new BatchNorm
 batch statistics, from which :func:`gated_attn_conv` updates the running statistics (so the op mutates nothing). Its
 backward's Triton launches are ops as well (``spvit::gated_attn_conv_bn_bwd_stats``, ``..._conv_bwd``, ``..._dot``),
-so AOT autograd / ``torch.compile`` can trace the backward. The host read of the gates (in the Python function,
+so AOT autograd / ``torch.compile`` can trace the backward. ``attn_bias`` is the op's last argument (optional, after
+the static ones), so that calls without it keep the schema of the plain layer. The host read of the gates (in the Python function,
 before the op) is a graph break. Under ``torch.autocast`` the activations and projection weights are cast to the
 autocast dtype first (as ``F.linear`` would); the op itself runs with autocast off.
 
@@ -54,7 +64,7 @@ import triton
 import triton.language as tl
 
 from ._compat import autocast_cast, define_op, require_triton_device, wrap_triton
-from .reference import CENTER_TAP, BNState
+from .reference import CENTER_TAP, BNState, check_attn_bias
 
 _TILE_ELEMS = 4096  # elements of a (BLOCK_P, BLOCK_H, BLOCK_D) register tile; 8192 spilled up to 2.3 KB/thread
 # in the 3x3 path at sm_90 (ptxas, bench/results/triton_compile_*): 4096 leaves 10 of 127 configs spilling <= 0.5 KB
@@ -573,17 +583,45 @@ def _gated_attn_conv_fwd(
     bn3_mean: Optional[torch.Tensor], bn3_var: Optional[torch.Tensor], gates: torch.Tensor,
     num_heads: int, alpha: float, grid_h: int, grid_w: int, training: bool, prefix: int, center: int,
     gate_values: List[float], live: List[bool], bn_eps: List[float], save: bool,
+    attn_bias: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor, torch.Tensor]:
     """Body of ``spvit::gated_attn_conv`` (see :func:`gated_attn_conv` for the arguments, ``_OUTPUTS`` for the
-    outputs). ``gates`` is an input only so that autograd routes its gradient; its values come as ``gate_values``."""
+    outputs). ``gates`` is an input only so that autograd routes its gradient; its values come as ``gate_values``.
+    ``attn_bias`` (G, h, N, N), already in x's dtype, is the last argument so that the schema without it is the one
+    of the plain (non-windowed) layer."""
     cfg = _Cfg.of(num_heads, alpha, grid_h, grid_w, training, prefix, center, gate_values, live, bn_eps, save)
     with torch.autocast(x.device.type, enabled=False):  # the inputs are already in the compute dtype
         return _forward(cfg, x, w_qk, b_qk, w_v, b_v, w_o, b_o, head_probs,
-                        (bn1_weight, bn1_bias, bn1_mean, bn1_var), (bn3_weight, bn3_bias, bn3_mean, bn3_var))
+                        (bn1_weight, bn1_bias, bn1_mean, bn1_var), (bn3_weight, bn3_bias, bn3_mean, bn3_var),
+                        attn_bias)
 
 
-def _forward(cfg: _Cfg, x, w_qk, b_qk, w_v, b_v, w_o, b_o, head_probs, bn1, bn3):
+def _attention_heads(proj: torch.Tensor, num_heads: int, groups: int) -> Tuple[torch.Tensor, ...]:
+    """q, k, v of the attention from the [q k v] projections ``proj`` (B, N, 3*h*d).
+
+    Without an attention bias (``groups`` = 0) each is a (B, h, N, d) view. With a bias of G = ``groups`` groups, the
+    G consecutive batch rows that share the bias groups are folded into the head axis: (B/G, G*h, N, d) each (a copy
+    for G > 1), so that the bias enters as one (1, G*h, N, N) mask broadcast over B/G, a 4-D attention that SDPA's
+    fused kernels accept, and its gradient comes out summed over the rows of each group.
+    """
+    bsz, n, three_hd = proj.shape
+    d = three_hd // (3 * num_heads)
+    qkv = proj.view(bsz, n, 3, num_heads, d).permute(2, 0, 3, 1, 4)  # (3, B, h, N, d)
+    if groups > 1:
+        qkv = qkv.reshape(3, bsz // groups, groups * num_heads, n, d)
+    return qkv.unbind(0)
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """SDPA on the tensors of :func:`_attention_heads`; ``attn_bias`` (G, h, N, N) or None. Same shape as q."""
+    if attn_bias is None:
+        return F.scaled_dot_product_attention(q, k, v)
+    g, h, n, _ = attn_bias.shape
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias.reshape(1, g * h, n, n))
+
+
+def _forward(cfg: _Cfg, x, w_qk, b_qk, w_v, b_v, w_o, b_o, head_probs, bn1, bn3, attn_bias=None):
     bsz, n, c = x.shape
     h = cfg.num_heads
     hdim = w_v.shape[0]
@@ -601,7 +639,6 @@ def _forward(cfg: _Cfg, x, w_qk, b_qk, w_v, b_v, w_o, b_o, head_probs, bn1, bn3)
     if live_m:
         b_qkv = None if b_qk is None else torch.cat([b_qk, b_qk.new_zeros(hdim)])
         proj = F.linear(x, torch.cat([w_qk, w_v]), b_qkv)  # (B, N, 3*h*d)
-        q, k, v_h = proj.view(bsz, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)  # (B, h, N, d) each
         v = proj[..., 2 * hdim:]
     else:
         proj = F.linear(x, w_v)  # (B, N, h*d)
@@ -611,7 +648,8 @@ def _forward(cfg: _Cfg, x, w_qk, b_qk, w_v, b_v, w_o, b_o, head_probs, bn1, bn3)
 
     out = None
     if live_m:
-        o = F.scaled_dot_product_attention(q, k, v_h)
+        groups = 0 if attn_bias is None else attn_bias.shape[0]
+        o = _attention(*_attention_heads(proj, h, groups), attn_bias).reshape(bsz, h, n, d)
         o2 = o.transpose(1, 2).reshape(bsz, n, hdim)
         b_eff = b_o
         if b_v is not None:
@@ -657,7 +695,7 @@ def _forward(cfg: _Cfg, x, w_qk, b_qk, w_v, b_v, w_o, b_o, head_probs, bn1, bn3)
 
 def _gated_attn_conv_fake(x, w_qk, b_qk, w_v, b_v, w_o, b_o, head_probs, bn1_weight, bn1_bias, bn1_mean, bn1_var,
                           bn3_weight, bn3_bias, bn3_mean, bn3_var, gates, num_heads, alpha, grid_h, grid_w, training,
-                          prefix, center, gate_values, live, bn_eps, save):
+                          prefix, center, gate_values, live, bn_eps, save, attn_bias=None):
     cfg = _Cfg.of(num_heads, alpha, grid_h, grid_w, training, prefix, center, gate_values, live, bn_eps, save)
     return tuple(x.new_empty(shape, dtype=dt) for shape, dt in _output_specs(x, w_v, cfg))
 
@@ -666,17 +704,19 @@ def _gated_attn_conv_fake(x, w_qk, b_qk, w_v, b_v, w_o, b_o, head_probs, bn1_wei
 # several Triton launches with host-side choices that a trace would only have to repeat.
 gated_attn_conv_op = define_op("gated_attn_conv", _gated_attn_conv_fwd, _gated_attn_conv_fake, traceable=False)
 
-_N_TENSOR_INPUTS = 17  # x ... gates: the tensor arguments of the op, before the static ones
+_N_TENSOR_INPUTS = 17  # x ... gates: the tensor arguments of the op before the static ones (attn_bias comes last)
+_N_STATIC = 11  # num_heads ... save
 
 
 def _setup_context(ctx, inputs, output):
     (x, w_qk, b_qk, w_v, b_v, w_o, b_o, head_probs, bn1_weight, bn1_bias, _, _, bn3_weight, bn3_bias, _, _, gates,
-     num_heads, alpha, grid_h, grid_w, training, prefix, center, gate_values, live, bn_eps, save) = inputs
+     num_heads, alpha, grid_h, grid_w, training, prefix, center, gate_values, live, bn_eps, save) = inputs[:28]
+    attn_bias = inputs[28] if len(inputs) > 28 else None
     cfg = _Cfg.of(num_heads, alpha, grid_h, grid_w, training, prefix, center, gate_values, live, bn_eps, save)
     if not cfg.save:
         raise RuntimeError("spvit::gated_attn_conv ran with save=False but a backward is needed")
     ctx.cfg = cfg
-    ctx.save_for_backward(x, w_qk, w_v, w_o, b_o, b_v, *output)
+    ctx.save_for_backward(x, w_qk, w_v, w_o, b_o, b_v, attn_bias, *output)
     ctx.meta = {
         "b_qk": None if b_qk is None else (b_qk.shape, b_qk.dtype),
         "gates": gates.dtype, "head": head_probs.dtype,
@@ -695,7 +735,7 @@ def _zeros(meta, dev) -> Optional[torch.Tensor]:
 
 def _backward_impl(ctx, grad_out):
     cfg = ctx.cfg
-    x, w_qk, w_v, w_o, b_o, b_v, out, out_msa, proj, r_live, y3, y1, chan3, chan1, m = ctx.saved_tensors
+    x, w_qk, w_v, w_o, b_o, b_v, attn_bias, out, out_msa, proj, r_live, y3, y1, chan3, chan1, m = ctx.saved_tensors
     bsz, n, c = x.shape
     hdim = w_v.shape[0]
     h = cfg.num_heads
@@ -706,6 +746,7 @@ def _backward_impl(ctx, grad_out):
     c_m, c_3, c_1 = cfg.coefs
     e1, e3, em = cfg.gates
     need_gate = ctx.needs_input_grad[16]
+    need_bias = attn_bias is not None and len(ctx.needs_input_grad) > 28 and ctx.needs_input_grad[28]
     dev = x.device
     g = grad_out.contiguous() if grad_out is not None else torch.zeros_like(x)
     g2 = g.view(bsz * n, c)
@@ -724,6 +765,8 @@ def _backward_impl(ctx, grad_out):
     conv_live = live_3 or live_1
     dm = torch.zeros(h, 9, device=dev, dtype=torch.float32) if conv_live else None
     bn_meta = ctx.meta["bn"]
+    # attention bias: exact zeros when MSA is computed but not chosen (as the reference's 0 * out_msa gives)
+    d_bias = torch.zeros_like(attn_bias) if need_bias and live_m else None
     dbn = {"1x1": [_zeros(bn_meta[0], dev) if live_1 else None, _zeros(bn_meta[1], dev) if live_1 else None],
            "3x3": [_zeros(bn_meta[2], dev) if live_3 else None, _zeros(bn_meta[3], dev) if live_3 else None]}
 
@@ -740,13 +783,24 @@ def _backward_impl(ctx, grad_out):
         if c_m == 1:
             # attention backward: the attention is recomputed from the saved q, k, v (one extra attention forward,
             # a few % of the layer's FLOPs at ViT token counts) and differentiated by SDPA's own backward
-            q, k, v_h = proj.view(bsz, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
-            do = (g2 @ w_o).view(bsz, n, h, d).transpose(1, 2)
+            # (with a bias, over the grouped layout of _attention_heads; SDPA's backward sums the bias gradient over
+            # the batch rows of each group)
+            groups = 0 if attn_bias is None else attn_bias.shape[0]
+            heads = _attention_heads(proj, h, groups)
+            do = (g2 @ w_o).view(bsz, n, h, d).transpose(1, 2).reshape(heads[0].shape)
             with torch.enable_grad():
-                qd, kd, vd = (t.detach().requires_grad_() for t in (q, k, v_h))
-                o = F.scaled_dot_product_attention(qd, kd, vd)
-                dq, dk, dvh = torch.autograd.grad(o, (qd, kd, vd), do)
-            o2 = o.detach().transpose(1, 2).reshape(bsz * n, hdim)
+                leaves = [t.detach().requires_grad_() for t in heads]
+                bias = None
+                if attn_bias is not None:
+                    bias = attn_bias.detach().requires_grad_(need_bias)
+                    if need_bias:
+                        leaves.append(bias)
+                o = _attention(*leaves[:3], bias)
+                grads_attn = torch.autograd.grad(o, leaves, do)
+            dq, dk, dvh = (t.reshape(bsz, h, n, d) for t in grads_attn[:3])
+            if need_bias:
+                d_bias = grads_attn[3]
+            o2 = o.detach().reshape(bsz, h, n, d).transpose(1, 2).reshape(bsz * n, hdim)
             gsum = g.sum((0, 1), dtype=torch.float32)  # (C,)
             dw_o_f = (g2.t() @ o2).float()
             if b_v is not None:  # the folded bias bo + Wo bv
@@ -838,7 +892,8 @@ def _backward_impl(ctx, grad_out):
 
     grads = (dx, dw_qk, db_qk, dw_v, db_v, dw_o, db_o, d_head, dbn["1x1"][0], dbn["1x1"][1], None, None,
              dbn["3x3"][0], dbn["3x3"][1], None, None, d_gates)
-    return grads + (None,) * 11  # the static arguments
+    grads = grads + (None,) * _N_STATIC + (d_bias,)  # the static arguments, then attn_bias
+    return grads[:len(ctx.needs_input_grad)]
 
 
 gated_attn_conv_op.register_autograd(_backward, setup_context=_setup_context)
@@ -883,23 +938,27 @@ def gated_attn_conv(
             training, like ``F.batch_norm``).
         gates: (3,) cumulative gates (e1, e3, em), exactly 0/1 values (may carry straight-through gradients).
         num_heads: h; alpha: head-mixing temperature; grid: (H, W); training: BN batch statistics when True.
-        num_prefix_tokens: tokens before the patch grid (passed through by the conv candidates).
-        center: column of M used by the 1x1 candidate.
+        num_prefix_tokens: tokens before the patch grid (passed through by the conv candidates); 0 for Swin.
+        center: column of M used by the 1x1 candidate (4 in DeiT tap order; a Swin layer permutes its Swin-order
+            head_probs columns to DeiT order and passes 4).
         compute_all: evaluate every candidate even when its coefficient is 0. Default: in training or when
             ``gates`` needs a gradient.
+        attn_bias: optional (G, h, N, N) floating-point additive logits of the MSA candidate, G dividing B, row b
+            using ``attn_bias[b % G]`` (windowed attention: relative position bias, plus the shift mask of window
+            b % G). Cast to the attention's dtype; it may require grad (its gradient is summed over the rows of each
+            group; exact zeros when MSA is computed with coefficient 0, None when MSA is not computed).
     Returns:
         (B, N, C): em*out_msa + e3(1-em)*out_3x3 + e1(1-e3)(1-em)*out_1x1. Under ``torch.autocast`` the activations and
         projection weights are first cast to the autocast dtype (as ``F.linear`` would) and the output has that
         dtype; head mixing, BatchNorm and the gate gradients stay in fp32.
     Raises:
-        ValueError: on wrong shapes/dtypes/devices or gates that are not exactly 0/1.
+        ValueError: on wrong shapes/dtypes/devices (attn_bias: shape, groups not dividing B, device) or gates that are
+            not exactly 0/1.
+        TypeError: on activations other than fp32/bf16/fp16, or an attn_bias that is not floating point.
     """
     if x_hat.dim() != 3:
         raise ValueError(f"gated_attn_conv: x_hat must be (B, N, C), got shape {tuple(x_hat.shape)}")
     require_triton_device("gated_attn_conv", x_hat.device)
-    if attn_bias is not None:
-        raise NotImplementedError("gated_attn_conv (triton): attn_bias (windowed attention) is not supported by the "
-                                  "fused op yet; use the eager backend")
     x_in = x_hat
     x_hat, w_qk, b_qk, w_v, b_v, w_o, b_o = autocast_cast(x_hat.device.type, (x_hat, w_qk, b_qk, w_v, b_v, w_o, b_o))
     bsz, n, c = x_hat.shape
@@ -930,6 +989,15 @@ def gated_attn_conv(
         raise ValueError(f"gated_attn_conv: center must be a tap index in [0, 9), got {center}")
     if not training and any(bn.running_mean is None or bn.running_var is None for bn in (bn1, bn3)):
         raise ValueError("gated_attn_conv: eval mode needs BN running statistics")
+    if attn_bias is not None:
+        try:
+            check_attn_bias(attn_bias, bsz, h, n)
+        except (ValueError, TypeError) as exc:
+            raise type(exc)(f"gated_attn_conv: {exc}") from None
+        _check("attn_bias", attn_bias, attn_bias.shape, device=dev)
+        # cast like the attention logits it is added to (the reference adds attn_bias.to(q.dtype)); differentiable,
+        # so an fp32 bias (e.g. from an fp32 relative-position table under autocast) gets an fp32 gradient
+        attn_bias = attn_bias.to(dt)
 
     vals = gates.detach().to(torch.float32).cpu().tolist()  # one host sync (the original code branches on gates)
     if any(val not in (0.0, 1.0) for val in vals):
@@ -946,9 +1014,13 @@ def gated_attn_conv(
     w_qk, w_v, w_o = w_qk.contiguous(), w_v.contiguous(), w_o.contiguous()
     tensors = (x_hat, w_qk, b_qk, w_v, b_v, w_o, b_o, head_probs, bn1.weight, bn1.bias, bn1.running_mean,
                bn1.running_var, bn3.weight, bn3.bias, bn3.running_mean, bn3.running_var, gates)
-    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    outs = gated_attn_conv_op(*tensors, h, float(alpha), gh, gw, bool(training), pre, int(center), [e1, e3, em], live,
-                              [float(bn1.eps), float(bn3.eps)], save)
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors + (attn_bias,))
+    statics = (h, float(alpha), gh, gw, bool(training), pre, int(center), [e1, e3, em], live,
+               [float(bn1.eps), float(bn3.eps)], save)
+    if attn_bias is None:
+        outs = gated_attn_conv_op(*tensors, *statics)
+    else:
+        outs = gated_attn_conv_op(*tensors, *statics, attn_bias.contiguous())
     if training:  # running statistics, as F.batch_norm updates them (functional op: the update happens here)
         for bn, chan, is_live in ((bn1, outs[7], live[2]), (bn3, outs[6], live[1])):
             if is_live:
