@@ -143,7 +143,7 @@ class DeployedSwinStage(nn.Module):
             from timm.models.swin_transformer import PatchMerging
 
             self.downsample = PatchMerging(downsample["dim"], downsample["out_dim"],
-                                           norm_layer=lambda d: _norm_from(downsample["norm"]))
+                                           norm_layer=lambda d, **kw: _norm_from(downsample["norm"]))
         else:
             self.downsample = nn.Identity()
         self.blocks = nn.ModuleList(blocks)
@@ -182,7 +182,7 @@ class DeployedSwin(DeployedModel):
         self.patch_embed = PatchEmbed(
             img_size=tuple(c["img_size"]), patch_size=c["patch_size"], in_chans=c["in_chans"],
             embed_dim=c["stage_dims"][0], bias=c["patch_bias"], flatten=False, output_fmt="NHWC",
-            norm_layer=(lambda d: _norm_from(pe_norm)) if pe_norm is not None else None)
+            norm_layer=(lambda d, **kw: _norm_from(pe_norm)) if pe_norm is not None else None)
         stages, i = [], 0
         for s, depth in enumerate(c["depths"]):
             dim = c["stage_dims"][s]
@@ -279,7 +279,7 @@ def _swin_block(i: int, blk: nn.Module, kind: str, dim: int) -> Tuple[Dict, Dict
         if attn.kind != kind:
             raise ValueError(f"block {i}: architecture says {kind} but the layer is a {attn.kind} conv")
         taps, tap_bias, out_map = attn.conv_params()  # taps in the kernels' (DeiT) tap order
-        b_out = attn.proj.bias if isinstance(attn, ConvAttention) else attn.bconv[3].bias
+        b_out = attn.bconv[3].bias if hasattr(attn, "bconv") else attn.proj.bias
         w_planes, b_fold = R.fold_bn(_f64(taps), _f64(tap_bias, ref, taps.shape[1]), _bn_of(attn, i))
         sd.update({"attn.w_planes": w_planes, "attn.b_fold": b_fold, "attn.w_out": _f64(out_map),
                    "attn.b_out": _f64(b_out, ref, dim)})

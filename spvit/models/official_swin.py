@@ -33,7 +33,11 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
+from spvit_kernels import reference as R
+
 from ..arch import Architecture, BlockArch
+from .pruned import ConvAttention
+from .supernet import _bn_state
 
 _BLOCK = re.compile(r"layers\.(\d+)\.blocks\.(\d+)\.")
 _DROPPED_BUFFERS = ("relative_position_index", "attn_mask")
@@ -124,6 +128,43 @@ def block_choice(sd: Dict[str, torch.Tensor], s: int, j: int) -> str:
     return "skip"
 
 
+class SwinExplicitConvAttention(ConvAttention):
+    """A parameter-optimised (``bconv``) conv layer of a Swin fine-tune checkpoint, on the full stage map.
+
+    The same computation as :class:`~spvit.models.pruned.ExplicitConvAttention` (conv C->d, BN, ReLU, 1x1 conv
+    d->C; docs/method.md §6) without prefix tokens. It derives from :class:`ConvAttention` only so that Swin blocks
+    treat it as a conv layer (run on the whole (H, W) map, as the original's ``UnifiedWindowAttentionParamOpt`` does
+    for 3x3 layers; for 1x1 layers windows and full map agree); it has none of ConvAttention's shared weights.
+    forward(x_hat: (B, H*W, C)) -> (B, H*W, C).
+    """
+
+    def __init__(self, kind: str, dim: int, head_dim: int, grid):
+        nn.Module.__init__(self)
+        k = 3 if kind == "3x3" else 1
+        self.kind, self.dim, self.head_dim, self.num_heads = kind, dim, head_dim, dim // head_dim
+        self.grid, self.num_prefix_tokens, self.alpha, self.tap_order = tuple(grid), 0, None, "deit"
+        self.bconv = nn.Sequential(nn.Conv2d(dim, head_dim, k, padding=k // 2), nn.BatchNorm2d(head_dim), nn.ReLU(),
+                                   nn.Conv2d(head_dim, dim, 1))
+
+    @property
+    def bn_name(self) -> str:
+        return "bconv.1"
+
+    @property
+    def bn(self) -> nn.BatchNorm2d:
+        return self.bconv[1]
+
+    def conv_params(self):
+        """(taps (T, d, C) in the kernels' tap order, tap_bias (d,), out_map (C, d)) of the stored convolution."""
+        c0, c3 = self.bconv[0], self.bconv[3]
+        return R.conv_weight_to_taps(c0.weight), c0.bias, c3.weight[:, :, 0, 0]
+
+    def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False, **kwargs) -> torch.Tensor:
+        taps, tap_bias, out_map = self.conv_params()
+        return R.conv_attention(x, taps, tap_bias, out_map, self.bconv[3].bias, _bn_state(self.bn), self.grid,
+                                self.training, 0)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Loading
 # ----------------------------------------------------------------------------------------------------------------------
@@ -195,7 +236,7 @@ def load_official_swin(sd: Dict[str, torch.Tensor], base: nn.Module, name: str, 
 
 def _load_finetune(sd, base, name, path, alpha):
     from .convert import signature_of
-    from .pruned import ExplicitConvAttention, prune
+    from .pruned import prune
 
     sig = signature_of(base)
     blocks: List[BlockArch] = []
@@ -220,9 +261,9 @@ def _load_finetune(sd, base, name, path, alpha):
     has_skip = "skip" in arch.attn_choices
     if has_skip:
         warnings.warn(f"{path} has skip layers: reproducing the original fine-tune semantics x + LN1(x) (quirk Q4)",
-                      stacklevel=3)
+                      stacklevel=4)
     if explicit:
-        warnings.warn(Q9_WARNING.format(path=path), stacklevel=3)
+        warnings.warn(Q9_WARNING.format(path=path), stacklevel=4)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pruned = prune(base, arch, alpha=alpha, official_skip=has_skip)
@@ -230,7 +271,7 @@ def _load_finetune(sd, base, name, path, alpha):
         s, j = where[i]
         blk = pruned.swin.layers[s].blocks[j]
         dim = sig.stage_dims[s]
-        blk.attn = ExplicitConvAttention(blocks[i].attn, dim, sig.head_dim, sig.stage_grid(s), num_prefix_tokens=0)
+        blk.attn = SwinExplicitConvAttention(blocks[i].attn, dim, sig.head_dim, sig.stage_grid(s))
     mapped = original_to_timm_keys(sd)
     mapped = fuse_msa_qkv(mapped, [w for w, b in zip(where, blocks) if b.attn == "msa"])
     _strict(pruned, {f"swin.{k}": v for k, v in mapped.items()}, path,
@@ -281,4 +322,5 @@ def read_ffn_indicators(path: str, model: Union[str, nn.Module], **create_kwargs
 
 
 __all__ = ["original_to_timm_keys", "timm_to_original_keys", "fuse_msa_qkv", "stage_depths_of", "block_choice",
-           "load_official_swin", "read_ffn_indicators", "is_swin", "looks_like_swin_checkpoint", "Q9_WARNING"]
+           "load_official_swin", "read_ffn_indicators", "is_swin", "looks_like_swin_checkpoint", "Q9_WARNING",
+           "SwinExplicitConvAttention"]
