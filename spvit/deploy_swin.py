@@ -59,10 +59,11 @@ class WindowFusedAttention(nn.Module):
         bias = self.attn_bias.to(q.dtype)
         if g == 1:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        else:
-            shape = (bw // g, g, self.num_heads, n, self.head_dim)
+        else:  # (B*G, h) -> (B, G*h): the windows of one image are consecutive; 4-D SDPA (ONNX exporters need it)
+            shape = (bw // g, g * self.num_heads, n, self.head_dim)
             o = F.scaled_dot_product_attention(q.reshape(shape), k.reshape(shape), v.reshape(shape),
-                                               attn_mask=bias).reshape(bw, self.num_heads, n, self.head_dim)
+                                               attn_mask=bias.reshape(1, g * self.num_heads, n, n))
+            o = o.reshape(bw, self.num_heads, n, self.head_dim)
         return F.linear(o.transpose(1, 2).reshape(bw, n, c), self.proj.weight, self.proj.bias)
 
 
