@@ -5,14 +5,14 @@
     pruned = spvit.prune(timm_model, arch)   # fine-tune
 """
 from ._version import __version__
-from .arch import Architecture, BlockArch, ModelSignature
+from .arch import Architecture, BlockArch, ModelSignature, SwinSignature
 from .flops import count_params, gflops
-from .models import PrunedModel, Supernet, UnsupportedModelError, prune, supernet
+from .models import PrunedModel, Supernet, SwinPrunedModel, SwinSupernet, UnsupportedModelError, prune, supernet
 from .models.official import load_official
 from .deploy import DeployedModel, deploy, load_deployed
 from .export import export_onnx
 
-__all__ = ["Architecture", "BlockArch", "ModelSignature", "count_params", "gflops", "PrunedModel", "Supernet",
+__all__ = ["Architecture", "BlockArch", "ModelSignature", "SwinSignature", "SwinSupernet", "SwinPrunedModel", "count_params", "gflops", "PrunedModel", "Supernet",
            "UnsupportedModelError", "prune", "supernet", "load_official", "DeployedModel", "deploy",
            "load_deployed", "export_onnx", "__version__"]
 

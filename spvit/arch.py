@@ -1,10 +1,15 @@
-"""The searched architecture: per block, the attention choice and the kept FFN hidden units (JSON round trip)."""
+"""The searched architecture: per block, the attention choice and the kept FFN hidden units (JSON round trip).
+
+Two model families: ViT/DeiT (:class:`ModelSignature`, one stage of equal blocks) and Swin (:class:`SwinSignature`,
+stages of blocks at decreasing resolution). ``Architecture.blocks`` is always the flat list of blocks in block order
+(stage by stage for Swin); ``Architecture.stages`` nests it per stage.
+"""
 from __future__ import annotations
 
 import json
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from .gates import ATTN_CHOICES
 
@@ -13,7 +18,9 @@ FORMAT_VERSION = 1
 
 @dataclass(frozen=True)
 class ModelSignature:
-    """What an architecture must agree with to be applied to a model."""
+    """What an architecture must agree with to be applied to a ViT/DeiT model."""
+
+    family = "vit"  # class attribute, not a field
 
     embed_dim: int
     depth: int
@@ -33,9 +40,101 @@ class ModelSignature:
     def img_size(self) -> Tuple[int, int]:
         return (self.grid[0] * self.patch_size, self.grid[1] * self.patch_size)
 
+    @property
+    def stage_depths(self) -> Tuple[int, ...]:
+        return (self.depth,)
+
+    @property
+    def block_mlp_hidden(self) -> Tuple[int, ...]:
+        """Dense FFN width of every block."""
+        return (self.mlp_hidden,) * self.depth
+
     def describe(self) -> str:
         return (f"dim {self.embed_dim}, depth {self.depth}, heads {self.num_heads}, mlp {self.mlp_hidden}, "
                 f"grid {self.grid[0]}x{self.grid[1]} (patch {self.patch_size}), {self.num_classes} classes")
+
+
+@dataclass(frozen=True)
+class SwinSignature:
+    """What an architecture must agree with to be applied to a Swin Transformer (docs/method.md §7).
+
+    ``grid`` is the stage-1 patch grid (56x56 at 224 px, patch 4); stage ``s`` has ``embed_dim * 2**s`` channels on a
+    ``grid // 2**s`` grid; ``mlp_hidden[s]`` is the dense FFN width of the blocks of stage ``s``.
+    """
+
+    family = "swin"  # class attribute, not a field
+
+    embed_dim: int
+    depths: Tuple[int, ...]
+    num_heads: Tuple[int, ...]
+    window_size: int
+    grid: Tuple[int, int]
+    patch_size: int
+    in_chans: int
+    mlp_hidden: Tuple[int, ...]
+    num_classes: int
+
+    def __post_init__(self):
+        for name in ("depths", "num_heads", "mlp_hidden", "grid"):
+            object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
+        n = len(self.depths)
+        if len(self.num_heads) != n or len(self.mlp_hidden) != n:
+            raise ValueError(f"Swin signature: depths {self.depths}, num_heads {self.num_heads} and mlp_hidden "
+                             f"{self.mlp_hidden} must have one entry per stage")
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.depths)
+
+    @property
+    def depth(self) -> int:
+        return sum(self.depths)
+
+    @property
+    def stage_depths(self) -> Tuple[int, ...]:
+        return self.depths
+
+    @property
+    def stage_dims(self) -> Tuple[int, ...]:
+        return tuple(self.embed_dim * 2 ** s for s in range(self.num_stages))
+
+    def stage_grid(self, s: int) -> Tuple[int, int]:
+        return (self.grid[0] // 2 ** s, self.grid[1] // 2 ** s)
+
+    def stage_window(self, s: int) -> int:
+        """Window side of stage ``s``: the window size, or the stage's grid when that is smaller (one window)."""
+        return min(self.window_size, self.stage_grid(s)[0])
+
+    def stage_shift(self, s: int) -> int:
+        """Cyclic shift of the odd blocks of stage ``s`` (0 when the stage is a single window)."""
+        return 0 if self.stage_grid(s)[0] <= self.window_size else self.window_size // 2
+
+    @property
+    def head_dim(self) -> int:
+        return self.stage_dims[0] // self.num_heads[0]
+
+    @property
+    def img_size(self) -> Tuple[int, int]:
+        return (self.grid[0] * self.patch_size, self.grid[1] * self.patch_size)
+
+    @property
+    def block_stage(self) -> Tuple[int, ...]:
+        """Stage index of every block (block order)."""
+        return tuple(s for s, n in enumerate(self.depths) for _ in range(n))
+
+    @property
+    def block_mlp_hidden(self) -> Tuple[int, ...]:
+        return tuple(self.mlp_hidden[s] for s in self.block_stage)
+
+    def describe(self) -> str:
+        return (f"Swin dim {self.embed_dim}, depths {list(self.depths)}, heads {list(self.num_heads)}, window "
+                f"{self.window_size}, grid {self.grid[0]}x{self.grid[1]} (patch {self.patch_size}), "
+                f"{self.num_classes} classes")
+
+
+AnySignature = Union[ModelSignature, SwinSignature]
+FAMILIES = {"vit": ModelSignature, "swin": SwinSignature}
+FAMILY_NAMES = {"vit": "ViT/DeiT", "swin": "Swin"}
 
 
 @dataclass(frozen=True)
@@ -60,19 +159,20 @@ class BlockArch:
 
 @dataclass
 class Architecture:
-    """An SPViT architecture for one model (``model_name`` and its :class:`ModelSignature`)."""
+    """An SPViT architecture for one model (``model_name`` and its :class:`ModelSignature` or
+    :class:`SwinSignature`)."""
 
     model_name: str
-    signature: ModelSignature
+    signature: AnySignature
     blocks: List[BlockArch]
     meta: Dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
         if len(self.blocks) != self.signature.depth:
             raise ValueError(f"architecture has {len(self.blocks)} blocks but the model has depth {self.signature.depth}")
-        for i, b in enumerate(self.blocks):
-            if b.ffn_keep and (b.ffn_keep[0] < 0 or b.ffn_keep[-1] >= self.signature.mlp_hidden):
-                raise ValueError(f"block {i}: kept FFN unit index out of range [0, {self.signature.mlp_hidden})")
+        for i, (b, hidden) in enumerate(zip(self.blocks, self.signature.block_mlp_hidden)):
+            if b.ffn_keep and (b.ffn_keep[0] < 0 or b.ffn_keep[-1] >= hidden):
+                raise ValueError(f"block {i}: kept FFN unit index out of range [0, {hidden})")
 
     # ----------------------------------------------------------------------------------------------------------
     @property
@@ -83,8 +183,26 @@ class Architecture:
     def ffn_widths(self) -> List[int]:
         return [b.ffn_width for b in self.blocks]
 
-    def check_compatible(self, signature: ModelSignature, model_name: Optional[str] = None) -> None:
+    @property
+    def family(self) -> str:
+        return self.signature.family
+
+    @property
+    def stages(self) -> List[List[BlockArch]]:
+        """The blocks nested per stage (one stage for ViT/DeiT)."""
+        out, i = [], 0
+        for n in self.signature.stage_depths:
+            out.append(list(self.blocks[i:i + n]))
+            i += n
+        return out
+
+    def check_compatible(self, signature: AnySignature, model_name: Optional[str] = None) -> None:
         """Raise ValueError naming the mismatch if this architecture does not belong to a model of ``signature``."""
+        if type(signature) is not type(self.signature):
+            raise ValueError(
+                f"architecture is for the {FAMILY_NAMES[self.signature.family]} model {self.model_name!r}, not for "
+                f"{model_name or 'this model'}, a {FAMILY_NAMES[signature.family]} model: an architecture applies "
+                f"only to a model of its own family and size")
         if signature != self.signature:
             diffs = [f"{k}: architecture {getattr(self.signature, k)!r} vs model {getattr(signature, k)!r}"
                      for k in asdict(self.signature) if getattr(signature, k) != getattr(self.signature, k)]
@@ -96,22 +214,26 @@ class Architecture:
     def summary(self) -> str:
         """One line per block: index, attention choice, kept FFN units."""
         lines = [f"Architecture of {self.model_name} ({self.signature.describe()})"]
-        for i, b in enumerate(self.blocks):
-            lines.append(f"  block {i:2d}: {b.attn:>4s}  FFN {b.ffn_width:5d}/{self.signature.mlp_hidden}")
+        stage = getattr(self.signature, "block_stage", None)
+        for i, (b, hidden) in enumerate(zip(self.blocks, self.signature.block_mlp_hidden)):
+            where = f"stage {stage[i] + 1} " if stage is not None else ""
+            lines.append(f"  {where}block {i:2d}: {b.attn:>4s}  FFN {b.ffn_width:5d}/{hidden}")
         return "\n".join(lines)
 
     # ----------------------------------------------------------------------------------------------------------
     def to_dict(self) -> Dict:
-        sig = asdict(self.signature)
-        sig["grid"] = list(self.signature.grid)
-        return {
-            "format": "spvit-architecture",
-            "version": FORMAT_VERSION,
-            "model_name": self.model_name,
-            "signature": sig,
-            "blocks": [{"attn": b.attn, "ffn_keep": list(b.ffn_keep)} for b in self.blocks],
-            "meta": self.meta,
-        }
+        """JSON-able dict. A Swin architecture carries ``signature.family = "swin"`` and its blocks nested per stage
+        (``"stages"``); a ViT/DeiT one the flat ``"blocks"`` list (no family key: the original format)."""
+        sig = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.signature).items()}
+        d = {"format": "spvit-architecture", "version": FORMAT_VERSION, "model_name": self.model_name,
+             "signature": sig}
+        if self.signature.family == "vit":
+            d["blocks"] = [_block_dict(b) for b in self.blocks]
+        else:
+            sig["family"] = self.signature.family
+            d["stages"] = [[_block_dict(b) for b in stage] for stage in self.stages]
+        d["meta"] = self.meta
+        return d
 
     @classmethod
     def from_dict(cls, d: Dict) -> "Architecture":
@@ -122,10 +244,17 @@ class Architecture:
                              f"understands ({FORMAT_VERSION}); upgrade spvit")
         try:
             sig = dict(d["signature"])
-            sig["grid"] = tuple(sig["grid"])
+            family = sig.pop("family", "vit")
+            if family not in FAMILIES:
+                raise ValueError(f"unknown model family {family!r} in the architecture; known: {sorted(FAMILIES)}")
+            sig = {k: tuple(v) if isinstance(v, list) else v for k, v in sig.items()}
+            blocks = d["blocks"] if "blocks" in d else [b for stage in d["stages"] for b in stage]
+            if "stages" in d and [len(s) for s in d["stages"]] != list(sig.get("depths", [len(blocks)])):
+                raise ValueError(f"the architecture's stages have {[len(s) for s in d['stages']]} blocks, its "
+                                 f"signature depths {sig.get('depths')}")
             return cls(
-                model_name=d["model_name"], signature=ModelSignature(**sig),
-                blocks=[BlockArch(b["attn"], tuple(b["ffn_keep"])) for b in d["blocks"]], meta=d.get("meta", {}),
+                model_name=d["model_name"], signature=FAMILIES[family](**sig),
+                blocks=[BlockArch(b["attn"], tuple(b["ffn_keep"])) for b in blocks], meta=d.get("meta", {}),
             )
         except (KeyError, TypeError) as exc:
             raise ValueError(f"malformed architecture: {exc!r}") from exc
@@ -149,6 +278,10 @@ class Architecture:
         return cls.from_dict(d)
 
     @classmethod
-    def from_choices(cls, model_name: str, signature: ModelSignature, attn: Sequence[str],
+    def from_choices(cls, model_name: str, signature: AnySignature, attn: Sequence[str],
                      ffn_keep: Sequence[Sequence[int]]) -> "Architecture":
         return cls(model_name, signature, [BlockArch(a, tuple(k)) for a, k in zip(attn, ffn_keep)])
+
+
+def _block_dict(b: BlockArch) -> Dict:
+    return {"attn": b.attn, "ffn_keep": list(b.ffn_keep)}

@@ -7,6 +7,10 @@ For a ViT with embedding C, h heads (d = C/h), a patch grid of HW positions, N =
   c1 = 2*C*d*HW, c3 = 10*C*d*HW, cm = 4*N*C^2 + 2*C*N^2; FFN 2*HW*C*kept (HW, not N: as the original, §9 Q6).
 
 The same function serves the differentiable loss (gates as tensors) and plain counting (floats).
+
+Swin (docs/method.md §7.5, :func:`swin_macs`): per stage the same attention / FFN terms on the stage's HW tokens,
+with the MSA cost counted per window; plus the patch-embedding norm, the patch merging layers and the original's
+count of the final norm.
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from typing import Sequence, Union
 
 import torch
 
-from .arch import Architecture, ModelSignature
+from .arch import Architecture, ModelSignature, SwinSignature
 
 Number = Union[float, torch.Tensor]
 _E = {"msa": (1, 1, 1), "3x3": (1, 1, 0), "1x1": (1, 0, 0), "skip": (0, 0, 0)}
@@ -56,22 +60,67 @@ def vit_macs(sig: ModelSignature, attn_gates: Sequence, ffn_kept: Sequence[Numbe
     return total
 
 
+def swin_stage_costs(sig: SwinSignature, s: int):
+    """Per-image MACs (c1, c3, cm, ffn_per_unit, norms) of one block of Swin stage ``s`` (docs/method.md §7.5)."""
+    dim, d = sig.stage_dims[s], sig.head_dim
+    rh, rw = sig.stage_grid(s)
+    hw = rh * rw
+    w = sig.stage_window(s)
+    n = w * w
+    n_win = hw // n
+    c1 = 2 * dim * d * hw
+    c3 = 10 * dim * d * hw
+    cm = n_win * (4 * n * dim * dim + 2 * n * n * dim)
+    return c1, c3, cm, 2 * hw * dim, 2 * dim * hw
+
+
+def swin_constant_macs(sig: SwinSignature) -> int:
+    """Patch embedding (+ its norm), the blocks' LayerNorms, patch merging, final norm (as the original counts it:
+    ``num_features * HW_1 // 2**stages``) and the classifier."""
+    hw0 = sig.grid[0] * sig.grid[1]
+    c = sig.embed_dim
+    total = hw0 * c * sig.in_chans * sig.patch_size ** 2 + hw0 * c
+    for s in range(sig.num_stages):
+        total += sig.depths[s] * swin_stage_costs(sig, s)[4]
+        if s < sig.num_stages - 1:  # the merge that starts stage s + 1, counted on stage s's map
+            rh, rw = sig.stage_grid(s)
+            dim = sig.stage_dims[s]
+            total += rh * rw * dim + (rh // 2) * (rw // 2) * 4 * dim * 2 * dim
+    nf = sig.stage_dims[-1]
+    return total + nf * hw0 // 2 ** sig.num_stages + nf * sig.num_classes
+
+
+def swin_macs(sig: SwinSignature, attn_gates: Sequence, ffn_kept: Sequence[Number]) -> Number:
+    """Total MACs per image of a Swin model; arguments per block in block order, as :func:`vit_macs`."""
+    total: Number = float(swin_constant_macs(sig))
+    for s, e, k in zip(sig.block_stage, attn_gates, ffn_kept):
+        c1, c3, cm, per_unit, _ = swin_stage_costs(sig, s)
+        total = total + e[0] * c1 + e[1] * (c3 - c1) + e[2] * (cm - c3) + per_unit * k
+    return total
+
+
+def model_macs(sig, attn_gates: Sequence, ffn_kept: Sequence[Number]) -> Number:
+    """MACs per image for a signature of either family."""
+    fn = swin_macs if isinstance(sig, SwinSignature) else vit_macs
+    return fn(sig, attn_gates, ffn_kept)
+
+
 def arch_macs(arch: Architecture) -> int:
     """MACs per image of a fixed architecture."""
-    return int(vit_macs(arch.signature, [_E[b.attn] for b in arch.blocks], [b.ffn_width for b in arch.blocks]))
+    return int(model_macs(arch.signature, [_E[b.attn] for b in arch.blocks], [b.ffn_width for b in arch.blocks]))
 
 
-def dense_macs(sig: ModelSignature) -> int:
-    return int(vit_macs(sig, [(1, 1, 1)] * sig.depth, [sig.mlp_hidden] * sig.depth))
+def dense_macs(sig) -> int:
+    return int(model_macs(sig, [(1, 1, 1)] * sig.depth, list(sig.block_mlp_hidden)))
 
 
-def min_macs(sig: ModelSignature) -> int:
+def min_macs(sig) -> int:
     """Every attention skipped, every FFN unit pruned: what no search can go below."""
-    return int(vit_macs(sig, [(0, 0, 0)] * sig.depth, [0] * sig.depth))
+    return int(model_macs(sig, [(0, 0, 0)] * sig.depth, [0] * sig.depth))
 
 
 def gflops(model) -> float:
-    """GFLOPs (MACs / 1e9, the paper's unit) of a timm ViT, a Supernet (its eval decisions), a pruned or
+    """GFLOPs (MACs / 1e9, the paper's unit) of a timm ViT or Swin, a Supernet (its eval decisions), a pruned or
     deployed model (anything with an ``architecture`` attribute), or an :class:`Architecture`."""
     from .models.convert import signature_of
 

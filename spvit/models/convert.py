@@ -12,6 +12,11 @@ class UnsupportedModelError(ValueError):
     """The model cannot be converted to SPViT (the message says why)."""
 
 
+# Column j of a Swin head_probs (centre first, docs/method.md §1.3) for DeiT tap k: the DeiT-order matrix is
+# ``head_probs[:, SWIN_TO_DEIT]`` (DeiT taps 0-3 are Swin columns 1-4, the centre 4 is column 0, 5-8 stay).
+SWIN_TO_DEIT = (1, 2, 3, 4, 0, 5, 6, 7, 8)
+
+
 def _timm_classes():
     from timm.models.vision_transformer import Attention, Block, VisionTransformer
     from timm.layers import Mlp
@@ -36,11 +41,16 @@ def model_name_of(model: nn.Module) -> str:
 
 
 def signature_of(model: nn.Module, check_blocks: bool = True) -> ModelSignature:
-    """Signature of a timm ViT (or of a Supernet / PrunedModel wrapping one).
+    """Signature of a timm ViT (or of a Supernet / PrunedModel wrapping one); of a timm Swin Transformer (or a
+    wrapper of one) its :class:`~spvit.arch.SwinSignature`.
 
     Raises:
         UnsupportedModelError: naming why the model cannot be converted.
     """
+    from .swin import is_swin, swin_signature_of
+
+    if is_swin(getattr(model, "swin", model)):
+        return swin_signature_of(model, check_blocks)
     vit = getattr(model, "vit", model)
     VisionTransformer, Block, Attention, Mlp = _timm_classes()
     if not isinstance(vit, VisionTransformer):

@@ -17,8 +17,8 @@ import torch.nn as nn
 
 from spvit_kernels import reference as R
 
-from ..arch import Architecture
-from .convert import check_images, model_name_of, signature_of
+from ..arch import Architecture, SwinSignature
+from .convert import SWIN_TO_DEIT, check_images, model_name_of, signature_of
 from .supernet import GatedMlp, SearchAttention, Supernet, _bn_state
 
 
@@ -26,17 +26,22 @@ class ConvAttention(nn.Module):
     """A 3x3 or 1x1 conv layer sharing the MSA value/output projections (docs/method.md §1.2-1.6, §5.3).
 
     Parameters: ``v`` (C -> C), ``proj`` (C -> C), ``head_probs`` (h, 9), ``bn_3x3`` or ``bn_1x1``.
+    ``tap_order="swin"``: ``head_probs`` columns in Swin's centre-first order (§1.3); Swin layers use
+    ``num_prefix_tokens=0`` and the stage grid.
     forward(x_hat: (B, N, C)) -> (B, N, C), prefix (class) token passed through.
     """
 
     spvit_kind = "conv"
 
     def __init__(self, kind: str, dim: int, num_heads: int, grid, alpha: float = 1e-2, qkv_bias: bool = True,
-                 num_prefix_tokens: int = 1):
+                 num_prefix_tokens: int = 1, tap_order: str = "deit"):
         super().__init__()
         R.tap_columns(kind)  # validates
+        if tap_order not in ("deit", "swin"):
+            raise ValueError(f"tap_order must be 'deit' or 'swin', got {tap_order!r}")
         self.kind, self.dim, self.num_heads, self.head_dim = kind, dim, num_heads, dim // num_heads
         self.grid, self.alpha, self.num_prefix_tokens = tuple(grid), alpha, num_prefix_tokens
+        self.tap_order = tap_order  # column order of head_probs: DeiT's, or Swin's centre-first (docs/method.md §1.3)
         self.v = nn.Linear(dim, dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.head_probs = nn.Parameter(torch.ones(num_heads, 9))
@@ -52,7 +57,8 @@ class ConvAttention(nn.Module):
 
     def conv_params(self):
         """(taps (T, d, C), tap_bias (d,), out_map (C, d)) of the current weights."""
-        m = R.head_mix(self.head_probs, self.alpha)
+        hp = self.head_probs if self.tap_order == "deit" else self.head_probs[:, list(SWIN_TO_DEIT)]
+        m = R.head_mix(hp, self.alpha)
         return R.mixed_conv_params(self.v.weight, self.v.bias, self.proj.weight, m, self.num_heads, self.kind)
 
     def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False, **kwargs) -> torch.Tensor:
@@ -332,7 +338,15 @@ def prune(model: Union[nn.Module, Supernet], arch: Architecture, carry_weights: 
         carry_weights: for a Supernet, carry head_probs and BN (default True); ignored for a timm model.
         alpha: head-mixing temperature (default: the supernet's, or 0.01).
         official_skip: skip layers return LN1(x) (original fine-tune semantics, quirk Q4) instead of 0.
+
+    A timm Swin Transformer (or a Swin supernet) gives a :class:`~spvit.models.swin.SwinPrunedModel`.
     """
+    from .swin import is_swin, prune_swin
+
+    if is_swin(getattr(model, "swin", model)):
+        return prune_swin(model, arch, carry_weights=carry_weights, alpha=alpha, official_skip=official_skip)
+    if isinstance(getattr(arch, "signature", None), SwinSignature):
+        arch.check_compatible(signature_of(model), model_name_of(getattr(model, "vit", model)))
     sig = signature_of(model)
     arch.check_compatible(sig, model_name_of(getattr(model, "vit", model)))
     is_sn = isinstance(model, Supernet)

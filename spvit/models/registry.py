@@ -31,15 +31,44 @@ SHIPPED: Dict[str, Tuple[str, List[str], List[int]]] = {
         [1253, 610, 1343, 1912, 2354, 2306, 2483, 2753, 2869, 2860, 2443, 934]),
 }
 
+# Swin (docs/method.md §8.3): name -> (timm base model, MSA choice per block nested per stage, kept FFN units per
+# block nested per stage); from the original fine-tune configs and FFN indicator files. No 3x3 layer in any.
+_M, _S, _1 = "msa", "skip", "1x1"
+SHIPPED_SWIN: Dict[str, Tuple[str, List[List[str]], List[List[int]]]] = {
+    "spvit_swin_tiny_patch4_window7_224": (  # tn_l28_t32
+        "swin_tiny_patch4_window7_224", [[_1, _S], [_1, _S], [_M] * 6, [_M] * 2],
+        [[186, 152], [646, 504], [1350, 1319, 1289, 1249, 1234, 1082], [3041, 2994]]),
+    "spvit_swin_small_patch4_window7_224": (  # sm_l04_t55
+        "swin_small_patch4_window7_224", [[_1, _S], [_M, _M], [_M] * 12 + [_S, _1, _M, _M, _S, _S], [_M, _M]],
+        [[188, 209], [748, 680], [1159, 1260, 1127, 1036, 919, 916, 868, 918, 903, 937, 961, 1037, 1063, 996, 888,
+                                  866, 741, 509], [3064, 3051]]),
+    "spvit_swin_base_patch4_window7_224": (  # bs_l01_t100 (no result or weights published)
+        "swin_base_patch4_window7_224", [[_M, _S], [_M, _M], [_M] * 7 + [_S] + [_M] * 6 + [_S, _1, _M, _S], [_M, _M]],
+        [[311, 303], [1011, 980], [1763, 1673, 1636, 1523, 1410, 1377, 1332, 1345, 1440, 1426, 1400, 1315, 1371, 1321,
+                                   1324, 1265, 1127, 734], [3572, 2931]]),
+}
+
+
+def _flat(nested: List[List]) -> List:
+    return [v for stage in nested for v in stage]
+
+
+def shipped_entry(name: str) -> Tuple[str, List[str], List[int]]:
+    """(timm base model, attention choice per block, kept FFN units per block) of a published architecture."""
+    if name in SHIPPED:
+        return SHIPPED[name]
+    if name in SHIPPED_SWIN:
+        base, attn, widths = SHIPPED_SWIN[name]
+        return base, _flat(attn), _flat(widths)
+    raise KeyError(f"unknown SPViT architecture {name!r}; known: {sorted(SHIPPED) + sorted(SHIPPED_SWIN)}")
+
 
 def shipped_architecture(name: str, base_model=None, **create_kwargs) -> Architecture:
     """The published architecture ``name`` (FFN units indexed 0..width-1: the original files store only the kept
     weights' count per layer in the fine-tune checkpoints)."""
     import timm
 
-    if name not in SHIPPED:
-        raise KeyError(f"unknown SPViT architecture {name!r}; known: {sorted(SHIPPED)}")
-    base_name, attn, widths = SHIPPED[name]
+    base_name, attn, widths = shipped_entry(name)
     base = base_model if base_model is not None else timm.create_model(base_name, pretrained=False, **create_kwargs)
     return Architecture(base_name, signature_of(base), [BlockArch(a, tuple(range(w))) for a, w in zip(attn, widths)],
                         meta={"source": f"SPViT release ({name})"})
@@ -55,8 +84,12 @@ RELEASE_FILES: Dict[str, Optional[str]] = {
     "spvit_deit_small_patch16_224": "spvit_deit_sm_l30_t32.pth",
     "spvit_deit_base_patch16_224": "spvit_deit_bs_l008_t60.pth",
     "spvit_deit_base_l006_t100_patch16_224": None,
+    "spvit_swin_tiny_patch4_window7_224": "spvit_swin_t_l28_t32.pth",
+    "spvit_swin_small_patch4_window7_224": "spvit_swin_sm_l04_t55.pth",
+    "spvit_swin_base_patch4_window7_224": None,
 }
-# The original evaluation transform (DeiT's recipe, docs/method.md §4.5): resize 256 (bicubic), centre crop 224.
+# The original evaluation transform (DeiT's recipe, docs/method.md §4.5): resize 256 (bicubic), centre crop 224;
+# the original Swin code evaluates the same way (TEST.CROP: resize 256/224 x 224, centre crop 224, bicubic).
 EVAL_CROP_PCT = 224 / 256
 
 
@@ -67,11 +100,13 @@ def spvit_deit_cfg(name: str) -> Dict[str, Any]:
     release = RELEASE_FILES[name]
     note = (f"original release file {release} ({RELEASE_URL}); load it with pretrained=True, "
             f"pretrained_cfg_overlay=dict(file=<path>)" if release else "no released weights")
+    swin = name in SHIPPED_SWIN
     return {
         "architecture": name, "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "fixed_input_size": True,
         "pool_size": None, "crop_pct": EVAL_CROP_PCT, "crop_mode": "center", "interpolation": "bicubic",
-        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD, "first_conv": "vit.patch_embed.proj",
-        "classifier": "vit.head", "license": "apache-2.0", "origin_url": RELEASE_URL,
+        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "swin.patch_embed.proj" if swin else "vit.patch_embed.proj",
+        "classifier": "swin.head.fc" if swin else "vit.head", "license": "apache-2.0", "origin_url": RELEASE_URL,
         "paper_name": "Pruning Self-attentions into Convolutional Layers in Single Path",
         "paper_ids": "arXiv:2111.11802", "notes": (note,),
     }
@@ -85,7 +120,7 @@ def _deit_default_cfgs() -> Dict[str, Any]:
     """The generated timm default cfgs of the spvit_deit registrations."""
     from timm.models import generate_default_cfgs
 
-    return generate_default_cfgs({name: spvit_deit_cfg(name) for name in SHIPPED})
+    return generate_default_cfgs({name: spvit_deit_cfg(name) for name in list(SHIPPED) + list(SHIPPED_SWIN)})
 
 
 def _load_release(name: str, path: str, num_classes: Optional[int], create_kwargs: Dict[str, Any]):
@@ -97,9 +132,20 @@ def _load_release(name: str, path: str, num_classes: Optional[int], create_kwarg
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{name}: checkpoint file not found: {path}")
-    base_name, attn, widths = SHIPPED[name]
-    model = load_official(path, base_name, **create_kwargs)
-    if not isinstance(model, PrunedModel):
+    base_name, attn, widths = shipped_entry(name)
+    if name in SHIPPED_SWIN:
+        try:
+            from .official_swin import load_official as load_official_swin
+        except ImportError:
+            raise ValueError(f"{name}: reading original Swin checkpoints is not available in this spvit") from None
+        from .swin import SwinPrunedModel
+
+        model = load_official_swin(path, base_name, **create_kwargs)
+        pruned_types = (SwinPrunedModel,)
+    else:
+        model = load_official(path, base_name, **create_kwargs)
+        pruned_types = (PrunedModel,)
+    if not isinstance(model, pruned_types):
         raise ValueError(f"{name}: {path} is a search (supernet) checkpoint, not a fine-tuned {name}")
     arch = model.architecture
     if arch.attn_choices != attn or arch.ffn_widths != widths:
@@ -134,7 +180,7 @@ def _factory(name: str):
             num_classes = kwargs.pop("num_classes", None)
             model = _load_release(name, cfg["file"], num_classes, kwargs)
         else:
-            base = timm.create_model(SHIPPED[name][0], pretrained=False, **kwargs)
+            base = timm.create_model(shipped_entry(name)[0], pretrained=False, **kwargs)
             model = prune(base, shipped_architecture(name, base))
         cfg["num_classes"] = model.num_classes
         model.pretrained_cfg = cfg
@@ -142,7 +188,7 @@ def _factory(name: str):
 
     build.__name__ = name
     build.__module__ = __name__
-    build.__doc__ = f"SPViT fine-tune model {name} (docs/method.md §8.3) built on {SHIPPED[name][0]}."
+    build.__doc__ = f"SPViT fine-tune model {name} (docs/method.md §8.3) built on {shipped_entry(name)[0]}."
     return build
 
 
@@ -171,7 +217,7 @@ def register_with_timm() -> None:
     from timm.models import is_model, register_model
 
     default_cfgs.update(_deit_default_cfgs())
-    for name in SHIPPED:
+    for name in list(SHIPPED) + list(SHIPPED_SWIN):
         if not is_model(name):
             register_model(_factory(name))
     if not is_model(DEMO_MODEL):

@@ -235,12 +235,19 @@ class Supernet(nn.Module):
         return rows
 
 
-def supernet(model: nn.Module, theta: float = 1.5, alpha: float = 1e-2, model_name: Optional[str] = None) -> Supernet:
-    """Build an SPViT supernet from a timm ViT/DeiT (weights shared; gates, head_probs and BNs added).
+def supernet(model: nn.Module, theta: float = 1.5, alpha: Optional[float] = None,
+             model_name: Optional[str] = None) -> Supernet:
+    """Build an SPViT supernet from a timm ViT/DeiT or Swin Transformer (weights shared; gates, head_probs and BNs
+    added).
 
     Args:
-        model: a timm ``VisionTransformer`` with a class token (e.g. ``deit_small_patch16_224``).
+        model: a timm ``VisionTransformer`` with a class token (e.g. ``deit_small_patch16_224``), or a timm
+            ``SwinTransformer`` (e.g. ``swin_tiny_patch4_window7_224``: a :class:`~spvit.models.swin.SwinSupernet`).
         theta: initial gate logit θ0 (1.5 in every official config).
-        alpha: head-mixing temperature (0.01 for DeiT).
+        alpha: head-mixing temperature; default the family's (0.01 for DeiT, 100 for Swin, docs/method.md §1.2).
     """
-    return Supernet(model, theta=theta, alpha=alpha, model_name=model_name)
+    from .swin import is_swin, supernet_swin
+
+    if is_swin(model):
+        return supernet_swin(model, theta=theta, alpha=alpha, model_name=model_name)
+    return Supernet(model, theta=theta, alpha=1e-2 if alpha is None else alpha, model_name=model_name)
