@@ -99,6 +99,7 @@ def stage_layout(depths=CFG["depths"], grid=16, window=4):
 
 def original_layout(model):
     """Our Swin model's state dict in the original's key layout (search or fine-tune module tree)."""
+    sig = model.signature
     sd = {}
     for k, v in model.state_dict().items():
         k = k[len("swin."):]
@@ -112,7 +113,7 @@ def original_layout(model):
             sd[k.replace("qkv", "qk")], sd[k.replace("qkv", "v")] = v[:2 * c].clone(), v[2 * c:].clone()
         else:
             sd[k] = v.clone()
-    for s, j, res, w, shift in stage_layout():
+    for s, j, res, w, shift in stage_layout(sig.depths, sig.grid[0], sig.window_size):
         p = f"layers.{s}.blocks.{j}."
         if p + "attn.relative_position_bias_table" in sd:
             sd[p + "attn.relative_position_index"] = rel_index(w)
@@ -180,11 +181,12 @@ def _window_msa(xn, sd, p, heads, w, shift, mask):
     return torch.roll(o, (shift, shift), (1, 2)) if shift else o
 
 
-def original_forward(sd, x, depths=CFG["depths"], heads=CFG["num_heads"], alpha=ALPHA):
+def original_forward(sd, x, depths=CFG["depths"], heads=CFG["num_heads"], patch=CFG["patch_size"],
+                     window=CFG["window_size"], alpha=ALPHA):
     """Logits of the original fine-tune SPVisionTransformerSwin for an original-layout state dict ``sd``."""
-    t = F.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=CFG["patch_size"])
+    t = F.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=patch)
     t = _ln(t.permute(0, 2, 3, 1), sd, "patch_embed.norm.")  # (B, H, W, C)
-    layout = stage_layout(depths)
+    layout = stage_layout(depths, t.shape[1], window)
     for s, depth in enumerate(depths):
         for (s2, j, res, w, shift) in [r for r in layout if r[0] == s]:
             p = f"layers.{s}.blocks.{j}."
@@ -350,3 +352,31 @@ def test_checkpoints_of_another_model(tmp_path):
     torch.save(sd, r)
     with pytest.raises(ValueError, match="attn_mask differs"):
         spvit.load_official(str(r), tiny_swin())
+
+
+@pytest.mark.slow
+def test_released_swin_t_layout_through_timm(tmp_path):
+    """A checkpoint of the published SPViT-Swin-T architecture in the original layout (random weights, real size)
+    loads through timm's registration and computes the original's function."""
+    import timm
+
+    from spvit.models.registry import shipped_architecture
+
+    name = "spvit_swin_tiny_patch4_window7_224"
+    base = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = randomise(spvit.prune(base, shipped_architecture(name, base), official_skip=True)).eval()
+    sd = original_layout(ours)
+    path = tmp_path / "spvit_swin_t_l28_t32.pth"
+    torch.save({"model": sd}, path)
+    del base
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path))).eval()
+    assert got.architecture.attn_choices == ["1x1", "skip", "1x1", "skip"] + ["msa"] * 8
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        ref = original_forward(sd, x, depths=(2, 2, 6, 2), heads=(3, 6, 12, 24), patch=4, window=7)
+        torch.testing.assert_close(got(x), ref, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(got(x), ours(x), atol=1e-5, rtol=1e-5)

@@ -279,6 +279,13 @@ def _load_finetune(sd, base, name, path, alpha):
     return pruned
 
 
+def load_official(path: str, model: Union[str, nn.Module], alpha: Optional[float] = None, **create_kwargs):
+    """:func:`spvit.load_official` (which handles both families); here for callers that import it from this module."""
+    from .official import load_official as _load
+
+    return _load(path, model, alpha=alpha, **create_kwargs)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # FFN indicator files
 # ----------------------------------------------------------------------------------------------------------------------
@@ -300,6 +307,8 @@ def read_ffn_indicators(path: str, model: Union[str, nn.Module], **create_kwargs
     from .official import _base_model, _read_state_dict
 
     sd = _read_state_dict(path)
+    if isinstance(model, str):
+        create_kwargs.setdefault("device", "meta")  # only the shapes are needed
     base = _base_model(model, {}, **create_kwargs)
     if not is_swin(base):
         raise ValueError(f"read_ffn_indicators reads Swin indicator files; {type(base).__name__} is not a Swin")
@@ -321,6 +330,6 @@ def read_ffn_indicators(path: str, model: Union[str, nn.Module], **create_kwargs
     return kept
 
 
-__all__ = ["original_to_timm_keys", "timm_to_original_keys", "fuse_msa_qkv", "stage_depths_of", "block_choice",
+__all__ = ["load_official", "original_to_timm_keys", "timm_to_original_keys", "fuse_msa_qkv", "stage_depths_of", "block_choice",
            "load_official_swin", "read_ffn_indicators", "is_swin", "looks_like_swin_checkpoint", "Q9_WARNING",
            "SwinExplicitConvAttention"]
