@@ -12,7 +12,8 @@ from .models.official import load_official
 from .deploy import DeployedModel, deploy, load_deployed
 from .export import export_onnx
 
-__all__ = ["Architecture", "BlockArch", "ModelSignature", "SwinSignature", "SwinSupernet", "SwinPrunedModel", "count_params", "gflops", "PrunedModel", "Supernet",
+__all__ = ["Architecture", "BlockArch", "ModelSignature", "SwinSignature", "SwinSupernet", "SwinPrunedModel",
+           "count_params", "gflops", "PrunedModel", "Supernet",
            "UnsupportedModelError", "prune", "supernet", "load_official", "DeployedModel", "deploy",
            "load_deployed", "export_onnx", "__version__"]
 

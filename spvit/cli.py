@@ -70,7 +70,8 @@ def _add_run(g, demo: bool = False) -> None:
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config read first; flags override it (see configs/)")
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=S, help="timm model name, e.g. deit_small_patch16_224")
+    g.add_argument("--model", default=S, help="timm model name, e.g. deit_small_patch16_224 or "
+                   "swin_tiny_patch4_window7_224")
     g.add_argument("--model-kwargs", type=_json_dict, default=S, help="JSON object of extra timm.create_model kwargs")
     g.add_argument("--pretrained", default=S, help="'timm' (hub, needs network or the hub cache), 'none', or a local "
                    "checkpoint path")
@@ -108,6 +109,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float, default=S, help="scaled by global batch / 512 unless --no-scale-lr")
     g.add_argument("--no-scale-lr", dest="scale_lr", action="store_false", default=S,
                    help="use --lr as given (no batch scaling)")
+    g.add_argument("--scale-all-lrs", action="store_true", default=S,
+                   help="also scale --min-lr, the warm-up lr and the architecture lrs by global batch / 512 (the "
+                        "Swin recipe)")
     g.add_argument("--min-lr", type=float, default=S, help="floor of the cosine schedule (capped at the scaled lr)")
     g.add_argument("--warmup-epochs", type=int, default=S, help="linear warm-up epochs")
     g.add_argument("--weight-decay", type=float, default=S, help="AdamW weight decay (>= 0)")
@@ -143,11 +147,15 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("search")
     g.add_argument("--target-gflops", type=float, default=S, help="FLOPs target T in GFLOPs (MACs / 1e9)")
     g.add_argument("--loss-lambda", type=float, default=S, help="weight of the FLOPs loss lambda (T - F)^2")
-    g.add_argument("--arc-lr", type=float, default=S, help="learning rate of the gate logits (not scaled)")
+    g.add_argument("--arc-lr", type=float, default=S,
+                   help="learning rate of the gate logits (not scaled, unless --scale-all-lrs)")
     g.add_argument("--arc-min-lr", type=float, default=S, help="floor of the gate logits' schedule "
                    "(default: --min-lr, as the original)")
     g.add_argument("--theta", type=float, default=S, help="initial gate logit")
-    g.add_argument("--alpha", type=float, default=S, help="head-mixing temperature (> 0)")
+    g.add_argument("--arc-sched-epochs", type=int, default=S,
+                   help="cosine length of the gate logits' schedule (default: the lr's; Swin configs: 150)")
+    g.add_argument("--alpha", type=float, default=S,
+                   help="head-mixing temperature (> 0; default the family's: 0.01 DeiT, 100 Swin)")
 
     p = sub.add_parser("finetune", help="fine-tune the pruned model of an arch.json (optionally distilled)")
     _add_common(p)

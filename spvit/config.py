@@ -151,6 +151,9 @@ class TrainConfig(BaseConfig):
     sched_epochs: Optional[int] = None
     lr: float = 5e-5
     scale_lr: bool = True
+    # the Swin recipe (docs/method.md §7.6) scales every learning rate (min, warm-up, architecture lr and its floor)
+    # by global batch / 512, DeiT's only the weight lr
+    scale_all_lrs: bool = False
     min_lr: float = 1e-5
     warmup_epochs: int = 0
     warmup_lr: float = 1e-6
@@ -240,8 +243,9 @@ class SearchConfig(TrainConfig):
     loss_lambda: float = 3.0
     arc_lr: float = 5e-4
     arc_min_lr: Optional[float] = None
+    arc_sched_epochs: Optional[int] = None  # cosine length of the gate logits' schedule (Swin: 150); default the lr's
     theta: float = 1.5
-    alpha: float = 1e-2
+    alpha: Optional[float] = None  # head-mixing temperature; None: the model family's (0.01 DeiT, 100 Swin)
 
     def validate(self) -> "SearchConfig":
         super().validate()
@@ -249,6 +253,7 @@ class SearchConfig(TrainConfig):
         _finite("loss_lambda", self.loss_lambda, 0)
         _finite("arc_lr", self.arc_lr, 0)
         _finite("arc_min_lr", self.arc_min_lr, 0)
+        _int_at_least("arc_sched_epochs", self.arc_sched_epochs, 1)
         _finite("theta", self.theta)
         _finite("alpha", self.alpha, 0, lo_open=True)
         return self

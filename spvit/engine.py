@@ -92,11 +92,14 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def wrap_ddp(model: nn.Module, dist: DistInfo, find_unused: bool = False) -> nn.Module:
+def wrap_ddp(model: nn.Module, dist: DistInfo, find_unused: bool = False, broadcast_buffers: bool = True) -> nn.Module:
+    """DDP (when distributed). ``broadcast_buffers``: rank 0's buffers (BN statistics) are sent to every rank at each
+    forward, as in the original DeiT code; its Swin code does not (docs/method.md §7.6)."""
     if not dist.enabled:
         return model
     ids = [dist.device.index] if dist.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused)
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused,
+                                               broadcast_buffers=broadcast_buffers)
 
 
 def broadcast_ok(ok: bool, dist: DistInfo) -> bool:
@@ -123,9 +126,14 @@ def seed_everything(seed: int) -> None:
 # Optimisers and schedules
 
 
-def decay_groups(model: nn.Module, weight_decay: float, skip_names=("pos_embed", "cls_token")) -> List[Dict]:
+NO_DECAY_NAMES = ("pos_embed", "cls_token", "relative_position_bias_table", "absolute_pos_embed")
+
+
+def decay_groups(model: nn.Module, weight_decay: float, skip_names=NO_DECAY_NAMES) -> List[Dict]:
     """DeiT's two groups over the non-architecture parameters: >= 2-D (not pos_embed / cls_token) get weight decay,
-    1-D parameters and biases do not. ``head_probs`` (2-D) is a weight with decay (docs/method.md §4.3, Q22)."""
+    1-D parameters and biases do not. ``head_probs`` (2-D) is a weight with decay (docs/method.md §4.3, Q22). Swin's
+    relative position bias tables (and absolute position embedding) are not decayed either (§7.6); ViT/DeiT models
+    have no parameters of those names."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad or "thresholds" in name:
@@ -410,6 +418,14 @@ def setup(cfg: TrainConfig, input_size: int, need_train: bool = True) -> Setup:
 def effective_lr(cfg: TrainConfig, dist: DistInfo) -> float:
     """DeiT's linear scaling: lr x global batch / 512 (when ``scale_lr``)."""
     return cfg.lr * cfg.batch_size * dist.world / 512.0 if cfg.scale_lr else cfg.lr
+
+
+def other_lr_scale(cfg: TrainConfig, dist: DistInfo) -> float:
+    """Factor of the other learning rates (floors, warm-up, architecture lr): global batch / 512 with
+    ``scale_all_lrs`` (Swin's recipe, docs/method.md §7.6), else 1 (DeiT's)."""
+    if getattr(cfg, "scale_all_lrs", False) and cfg.scale_lr:
+        return cfg.batch_size * dist.world / 512.0
+    return 1.0
 
 
 def lr_floor(lr: float, min_lr: float, name: str, dist: Optional[DistInfo] = None) -> float:

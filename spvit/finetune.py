@@ -149,7 +149,8 @@ def run(cfg: Union[FinetuneConfig, Dict], source: Optional[nn.Module] = None,
         teacher = build_teacher(cfg, st.num_classes, dist)
     teacher = teacher.to(dist.device).eval() if teacher is not None and cfg.distillation != "none" else None
     lr = E.effective_lr(cfg, dist)
-    min_lr = E.lr_floor(lr, cfg.min_lr, "--min-lr", dist)
+    f = E.other_lr_scale(cfg, dist)
+    min_lr = E.lr_floor(lr, cfg.min_lr * f, "--min-lr", dist)
     with E.run_folder(cfg, dist) as out:
         if dist.main and not cfg.resume:
             runs.write_json(arch.to_dict(), os.path.join(out, "arch.json"))
@@ -169,10 +170,12 @@ def run(cfg: Union[FinetuneConfig, Dict], source: Optional[nn.Module] = None,
 
         opt = torch.optim.AdamW(E.decay_groups(model, cfg.weight_decay), lr=lr, betas=tuple(cfg.opt_betas),
                                 eps=cfg.opt_eps)
-        schedules = [E.Schedule(opt, lr, min_lr, cfg.schedule_length, cfg.warmup_epochs, cfg.warmup_lr)]
+        schedules = [E.Schedule(opt, lr, min_lr, cfg.schedule_length, cfg.warmup_epochs, cfg.warmup_lr * f)]
         scaler = torch.amp.GradScaler(dist.device.type) if dtype == torch.float16 else None
         ema = E.ModelEma(model, cfg.model_ema_decay) if cfg.model_ema else None
-        ddp = E.wrap_ddp(model, dist, find_unused="skip" in arch.attn_choices)  # a skip block leaves norm1 unused
+        # a skip block leaves norm1 unused; the original Swin code does not broadcast buffers (§7.6)
+        ddp = E.wrap_ddp(model, dist, find_unused="skip" in arch.attn_choices,
+                         broadcast_buffers=arch.signature.family != "swin")
         gf = gflops(model)
         E.log(f"fine-tune {cfg.model}: {gf:.4g} GFLOPs, {count_params(model) / 1e6:.3f} M params, lr {lr:.3g}, "
               f"distillation {cfg.distillation}, {dist.world} process(es) on {dist.device}", dist)

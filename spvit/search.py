@@ -55,21 +55,23 @@ def run(cfg: Union[SearchConfig, Dict], supernet_module: Optional[nn.Module] = N
     except ValueError as exc:
         raise E.RunError(f"--target-gflops: {exc}") from None
     lr = E.effective_lr(cfg, dist)
-    min_lr = E.lr_floor(lr, cfg.min_lr, "--min-lr", dist)
+    f = E.other_lr_scale(cfg, dist)
+    min_lr = E.lr_floor(lr, cfg.min_lr * f, "--min-lr", dist)
+    arc_lr = cfg.arc_lr * f
     with E.run_folder(cfg, dist) as out:
         E.save_run_config(cfg, out, dist)
         sn.to(dist.device)
         betas = tuple(cfg.opt_betas)
         opt_w = torch.optim.AdamW(E.decay_groups(sn, cfg.weight_decay), lr=lr, betas=betas, eps=cfg.opt_eps)
-        opt_a = torch.optim.AdamW(sn.arch_parameters(), lr=cfg.arc_lr, betas=betas, eps=cfg.opt_eps,
+        opt_a = torch.optim.AdamW(sn.arch_parameters(), lr=arc_lr, betas=betas, eps=cfg.opt_eps,
                                   weight_decay=0.0)
         # The original create_scheduler ignores its min_lr argument: args.min_lr for both (docs/method.md Q10).
-        arc_min = cfg.arc_min_lr if cfg.arc_min_lr is not None else cfg.min_lr
-        schedules = [E.Schedule(opt_w, lr, min_lr, cfg.schedule_length, cfg.warmup_epochs, cfg.warmup_lr),
-                     E.Schedule(opt_a, cfg.arc_lr, arc_min, cfg.schedule_length, 0)]
+        arc_min = (cfg.arc_min_lr if cfg.arc_min_lr is not None else cfg.min_lr) * f
+        schedules = [E.Schedule(opt_w, lr, min_lr, cfg.schedule_length, cfg.warmup_epochs, cfg.warmup_lr * f),
+                     E.Schedule(opt_a, arc_lr, arc_min, cfg.arc_sched_epochs or cfg.schedule_length, 0)]
         dtype = E.amp_dtype(cfg.amp, dist.device)
         scaler = torch.amp.GradScaler(dist.device.type) if dtype == torch.float16 else None
-        model = E.wrap_ddp(sn, dist, find_unused=True)
+        model = E.wrap_ddp(sn, dist, find_unused=True, broadcast_buffers=sn.signature.family != "swin")
         task = E.task_loss_fn(cfg.smoothing, st.mixup is not None)
         target, lam = cfg.target_gflops, cfg.loss_lambda
 
@@ -95,7 +97,7 @@ def run(cfg: Union[SearchConfig, Dict], supernet_module: Optional[nn.Module] = N
             E.log("  gates: " + " ".join(f"{r['attn']}/{r['ffn_kept']}" for r in rows), dist)
 
         E.log(f"search {cfg.model}: dense {sn.dense_gflops():.4g} GFLOPs, target {target:g}, lambda {lam:g}, "
-              f"lr {lr:.3g}, arc_lr {cfg.arc_lr:.3g}, {dist.world} process(es) on {dist.device}", dist)
+              f"lr {lr:.3g}, arc_lr {arc_lr:.3g}, {dist.world} process(es) on {dist.device}", dist)
         res = E.fit(model=model, schedules=schedules, epochs=cfg.epochs, loss_fn=loss_fn,
                     train_loader=st.train_loader, train_sampler=st.sampler, val_loader=st.val_loader, dist=dist,
                     out=out, mixup=st.mixup, dtype=dtype, scaler=scaler, clip_grad=cfg.clip_grad, resume=cfg.resume,

@@ -216,8 +216,9 @@ def test_shifted_block_3x3_is_window_local_on_the_rolled_map():
         for b in range(2):
             for ti in range(2):
                 for tj in range(2):
-                    tile = xh[b, 7 * ti:7 * ti + 7, 7 * tj:7 * tj + 7].reshape(1, 49, 64)
-                    y[b, 7 * ti:7 * ti + 7, 7 * tj:7 * tj + 7] = _ref_conv3x3_windows(blk.attn, tile)[0].reshape(7, 7, 64)
+                    rows, cols = slice(7 * ti, 7 * ti + 7), slice(7 * tj, 7 * tj + 7)
+                    tile = xh[b, rows, cols].reshape(1, 49, 64)
+                    y[b, rows, cols] = _ref_conv3x3_windows(blk.attn, tile)[0].reshape(7, 7, 64)
         h = x + torch.roll(y, (3, 3), dims=(1, 2))
         mlp = blk.mlp
         f = F.gelu(blk.norm2(h) @ mlp.fc1.weight.t() + mlp.fc1.bias) @ mlp.fc2.weight.t() + mlp.fc2.bias
@@ -344,6 +345,21 @@ def test_registered_shipped_swin_models(name, macs, mparams):
     assert (release in cfg["notes"][0]) if release else cfg["notes"] == ("no released weights",)
 
 
+def test_registered_swin_pretrained_needs_a_file_and_other_class_counts_work(tmp_path):
+    import timm
+    with pytest.raises(ValueError, match="spvit_swin_t_l28_t32.pth"):
+        timm.create_model("spvit_swin_tiny_patch4_window7_224", pretrained=True)
+    with pytest.raises(ValueError, match="no weights were released"):
+        timm.create_model("spvit_swin_base_patch4_window7_224", pretrained=True)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        timm.create_model("spvit_swin_small_patch4_window7_224", pretrained=True,
+                          pretrained_cfg_overlay=dict(file=str(tmp_path / "missing.pth")))
+    with torch.device("meta"):
+        m = timm.create_model("spvit_swin_small_patch4_window7_224", num_classes=10)
+    assert m.num_classes == 10 and m.pretrained_cfg["num_classes"] == 10
+    assert m.architecture.stages[2][12].attn == "skip" and m.architecture.stages[2][13].attn == "1x1"
+
+
 def test_swin_flops_loss_gradient_matches_closed_form():
     from spvit.flops import swin_stage_costs
     sn = spvit.supernet(tiny_swin(), theta=0.7)
@@ -372,3 +388,141 @@ def test_swin_flops_loss_gradient_matches_closed_form():
         # F = g1*c1 + g1*g3*(c3 - c1) + g1*g3*gm*(cm - c3) + ...: dF/dg_m = g1*g3*(cm - c3)
         torch.testing.assert_close(sn.attns[i].kernel_thresholds_full.grad[2],
                                    dldf * g[0] * g[1] * (cm - c3) * dind(t[2]), rtol=1e-4, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# fine-tune (pruned) mode, docs/method.md §7.4
+# ----------------------------------------------------------------------------------------------------------------------
+def _arch(sn, choices, seed=7):
+    g = torch.Generator().manual_seed(seed)
+    blocks = []
+    for a, hidden in zip(choices, sn.signature.block_mlp_hidden):
+        w = int(torch.randint(0, hidden + 1, (1,), generator=g))
+        blocks.append(BlockArch(a, tuple(sorted(torch.randperm(hidden, generator=g)[:w].tolist()))))
+    return Architecture(sn.model_name, sn.signature, blocks)
+
+
+@pytest.mark.parametrize("choices", [["1x1", "skip", "msa", "1x1"], ["msa", "1x1", "skip", "msa"]])
+def test_pruned_from_supernet_equals_supernet_fixed_choices(choices):
+    sn = spvit.supernet(tiny_swin())
+    _randomise(sn)
+    arch = _arch(sn, choices)
+    sn.fix_architecture(arch)
+    sn.eval()
+    pruned = spvit.prune(sn, arch).eval()
+    assert isinstance(pruned, spvit.SwinPrunedModel) and pruned.architecture == arch
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), sn(x), rtol=1e-5, atol=1e-5)
+    assert spvit.gflops(pruned) == pytest.approx(sn.gflops())
+    assert swin_signature_of(pruned) == sn.signature
+    blk = pruned.swin.layers[0].blocks[1]
+    assert type(blk).__name__ == "SwinPrunedBlock" and blk.shift_size == (3, 3) and blk.attn_mask is not None
+    names = {n for n, _ in pruned.named_parameters()}
+    msa = [i for i, c in enumerate(choices) if c == "msa"][0]
+    s, j = divmod(msa, 2)
+    assert f"swin.layers.{s}.blocks.{j}.attn.relative_position_bias_table" in names
+    assert f"swin.layers.{s}.blocks.{j}.attn.qkv.weight" in names
+
+
+def test_pruned_from_dense_equals_supernet_with_fresh_conv_state():
+    m = tiny_swin()
+    sn = spvit.supernet(m)
+    arch = _arch(sn, ["1x1", "skip", "1x1", "msa"])
+    pruned = spvit.prune(m, arch).eval()
+    conv = pruned.swin.layers[0].blocks[0].attn
+    assert conv.tap_order == "swin" and conv.num_prefix_tokens == 0 and conv.alpha == 100
+    assert torch.all(conv.head_probs == 1) and torch.all(conv.bn.running_var == 1)
+    torch.testing.assert_close(conv.v.weight, m.layers[0].blocks[0].attn.qkv.weight[128:])
+    sn.fix_architecture(arch)
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), sn.eval()(x), rtol=1e-5, atol=1e-5)
+
+
+def _ref_conv3x3_full_map(conv, x):
+    """Fine-tune 3x3: F.conv2d on the whole (B, C, H, W) map, zero padding at the image border (§7.4)."""
+    b, h, w, c = x.shape
+    m = torch.softmax(conv.head_probs / conv.alpha, dim=0)
+    hh, d = conv.num_heads, conv.head_dim
+    wv, bv, wo = conv.v.weight.reshape(hh, d, c), conv.v.bias.reshape(hh, d), conv.proj.weight.reshape(c, hh, d)
+    weight = torch.zeros(d, c, 3, 3)
+    for j, (dy, dx) in enumerate(SWIN_OFFSETS):
+        weight[:, :, dy + 1, dx + 1] = sum(m[g, j] * wv[g] for g in range(hh))
+    bias = sum(m[g, j] * bv[g] for g in range(hh) for j in range(9))
+    out_map = sum(m[g, j] * wo[:, g] for g in range(hh) for j in range(9))
+    y = F.conv2d(x.permute(0, 3, 1, 2), weight, bias, padding=1)
+    bn = conv.bn
+    r = torch.relu((y - bn.running_mean[:, None, None]) / torch.sqrt(bn.running_var[:, None, None] + bn.eps)
+                   * bn.weight[:, None, None] + bn.bias[:, None, None])
+    return r.permute(0, 2, 3, 1) @ out_map.t() + conv.proj.bias
+
+
+def test_finetune_3x3_full_map_vs_search_3x3_windows():
+    """Fine-tune 3x3 runs on the whole unshifted map; search 3x3 per window (docs/method.md §11, quirk Q20): each
+    matches its own reference; they agree away from window borders of an unshifted block and differ on them."""
+    sn = spvit.supernet(tiny_swin())
+    _randomise(sn, seed=4)
+    arch = _arch(sn, ["3x3", "3x3", "msa", "msa"])
+    sn.fix_architecture(arch)
+    sn.eval()
+    pruned = spvit.prune(sn, arch).eval()
+    x = torch.randn(2, 14, 14, 64)
+    for j in (0, 1):  # unshifted and shifted block
+        pblk, sblk = pruned.swin.layers[0].blocks[j], sn.swin.layers[0].blocks[j]
+        with torch.no_grad():
+            xh = pblk.norm1(x)
+            ref = x + _ref_conv3x3_full_map(pblk.attn, xh)
+            h = ref.reshape(2, 196, 64)
+            ref = (h + pblk.mlp(pblk.norm2(h))).reshape(2, 14, 14, 64)
+            torch.testing.assert_close(pblk(x), ref, rtol=1e-5, atol=1e-5)
+            if j == 0:
+                diff = (pblk(x) - sblk(x)).abs().amax(dim=(0, 3))  # (14, 14)
+                border = torch.zeros(14, 14, dtype=torch.bool)
+                for k in (0, 6, 7, 13):
+                    border[k, :] = border[:, k] = True
+                assert diff[~border].max() < 1e-5 and diff[6:8].min() > 1e-4
+    with torch.no_grad():  # the whole model too
+        out = pruned(torch.randn(1, 3, 56, 56))
+    assert out.shape == (1, 10) and torch.isfinite(out).all()
+
+
+def test_official_skip_adds_ln1_and_default_skip_is_identity():
+    m = tiny_swin()
+    sn = spvit.supernet(m)
+    arch = _arch(sn, ["skip", "msa", "msa", "msa"])
+    x = torch.randn(2, 14, 14, 64)
+    for official in (False, True):
+        with pytest.warns(UserWarning, match="LN1") if official else _no_warning():
+            pruned = spvit.prune(m, arch, official_skip=official).eval()
+        blk = pruned.swin.layers[0].blocks[0]
+        with torch.no_grad():
+            h = x + blk.norm1(x) if official else x
+            h = h.reshape(2, 196, 64)
+            torch.testing.assert_close(blk(x), (h + blk.mlp(blk.norm2(h))).reshape(2, 14, 14, 64))
+
+
+class _no_warning:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def test_pruned_swin_trains_and_has_timm_api():
+    sn = spvit.supernet(tiny_swin())
+    arch = _arch(sn, ["3x3", "1x1", "skip", "msa"])
+    pruned = spvit.prune(sn, arch).train()
+    pruned(torch.randn(2, 3, 56, 56)).sum().backward()
+    assert pruned.swin.layers[0].blocks[0].attn.head_probs.grad.abs().sum() > 0
+    assert pruned.swin.layers[1].blocks[1].attn.qkv.weight.grad is not None
+    assert all(n.endswith("relative_position_bias_table") for n in pruned.no_weight_decay())
+    assert len(pruned.no_weight_decay()) == 1
+    assert pruned.forward_features(torch.randn(1, 3, 56, 56)).shape == (1, 7, 7, 128)
+    pruned.reset_classifier(3)
+    assert pruned.eval()(torch.randn(1, 3, 56, 56)).shape == (1, 3) and pruned.architecture.signature.num_classes == 3
+    feats = pruned.forward_intermediates(torch.randn(1, 3, 56, 56), intermediates_only=True)
+    assert [tuple(f.shape) for f in feats] == [(1, 64, 14, 14), (1, 128, 7, 7)]
+    all_skip = _arch(sn, ["skip", "skip", "msa", "msa"])
+    assert swin_signature_of(spvit.prune(sn, all_skip)) == sn.signature  # heads of an all-skip stage remembered

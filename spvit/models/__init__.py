@@ -8,5 +8,6 @@ from .swin import SwinPrunedBlock, SwinPrunedModel, SwinSearchAttention, SwinSup
 register_with_timm()
 
 __all__ = ["UnsupportedModelError", "signature_of", "ConvAttention", "ExplicitConvAttention", "PrunedModel",
-           "SkipAttention", "prune", "SHIPPED", "SHIPPED_SWIN", "register_with_timm", "shipped_architecture", "GatedMlp", "SearchAttention", "Supernet", "supernet",
+           "SkipAttention", "prune", "SHIPPED", "SHIPPED_SWIN", "register_with_timm", "shipped_architecture",
+           "GatedMlp", "SearchAttention", "Supernet", "supernet",
            "SwinPrunedBlock", "SwinPrunedModel", "SwinSearchAttention", "SwinSupernet", "swin_signature_of"]

@@ -499,6 +499,15 @@ class SwinPrunedModel(nn.Module):
         return self.swin(x)
 
     @torch.jit.ignore
+    def forward_intermediates(self, x: torch.Tensor, indices=None, norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False, **kwargs):
+        """Stage outputs (timm's Swin ``forward_intermediates``): ``(final features, [intermediates])``, or the list
+        alone with ``intermediates_only``; NCHW (B, C, H, W) or NHWC."""
+        check_swin_images(x, self.signature)
+        return self.swin.forward_intermediates(x, indices, norm=norm, stop_early=stop_early, output_fmt=output_fmt,
+                                               intermediates_only=intermediates_only, **kwargs)
+
+    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.swin.get_classifier()
 
