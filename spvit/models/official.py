@@ -9,7 +9,8 @@ Three layouts are recognised from the keys:
   (skip), and compacted ``mlp.fc1``/``fc2``;
 * parameter-optimised fine-tune (``post_training_optimize_checkpoint``): conv layers as ``bconv.{0,1,3}``.
 
-Everything else (patch embedding, cls token, position embedding, norms, head) has timm's names.
+Everything else (patch embedding, cls token, position embedding, norms, head) has timm's names. Checkpoints of the
+original Swin code go through :mod:`spvit.models.official_swin` (:func:`load_official` dispatches on the model).
 """
 from __future__ import annotations
 

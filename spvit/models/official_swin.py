@@ -330,6 +330,7 @@ def read_ffn_indicators(path: str, model: Union[str, nn.Module], **create_kwargs
     return kept
 
 
-__all__ = ["load_official", "original_to_timm_keys", "timm_to_original_keys", "fuse_msa_qkv", "stage_depths_of", "block_choice",
+__all__ = ["load_official", "original_to_timm_keys", "timm_to_original_keys", "fuse_msa_qkv", "stage_depths_of",
+           "block_choice",
            "load_official_swin", "read_ffn_indicators", "is_swin", "looks_like_swin_checkpoint", "Q9_WARNING",
            "SwinExplicitConvAttention"]
