@@ -113,6 +113,19 @@ def test_torch_export(backend, device, tmp_path):
         torch.testing.assert_close(torch.export.load(path).module()(x), ref, **FP32_TOL)
 
 
+def test_torch_compile_and_gflops():
+    pruned = swin_pruned()
+    deployed = deploy(pruned)
+    assert spvit.gflops(deployed) == spvit.gflops(pruned)
+    x = images()
+    with torch.no_grad():
+        ref = pruned(x)
+        deployed(x)  # resolves (imports) the op providers outside the trace
+        torch._dynamo.reset()
+        compiled = torch.compile(deployed, backend="aot_eager", fullgraph=True)
+        torch.testing.assert_close(compiled(x), ref, **FP32_TOL)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None,
                     reason="onnx / onnxruntime not installed")
 def test_onnx_export_runs_in_onnxruntime(tmp_path):
