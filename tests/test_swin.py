@@ -459,7 +459,7 @@ def _ref_conv3x3_full_map(conv, x):
 
 
 def test_finetune_3x3_full_map_vs_search_3x3_windows():
-    """Fine-tune 3x3 runs on the whole unshifted map; search 3x3 per window (docs/method.md §11, quirk Q20): each
+    """Fine-tune 3x3 runs on the whole unshifted map; search 3x3 per window (docs/method.md §11.2, Q20): each
     matches its own reference; they agree away from window borders of an unshifted block and differ on them."""
     sn = spvit.supernet(tiny_swin())
     _randomise(sn, seed=4)

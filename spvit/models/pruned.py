@@ -10,14 +10,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 import warnings
-from typing import Any, Dict, List, Optional, Set, Union
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
 
 from spvit_kernels import reference as R
 
-from ..arch import Architecture, SwinSignature
+from ..arch import Architecture
 from .convert import SWIN_TO_DEIT, check_images, model_name_of, signature_of
 from .supernet import GatedMlp, SearchAttention, Supernet, _bn_state
 
@@ -326,6 +326,11 @@ class PrunedModel(nn.Module):
                     blocks=[(r"^vit\.blocks\.(\d+)", None), (r"^vit\.norm", (99999,))])
 
 
+# Other model families register (matches(model), build(model, arch, carry_weights=, alpha=, official_skip=)) here;
+# Swin does in spvit/models/swin.py.
+PRUNE_BUILDERS: List[Tuple[Callable, Callable]] = []
+
+
 def prune(model: Union[nn.Module, Supernet], arch: Architecture, carry_weights: Optional[bool] = None,
           alpha: Optional[float] = None, official_skip: bool = False) -> PrunedModel:
     """Build the fine-tune model of ``arch``.
@@ -341,12 +346,9 @@ def prune(model: Union[nn.Module, Supernet], arch: Architecture, carry_weights: 
 
     A timm Swin Transformer (or a Swin supernet) gives a :class:`~spvit.models.swin.SwinPrunedModel`.
     """
-    from .swin import is_swin, prune_swin
-
-    if is_swin(getattr(model, "swin", model)):
-        return prune_swin(model, arch, carry_weights=carry_weights, alpha=alpha, official_skip=official_skip)
-    if isinstance(getattr(arch, "signature", None), SwinSignature):
-        arch.check_compatible(signature_of(model), model_name_of(getattr(model, "vit", model)))
+    for matches, build in PRUNE_BUILDERS:
+        if matches(model):
+            return build(model, arch, carry_weights=carry_weights, alpha=alpha, official_skip=official_skip)
     sig = signature_of(model)
     arch.check_compatible(sig, model_name_of(getattr(model, "vit", model)))
     is_sn = isinstance(model, Supernet)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -235,6 +235,11 @@ class Supernet(nn.Module):
         return rows
 
 
+# Other model families register (matches(model), build(model, theta=, alpha=, model_name=)) here; Swin does in
+# spvit/models/swin.py.
+SUPERNET_BUILDERS: List[Tuple[Callable, Callable]] = []
+
+
 def supernet(model: nn.Module, theta: float = 1.5, alpha: Optional[float] = None,
              model_name: Optional[str] = None) -> Supernet:
     """Build an SPViT supernet from a timm ViT/DeiT or Swin Transformer (weights shared; gates, head_probs and BNs
@@ -246,8 +251,7 @@ def supernet(model: nn.Module, theta: float = 1.5, alpha: Optional[float] = None
         theta: initial gate logit θ0 (1.5 in every official config).
         alpha: head-mixing temperature; default the family's (0.01 for DeiT, 100 for Swin, docs/method.md §1.2).
     """
-    from .swin import is_swin, supernet_swin
-
-    if is_swin(model):
-        return supernet_swin(model, theta=theta, alpha=alpha, model_name=model_name)
+    for matches, build in SUPERNET_BUILDERS:
+        if matches(model):
+            return build(model, theta=theta, alpha=alpha, model_name=model_name)
     return Supernet(model, theta=theta, alpha=1e-2 if alpha is None else alpha, model_name=model_name)
