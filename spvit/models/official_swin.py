@@ -36,6 +36,7 @@ import torch.nn as nn
 from spvit_kernels import reference as R
 
 from ..arch import Architecture, BlockArch
+from .convert import is_swin
 from .pruned import ConvAttention
 from .supernet import _bn_state
 
@@ -168,12 +169,6 @@ class SwinExplicitConvAttention(ConvAttention):
 # ----------------------------------------------------------------------------------------------------------------------
 # Loading
 # ----------------------------------------------------------------------------------------------------------------------
-def is_swin(model: nn.Module) -> bool:
-    from timm.models.swin_transformer import SwinTransformer
-
-    return isinstance(getattr(model, "swin", model), SwinTransformer)
-
-
 def looks_like_swin_checkpoint(sd: Dict[str, torch.Tensor]) -> bool:
     return any(_BLOCK.match(k) for k in sd)
 
@@ -274,6 +269,10 @@ def _load_finetune(sd, base, name, path, alpha):
         blk.attn = SwinExplicitConvAttention(blocks[i].attn, dim, sig.head_dim, sig.stage_grid(s))
     mapped = original_to_timm_keys(sd)
     mapped = fuse_msa_qkv(mapped, [w for w, b in zip(where, blocks) if b.attn == "msa"])
+    for s, j in where:  # an original 3x3 layer of a qkv_bias=False model has no value bias; ours has a zero one
+        p = f"layers.{s}.blocks.{j}.attn.v."
+        if p + "weight" in mapped and p + "bias" not in mapped:
+            mapped[p + "bias"] = mapped[p + "weight"].new_zeros(mapped[p + "weight"].shape[0])
     _strict(pruned, {f"swin.{k}": v for k, v in mapped.items()}, path,
             f"the SPViT Swin fine-tune model of {name} ({' '.join(arch.attn_choices)})")
     return pruned
