@@ -13,6 +13,10 @@ paper (docs/method.md §8.3: MSA choices and FFN widths; the kept units are the 
 speed) and a demo-like small model (16x16 one-channel input, patch 2, dim 64, depth 6, every attention choice). Weights are
 random (speed does not depend on them); ``max_abs_err`` checks ours against the eager pruned model on the same input.
 
+Swin (section at the end): SPViT-Swin-T and -S (docs/method.md §8.3; skip layers with the original x + LN1(x), as
+the released checkpoints) and a small Swin with every attention choice for ``--quick``; same providers, rows and
+tables (the per-part breakdown adds PatchMerging).
+
 GPU: bf16, batch 1 / 64 / 256, every architecture. CPU: fp32, ``torch.set_num_threads(2)``, DeiT-Ti and DeiT-S at
 batch 1 and 16 (``--batches`` to change), compiled providers included. ``--quick``: the demo-like model only.
 
@@ -79,6 +83,8 @@ def build_dense(base_name: str) -> torch.nn.Module:
 
 def build_models(name: str, device: torch.device, dtype: torch.dtype):
     """(dense timm model, pruned model, deployed model) of architecture ``name``, eval mode, on device/dtype."""
+    if name in SWIN_ARCHS:
+        return build_swin_models(name, device, dtype)
     base_name, choices, widths = ARCHS[name]
     return build_from_spec(build_dense(base_name), choices, widths, device, dtype)
 
@@ -271,7 +277,7 @@ def run(arch_names: List[str], batches: List[int], device: torch.device, dtype: 
                             "threads": torch.get_num_threads(), "loadavg_1m": _loadavg(), **env})
                 rows.append(row)
             if breakdown:
-                parts, counts = layer_breakdown(deployed, x, device)
+                parts, counts = (swin_layer_breakdown if name in SWIN_ARCHS else layer_breakdown)(deployed, x, device)
                 total = sum(parts.values())
                 for part, ms in parts.items():
                     layer_rows.append({"arch": name, "batch": batch, "part": part, "layers": counts.get(part, ""),
@@ -308,6 +314,103 @@ def summary(rows: List[Dict], device: torch.device) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Swin: SPViT-Swin-T / -S (docs/method.md §8.3) and a small Swin for --quick; same providers and table as DeiT
+# ----------------------------------------------------------------------------------------------------------------------
+def _swin_specs():
+    from spvit.models.registry import shipped_entry
+
+    return OrderedDict([
+        ("spvit_swin_t", shipped_entry("spvit_swin_tiny_patch4_window7_224")),
+        ("spvit_swin_s", shipped_entry("spvit_swin_small_patch4_window7_224")),
+        # 32 px, patch 2, window 4, dim 32 (head dim 16): every attention choice, shifted conv and MSA blocks
+        ("swin_demo_like", ("swin_demo", ["msa", "3x3", "1x1", "msa", "skip", "msa"], [32, 3, 0, 128, 10, 86])),
+    ])
+
+
+SWIN_ARCHS: Dict[str, tuple] = _swin_specs()
+SWIN_DEMO_KWARGS = dict(img_size=32, patch_size=2, embed_dim=32, depths=(2, 2, 2), num_heads=(2, 4, 8),
+                        window_size=4, mlp_ratio=2.0, num_classes=10)
+SWIN_GPU_ARCHS = ["spvit_swin_t", "spvit_swin_s"]
+SWIN_CPU_ARCHS = ["spvit_swin_t"]
+SWIN_QUICK_ARCHS = ["swin_demo_like"]
+
+
+def build_swin_models(name: str, device: torch.device, dtype: torch.dtype):
+    """(dense timm Swin, SwinPrunedModel, DeployedSwin) of Swin architecture ``name``: the published MSA choices and
+    FFN widths (first units kept), skip layers with the original fine-tune semantics x + LN1(x) (quirk Q4, as the
+    released checkpoints), non-trivial BN statistics and head mixing; eval mode, on device/dtype."""
+    import timm
+
+    import spvit
+    from spvit.arch import Architecture, BlockArch
+    from spvit.models.convert import model_name_of, signature_of
+
+    base_name, choices, widths = SWIN_ARCHS[name]
+    if base_name == "swin_demo":
+        from timm.models.swin_transformer import SwinTransformer
+
+        dense = SwinTransformer(**SWIN_DEMO_KWARGS).eval()
+    else:
+        dense = timm.create_model(base_name, pretrained=False).eval()
+    arch = Architecture(model_name_of(dense), signature_of(dense),
+                        [BlockArch(a, tuple(range(w))) for a, w in zip(choices, widths)])
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the official-skip notice
+        pruned = spvit.prune(dense, arch, official_skip=True)
+        for m in pruned.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+            if hasattr(m, "head_probs"):
+                m.head_probs.add_(2.0 * torch.randn_like(m.head_probs))
+    pruned = pruned.eval()
+    deployed = spvit.deploy(pruned, dtype=dtype, device=device)
+    return dense.to(device, dtype), pruned.to(device, dtype), deployed
+
+
+def swin_layer_breakdown(deployed, x: torch.Tensor, device: torch.device):
+    """Milliseconds per part of a DeployedSwin (embedding, PatchMerging, attention by kind, FFN, norm + head), each
+    timed alone on its real input (as :func:`layer_breakdown`)."""
+    parts: Dict[str, float] = OrderedDict()
+
+    def timed(fn) -> float:
+        if device.type == "cuda":
+            return bench_fn(fn, device)["ms"]
+        fn()
+        best = float("inf")
+        for _ in range(10 if x.shape[0] <= 4 else 3):
+            t0 = time.perf_counter()
+            fn()
+            best = min(best, (time.perf_counter() - t0) * 1e3)
+        return best
+
+    def add(key, fn):
+        parts[key] = parts.get(key, 0.0) + timed(fn)
+
+    counts: Dict[str, int] = {}
+    with torch.inference_mode():
+        add("embed", lambda: deployed.embed(x))
+        h = deployed.embed(x)
+        for stage in deployed.layers:
+            if not isinstance(stage.downsample, torch.nn.Identity):
+                add("patch_merging", lambda stage=stage, h=h: stage.downsample(h))
+                counts["patch_merging"] = counts.get("patch_merging", 0) + 1
+            h = stage.downsample(h)
+            b, hh, ww, c = h.shape
+            t = h.reshape(b, hh * ww, c)
+            for blk in stage.blocks:
+                if blk.kind != "skip":
+                    add(f"attn_{blk.kind}", lambda blk=blk, t=t: blk.attn_residual(t))
+                    counts[f"attn_{blk.kind}"] = counts.get(f"attn_{blk.kind}", 0) + 1
+                t = blk.attn_residual(t)
+                add("ffn" if blk.ffn_width else "ffn_width0", lambda blk=blk, t=t: blk.ffn_residual(t))
+                t = blk.ffn_residual(t)
+            h = t.reshape(b, hh, ww, c)
+        add("norm_head", lambda: deployed.forward_head(deployed.norm(h)))
+    return parts, counts
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=None, help="results directory (default bench/results)")
@@ -326,14 +429,15 @@ def main(argv=None):
     else:
         torch.set_num_threads(args.threads)
         dtype, archs, batches, providers = torch.float32, CPU_ARCHS, CPU_BATCHES, CPU_PROVIDERS
+    archs = archs + (SWIN_GPU_ARCHS if device.type == "cuda" else SWIN_CPU_ARCHS)
     if args.quick:
-        archs, batches = ["demo_like"], ([64] if device.type == "cuda" else [1, 16])
+        archs, batches = ["demo_like"] + SWIN_QUICK_ARCHS, ([64] if device.type == "cuda" else [1, 16])
     archs = args.archs.split(",") if args.archs else archs
     batches = [int(b) for b in args.batches.split(",")] if args.batches else batches
     providers = args.providers.split(",") if args.providers else list(providers)
     for a in archs:
-        if a not in ARCHS:
-            p.error(f"unknown architecture {a!r}; choose from {', '.join(ARCHS)}")
+        if a not in ARCHS and a not in SWIN_ARCHS:
+            p.error(f"unknown architecture {a!r}; choose from {', '.join(list(ARCHS) + list(SWIN_ARCHS))}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         rows, layer_rows = run(archs, batches, device, dtype, providers, breakdown=not args.no_breakdown,

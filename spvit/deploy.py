@@ -474,6 +474,12 @@ def _trunk_config(vit: nn.Module, sig) -> Dict[str, Any]:
     }
 
 
+def _is_swin_pruned(model: nn.Module) -> bool:
+    from .models.swin import SwinPrunedModel
+
+    return isinstance(model, SwinPrunedModel)
+
+
 def deploy(model: nn.Module, dtype: Optional[torch.dtype] = None,
            device: Optional[Union[str, torch.device]] = None) -> DeployedModel:
     """The inference model of a fine-tuned SPViT model (the input is not modified).
@@ -483,7 +489,7 @@ def deploy(model: nn.Module, dtype: Optional[torch.dtype] = None,
 
     Args:
         model: a :class:`PrunedModel` (from :func:`spvit.prune`, fine-tuning, or :func:`spvit.load_official` of a
-            fine-tune checkpoint).
+            fine-tune checkpoint), or a ``SwinPrunedModel`` (deployed as a :class:`~spvit.deploy_swin.DeployedSwin`).
         dtype: parameter dtype of the result (default: the model's).
         device: device of the result (default: the model's).
     Returns:
@@ -491,7 +497,11 @@ def deploy(model: nn.Module, dtype: Optional[torch.dtype] = None,
     Raises:
         TypeError: for a Supernet (still in search mode) or anything that is not a PrunedModel.
     """
-    if isinstance(model, Supernet):
+    if _is_swin_pruned(model):
+        from .deploy_swin import deploy_swin
+
+        return deploy_swin(model, dtype=dtype, device=device)
+    if isinstance(model, Supernet) or type(model).__name__ == "SwinSupernet":
         raise TypeError("this model is a Supernet, still in search mode; read out the architecture "
                         "(arch = supernet.architecture()) and prune first (spvit.prune(model, arch)), then fine-tune "
                         "and deploy the PrunedModel")
@@ -581,7 +591,12 @@ def from_file_dict(obj: Any, path: str = "<dict>", device=None, dtype: Optional[
             raise ValueError(f"{path}: missing {key!r} (written by spvit {obj.get('spvit_version', '?')})")
     try:
         arch = Architecture.from_dict(obj["architecture"])
-        model = DeployedModel(obj["config"], arch)
+        if isinstance(obj["config"], dict) and obj["config"].get("family") == "swin":
+            from .deploy_swin import DeployedSwin
+
+            model = DeployedSwin(obj["config"], arch)
+        else:
+            model = DeployedModel(obj["config"], arch)
     except (KeyError, TypeError) as exc:
         raise ValueError(f"{path}: malformed model description ({type(exc).__name__}: {exc})") from exc
     sd = obj["state_dict"]
@@ -614,8 +629,8 @@ def deploy_checkpoint(checkpoint: str, out: Optional[str] = None, model: Optiona
     Accepted files:
       * ours: ``best.pth`` / ``checkpoint.pth`` of ``spvit finetune`` (``{"model": state_dict, "arch": {...},
         "model_name", "model_kwargs", "num_classes"}``); ``model_name`` overrides the recorded one;
-      * an original SPViT (DeiT) fine-tune checkpoint (``{"model": state_dict}`` with ``qk`` / ``bn_*`` keys, or the
-        parameter-optimised ``bconv`` form): needs ``model`` (the timm model name it was trained from, or a timm
+      * an original SPViT (DeiT or Swin) fine-tune checkpoint (``{"model": state_dict}`` with ``qk`` / ``bn_*`` keys,
+        or the parameter-optimised ``bconv`` form): needs ``model`` (the timm model name it was trained from, or a timm
         model instance used as the skeleton);
       * a file already written by :meth:`DeployedModel.save` (loaded, re-cast, re-saved).
 
@@ -643,13 +658,13 @@ def deploy_checkpoint(checkpoint: str, out: Optional[str] = None, model: Optiona
         if model is None:
             raise ValueError(f"{checkpoint} has no SPViT architecture record; if it is an original SPViT fine-tune "
                              "checkpoint, give the timm model it was trained from (model= / --model, e.g. "
-                             "deit_small_patch16_224)")
+                             "deit_small_patch16_224 or swin_tiny_patch4_window7_224)")
         from .models.official import load_official
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             pruned = load_official(checkpoint, model, **create_kwargs)
-        if not isinstance(pruned, PrunedModel):
+        if not isinstance(pruned, PrunedModel) and not _is_swin_pruned(pruned):
             raise TypeError(f"{checkpoint} is a search (supernet) checkpoint, still in search mode; read out the "
                             "architecture, prune and fine-tune it before deploying")
         deployed = deploy(pruned, dtype=dtype, device=device)

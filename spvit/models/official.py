@@ -9,14 +9,15 @@ Three layouts are recognised from the keys:
   (skip), and compacted ``mlp.fc1``/``fc2``;
 * parameter-optimised fine-tune (``post_training_optimize_checkpoint``): conv layers as ``bconv.{0,1,3}``.
 
-Everything else (patch embedding, cls token, position embedding, norms, head) has timm's names.
+Everything else (patch embedding, cls token, position embedding, norms, head) has timm's names. Checkpoints of the
+original Swin code go through :mod:`spvit.models.official_swin` (:func:`load_official` dispatches on the model).
 """
 from __future__ import annotations
 
 import os
 import re
 import warnings
-from typing import Dict, Union
+from typing import Dict, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -73,22 +74,43 @@ def _load_strict(module: nn.Module, sd: Dict[str, torch.Tensor], path: str, what
     module.load_state_dict(sd, strict=True)
 
 
-def load_official(path: str, model: Union[str, nn.Module], alpha: float = 1e-2, **create_kwargs):
-    """Load an original SPViT (DeiT) checkpoint as our equivalent model, with identical outputs.
+def load_official(path: str, model: Union[str, nn.Module], alpha: Optional[float] = None, **create_kwargs):
+    """Load an original SPViT (DeiT or Swin) checkpoint as our equivalent model, with identical outputs.
+
+    Swin (``model`` a timm ``SwinTransformer``, e.g. ``"swin_tiny_patch4_window7_224"``) is handled by
+    :mod:`spvit.models.official_swin`: the original's names and PatchMerging placement are mapped onto timm's; skip
+    layers of fine-tune checkpoints keep the original x + LN1(x) (quirk Q4, with a warning). Parameter-optimised
+    (``bconv``) Swin files are loaded as the convolutions they store, with a warning: those written by the original
+    Swin ``post_training_optimize_checkpoint.py`` are wrong (quirk Q9: alpha 0.01, the DeiT centre column and tap
+    order, every conv layer converted as a 1x1), so they do not reproduce the fine-tuned model; a correct file holds
+    the taps mixed with alpha 100, the 1x1 from column 0 and the 3x3 in the Swin tap order (docs/method.md §6, §11).
 
     Args:
         path: the ``.pth`` file (a state dict or ``{"model": state_dict}``).
         model: the timm model name it was trained from (e.g. ``"deit_small_patch16_224"``) or a timm model instance
             to use as the skeleton (its weights are replaced).
-        alpha: head-mixing temperature (0.01, hard-coded in the original DeiT code).
+        alpha: head-mixing temperature (default: 0.01 for DeiT, hard-coded in the original DeiT code; 100 for Swin,
+            the original Swin configs' ``EXTRA.alpha``).
         create_kwargs: passed to ``timm.create_model``.
     Returns:
-        :class:`Supernet` for a search checkpoint, :class:`PrunedModel` for a fine-tune one.
+        :class:`Supernet` / ``SwinSupernet`` for a search checkpoint, :class:`PrunedModel` / ``SwinPrunedModel`` for
+        a fine-tune one.
+    Raises:
+        ValueError: a checkpoint of another model (a DeiT file for a Swin or the reverse, another depth or width),
+            naming the mismatch.
     """
+    from .official_swin import is_swin, load_official_swin, looks_like_swin_checkpoint
+
     sd = _read_state_dict(path)
     base = _base_model(model, sd, **create_kwargs)
-    sig = signature_of(base)
     name = model if isinstance(model, str) else model_name_of(base)
+    if is_swin(base):
+        return load_official_swin(sd, base, name, path, alpha=100.0 if alpha is None else alpha)
+    if looks_like_swin_checkpoint(sd):
+        raise ValueError(f"{path} is an SPViT Swin checkpoint (layers.{{s}}.blocks.{{j}} keys) but {name} is not a "
+                         "Swin model; give the timm Swin it was trained from (e.g. swin_tiny_patch4_window7_224)")
+    alpha = 1e-2 if alpha is None else alpha
+    sig = signature_of(base)
     depth_in_ckpt = 1 + max((int(m.group(1)) for k in sd for m in [re.match(r"blocks\.(\d+)\.", k)] if m), default=-1)
     if depth_in_ckpt != sig.depth:
         raise ValueError(f"{path} has {depth_in_ckpt} blocks but {name} has {sig.depth}: a checkpoint of another model")
