@@ -75,7 +75,7 @@ def main(argv=None) -> int:
         arch = Architecture.load(res["arch"])
         deployed = deploy(prune(res["supernet"].cpu(), arch), dtype=torch.float32, device="cpu")
         with torch.no_grad():
-            r = L.compare(table, deployed, dense_dep, min_reps=10, budget_s=2.0)
+            r = L.compare(table, deployed, dense_dep, rounds=args.rounds, min_reps=5, budget_s=1.0)
         row = {"requested_speedup": s, "predicted_speedup": round(r["predicted_speedup"], 3),
                "measured_speedup": round(r["measured_speedup"], 3),
                "speedup_error_pct": round(100 * (r["measured_speedup"] / s - 1), 1),

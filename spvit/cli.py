@@ -202,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=20, help="timed batches per model (>= 1)")
     p.add_argument("--latency-table", default=None, help="latency table (`spvit profile`): print predicted vs measured "
                    "latency of the deployed model and its dense model on the table's device, dtype and batch")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                   help="with --latency-table: the dtype to run (default and only accepted value: the table's)")
 
     p = sub.add_parser("profile", help="latency table of a model's deployed pieces on this device (for the "
                        "hardware-aware search)")
@@ -401,7 +403,7 @@ def bench_latency(args) -> int:
 
     table = L.load_table(args.latency_table)
     device = E.init_distributed(args.device).device
-    dtype = L.DTYPES[table.dtype]
+    dtype = L.DTYPES[args.dtype or table.dtype]
     table.check_device(device, dtype)
     if args.batch_size_given and args.batch_size != table.batch:
         raise E.RunError(f"--batch-size {args.batch_size}: the latency table was measured at batch {table.batch}")
@@ -415,12 +417,13 @@ def bench_latency(args) -> int:
     if device.type == "cpu" and table.device.get("threads"):
         torch.set_num_threads(int(table.device["threads"]))
     try:
-        r = L.compare(table, deployed, dense, min_reps=args.iters)
+        threads = torch.get_num_threads()
+        r = L.compare(table, deployed, dense, rounds=int(table.meta.get("rounds", 1)), min_reps=args.iters)
     finally:
         torch.set_num_threads(threads_before)
-    print(f"{table.device.get('name')} [{table.device.get('class')}], {table.dtype}, batch {table.batch}, "
-          f"{torch.get_num_threads() if device.type == 'cpu' else ''}{' threads' if device.type == 'cpu' else ''}"
-          f" ({table.meta.get('stat', 'median')} of >= {args.iters} calls, {table.meta.get('clock', 'wall')} clock)")
+    where = f", {threads} thread(s)" if device.type == "cpu" else ""
+    print(f"{table.device.get('name')} [{table.device.get('class')}], {table.dtype}, batch {table.batch}{where} "
+          f"({table.meta.get('stat', 'median')} of >= {args.iters} calls, {table.meta.get('clock', 'wall')} clock)")
     print(f"{'':8s}{'predicted ms':>14s}{'measured ms':>14s}{'error':>8s}")
     print(f"{'dense':8s}{r['dense_predicted_ms']:14.3f}{r['dense_measured_ms']:14.3f}"
           f"{100 * (r['dense_predicted_ms'] / r['dense_measured_ms'] - 1):7.1f}%")

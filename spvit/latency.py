@@ -559,8 +559,7 @@ def profile(model: Union[nn.Module, str], device: Union[str, torch.device] = "cp
                     fns[(where, key)] = make()
                 t = time_ms(fns[(where, key)], device, min_reps, max_reps, budget_s / rounds, clock=clock)
                 samples.setdefault((where, key), []).append(t[STATS[stat]])
-        res = {k: sorted(v)[len(v) // 2] if len(v) % 2 else 0.5 * (sorted(v)[len(v) // 2 - 1] + sorted(v)[len(v) // 2])
-               for k, v in samples.items()}
+        res = {k: _median(v) for k, v in samples.items()}
         groups = []
         for gi, pg in enumerate(pgroups):
             widths = _grid(pg.hidden, step)
@@ -752,16 +751,33 @@ def timm_kwargs(signature: ModelSignature) -> Dict[str, Any]:
             "num_heads": s.num_heads, "mlp_ratio": s.mlp_hidden / s.embed_dim, "num_classes": s.num_classes}
 
 
-def compare(table: LatencyTable, deployed: nn.Module, dense: Optional[nn.Module] = None, **timing) -> Dict[str, float]:
-    """Predicted vs measured latency of ``deployed`` (and of the dense model, for the speedup)."""
+def _median(v: Sequence[float]) -> float:
+    v = sorted(v)
+    n = len(v)
+    return v[n // 2] if n % 2 else 0.5 * (v[n // 2 - 1] + v[n // 2])
+
+
+def compare(table: LatencyTable, deployed: nn.Module, dense: Optional[nn.Module] = None, rounds: int = 1,
+            **timing) -> Dict[str, float]:
+    """Predicted vs measured latency of ``deployed`` (and of the dense model, for the speedup).
+
+    ``rounds`` passes measure the models alternately (median over passes), so that a change of load on the machine
+    affects both alike; ``timing``: :func:`measure_model` arguments.
+    """
     table.check_model(deployed.signature, deployed.model_name)
     table.check_device(deployed.device, deployed.dtype)
-    out = {"predicted_ms": table.predict(deployed.architecture)["ms"], "measured_ms": measure_model(deployed, table,
-                                                                                                  **timing)}
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    mine, dense_t = [], []
+    for _ in range(rounds):
+        mine.append(measure_model(deployed, table, **timing))
+        if dense is not None:
+            dense_t.append(measure_model(dense, table, **timing))
+    out = {"predicted_ms": table.predict(deployed.architecture)["ms"], "measured_ms": _median(mine)}
     out["error"] = out["predicted_ms"] / out["measured_ms"] - 1
     if dense is not None:
         out["dense_predicted_ms"] = table.dense_ms()
-        out["dense_measured_ms"] = measure_model(dense, table, **timing)
+        out["dense_measured_ms"] = _median(dense_t)
         out["predicted_speedup"] = out["dense_predicted_ms"] / out["predicted_ms"]
         out["measured_speedup"] = out["dense_measured_ms"] / out["measured_ms"]
     return out

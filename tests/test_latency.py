@@ -306,3 +306,34 @@ def test_search_one_epoch_with_latency_table(tmp_path, capsys):
     assert all(w in (0, 64) or w % 8 == 0 for w in arch.ffn_widths)
     rows = open(tmp_path / "run" / "metrics.csv").read()
     assert "latency_loss" in rows and "pred_ms" in rows
+
+
+def test_cli_bench_predicted_vs_measured(tmp_path, capsys):
+    from spvit.deploy import deploy
+    from spvit.models import prune
+
+    vit = small_vit()
+    sig = signature_of(vit)
+    arch = Architecture("vit_tiny_patch16_224", sig, [BlockArch("msa", tuple(range(64))), BlockArch("1x1", (0, 5)),
+                                                     BlockArch("skip", ())])
+    path = str(tmp_path / "deployed.pth")
+    deploy(prune(vit, arch)).save(path)
+    lut = str(tmp_path / "lut.json")
+    table = L.profile(vit, batch=2, threads=1, min_reps=1, max_reps=2, budget_s=0.0, show=False)
+    table.save(lut)
+    assert cli.main(["bench", "--checkpoint", path, "--latency-table", lut, "--device", "cpu", "--iters", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "predicted ms" in out and "measured ms" in out and "speedup: predicted" in out
+    pred = table.predict(arch)["ms"]
+    assert f"{pred:14.3f}" in out  # the table's prediction of this architecture
+    assert cli.main(["bench", "--checkpoint", path, "--latency-table", lut, "--device", "cpu", "--dtype", "bf16"]) == 2
+    assert "dtype fp32" in capsys.readouterr().err
+    assert cli.main(["bench", "--checkpoint", path, "--latency-table", lut, "--device", "cpu", "--batch-size",
+                     "7"]) == 2
+    assert "batch 2" in capsys.readouterr().err
+    other = synthetic_table(signature_of(timm.create_model("vit_tiny_patch16_224", pretrained=False,
+                                                           **{**KW, "depth": 2})))
+    other.save(str(tmp_path / "other.json"))
+    assert cli.main(["bench", "--checkpoint", path, "--latency-table", str(tmp_path / "other.json"), "--device",
+                     "cpu"]) == 2
+    assert "depth" in capsys.readouterr().err
