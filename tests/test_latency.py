@@ -337,3 +337,43 @@ def test_cli_bench_predicted_vs_measured(tmp_path, capsys):
     assert cli.main(["bench", "--checkpoint", path, "--latency-table", str(tmp_path / "other.json"), "--device",
                      "cpu"]) == 2
     assert "depth" in capsys.readouterr().err
+
+
+DDP_DRIVER = """
+import json, os, sys
+from spvit import engine as E, latency as L
+dist = E.init_distributed("cpu")
+path = sys.argv[1] if dist.rank == 0 else "/nonexistent/only-rank-0-reads.json"
+try:
+    res = L.load_table(path, dist).to_dict()
+except L.LatencyTableError as exc:
+    res = {"error": str(exc)}
+json.dump(res, open(os.path.join(sys.argv[2], f"rank{dist.rank}.json"), "w"))
+import torch.distributed as tdist
+tdist.destroy_process_group()
+"""
+
+
+def test_table_read_on_rank0_and_broadcast(tmp_path):
+    import subprocess
+    import sys
+
+    from .pipeline_helpers import free_port, repo_root
+
+    table = synthetic_table(signature_of(small_vit()))
+    lut = str(tmp_path / "lut.json")
+    table.save(lut)
+    driver = tmp_path / "driver.py"
+    driver.write_text(DDP_DRIVER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo",
+           "PYTHONPATH": repo_root() + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    for path, ok in ((lut, True), (str(tmp_path / "missing.json"), False)):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(driver), path, str(tmp_path)]
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        r = [json.load(open(tmp_path / f"rank{i}.json")) for i in range(2)]
+        if ok:
+            assert r[0] == r[1] == json.loads(json.dumps(table.to_dict()))
+        else:
+            assert "not found" in r[0]["error"] and r[0] == r[1]
