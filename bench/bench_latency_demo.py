@@ -47,6 +47,7 @@ def main(argv=None) -> int:
     ap.add_argument("--search-epochs", type=int, default=10)
     ap.add_argument("--ffn-align", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--context", type=int, default=4, help="blocks around each timed piece (0: pieces alone)")
     ap.add_argument("--budget", type=float, default=0.3)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -59,7 +60,7 @@ def main(argv=None) -> int:
     teacher = _chosen(teacher_ckpt)
     table_path = os.path.join(args.out, "lut.json")
     table = L.profile(teacher, batch=args.batch, threads=args.threads, clock=args.clock, rounds=args.rounds,
-                      budget_s=args.budget, model_name=DEMO_MODEL, show=False)
+                      budget_s=args.budget, model_name=DEMO_MODEL, show=False, context=args.context)
     table.save(table_path, force=True)
     print(table.summary(), flush=True)
     dense_dep = L.dense_deployed(DEMO_MODEL, table_signature(table), "cpu", torch.float32, o.model_kwargs,
@@ -91,7 +92,7 @@ def main(argv=None) -> int:
     info = env_info(torch.device("cpu"))
     load = os.getloadavg()
     out = {"rows": rows, "env": info, "clock": args.clock, "threads": args.threads, "batch": args.batch,
-           "ffn_align": args.ffn_align, "teacher_epochs": args.teacher_epochs, "search_epochs": args.search_epochs,
+           "ffn_align": args.ffn_align, "context": args.context, "rounds": args.rounds, "teacher_epochs": args.teacher_epochs, "search_epochs": args.search_epochs,
            "load_avg_1_5_15": [round(v, 2) for v in load], "wall_s": round(time.perf_counter() - t0, 1),
            "table": {"dense_ms": table.dense_ms(), "dense_measured_ms": table.meta.get("dense_measured_ms"),
                      "profile_s": table.meta.get("profile_s")}}

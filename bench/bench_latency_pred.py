@@ -52,6 +52,7 @@ def main(argv=None) -> int:
     ap.add_argument("--clock", default="wall", choices=L.CLOCKS)
     ap.add_argument("--stat", default="median", choices=sorted(L.STATS))
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--context", type=int, default=4, help="blocks around each timed piece (0: pieces alone)")
     ap.add_argument("--budget", type=float, default=0.3, help="seconds per piece in the profile")
     ap.add_argument("--random", type=int, default=4, help="random architectures per (model, batch)")
     ap.add_argument("--no-shipped", dest="shipped", action="store_false")
@@ -81,7 +82,7 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             table = L.profile(base, device=device, dtype=dtype, batch=batch, threads=args.threads,
                               budget_s=args.budget, stat=args.stat, clock=args.clock, rounds=args.rounds,
-                              model_name=name, show=False)
+                              context=args.context, model_name=name, show=False)
             prof_s = time.perf_counter() - t0
             print(table.summary(), f"\n  ({prof_s:.0f} s)", flush=True)
             errs = []
@@ -104,7 +105,7 @@ def main(argv=None) -> int:
             print(json.dumps(summary[-1]), flush=True)
     info = env_info(device)
     out = {"summary": summary, "rows": rows, "env": info, "dtype": args.dtype, "threads": args.threads,
-           "clock": args.clock, "stat": args.stat, "rounds": args.rounds, "budget_s": args.budget,
+           "clock": args.clock, "stat": args.stat, "rounds": args.rounds, "context": args.context, "budget_s": args.budget,
            "load_avg_start": [round(v, 2) for v in load_start], "load_avg_end": [round(v, 2) for v in os.getloadavg()],
            "wall_s": round(time.perf_counter() - t_all, 1)}
     os.makedirs(RESULTS_DIR, exist_ok=True)

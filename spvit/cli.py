@@ -217,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "units, else width/16)")
     p.add_argument("--min-reps", type=int, default=5, help="timed calls per piece, at least (>= 1)")
     p.add_argument("--budget", type=float, default=0.3, help="seconds per piece: repeat until spent (adaptive)")
+    p.add_argument("--context", type=int, default=4, help="time each block piece inside a run of this many blocks, "
+                   "as in the model (0: each piece alone, from warm caches)")
     p.add_argument("--rounds", type=int, default=1, help="passes over all pieces; the median over passes is kept "
                    "(spreads the disturbance of a loaded machine over every piece)")
     p.add_argument("--stat", choices=["median", "min"], default="median",
@@ -388,7 +390,7 @@ def cmd_profile(args) -> int:
     table = L.profile(args.model, device=device, dtype=args.dtype, batch=args.batch, threads=args.threads,
                       ffn_step=args.ffn_step, min_reps=args.min_reps, max_reps=max(100, args.min_reps),
                       budget_s=args.budget, model_kwargs=args.model_kwargs, show=args.progress, stat=args.stat,
-                      clock=args.clock, rounds=args.rounds)
+                      clock=args.clock, rounds=args.rounds, context=args.context)
     table.save(args.out, force=args.force)
     print(table.summary())
     print(f"latency table: {args.out}")
