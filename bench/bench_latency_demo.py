@@ -92,7 +92,8 @@ def main(argv=None) -> int:
     info = env_info(torch.device("cpu"))
     load = os.getloadavg()
     out = {"rows": rows, "env": info, "clock": args.clock, "threads": args.threads, "batch": args.batch,
-           "ffn_align": args.ffn_align, "context": args.context, "rounds": args.rounds, "teacher_epochs": args.teacher_epochs, "search_epochs": args.search_epochs,
+           "ffn_align": args.ffn_align, "context": args.context, "rounds": args.rounds,
+           "teacher_epochs": args.teacher_epochs, "search_epochs": args.search_epochs,
            "load_avg_1_5_15": [round(v, 2) for v in load], "wall_s": round(time.perf_counter() - t0, 1),
            "table": {"dense_ms": table.dense_ms(), "dense_measured_ms": table.meta.get("dense_measured_ms"),
                      "profile_s": table.meta.get("profile_s")}}

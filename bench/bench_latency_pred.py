@@ -105,7 +105,8 @@ def main(argv=None) -> int:
             print(json.dumps(summary[-1]), flush=True)
     info = env_info(device)
     out = {"summary": summary, "rows": rows, "env": info, "dtype": args.dtype, "threads": args.threads,
-           "clock": args.clock, "stat": args.stat, "rounds": args.rounds, "context": args.context, "budget_s": args.budget,
+           "clock": args.clock, "stat": args.stat, "rounds": args.rounds, "context": args.context,
+           "budget_s": args.budget,
            "load_avg_start": [round(v, 2) for v in load_start], "load_avg_end": [round(v, 2) for v in os.getloadavg()],
            "wall_s": round(time.perf_counter() - t_all, 1)}
     os.makedirs(RESULTS_DIR, exist_ok=True)
@@ -114,7 +115,8 @@ def main(argv=None) -> int:
         json.dump(out, f, indent=1)
     with open(stem + ".md", "w") as f:
         f.write(f"{info['device']}, torch {info['torch']}, {args.dtype}, {args.threads} thread(s), {args.clock} clock, "
-                f"{args.stat} of repeats; load average {load_start[0]:.2f} at start, {os.getloadavg()[0]:.2f} at end\n\n")
+                f"{args.stat} of repeats, context {args.context}; load average {load_start[0]:.2f} at start, "
+                f"{os.getloadavg()[0]:.2f} at end\n\n")
         f.write(markdown_table(summary) + "\n\n" + markdown_table(rows) + "\n")
     print(markdown_table(summary))
     return 0

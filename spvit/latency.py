@@ -553,7 +553,8 @@ def _versions() -> Dict[str, str]:
     return {"torch": str(torch.__version__), "triton": tv, "spvit": __version__}
 
 
-def profile(model: Union[nn.Module, str], device: Union[str, torch.device] = "cpu", dtype: Union[str, torch.dtype] = "fp32",
+def profile(model: Union[nn.Module, str], device: Union[str, torch.device] = "cpu",
+            dtype: Union[str, torch.dtype] = "fp32",
             batch: int = 1, threads: Optional[int] = None, ffn_step: Optional[int] = None, min_reps: int = 5,
             max_reps: int = 100, budget_s: float = 0.3, model_kwargs: Optional[Dict] = None,
             model_name: Optional[str] = None, show: bool = True, stat: str = "median",
@@ -643,7 +644,8 @@ def profile(model: Union[nn.Module, str], device: Union[str, torch.device] = "cp
         sig_d["grid"] = list(sig.grid)
         dev = {"name": device_name(device), "class": device_class(device), "threads": torch.get_num_threads(),
                "backends": {op: backend_of(op, device) for op in ("deploy_conv", "pruned_ffn")}}
-        meta = {**_versions(), "stat": stat, "clock": clock, "rounds": rounds, "context": context, "ffn_step": step, "min_reps": min_reps, "max_reps": max_reps, "budget_s": budget_s,
+        meta = {**_versions(), "stat": stat, "clock": clock, "rounds": rounds, "context": context, "ffn_step": step,
+                "min_reps": min_reps, "max_reps": max_reps, "budget_s": budget_s,
                 "dense_measured_ms": res[("dense", "whole")], "profile_s": round(time.perf_counter() - t_start, 1),
                 "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
                 "dense_gflops": dense_macs(sig) / 1e9,

@@ -109,7 +109,8 @@ def run(cfg: Union[SearchConfig, Dict], supernet_module: Optional[nn.Module] = N
                 extra = {"arch_gflops": arch.meta["gflops"]}
                 if lat is not None:
                     extra.update({"pred_ms": arch.meta["predicted_ms"], "pred_speedup": arch.meta["predicted_speedup"]})
-            return {"gflops": sn.gflops(), **extra, **{f"n_{c}": choices.count(c) for c in ("msa", "3x3", "1x1", "skip")},
+            return {"gflops": sn.gflops(), **extra,
+                    **{f"n_{c}": choices.count(c) for c in ("msa", "3x3", "1x1", "skip")},
                     "ffn_kept_frac": sum(r["ffn_kept"] for r in rows) / max(sum(r["ffn_total"] for r in rows), 1)}
 
         def write_epoch(epoch: int, m: Dict) -> None:
