@@ -1,4 +1,4 @@
-"""The ``spvit`` command (also ``python -m spvit``): demo, search, finetune, eval, deploy, bench.
+"""The ``spvit`` command (also ``python -m spvit``): demo, search, finetune, eval, deploy, bench, profile.
 
 Configuration (:mod:`spvit.config`): built-in defaults, then ``--config file.yaml`` (flat keys named like the flags,
 with underscores), then the flags given on the command line; the resolved config is saved in the run folder.
@@ -156,6 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cosine length of the gate logits' schedule (default: the lr's; Swin configs: 150)")
     g.add_argument("--alpha", type=float, default=S,
                    help="head-mixing temperature (> 0; default the family's: 0.01 DeiT, 100 Swin)")
+    g = p.add_argument_group("hardware-aware search (a latency table from `spvit profile`)")
+    g.add_argument("--latency-table", default=S, help="latency table JSON: the complexity term becomes the predicted "
+                   "latency on the profiled device (--target-gflops is then unused)")
+    g.add_argument("--target-speedup", type=float, default=S, help="latency target = predicted dense latency / S")
+    g.add_argument("--target-latency-ms", type=float, default=S, help="absolute latency target (ms per batch of the "
+                   "table's batch size)")
+    g.add_argument("--ffn-align", type=int, default=S, help="read out a multiple of N units per FFN (by gate-logit "
+                   "order; 0: off)")
 
     p = sub.add_parser("finetune", help="fine-tune the pruned model of an arch.json (optionally distilled)")
     _add_common(p)
@@ -196,9 +204,39 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="inference time of a fine-tuned checkpoint vs its dense model (eager PyTorch)")
     p.add_argument("--checkpoint", required=True, help="best.pth / checkpoint.pth of a fine-tune run")
-    p.add_argument("--batch-size", type=int, default=64, help="images per batch (>= 1)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per batch (>= 1; default 64, or the latency "
+                   "table's)")
     p.add_argument("--device", default="auto", help=C.DEVICE_HELP)
     p.add_argument("--iters", type=int, default=20, help="timed batches per model (>= 1)")
+    p.add_argument("--latency-table", default=None, help="latency table (`spvit profile`): print predicted vs measured "
+                   "latency of the deployed model and its dense model on the table's device, dtype and batch")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                   help="with --latency-table: the dtype to run (default and only accepted value: the table's)")
+
+    p = sub.add_parser("profile", help="latency table of a model's deployed pieces on this device (for the "
+                       "hardware-aware search)")
+    p.add_argument("--model", required=True, help="timm model name, e.g. deit_small_patch16_224")
+    p.add_argument("--model-kwargs", type=_json_dict, default={}, help="JSON object of extra timm.create_model kwargs")
+    p.add_argument("--device", default="cpu", help=C.DEVICE_HELP)
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="weights and compute dtype")
+    p.add_argument("--batch", type=int, default=1, help="images per batch (>= 1)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads while measuring (default: torch's)")
+    p.add_argument("--ffn-step", type=int, default=None, help="FFN width grid step (default 64 for FFNs of >= 1024 "
+                   "units, else width/16)")
+    p.add_argument("--min-reps", type=int, default=5, help="timed calls per piece, at least (>= 1)")
+    p.add_argument("--budget", type=float, default=0.3, help="seconds per piece: repeat until spent (adaptive)")
+    p.add_argument("--context", type=int, default=4, help="time each block piece inside a run of this many blocks, "
+                   "as in the model (0: each piece alone, from warm caches)")
+    p.add_argument("--rounds", type=int, default=1, help="passes over all pieces; the median over passes is kept "
+                   "(spreads the disturbance of a loaded machine over every piece)")
+    p.add_argument("--stat", choices=["median", "min"], default="median",
+                   help="statistic of the repeats (min: least disturbed on a loaded machine)")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="wall: latency (default); cpu: process CPU time with --threads 1 (the latency on an idle core, "
+                        "for a CPU shared with other work)")
+    p.add_argument("--out", required=True, help="the table's JSON file (never replaced without --force)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return ap
 
 
@@ -236,6 +274,8 @@ def resolve_config(cls, args: argparse.Namespace):
 def cmd_search(args) -> int:
     res = search.run(resolve_config(C.SearchConfig, args))
     _finish()
+    if res["dist"].main and res.get("predicted_ms") is not None:
+        print(f"predicted latency {res['predicted_ms']:.4g} ms (target {res['target_ms']:.4g} ms)")
     if res["dist"].main:
         print(f"architecture: {res['arch']} ({res['gflops']:.4g} of {res['dense_gflops']:.4g} GFLOPs, "
               f"val acc {res['val_acc1']:.2f})" if res["val_acc1"] is not None else f"architecture: {res['arch']}")
@@ -342,14 +382,80 @@ def cmd_deploy(args) -> int:
     return 0
 
 
+def cmd_profile(args) -> int:
+    from . import latency as L
+
+    if args.batch < 1:
+        raise C.ConfigError(f"--batch must be >= 1, got {args.batch}")
+    if args.threads is not None and args.threads < 1:
+        raise C.ConfigError(f"--threads must be >= 1, got {args.threads}")
+    if args.budget < 0 or args.min_reps < 1 or args.rounds < 1:
+        raise C.ConfigError("--budget must be >= 0, --min-reps and --rounds >= 1")
+    C.check_device(args.device)
+    if os.path.exists(args.out) and not args.force:  # before minutes of measuring
+        raise E.RunError(f"{args.out} exists; pass --force to replace it")
+    device = E.init_distributed(args.device).device
+    table = L.profile(args.model, device=device, dtype=args.dtype, batch=args.batch, threads=args.threads,
+                      ffn_step=args.ffn_step, min_reps=args.min_reps, max_reps=max(100, args.min_reps),
+                      budget_s=args.budget, model_kwargs=args.model_kwargs, show=args.progress, stat=args.stat,
+                      clock=args.clock, rounds=args.rounds, context=args.context)
+    table.save(args.out, force=args.force)
+    print(table.summary())
+    print(f"latency table: {args.out}")
+    return 0
+
+
+def bench_latency(args) -> int:
+    """``spvit bench --latency-table``: predicted vs measured latency of the deployed model and of its dense model."""
+    import torch
+
+    from . import latency as L
+
+    table = L.load_table(args.latency_table)
+    device = E.init_distributed(args.device).device
+    dtype = L.DTYPES[args.dtype or table.dtype]
+    table.check_device(device, dtype)
+    if args.batch_size_given and args.batch_size != table.batch:
+        raise E.RunError(f"--batch-size {args.batch_size}: the latency table was measured at batch {table.batch}")
+    deployed = deploy_checkpoint(args.checkpoint, dtype=dtype, device=device)
+    table.check_model(deployed.signature, deployed.model_name)
+    ck = runs.load_torch_file(args.checkpoint)
+    kwargs = ck.get("model_kwargs") if isinstance(ck, dict) else None
+    dense = L.dense_deployed(deployed.model_name, deployed.signature, device, dtype,
+                             kwargs if kwargs is not None else L.timm_kwargs(deployed.signature))
+    threads_before = torch.get_num_threads()
+    if device.type == "cpu" and table.device.get("threads"):
+        torch.set_num_threads(int(table.device["threads"]))
+    try:
+        threads = torch.get_num_threads()
+        r = L.compare(table, deployed, dense, rounds=int(table.meta.get("rounds", 1)), min_reps=args.iters)
+    finally:
+        torch.set_num_threads(threads_before)
+    where = f", {threads} thread(s)" if device.type == "cpu" else ""
+    print(f"{table.device.get('name')} [{table.device.get('class')}], {table.dtype}, batch {table.batch}{where} "
+          f"({table.meta.get('stat', 'median')} of >= {args.iters} calls, {table.meta.get('clock', 'wall')} clock)")
+    print(f"{'':8s}{'predicted ms':>14s}{'measured ms':>14s}{'error':>8s}")
+    print(f"{'dense':8s}{r['dense_predicted_ms']:14.3f}{r['dense_measured_ms']:14.3f}"
+          f"{100 * (r['dense_predicted_ms'] / r['dense_measured_ms'] - 1):7.1f}%")
+    print(f"{'pruned':8s}{r['predicted_ms']:14.3f}{r['measured_ms']:14.3f}{100 * r['error']:7.1f}%")
+    print(f"speedup: predicted {r['predicted_speedup']:.3f}x, measured {r['measured_speedup']:.3f}x "
+          f"({gflops(deployed):.4g} of {gflops(dense):.4g} GFLOPs)")
+    return 0
+
+
 def cmd_bench(args) -> int:
     import torch
 
     if args.iters < 1:
         raise C.ConfigError(f"--iters must be >= 1, got {args.iters}")
+    args.batch_size_given = args.batch_size is not None
+    if args.batch_size is None:
+        args.batch_size = 64
     if args.batch_size < 1:
         raise C.ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     C.check_device(args.device)
+    if args.latency_table:
+        return bench_latency(args)
     model, ck = load_finetuned(args.checkpoint)
     dist = E.init_distributed(args.device)
     dense = E.build_timm_model(ck["model_name"], ck["num_classes"], None, 0.0, ck.get("model_kwargs")).eval()
@@ -366,7 +472,7 @@ def cmd_bench(args) -> int:
 
 
 COMMANDS = {"demo": cmd_demo, "search": cmd_search, "finetune": cmd_finetune, "eval": cmd_eval, "deploy": cmd_deploy,
-            "bench": cmd_bench}
+            "bench": cmd_bench, "profile": cmd_profile}
 
 
 def _say(msg: str) -> None:

@@ -246,9 +246,22 @@ class SearchConfig(TrainConfig):
     arc_sched_epochs: Optional[int] = None  # cosine length of the gate logits' schedule (Swin: 150); default the lr's
     theta: float = 1.5
     alpha: Optional[float] = None  # head-mixing temperature; None: the model family's (0.01 DeiT, 100 Swin)
+    # hardware-aware search (docs/method.md §11.4): a latency table replaces the FLOPs target by a latency target
+    latency_table: Optional[str] = None
+    target_speedup: Optional[float] = None
+    target_latency_ms: Optional[float] = None
+    ffn_align: int = 0  # read out a multiple of this many units per FFN (0 / 1: off, the original rule)
 
     def validate(self) -> "SearchConfig":
         super().validate()
+        _int_at_least("ffn_align", self.ffn_align, 0)
+        _finite("target_speedup", self.target_speedup, 0, lo_open=True)
+        _finite("target_latency_ms", self.target_latency_ms, 0, lo_open=True)
+        if self.latency_table:
+            if (self.target_speedup is None) == (self.target_latency_ms is None):
+                raise ConfigError("--latency-table needs exactly one of --target-speedup and --target-latency-ms")
+        elif self.target_speedup is not None or self.target_latency_ms is not None:
+            raise ConfigError("--target-speedup / --target-latency-ms need --latency-table (from `spvit profile`)")
         _finite("target_gflops", self.target_gflops, 0, lo_open=True)
         _finite("loss_lambda", self.loss_lambda, 0)
         _finite("arc_lr", self.arc_lr, 0)

@@ -4,6 +4,8 @@ architecture is read out and saved every epoch.
 ``run(cfg)`` takes a resolved :class:`~spvit.config.SearchConfig` and writes into ``cfg.out``: ``config.yaml``,
 ``metrics.csv``, ``gates.jsonl`` (per epoch, per block gate statistics), ``arch_epoch{e:03d}.json`` and
 ``arch.json`` (the latest), ``checkpoint.pth`` (resumable) and ``best.pth``.
+With ``latency_table`` (``spvit profile``) the complexity term is the predicted latency on the profiled device instead
+of the FLOPs (:mod:`spvit.latency`); ``ffn_align`` reads out FFN widths that are multiples of N (docs/method.md §11.4).
 """
 from __future__ import annotations
 
@@ -50,10 +52,20 @@ def run(cfg: Union[SearchConfig, Dict], supernet_module: Optional[nn.Module] = N
         sn = supernet_module
     else:  # a resumed run takes every weight from its checkpoint: no download
         sn = build_supernet(cfg, st.num_classes, kwargs, dist, pretrained="none" if cfg.resume else None)
-    try:
-        sn.check_target(cfg.target_gflops)  # the one check of the target's bounds
-    except ValueError as exc:
-        raise E.RunError(f"--target-gflops: {exc}") from None
+    lat = None
+    if cfg.latency_table:  # hardware-aware: a latency target replaces the FLOPs target (docs/method.md §11.4)
+        from . import latency as L
+
+        try:
+            table = L.load_table(cfg.latency_table, dist)
+            lat = L.LatencyObjective(table, sn, L.resolve_target(table, cfg.target_speedup, cfg.target_latency_ms))
+        except (ValueError, OSError) as exc:
+            raise E.RunError(f"--latency-table: {exc}") from None
+    else:
+        try:
+            sn.check_target(cfg.target_gflops)  # the one check of the target's bounds
+        except ValueError as exc:
+            raise E.RunError(f"--target-gflops: {exc}") from None
     lr = E.effective_lr(cfg, dist)
     f = E.other_lr_scale(cfg, dist)
     min_lr = E.lr_floor(lr, cfg.min_lr * f, "--min-lr", dist)
@@ -77,18 +89,39 @@ def run(cfg: Union[SearchConfig, Dict], supernet_module: Optional[nn.Module] = N
 
         def loss_fn(images, logits, y):
             t = task(logits, y)
+            if lat is not None:
+                ll = lat.loss(lam)
+                return t + ll, {"task": t.item(), "latency_loss": ll.item()}
             fl = sn.flops_loss(target, lam)
             return t + fl, {"task": t.item(), "flops_loss": fl.item()}
+
+        def read_out():
+            if lat is None and not cfg.ffn_align:
+                return sn.architecture()
+            from .latency import align_architecture
+
+            return align_architecture(sn, cfg.ffn_align, lat.table if lat is not None else None)
 
         def after_epoch(epoch: int, m: Dict) -> Dict:
             rows = sn.gate_summary()
             choices = [r["attn"] for r in rows]
-            return {"gflops": sn.gflops(), **{f"n_{c}": choices.count(c) for c in ("msa", "3x3", "1x1", "skip")},
+            extra = {}
+            if lat is not None or cfg.ffn_align:
+                arch = read_out()
+                extra = {"arch_gflops": arch.meta["gflops"]}
+                if lat is not None:
+                    extra.update({"pred_ms": arch.meta["predicted_ms"], "pred_speedup": arch.meta["predicted_speedup"]})
+            return {"gflops": sn.gflops(), **extra,
+                    **{f"n_{c}": choices.count(c) for c in ("msa", "3x3", "1x1", "skip")},
                     "ffn_kept_frac": sum(r["ffn_kept"] for r in rows) / max(sum(r["ffn_total"] for r in rows), 1)}
 
         def write_epoch(epoch: int, m: Dict) -> None:
-            arch = sn.architecture()
-            arch.meta.update({"epoch": epoch, "val_acc1": m["val_acc1"], "target_gflops": target})
+            arch = read_out()
+            arch.meta.update({"epoch": epoch, "val_acc1": m["val_acc1"]})
+            if lat is not None:
+                arch.meta.update({"target_ms": lat.target_ms, "target_speedup": lat.dense_ms / lat.target_ms})
+            else:
+                arch.meta["target_gflops"] = target
             rows = sn.gate_summary()
             runs.write_json(arch.to_dict(), os.path.join(out, f"arch_epoch{epoch:03d}.json"))
             runs.write_json(arch.to_dict(), os.path.join(out, "arch.json"))
@@ -96,16 +129,20 @@ def run(cfg: Union[SearchConfig, Dict], supernet_module: Optional[nn.Module] = N
                                                                     "blocks": rows})
             E.log("  gates: " + " ".join(f"{r['attn']}/{r['ffn_kept']}" for r in rows), dist)
 
-        E.log(f"search {cfg.model}: dense {sn.dense_gflops():.4g} GFLOPs, target {target:g}, lambda {lam:g}, "
+        goal = lat.describe() if lat is not None else f"target {target:g}"
+        E.log(f"search {cfg.model}: dense {sn.dense_gflops():.4g} GFLOPs, {goal}, lambda {lam:g}, "
               f"lr {lr:.3g}, arc_lr {arc_lr:.3g}, {dist.world} process(es) on {dist.device}", dist)
         res = E.fit(model=model, schedules=schedules, epochs=cfg.epochs, loss_fn=loss_fn,
                     train_loader=st.train_loader, train_sampler=st.sampler, val_loader=st.val_loader, dist=dist,
                     out=out, mixup=st.mixup, dtype=dtype, scaler=scaler, clip_grad=cfg.clip_grad, resume=cfg.resume,
                     stop_after_epoch=cfg.stop_after_epoch, after_epoch=after_epoch, write_epoch=write_epoch,
-                    postfix=lambda: {"GFLOPs": f"{sn.gflops():.4g}"},
+                    postfix=lambda: {"GFLOPs": f"{sn.gflops():.4g}", **({"ms": f"{float(lat.predicted_ms()):.4g}"}
+                                                                         if lat is not None else {})},
                     best_meta={"model_name": cfg.model, "model_kwargs": kwargs, "num_classes": st.num_classes},
                     show=cfg.progress, desc="search", tensorboard=cfg.tensorboard,
                     resume_hint=f"spvit search --out {out} --resume")
-    return {"arch": os.path.join(out, "arch.json"), "gflops": sn.gflops(), "dense_gflops": sn.dense_gflops(),
+    final = read_out()
+    return {"arch": os.path.join(out, "arch.json"), "gflops": final.meta["gflops"], "dense_gflops": sn.dense_gflops(),
+            "predicted_ms": final.meta.get("predicted_ms"), "target_ms": lat.target_ms if lat is not None else None,
             "val_acc1": res["last"].get("val_acc1"), "stopped": res["stopped"], "out": out, "supernet": sn,
             "dist": dist}

@@ -1,0 +1,379 @@
+"""Hardware-aware search (spvit/latency.py): latency tables, the differentiable latency model, aligned FFN widths,
+the CLI. Synthetic tables where measuring is not the point; small ViTs everywhere."""
+import json
+import math
+import os
+import random
+
+import pytest
+import timm
+import torch
+
+from spvit import cli, latency as L
+from spvit.arch import Architecture, BlockArch
+from spvit.flops import arch_macs
+from spvit.models import supernet
+from spvit.models.convert import signature_of
+
+KW = dict(img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=3, num_heads=2, mlp_ratio=2.0, num_classes=5)
+
+
+def small_vit():
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, **KW)
+
+
+def synthetic_table(sig, name="vit_tiny_patch16_224", step=8, seed=0, **over) -> L.LatencyTable:
+    """A table with random (but plausible) entries: attention skip < 1x1 < 3x3 < MSA, FFN increasing with jitter."""
+    g = random.Random(seed)
+    groups = []
+    widths = sorted(set(list(range(0, sig.mlp_hidden, step)) + [sig.mlp_hidden]))
+    for b in range(sig.depth):
+        attn = {"skip": 0.01, "1x1": 0.2 + g.random() * 0.1, "3x3": 0.5 + g.random() * 0.2, "msa": 1.0 + g.random()}
+        ffn = [0.02 + 0.01 * w + 0.05 * g.random() * (w > 0) for w in widths]
+        groups.append(L.BlockGroup([b], attn, widths, ffn, {}))
+    sd = {k: v for k, v in vars(sig).items()}
+    sd["grid"] = list(sig.grid)
+    d = dict(model_name=name, family="vit", signature=sd, device={"name": "test", "class": "cpu", "threads": 1},
+             dtype="fp32", batch=4, fixed_ms={"embed": 0.3, "head": 0.1}, groups=groups, meta={})
+    d.update(over)
+    return L.LatencyTable(**d)
+
+
+def random_logits(sn, gen):
+    with torch.no_grad():
+        for a, m in zip(sn.attns, sn.mlps):
+            a.kernel_thresholds.copy_(torch.randn(3, generator=gen) * 2)
+            m.ffn_thresholds.copy_(torch.randn(m.ffn_thresholds.shape, generator=gen) * 2)
+
+
+# ---------------------------------------------------------------------------------------------------------------- loss
+def test_loss_equals_table_prediction_at_hard_gates():
+    sn = supernet(small_vit())
+    table = synthetic_table(sn.signature)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        random_logits(sn, gen)
+        arch = sn.architecture()
+        pred = table.predict(arch)["ms"]
+        # independent reference: the table's entries summed by hand from the read-out architecture
+        ref = table.fixed_ms["embed"] + table.fixed_ms["head"]
+        for i, b in enumerate(arch.blocks):
+            grp = table.group(i)
+            j = grp.ffn_widths.index(max(w for w in grp.ffn_widths if w <= b.ffn_width))
+            if grp.ffn_widths[j] == b.ffn_width:
+                f = grp.ffn_ms[j]
+            else:
+                x0, x1 = grp.ffn_widths[j], grp.ffn_widths[j + 1]
+                f = grp.ffn_ms[j] + (grp.ffn_ms[j + 1] - grp.ffn_ms[j]) * (b.ffn_width - x0) / (x1 - x0)
+            ref += grp.attn_ms[b.attn] + f
+        assert pred == pytest.approx(ref, rel=1e-12)
+        obj = L.LatencyObjective(table, sn, target_ms=0.5 * table.dense_ms())
+        assert float(obj.predicted_ms().detach()) == pytest.approx(ref, rel=1e-5)
+        lam = 3.0
+        want = lam * (obj.dense_gflops * (obj.target_ms - ref) / table.dense_ms()) ** 2
+        assert float(obj.loss(lam).detach()) == pytest.approx(want, rel=1e-4)
+
+
+def test_loss_gradient_matches_finite_differences_fp64():
+    """The indicator's value is a step (straight-through), so finite differences are taken of the smooth function
+    whose value and derivative at the current logits are those of the indicators (§2.4):
+    h(θ) = 1[θ0 > 0] + σ(σ(θ) − ½) − σ(σ(θ0) − ½), composed with the table's interpolation written out here."""
+    sn = supernet(small_vit()).double()
+    table = synthetic_table(sn.signature, step=5)
+    random_logits(sn, torch.Generator().manual_seed(2))
+    with torch.no_grad():  # keep every kept count off the grid knots (the curve has a kink there)
+        for m in sn.mlps:
+            t = m.ffn_thresholds
+            while int((t > 0).sum()) % 5 == 0:
+                t[int(torch.argmin(t.abs()))] *= -1
+    obj = L.LatencyObjective(table, sn, target_ms=0.6 * table.dense_ms())
+    lam = 2.0 / obj.dense_gflops ** 2  # a loss of order 1 (the tiny model has few GFLOPs)
+    params = sn.arch_parameters()
+    grads = torch.autograd.grad(obj.loss(lam), params)
+    theta0 = [p.detach().clone() for p in params]
+
+    def h(theta, t0):
+        s = lambda x: torch.sigmoid(torch.sigmoid(x) - 0.5)  # noqa: E731
+        return (t0 > 0).double() + s(theta) - s(t0)
+
+    def smooth_loss(thetas):
+        total = table.fixed_ms["embed"] + table.fixed_ms["head"]
+        for i in range(sn.signature.depth):
+            g1, g3, gm = h(thetas[2 * i], theta0[2 * i])
+            e1, e3, em = g1, g1 * g3, g1 * g3 * gm
+            a = table.group(i).attn_ms
+            k = h(thetas[2 * i + 1], theta0[2 * i + 1]).sum()
+            xs, ys = table.group(i).ffn_widths, table.group(i).ffn_ms
+            j = max(q for q in range(len(xs) - 1) if xs[q] <= float(k))
+            f = ys[j] + (ys[j + 1] - ys[j]) / (xs[j + 1] - xs[j]) * (k - xs[j])
+            total = total + a["skip"] + e1 * (a["1x1"] - a["skip"]) + e3 * (a["3x3"] - a["1x1"]) + \
+                em * (a["msa"] - a["3x3"]) + f
+        return lam * (obj.dense_gflops * (obj.target_ms - total) / table.dense_ms()) ** 2
+
+    assert [n for n, _ in sn.named_parameters() if "thresholds" in n][:2] == [
+        "vit.blocks.0.attn.kernel_thresholds", "vit.blocks.0.mlp.ffn_thresholds"]
+    assert float(smooth_loss(theta0)) == pytest.approx(float(obj.loss(lam).detach()), rel=1e-12)
+    eps = 1e-6
+    checked = 0
+    for pi, g in enumerate(grads):
+        for idx in random.Random(pi).sample(range(g.numel()), min(6, g.numel())):
+            th = [t.clone() for t in theta0]
+            th[pi].view(-1)[idx] += eps
+            up = float(smooth_loss(th))
+            th[pi].view(-1)[idx] -= 2 * eps
+            down = float(smooth_loss(th))
+            fd = (up - down) / (2 * eps)
+            assert float(g.view(-1)[idx]) == pytest.approx(fd, rel=1e-6, abs=1e-9)
+            checked += abs(fd) > 1e-6
+    assert checked > 10
+
+
+def test_interp_matches_numpy_and_slopes():
+    np = pytest.importorskip("numpy")
+    xs, ys = [0, 4, 10, 16], [0.1, 0.9, 1.3, 2.5]
+    for k in [0, 1.5, 4, 7.2, 10, 15.9, 16]:
+        assert L.interp(xs, ys, k) == pytest.approx(float(np.interp(k, xs, ys)))
+        kt = torch.tensor(float(k), dtype=torch.float64, requires_grad=True)
+        v = L.interp(xs, ys, kt)
+        assert float(v.detach()) == pytest.approx(float(np.interp(k, xs, ys)))
+        (g,) = torch.autograd.grad(v, kt)
+        seg = min(max(i for i in range(3) if xs[i] <= k), 2)
+        assert float(g) == pytest.approx((ys[seg + 1] - ys[seg]) / (xs[seg + 1] - xs[seg]))
+
+
+def test_targets_and_impossible_targets():
+    sig = signature_of(small_vit())
+    table = synthetic_table(sig)
+    assert L.resolve_target(table, speedup=2.0) == pytest.approx(table.dense_ms() / 2)
+    assert L.resolve_target(table, latency_ms=1.0) == 1.0
+    with pytest.raises(L.LatencyTableError, match="cannot be met"):
+        L.resolve_target(table, speedup=0.5)
+    with pytest.raises(L.LatencyTableError, match="cannot be met"):
+        L.resolve_target(table, speedup=1e6)
+    with pytest.raises(L.LatencyTableError, match="between"):
+        L.resolve_target(table, latency_ms=table.dense_ms() * 2)
+    with pytest.raises(L.LatencyTableError, match="exactly one"):
+        L.resolve_target(table, speedup=2.0, latency_ms=1.0)
+
+
+# --------------------------------------------------------------------------------------------------------- the table
+def test_table_round_trip_and_mismatch_errors(tmp_path):
+    sig = signature_of(small_vit())
+    table = synthetic_table(sig)
+    path = str(tmp_path / "lut.json")
+    table.save(path)
+    back = L.LatencyTable.load(path)
+    assert back.to_dict() == table.to_dict()
+    assert back.dense_ms() == table.dense_ms()
+    with pytest.raises(FileExistsError, match="--force"):
+        table.save(path)
+    table.save(path, force=True)
+    # model
+    other = timm.create_model("vit_tiny_patch16_224", pretrained=False, **{**KW, "embed_dim": 48, "num_heads": 3})
+    with pytest.raises(L.LatencyTableError, match="embed_dim"):
+        back.check_model(signature_of(other))
+    back.check_model(sig)
+    # device class and dtype
+    back.check_device("cpu", torch.float32)
+    cuda_table = L.LatencyTable.from_dict({**table.to_dict(), "device": {"name": "x", "class": "cuda sm_90"}})
+    with pytest.raises(L.LatencyTableError, match="device class"):
+        cuda_table.check_device("cpu", torch.float32)
+    with pytest.raises(L.LatencyTableError, match="dtype fp32"):
+        back.check_device("cpu", torch.bfloat16)
+    with pytest.raises(L.LatencyTableError, match="batch 4"):
+        back.check_device("cpu", "fp32", batch=8)
+    # not a table / malformed / corrupt
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(L.LatencyTableError, match="not valid JSON"):
+        L.LatencyTable.load(str(tmp_path / "bad.json"))
+    (tmp_path / "arch.json").write_text(json.dumps({"format": "spvit-architecture"}))
+    with pytest.raises(L.LatencyTableError, match="not an spvit latency table"):
+        L.LatencyTable.load(str(tmp_path / "arch.json"))
+    d = table.to_dict()
+    del d["groups"][0]["attn_ms"]["3x3"]
+    with pytest.raises(L.LatencyTableError, match="attention entry"):
+        L.LatencyTable.from_dict(d)
+    with pytest.raises(FileNotFoundError):
+        L.LatencyTable.load(str(tmp_path / "missing.json"))
+
+
+def test_profile_measures_deployed_pieces():
+    m = small_vit()
+    table = L.profile(m, batch=2, threads=1, min_reps=1, max_reps=2, budget_s=0.0, show=False)
+    sig = signature_of(m)
+    assert len(table.groups) == 1 and table.groups[0].blocks == list(range(sig.depth))  # same shapes: measured once
+    g = table.groups[0]
+    assert g.ffn_widths[0] == 0 and g.ffn_widths[-1] == sig.mlp_hidden
+    assert set(g.attn_ms) == set(L.ATTN_KINDS) and all(v >= 0 for v in g.attn_ms.values())
+    assert table.device["class"] == "cpu" and table.dtype == "fp32" and table.batch == 2
+    for k in ("torch", "triton", "dense_measured_ms", "clock", "stat"):
+        assert k in table.meta
+    assert table.dense_ms() > table.min_ms() > 0
+    table.check_model(sig)
+
+
+# ------------------------------------------------------------------------------------------------------- alignment
+@pytest.mark.parametrize("full,align", [(128, 64), (100, 64), (96, 32), (10, 4)])
+def test_aligned_count_awkward_widths(full, align):
+    cases = {0: 0, 1: align, align - 1: align, align: align, align + 1: align, full: full}
+    for kept, want in cases.items():
+        if kept > full:
+            continue
+        got = L.aligned_count(kept, full, align)
+        assert got == min(want, full), (kept, got)
+        assert got == 0 or got == full or got % align == 0
+    # brute force: the nearest allowed width (positive multiples up to full, and full), ties to the larger
+    for kept in range(1, full + 1):
+        allowed = list(range(align, full + 1, align)) + [full]
+        best = min(allowed, key=lambda m: (abs(m - kept), -m))
+        assert L.aligned_count(kept, full, align) == best, kept
+    assert L.aligned_count(37, 64, 0) == 37 and L.aligned_count(37, 64, 1) == 37
+    with pytest.raises(ValueError):
+        L.aligned_count(65, 64, 8)
+
+
+def test_aligned_keep_takes_largest_logits():
+    logits = torch.tensor([0.5, -0.1, 2.0, -3.0, 0.2, -0.05, 1.0, -2.0])
+    assert L.aligned_keep(logits, 1) == (0, 2, 4, 6)
+    assert L.aligned_keep(logits, 3) == (0, 2, 6)  # kept 4 -> 3 units: the three largest logits
+    assert L.aligned_keep(logits, 6) == (0, 1, 2, 4, 5, 6)  # 4 -> 6: adds the two closest to being kept
+    assert L.aligned_keep(torch.full((8,), -1.0), 4) == ()
+
+
+def test_align_architecture_flops_and_latency():
+    sn = supernet(small_vit())
+    table = synthetic_table(sn.signature, step=8)
+    random_logits(sn, torch.Generator().manual_seed(3))
+    arch = L.align_architecture(sn, 8, table)
+    raw = sn.architecture()
+    for b, r, m in zip(arch.blocks, raw.blocks, sn.mlps):
+        assert b.attn == r.attn
+        assert b.ffn_width == L.aligned_count(r.ffn_width, m.full_hidden, 8)
+    assert arch.meta["gflops"] == pytest.approx(arch_macs(arch) / 1e9)
+    assert arch.meta["predicted_ms"] == pytest.approx(table.predict(arch)["ms"])
+    assert arch.meta["ffn_align"] == 8
+
+
+# --------------------------------------------------------------------------------------------------------------- CLI
+def test_cli_profile_tiny(tmp_path, capsys):
+    out = str(tmp_path / "lut.json")
+    argv = ["profile", "--model", "vit_tiny_patch16_224", "--model-kwargs", json.dumps(KW), "--batch", "2",
+            "--threads", "1", "--min-reps", "1", "--budget", "0", "--no-progress", "--out", out]
+    assert cli.main(argv) == 0
+    assert "measured once" in capsys.readouterr().out
+    table = L.LatencyTable.load(out)
+    assert table.batch == 2 and table.groups[0].ffn_widths[-1] == 64
+    before = open(out).read()
+    assert cli.main(argv) == 2  # never overwritten without --force
+    assert "--force" in capsys.readouterr().err and open(out).read() == before
+    assert cli.main(argv + ["--clock", "cpu", "--force", "--threads", "2"]) == 2
+    assert "one thread" in capsys.readouterr().err
+
+
+def test_search_one_epoch_with_latency_table(tmp_path, capsys):
+    from spvit.models.registry import DEMO_MODEL
+
+    mk = {"img_size": 8, "patch_size": 2, "in_chans": 1, "embed_dim": 32, "depth": 2, "num_heads": 2,
+          "mlp_ratio": 2.0}
+    vit = timm.create_model(DEMO_MODEL, pretrained=False, num_classes=10, **mk)
+    table = synthetic_table(signature_of(vit), name=DEMO_MODEL)
+    lut = str(tmp_path / "lut.json")
+    table.save(lut)
+    base = ["search", "--model", DEMO_MODEL, "--model-kwargs", json.dumps(mk), "--pretrained", "none", "--data",
+            "digits", "--num-classes", "10", "--epochs", "1", "--batch-size", "32", "--num-workers", "0",
+            "--device", "cpu", "--no-progress", "--mixup", "0", "--cutmix", "0", "--no-repeated-aug",
+            "--latency-table", lut]
+    assert cli.main(base + ["--target-speedup", "50", "--out", str(tmp_path / "bad")]) == 2
+    assert "cannot be met" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "bad")
+    assert cli.main(base + ["--out", str(tmp_path / "x")]) == 2
+    assert "exactly one of --target-speedup" in capsys.readouterr().err
+    from spvit.config import SearchConfig
+
+    cfg = SearchConfig.from_dict({"model": DEMO_MODEL, "model_kwargs": mk, "pretrained": "none", "data": "digits",
+                                  "num_classes": 10, "epochs": 1, "batch_size": 32, "num_workers": 0,
+                                  "device": "cpu", "progress": False, "mixup": 0.0, "cutmix": 0.0,
+                                  "repeated_aug": False, "train_limit": 64, "val_limit": 64, "latency_table": lut,
+                                  "target_speedup": 1.5, "ffn_align": 8, "out": str(tmp_path / "run"),
+                                  "tensorboard": False})
+    from spvit import search
+
+    res = search.run(cfg)
+    arch = Architecture.load(res["arch"])
+    assert arch.meta["predicted_ms"] == pytest.approx(table.predict(arch)["ms"])
+    assert arch.meta["target_ms"] == pytest.approx(table.dense_ms() / 1.5)
+    assert arch.meta["gflops"] == pytest.approx(arch_macs(arch) / 1e9)
+    assert all(w in (0, 64) or w % 8 == 0 for w in arch.ffn_widths)
+    rows = open(tmp_path / "run" / "metrics.csv").read()
+    assert "latency_loss" in rows and "pred_ms" in rows
+
+
+def test_cli_bench_predicted_vs_measured(tmp_path, capsys):
+    from spvit.deploy import deploy
+    from spvit.models import prune
+
+    vit = small_vit()
+    sig = signature_of(vit)
+    arch = Architecture("vit_tiny_patch16_224", sig, [BlockArch("msa", tuple(range(64))), BlockArch("1x1", (0, 5)),
+                                                     BlockArch("skip", ())])
+    path = str(tmp_path / "deployed.pth")
+    deploy(prune(vit, arch)).save(path)
+    lut = str(tmp_path / "lut.json")
+    table = L.profile(vit, batch=2, threads=1, min_reps=1, max_reps=2, budget_s=0.0, show=False)
+    table.save(lut)
+    assert cli.main(["bench", "--checkpoint", path, "--latency-table", lut, "--device", "cpu", "--iters", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "predicted ms" in out and "measured ms" in out and "speedup: predicted" in out
+    pred = table.predict(arch)["ms"]
+    assert f"{pred:14.3f}" in out  # the table's prediction of this architecture
+    assert cli.main(["bench", "--checkpoint", path, "--latency-table", lut, "--device", "cpu", "--dtype", "bf16"]) == 2
+    assert "dtype fp32" in capsys.readouterr().err
+    assert cli.main(["bench", "--checkpoint", path, "--latency-table", lut, "--device", "cpu", "--batch-size",
+                     "7"]) == 2
+    assert "batch 2" in capsys.readouterr().err
+    other = synthetic_table(signature_of(timm.create_model("vit_tiny_patch16_224", pretrained=False,
+                                                           **{**KW, "depth": 2})))
+    other.save(str(tmp_path / "other.json"))
+    assert cli.main(["bench", "--checkpoint", path, "--latency-table", str(tmp_path / "other.json"), "--device",
+                     "cpu"]) == 2
+    assert "depth" in capsys.readouterr().err
+
+
+DDP_DRIVER = """
+import json, os, sys
+from spvit import engine as E, latency as L
+dist = E.init_distributed("cpu")
+path = sys.argv[1] if dist.rank == 0 else "/nonexistent/only-rank-0-reads.json"
+try:
+    res = L.load_table(path, dist).to_dict()
+except L.LatencyTableError as exc:
+    res = {"error": str(exc)}
+json.dump(res, open(os.path.join(sys.argv[2], f"rank{dist.rank}.json"), "w"))
+import torch.distributed as tdist
+tdist.destroy_process_group()
+"""
+
+
+def test_table_read_on_rank0_and_broadcast(tmp_path):
+    import subprocess
+    import sys
+
+    from .pipeline_helpers import free_port, repo_root
+
+    table = synthetic_table(signature_of(small_vit()))
+    lut = str(tmp_path / "lut.json")
+    table.save(lut)
+    driver = tmp_path / "driver.py"
+    driver.write_text(DDP_DRIVER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo",
+           "PYTHONPATH": repo_root() + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    for path, ok in ((lut, True), (str(tmp_path / "missing.json"), False)):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(driver), path, str(tmp_path)]
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        r = [json.load(open(tmp_path / f"rank{i}.json")) for i in range(2)]
+        if ok:
+            assert r[0] == r[1] == json.loads(json.dumps(table.to_dict()))
+        else:
+            assert "not found" in r[0]["error"] and r[0] == r[1]
