@@ -120,12 +120,11 @@ class ExplicitConvAttention(nn.Module):
 
     def _forward_graph(self, x: torch.Tensor) -> torch.Tensor:
         """The forward in TorchScript / torch.fx friendly form (spvit.models.timm_api.graph_conv_attention)."""
-        c0, bn, c3 = self.bconv[0], self.bconv[1], self.bconv[3]
-        momentum = bn.momentum
-        return T.graph_conv_attention(x, c0.weight, c0.bias, c3.weight.flatten(1), c3.bias, bn.weight, bn.bias,
-                                      bn.running_mean, bn.running_var, self.training,
-                                      0.1 if momentum is None else momentum, bn.eps, self.grid,
-                                      self.num_prefix_tokens, self.dim)
+        h, w = self.grid
+        p = self.num_prefix_tokens
+        img = x[:, p:].transpose(1, 2).reshape(-1, self.dim, h, w)
+        out = self.bconv(img).flatten(2).transpose(1, 2)  # conv, BN, ReLU, 1x1 conv as modules
+        return torch.cat([x[:, :p].to(out.dtype), out], dim=1)
 
 
 class SkipAttention(nn.Module):

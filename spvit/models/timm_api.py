@@ -19,11 +19,12 @@ import torch.nn.functional as F
 
 def is_tracing() -> bool:
     """True while torch.fx symbolically traces (never called from TorchScript: callers test is_scripting first)."""
-    try:
-        from torch.fx._symbolic_trace import is_fx_tracing
-    except ImportError:  # pragma: no cover - very old torch
-        return False
-    return bool(is_fx_tracing())
+    import torch.fx._symbolic_trace as st
+
+    fn = getattr(st, "is_fx_symbolic_tracing", None) or getattr(st, "is_fx_tracing_symbolic_tracing", None)
+    if fn is None:  # older torch: only the combined flag
+        fn = getattr(st, "is_fx_tracing", lambda: False)
+    return bool(fn())
 
 
 def check_images_scripted(x: torch.Tensor, in_chans: int, height: int, width: int) -> None:
@@ -132,3 +133,156 @@ def vit_group_matcher(prefix: str) -> Dict[str, Any]:
 
 def prefixed(names: List[str], prefix: str) -> Set[str]:
     return {prefix + n for n in names}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# timm's model API for models wrapping a timm VisionTransformer as ``self.vit`` (the supernet)
+# ----------------------------------------------------------------------------------------------------------------------
+class WrappedVitApi:
+    """timm's model API (``forward_features`` / ``forward_head`` / ``num_classes`` / ``reset_classifier`` /
+    ``get_classifier`` / ``set_grad_checkpointing`` / ``no_weight_decay`` / ``group_matcher``) for an ``nn.Module``
+    holding a timm VisionTransformer as ``self.vit`` and its :class:`~spvit.arch.ModelSignature` as
+    ``self.signature``. Parameter names carry the ``vit.`` prefix, as ``named_parameters()``; gate logits (names
+    containing "thresholds") are kept out of weight decay, as the method's architecture optimiser (docs/method.md
+    §4.3)."""
+
+    __jit_unused_properties__ = ["num_classes", "num_features", "head_hidden_size", "in_chans"]
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.vit.num_classes)
+
+    @property
+    def num_features(self) -> int:
+        return int(self.vit.num_features)
+
+    @property
+    def head_hidden_size(self) -> int:
+        return int(getattr(self.vit, "head_hidden_size", self.vit.num_features))
+
+    @property
+    def in_chans(self) -> int:
+        return int(self.signature.in_chans)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """images (B, in_chans, H, W) -> token features (B, N, C) after the final norm, before pooling and head."""
+        from .convert import check_images
+
+        if not is_tracing():
+            check_images(x, self.signature)
+        return self.vit.forward_features(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """token features (B, N, C) -> logits (B, num_classes), or the pooled features (B, C) with ``pre_logits``."""
+        return self.vit.forward_head(x, pre_logits=pre_logits)
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.vit.get_classifier()
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """A fresh head for ``num_classes`` (0: none, forward returns pooled features); the signature follows."""
+        import dataclasses
+
+        if not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes must be a non-negative integer, got {num_classes!r}")
+        self.vit.reset_classifier(num_classes, global_pool)
+        self.signature = dataclasses.replace(self.signature, num_classes=num_classes)
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.vit.set_grad_checkpointing(enable)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        """Position embedding and tokens (as timm's ViT), and every gate logit."""
+        return prefixed(list(self.vit.no_weight_decay()), "vit.") | gate_logit_names(self)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """Layer-decay groups: the stem, one group per block (its gates included), the final norm; head last."""
+        return vit_group_matcher("vit.")
+
+
+DATA_CFG_KEYS = ("mean", "std", "crop_pct", "crop_mode", "interpolation")
+
+
+def data_cfg_of(model: nn.Module) -> Dict[str, Any]:
+    """The data-pipeline entries of a model's timm pretrained cfg (plain lists / numbers / strings, for files)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    return {k: (list(cfg[k]) if isinstance(cfg[k], tuple) else cfg[k]) for k in DATA_CFG_KEYS if cfg.get(k) is not None}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# timm's inference-side API for the deployed model
+# ----------------------------------------------------------------------------------------------------------------------
+class DeployedApi:
+    """``num_classes`` / ``num_features`` / ``head_hidden_size`` / ``get_classifier`` / ``reset_classifier`` /
+    ``pretrained_cfg`` for :class:`spvit.deploy.DeployedModel` (``forward_features`` / ``forward_head`` are its own).
+    It is inference-only (frozen, ``train(True)`` refused), so the optimizer hooks (``no_weight_decay``,
+    ``group_matcher``, ``set_grad_checkpointing``) are deliberately absent."""
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.config["num_classes"])
+
+    @property
+    def num_features(self) -> int:
+        return int(self.config["embed_dim"])
+
+    @property
+    def head_hidden_size(self) -> int:
+        return int(self.config["embed_dim"])
+
+    @property
+    def in_chans(self) -> int:
+        return int(self.config["in_chans"])
+
+    @property
+    def pretrained_cfg(self) -> Dict[str, Any]:
+        """timm's data / model config: the source model's data settings (kept by ``deploy``) with this model's
+        input size, class count and module names."""
+        cfg = dict(self.config.get("data_cfg") or {})
+        cfg.update({k: tuple(v) for k, v in cfg.items() if isinstance(v, list)})
+        cfg.update(architecture=self.model_name, input_size=(self.in_chans, *map(int, self.config["img_size"])),
+                   fixed_input_size=True, num_classes=self.num_classes, first_conv="patch_embed.proj",
+                   classifier="head")
+        return cfg
+
+    @property
+    def default_cfg(self) -> Dict[str, Any]:
+        return self.pretrained_cfg
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """A fresh (frozen, zero-initialised) head for ``num_classes`` — 0 (no head: forward returns the pooled
+        features) is the useful case for inference; load head weights into ``get_classifier()`` for a new one.
+        ``global_pool`` ('token', 'avg', 'max', 'avgmax' or '') changes the pooling. The saved file follows."""
+        import dataclasses
+
+        if not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes must be a non-negative integer, got {num_classes!r}")
+        if global_pool is not None:
+            if global_pool not in ("token", "avg", "max", "avgmax", ""):
+                raise ValueError(f"global_pool must be 'token', 'avg', 'max', 'avgmax' or '', got {global_pool!r}")
+            self.global_pool = global_pool
+            self.config["global_pool"] = global_pool
+        ref = self.cls_token
+        if num_classes > 0:
+            head = nn.Linear(int(self.config["embed_dim"]), num_classes, device=ref.device, dtype=ref.dtype)
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
+            head.requires_grad_(False)
+        else:
+            head = nn.Identity()
+        self.head = head.train(False)
+        self.config["num_classes"] = num_classes
+        sig = dataclasses.replace(self.signature, num_classes=num_classes)
+        from ..arch import Architecture
+
+        self.architecture = Architecture(self.architecture.model_name, sig, list(self.architecture.blocks),
+                                         meta=dict(self.architecture.meta))
+        self.signature = sig

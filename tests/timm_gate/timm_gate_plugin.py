@@ -6,7 +6,8 @@ lists at import with ``timm.list_models`` / ``timm.list_pretrained`` and family 
 ``module='deit'``, ...). Those two functions are replaced before the module is imported: an spvit model is listed by
 a query exactly when the timm model it is built on (the ``timm_base`` attribute of its entry point) is, and it passes
 the query's name-level conditions itself (exclusions, ``pretrained``, ``name_matches_cfg``). Test items with a
-hard-coded list of timm models (no spvit model among them) are deselected.
+hard-coded list of timm models (no spvit model among them) are deselected. Importing this module changes nothing;
+the swap happens in ``pytest_configure``.
 """
 from __future__ import annotations
 
@@ -55,8 +56,10 @@ def list_pretrained(filter="", exclude_filters="") -> List[str]:
     return list_models(filter, pretrained=True, exclude_filters=exclude_filters, include_tags=True)
 
 
-timm.list_models = list_models
-timm.list_pretrained = list_pretrained
+def pytest_configure(config):
+    """Swap the two functions in before timm's test module is imported (at collection)."""
+    timm.list_models = list_models
+    timm.list_pretrained = list_pretrained
 
 
 def pytest_collection_modifyitems(config, items):
@@ -74,5 +77,3 @@ def pytest_collection_modifyitems(config, items):
 def pytest_report_header(config):
     return ["spvit timm gate: " + ", ".join(f"{k} (as {v})" for k, v in sorted(SPVIT_MODELS.items()))]
 
-
-__all__ = ["list_models", "list_pretrained", "spvit_models"]
