@@ -435,7 +435,8 @@ def main(argv=None):
                 f"{os.cpu_count()} CPU cores on the machine, load average (1 min) during the run "
                 f"{min(r['loadavg_1m'] for r in rows) if rows else '?'}.."
                 f"{max(r['loadavg_1m'] for r in rows) if rows else '?'}"
-                "\n\n")
+                + (f"; OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}" if os.environ.get("OMP_WAIT_POLICY") else "")
+                + "\n\n")
         f.write(markdown_table(rows, cols))
         f.write(summary(rows, device))
         if layer_rows:

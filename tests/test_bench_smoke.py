@@ -75,7 +75,7 @@ def test_headline_smoke_cpu(tmp_path):
 
 
 def test_deploy_e2e_smoke_cpu(tmp_path):
-    """bench_deploy_e2e --smoke: the deployed model eager, compiled and in onnxruntime, the dense model in onnxruntime."""
+    """bench_deploy_e2e --smoke: the deployed model eager, compiled and in onnxruntime; the dense one in onnxruntime."""
     env = dict(os.environ, PYTHONPATH=ROOT)
     provs = ["ours", "ours_compiled", "ours_onnxruntime", "dense", "dense_onnxruntime"]
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_deploy_e2e.py"), "--device", "cpu",

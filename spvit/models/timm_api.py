@@ -50,7 +50,8 @@ def taps_to_weight(taps: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 def mixed_conv_params_graph(w_v: torch.Tensor, b_v: Optional[torch.Tensor], w_o: torch.Tensor, m: torch.Tensor,
-                            num_heads: int, head_dim: int, kind: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                            num_heads: int, head_dim: int,
+                            kind: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``spvit_kernels.reference.mixed_conv_params`` with sizes given (no shape unpacking): taps (T, d, C),
     tap_bias (d,), out_map (C, d) of a conv layer with value / output projections ``w_v``, ``w_o`` and mixing m."""
     mm = m if kind == "3x3" else m[:, 4:5]  # all nine columns, or the centre tap's
