@@ -7,6 +7,11 @@ Providers (one ``setup_<provider>`` each; all in eval mode under ``torch.inferen
   pruned_compiled       torch.compile(pruned)
   dense                 the dense timm model
   dense_compiled        torch.compile(dense timm model)
+  ours_onnxruntime      the deployed model exported by spvit.export_onnx, run by onnxruntime (CPU runs only)
+  dense_onnxruntime     the dense timm model exported by torch.onnx.export (same exporter), run by onnxruntime
+                        (both with a dynamic batch, ``intra_op_num_threads`` = torch's thread count; checked against
+                        the eager torch model at setup, tolerance 1e-3 relative: a wrong result is an error row;
+                        ``max_abs_err`` of the ours_* rows is the deployed model's vs the pruned one)
 
 Architectures: the DeiT-Ti / DeiT-S / DeiT-B (l008_t60 and l006_t100) fine-tune configurations of the original
 paper (docs/method.md §8.3: MSA choices and FFN widths; the kept units are the first k, which does not change the
@@ -51,7 +56,9 @@ from bench.common import (bench_fn, compile_backend, default_device, env_info, f
                           markdown_table, peak_memory_mb, write_rows)
 
 PROVIDERS = ("ours", "ours_compiled", "pruned", "pruned_compiled", "dense", "dense_compiled")
-CPU_PROVIDERS = ("ours", "ours_compiled", "pruned", "pruned_compiled", "dense", "dense_compiled")
+CPU_PROVIDERS = ("ours", "ours_compiled", "pruned", "pruned_compiled", "dense", "dense_compiled", "ours_onnxruntime",
+                 "dense_onnxruntime")
+ORT_PROVIDERS = ("ours_onnxruntime", "dense_onnxruntime")
 
 # docs/method.md §8.3: (timm model, MSA choices, kept FFN units per block), from the package's table of published archs
 from spvit.models.registry import SHIPPED  # noqa: E402
@@ -143,6 +150,79 @@ def setup_dense(models, device):
 
 def setup_dense_compiled(models, device):
     return _compile(models["dense"], device)
+
+
+# -- onnxruntime providers ------------------------------------------------------------------------------------------
+def _ort_session(model: torch.nn.Module, deployed: bool, device: torch.device):
+    """An onnxruntime CPU session of ``model`` exported with a dynamic batch (a deployed model via
+    spvit.export_onnx, a timm model via torch.onnx.export with the same exporter), checked against the model."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    from spvit.export import dynamo_exporter_available, export_onnx
+
+    if device.type != "cpu":
+        raise RuntimeError("onnxruntime rows are CPU-only (the CPU execution provider)")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        if deployed:
+            export_onnx(model, path)
+        else:
+            _export_timm_onnx(model, path, dynamo_exporter_available())
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = torch.get_num_threads()
+        opts.inter_op_num_threads = 1
+        # no busy-waiting between calls: the providers are timed in interleaved rounds on the same cores
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    x = _example(model, 3)
+    with torch.inference_mode():
+        ref = model(x).float()
+    got = torch.from_numpy(sess.run(None, {name: x.numpy()})[0])
+    err = (got - ref).abs().max().item()
+    if not err <= 1e-3 * max(1.0, ref.abs().max().item()):
+        raise RuntimeError(f"onnxruntime output differs from the torch model by {err:.3g}")
+
+    def run(x: torch.Tensor):
+        return sess.run(None, {name: x.numpy()})[0]
+
+    return run
+
+
+def _example(model: torch.nn.Module, batch: int) -> torch.Tensor:
+    from spvit.models.convert import signature_of
+
+    sig = model.signature if hasattr(model, "signature") else signature_of(model)  # deployed / timm model
+    return torch.randn(batch, sig.in_chans, *sig.img_size)
+
+
+def _export_timm_onnx(model: torch.nn.Module, path: str, dynamo: bool) -> None:
+    """torch.onnx.export of a timm model: input ``images`` with a dynamic batch, output ``logits``."""
+    example = _example(model, 2)
+    kwargs = dict(input_names=["images"], output_names=["logits"], dynamo=dynamo, verbose=False)
+    if dynamo:
+        kwargs.update(dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False)
+    else:
+        kwargs.update(dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = torch.onnx.export(model, (example,), path, **kwargs)
+    if dynamo and result is not None and not os.path.exists(path):
+        result.save(path, external_data=False)
+
+
+def setup_ours_onnxruntime(models, device):
+    if "ours_ort" not in models:  # one export per architecture (dynamic batch)
+        models["ours_ort"] = _ort_session(models["deployed"], True, device)
+    return models["ours_ort"]
+
+
+def setup_dense_onnxruntime(models, device):
+    if "dense_ort" not in models:
+        models["dense_ort"] = _ort_session(models["dense"], False, device)
+    return models["dense_ort"]
 
 
 def _loadavg() -> float:
@@ -422,6 +502,8 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds per batch (CPU; x3 for batch <= 4)")
     p.add_argument("--no-breakdown", action="store_true")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--smoke", action="store_true", help="a seconds-long check of every provider: the demo-like model, "
+                   "batch 2, one round, no breakdown")
     args = p.parse_args(argv)
     device = torch.device(args.device) if args.device else default_device()
     if device.type == "cuda":
@@ -430,8 +512,10 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
         dtype, archs, batches, providers = torch.float32, CPU_ARCHS, CPU_BATCHES, CPU_PROVIDERS
     archs = archs + (SWIN_GPU_ARCHS if device.type == "cuda" else SWIN_CPU_ARCHS)
-    if args.quick:
+    if args.quick or args.smoke:
         archs, batches = ["demo_like"] + SWIN_QUICK_ARCHS, ([64] if device.type == "cuda" else [1, 16])
+    if args.smoke:
+        batches, args.rounds, args.no_breakdown = [2], 1, True
     archs = args.archs.split(",") if args.archs else archs
     batches = [int(b) for b in args.batches.split(",")] if args.batches else batches
     providers = args.providers.split(",") if args.providers else list(providers)
@@ -441,7 +525,7 @@ def main(argv=None):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         rows, layer_rows = run(archs, batches, device, dtype, providers, breakdown=not args.no_breakdown,
-                               rounds=args.rounds, smoke=args.quick)
+                               rounds=args.rounds, smoke=args.quick or args.smoke)
     tag = "gpu" if device.type == "cuda" else "cpu"
     path = write_rows(f"deploy_e2e_{tag}", rows, args.out)
     md = os.path.join(os.path.dirname(path), f"deploy_e2e_{tag}.md")
@@ -455,7 +539,8 @@ def main(argv=None):
                 f"{os.cpu_count()} CPU cores on the machine, load average (1 min) during the run "
                 f"{min(r['loadavg_1m'] for r in rows) if rows else '?'}.."
                 f"{max(r['loadavg_1m'] for r in rows) if rows else '?'}"
-                "\n\n")
+                + (f"; OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}" if os.environ.get("OMP_WAIT_POLICY") else "")
+                + "\n\n")
         f.write(markdown_table(rows, cols))
         f.write(summary(rows, device))
         if layer_rows:

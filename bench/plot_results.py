@@ -26,8 +26,8 @@ from typing import Dict, List, Optional
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 CONFIG_COLS = ("op", "case", "mode", "model", "arch", "config", "choice", "B", "N", "C", "d", "F", "T", "batch",
                "dtype")
-PROVIDER_ORDER = ("fused", "ours", "deployed", "ours_compiled", "deployed_compiled", "pruned", "pruned_compiled",
-                  "dense", "dense_compiled", "triton", "ext", "eager", "eager_compiled", "compiled", "timm",
+PROVIDER_ORDER = ("fused", "ours", "deployed", "ours_compiled", "deployed_compiled", "ours_onnxruntime", "pruned",
+                  "pruned_compiled", "dense", "dense_compiled", "dense_onnxruntime", "triton", "ext", "eager", "eager_compiled", "compiled", "timm",
                   "timm_compiled")
 PART_COLORS = {"embed": "#999999", "attn_msa": "#4c72b0", "attn_3x3": "#dd8452", "attn_1x1": "#55a868",
                "attn_skip_ln": "#c44e52", "ffn": "#8172b3", "ffn_width0": "#cccccc", "norm_head": "#64b5cd"}

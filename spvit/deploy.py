@@ -43,6 +43,7 @@ from .arch import Architecture
 from .models.convert import UnsupportedModelError, check_images, gelu_approximate
 from .models.pruned import ConvAttention, ExplicitConvAttention, PrunedModel, SkipAttention
 from .models.supernet import Supernet
+from .models.timm_api import DeployedApi, data_cfg_of
 from .runs import save_torch
 
 FORMAT = "spvit-deployed"
@@ -214,7 +215,7 @@ class DeployedBlock(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------------
 # The model
 # ----------------------------------------------------------------------------------------------------------------------
-class DeployedModel(nn.Module):
+class DeployedModel(DeployedApi, nn.Module):
     """An SPViT model for inference only: BatchNorm folded, FFNs compact, fused kernels, skip layers removed.
 
     Built by :func:`deploy` (from a :class:`PrunedModel`) or :func:`load_deployed`. Eval-only: ``train(True)`` raises
@@ -531,6 +532,7 @@ def deploy(model: nn.Module, dtype: Optional[torch.dtype] = None,
         state["cls_token"] = vit.cls_token.detach()
         if vit.pos_embed is not None:
             state["pos_embed"] = vit.pos_embed.detach()
+        config["data_cfg"] = data_cfg_of(model)  # timm's data settings (resolve_data_config(model=deployed))
         out = DeployedModel(config, Architecture.from_dict(arch.to_dict()))
         own = out.state_dict()
         missing = [k for k in own if k not in state]

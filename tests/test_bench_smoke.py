@@ -74,6 +74,23 @@ def test_headline_smoke_cpu(tmp_path):
         {"forward", "backward"}
 
 
+def test_deploy_e2e_smoke_cpu(tmp_path):
+    """bench_deploy_e2e --smoke: the deployed model eager, compiled and in onnxruntime; the dense one in onnxruntime."""
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    provs = ["ours", "ours_compiled", "ours_onnxruntime", "dense", "dense_onnxruntime"]
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_deploy_e2e.py"), "--device", "cpu",
+                           "--smoke", "--providers", ",".join(provs), "--out", str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    rows = {r["provider"]: r for r in _read_csv(tmp_path / "deploy_e2e_cpu.csv")}
+    assert set(rows) == set(provs)
+    for prov, r in rows.items():
+        assert not r["error"], (prov, r["error"])
+        assert float(r["img_s"]) > 0 and r["arch"] == "demo_like" and r["batch"] == "2"
+    assert float(rows["ours"]["max_abs_err"]) < 1e-4
+    assert float(rows["ours_onnxruntime"]["flops_ratio"]) > 1 and float(rows["dense_onnxruntime"]["flops_ratio"]) == 1
+
+
 def test_error_row_fails_the_run(tmp_path, monkeypatch, capsys):
     """A section that returns a row with an error makes run_all exit 1 without printing ok; the row is written."""
     monkeypatch.setattr(headline, "section_peaks", lambda cfg: [{"what": "GEMM", "error": "injected failure"}])

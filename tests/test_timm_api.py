@@ -1,5 +1,7 @@
 """timm's model API on PrunedModel and the spvit_deit_* registrations: features / head / intermediates against the
 modules run by hand, reset_classifier keeps the pruned trunk, optimizer-factory groups, pretrained cfgs, errors."""
+import copy
+
 import pytest
 import timm
 import torch
@@ -12,7 +14,9 @@ from spvit.data import DataConfig
 from spvit.deploy import deploy
 from spvit.models.registry import RELEASE_FILES, SHIPPED
 
-from .test_deploy import CHOICES, images, mixed_pruned
+from spvit.models.pruned import ExplicitConvAttention
+
+from .test_deploy import CHOICES, images, mixed_pruned, randomise, tiny_vit
 
 REGISTERED = sorted(SHIPPED)
 
@@ -141,8 +145,6 @@ def test_registered_pretrained_cfg(name):
 
 
 def test_registration_errors():
-    with pytest.raises(ValueError, match="features_only=True is not supported.*forward_intermediates"):
-        timm.create_model("spvit_deit_tiny_patch16_224", features_only=True)
     with pytest.raises(ValueError, match="spvit_deit_ti_l200_t10.pth.*pretrained_cfg_overlay"):
         timm.create_model("spvit_deit_tiny_patch16_224", pretrained=True)
     with pytest.raises(FileNotFoundError, match="not found"):
@@ -186,3 +188,162 @@ def test_pretrained_from_a_release_file(tmp_path):
     # a checkpoint of another architecture is refused
     with pytest.raises(ValueError, match="another architecture|different|blocks"):
         timm.create_model("spvit_deit_small_patch16_224", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+
+
+def _with_explicit_conv(m):
+    """The mixed model with its 1x1 conv layer replaced by the explicit ``bconv`` form (random weights, BN stats)."""
+    i = CHOICES.index("1x1")
+    old = m.vit.blocks[i].attn
+    new = ExplicitConvAttention("1x1", old.dim, old.head_dim, old.grid)
+    with torch.no_grad():
+        for p in new.parameters():
+            p.normal_(0, 0.2)
+    m.vit.blocks[i].attn = new
+    return randomise(m)
+
+
+def _bn_stats(m):
+    return {k: v.clone() for k, v in m.state_dict().items() if "running" in k}
+
+
+@pytest.mark.parametrize("explicit", [False, True])
+def test_torchscript_and_fx_match_eager(explicit):
+    """Scripted and fx-traced models (conv layers in their conv2d form) equal the eager reference path: outputs in
+    eval and training mode, and the BatchNorm running statistics a training step updates."""
+    m = mixed_pruned()
+    if explicit:
+        m = _with_explicit_conv(m)
+    x = images(2)
+    scripted = torch.jit.script(copy.deepcopy(m))
+    traced = torch.fx.symbolic_trace(copy.deepcopy(m))
+    with torch.no_grad():
+        ref = m(x)
+        torch.testing.assert_close(scripted(x), ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(traced(x), ref, atol=1e-5, rtol=1e-5)
+    stats = _bn_stats(m)
+    # fx records the mode it traced in (as timm's fx feature extractor, which traces train and eval separately)
+    for variant in (scripted.train(), torch.fx.symbolic_trace(copy.deepcopy(m).train())):
+        eager = copy.deepcopy(m).train()
+        out_ref, out = eager(x), variant(x)
+        torch.testing.assert_close(out, out_ref, atol=1e-5, rtol=1e-5)
+        new_ref = _bn_stats(eager)
+        new = {k: v for k, v in _bn_stats(variant).items()}  # an fx graph keeps only the buffers it reads
+        assert new.keys() == new_ref.keys()
+        assert any(not torch.equal(new_ref[k], stats[k]) for k in stats)  # a training step moved them
+        for k in new_ref:
+            torch.testing.assert_close(new[k], new_ref[k], atol=1e-6, rtol=1e-5)
+    # gradients through the scripted conv form equal the eager ones
+    eager = copy.deepcopy(m).train()
+    scripted = torch.jit.script(copy.deepcopy(m)).train()
+    eager(x).square().mean().backward()
+    scripted(x).square().mean().backward()
+    grads = dict(scripted.named_parameters())
+    for n, p in eager.named_parameters():
+        torch.testing.assert_close(grads[n].grad, p.grad, atol=1e-5, rtol=1e-4, msg=n)
+    with pytest.raises(torch.jit.Error, match="expected images"):
+        scripted(torch.randn(2, 3, 48, 48))
+    conv = m.vit.blocks[0].attn
+    with pytest.raises(ValueError, match="attention masks"):
+        conv(torch.randn(1, 17, 32), attn_mask=torch.zeros(17, 17))
+
+
+def test_features_only():
+    """features_only=True: timm's FeatureGetterNet over the block outputs (the model pruned after the last one)."""
+    src = timm.create_model("spvit_deit_tiny_patch16_224").eval()
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        taps = src.forward_intermediates(x, intermediates_only=True)
+    from spvit.models.timm_api import features_only_model
+
+    feats = features_only_model(copy.deepcopy(src), {"out_indices": (2, 5, 8)}, "spvit_deit_tiny_patch16_224")
+    assert feats.feature_info.channels() == [192] * 3 and feats.feature_info.reduction() == [16] * 3
+    assert len(feats.model.vit.blocks) == 9 and feats.model.architecture.signature.depth == 9
+    with torch.no_grad():
+        out = feats(x)
+    assert len(out) == 3
+    for got, i in zip(out, (2, 5, 8)):
+        torch.testing.assert_close(got, taps[i])
+    m = timm.create_model("spvit_deit_tiny_patch16_224", features_only=True, out_indices=3)
+    assert len(m.feature_info.channels()) == 3 and m.default_cfg["input_size"] == (3, 224, 224)
+    with pytest.raises(ValueError, match="feature_cls='getter'"):
+        timm.create_model("spvit_deit_tiny_patch16_224", features_only=True, feature_cls="hook")
+    with pytest.raises(ValueError, match="output_stride"):
+        timm.create_model("spvit_deit_tiny_patch16_224", features_only=True, output_stride=8)
+
+
+def test_prune_intermediate_layers_keeps_a_deployable_model():
+    m = mixed_pruned()
+    x = images(2)
+    with torch.no_grad():
+        taps = m.forward_intermediates(x, output_fmt="NLC", intermediates_only=True)
+    take = m.prune_intermediate_layers([1], prune_norm=True)
+    assert take == [1] and len(m.vit.blocks) == 2 and m.architecture.attn_choices == CHOICES[:2]
+    assert m.num_classes == 0 and m.signature.depth == 2
+    with torch.no_grad():
+        out = m(x)
+        torch.testing.assert_close(out[:, 1:], taps[1])
+        torch.testing.assert_close(deploy(m)(x), out, atol=1e-5, rtol=1e-5)
+
+
+def test_supernet_timm_api():
+    vit = tiny_vit()
+    sn = spvit.supernet(vit).eval()
+    x = images(2)
+    with torch.no_grad():
+        feats = sn.forward_features(x)
+        torch.testing.assert_close(feats, sn.vit.forward_features(x))
+        torch.testing.assert_close(sn.forward_head(feats), sn(x))
+        torch.testing.assert_close(sn.forward_head(feats, pre_logits=True), feats[:, 0])
+    assert sn.num_classes == 10 and sn.num_features == sn.head_hidden_size == 32 and sn.in_chans == 3
+    assert sn.get_classifier() is sn.vit.head
+    gates = {n for n, _ in sn.named_parameters() if "thresholds" in n}
+    assert len(gates) == 8 and gates <= sn.no_weight_decay()
+    opt = create_optimizer_v2(sn, "adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.5)
+    group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
+    params = dict(sn.named_parameters())
+    for n in gates:
+        assert group_of[id(params[n])]["weight_decay"] == 0, n
+    assert group_of[id(params["vit.blocks.0.attn.head_probs"])]["weight_decay"] == 0.05  # a weight (Q22)
+    assert group_of[id(params["vit.pos_embed"])]["weight_decay"] == 0
+    # layer decay: gates share their block's learning-rate scale, deeper blocks get larger scales
+    scale = {n: group_of[id(p)]["lr_scale"] for n, p in params.items()}
+    assert scale["vit.blocks.1.attn.kernel_thresholds"] == scale["vit.blocks.1.mlp.fc1.weight"]
+    assert scale["vit.patch_embed.proj.weight"] < scale["vit.blocks.0.mlp.fc1.weight"] < scale["vit.head.weight"]
+    sn.reset_classifier(0)
+    assert sn.num_classes == 0 and sn.signature.num_classes == 0
+    with torch.no_grad():
+        torch.testing.assert_close(sn(x), feats[:, 0])
+    arch = sn.architecture()
+    assert arch.signature.num_classes == 0
+    with pytest.raises(ValueError, match="num_classes"):
+        sn.reset_classifier(-2)
+
+
+def test_deployed_timm_api(tmp_path):
+    pruned = mixed_pruned()
+    pruned.pretrained_cfg = dict(pruned.pretrained_cfg, crop_pct=0.9, mean=(0.1, 0.2, 0.3))
+    x = images(2)
+    d = deploy(pruned)
+    assert d.num_classes == 10 and d.num_features == d.head_hidden_size == 32 and d.in_chans == 3
+    assert d.get_classifier() is d.head
+    data = resolve_data_config(model=d)
+    assert data["crop_pct"] == 0.9 and data["mean"] == (0.1, 0.2, 0.3) and data["input_size"] == (3, 32, 32)
+    with torch.no_grad():
+        pooled = pruned.forward_head(pruned.forward_features(x), pre_logits=True)
+        torch.testing.assert_close(d.forward_head(d.forward_features(x), pre_logits=True), pooled, atol=1e-5,
+                                   rtol=1e-5)
+        d.reset_classifier(0)
+        assert d.num_classes == 0 and isinstance(d.get_classifier(), torch.nn.Identity)
+        torch.testing.assert_close(d(x), pooled, atol=1e-5, rtol=1e-5)
+        d.save(str(tmp_path / "d.pt"))
+        back = spvit.load_deployed(str(tmp_path / "d.pt"))
+        assert back.num_classes == 0 and resolve_data_config(model=back)["crop_pct"] == 0.9
+        torch.testing.assert_close(back(x), pooled, atol=1e-5, rtol=1e-5)
+        d.reset_classifier(4, global_pool="avg")
+        assert d(x).shape == (2, 4) and not any(p.requires_grad for p in d.parameters())
+    with pytest.raises(ValueError, match="global_pool"):
+        d.reset_classifier(0, global_pool="cls")
+    for name in ("no_weight_decay", "group_matcher", "set_grad_checkpointing"):
+        assert not hasattr(d, name)  # inference-only: no optimizer hooks
+    with pytest.raises(RuntimeError, match="TorchScript"):
+        torch.jit.script(d)

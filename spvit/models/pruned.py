@@ -18,6 +18,7 @@ import torch.nn as nn
 from spvit_kernels import reference as R
 
 from ..arch import Architecture
+from . import timm_api as T
 from .convert import SWIN_TO_DEIT, check_images, model_name_of, signature_of
 from .supernet import GatedMlp, SearchAttention, Supernet, _bn_state
 
@@ -32,6 +33,7 @@ class ConvAttention(nn.Module):
     """
 
     spvit_kind = "conv"
+    __jit_unused_properties__ = ["bn", "bn_name"]
 
     def __init__(self, kind: str, dim: int, num_heads: int, grid, alpha: float = 1e-2, qkv_bias: bool = True,
                  num_prefix_tokens: int = 1, tap_order: str = "deit"):
@@ -61,12 +63,31 @@ class ConvAttention(nn.Module):
         m = R.head_mix(hp, self.alpha)
         return R.mixed_conv_params(self.v.weight, self.v.bias, self.proj.weight, m, self.num_heads, self.kind)
 
-    def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False, **kwargs) -> torch.Tensor:
-        if attn_mask is not None or is_causal:
-            raise ValueError("SPViT conv layers do not support attention masks")
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
+        T.refuse_attn_mask(attn_mask, is_causal)
+        if torch.jit.is_scripting():
+            return self._forward_graph(x)
+        if T.is_tracing():
+            return self._forward_graph(x)
         taps, tap_bias, out_map = self.conv_params()
         return R.conv_attention(x, taps, tap_bias, out_map, self.proj.bias, _bn_state(self.bn), self.grid,
                                 self.training, self.num_prefix_tokens)
+
+    def _forward_graph(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward in TorchScript / torch.fx friendly form (spvit.models.timm_api.graph_conv_attention)."""
+        m = torch.softmax(self.head_probs.float() / self.alpha, dim=0).to(self.head_probs.dtype)  # R.head_mix
+        taps, tap_bias, out_map = T.mixed_conv_params_graph(self.v.weight, self.v.bias, self.proj.weight, m,
+                                                            self.num_heads, self.head_dim, self.kind)
+        if hasattr(self, "bn_3x3"):  # resolved when scripting
+            bn = self.bn_3x3
+        else:
+            bn = self.bn_1x1
+        momentum = bn.momentum
+        return T.graph_conv_attention(x, T.taps_to_weight(taps, self.kind), tap_bias, out_map, self.proj.bias,
+                                      bn.weight, bn.bias, bn.running_mean, bn.running_var, self.training,
+                                      0.1 if momentum is None else momentum, bn.eps, self.grid,
+                                      self.num_prefix_tokens, self.dim)
 
 
 class ExplicitConvAttention(nn.Module):
@@ -74,6 +95,7 @@ class ExplicitConvAttention(nn.Module):
     d->C; docs/method.md §6). forward(x_hat: (B, N, C)) -> (B, N, C)."""
 
     spvit_kind = "conv"
+    __jit_unused_properties__ = ["bn"]
 
     def __init__(self, kind: str, dim: int, head_dim: int, grid, num_prefix_tokens: int = 1):
         super().__init__()
@@ -91,10 +113,24 @@ class ExplicitConvAttention(nn.Module):
         c0, c3 = self.bconv[0], self.bconv[3]
         return R.conv_weight_to_taps(c0.weight), c0.bias, c3.weight[:, :, 0, 0]
 
-    def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False, **kwargs) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
+        T.refuse_attn_mask(attn_mask, is_causal)
+        if torch.jit.is_scripting():
+            return self._forward_graph(x)
+        if T.is_tracing():
+            return self._forward_graph(x)
         taps, tap_bias, out_map = self.conv_params()
         return R.conv_attention(x, taps, tap_bias, out_map, self.bconv[3].bias, _bn_state(self.bn), self.grid,
                                 self.training, self.num_prefix_tokens)
+
+    def _forward_graph(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward in TorchScript / torch.fx friendly form (spvit.models.timm_api.graph_conv_attention)."""
+        h, w = self.grid
+        p = self.num_prefix_tokens
+        img = x[:, p:].transpose(1, 2).reshape(-1, self.dim, h, w)
+        out = self.bconv(img).flatten(2).transpose(1, 2)  # conv, BN, ReLU, 1x1 conv as modules
+        return torch.cat([x[:, :p].to(out.dtype), out], dim=1)
 
 
 class SkipAttention(nn.Module):
@@ -108,7 +144,9 @@ class SkipAttention(nn.Module):
         super().__init__()
         self.official = official
 
-    def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False, **kwargs) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
+        T.refuse_attn_mask(attn_mask, is_causal)
         return x if self.official else torch.zeros_like(x)
 
 
@@ -208,13 +246,20 @@ class PrunedModel(nn.Module):
         pretrained_cfg / default_cfg: timm's data and model config (the base model's, module names prefixed
             ``vit.``; a registered ``spvit_*`` model carries its own).
     forward(images: (B, in_chans, H, W)) -> logits (B, num_classes) (pooled features when num_classes is 0).
+
+    TorchScript (``torch.jit.script``) and torch.fx symbolic tracing work: conv layers then run their graph-friendly
+    form (spvit.models.timm_api), and the image-shape check is skipped while fx traces.
     """
+
+    __jit_unused_properties__ = ["default_cfg", "num_classes", "num_features", "head_hidden_size", "in_chans",
+                                 "global_pool", "feature_info"]
 
     def __init__(self, vit: nn.Module, architecture: Architecture, alpha: float = 1e-2):
         super().__init__()
         self.vit = vit
         self.architecture = architecture
         self.signature = architecture.signature
+        self.input_chw: Tuple[int, int, int] = (int(self.signature.in_chans), *map(int, self.signature.img_size))
         self.model_name = architecture.model_name
         self.alpha = alpha
         cfg = _prefixed_cfg(getattr(vit, "pretrained_cfg", None), "vit.")
@@ -259,9 +304,15 @@ class PrunedModel(nn.Module):
         return [dict(f, module="vit." + f["module"]) for f in getattr(self.vit, "feature_info", [])]
 
     # -- forward ---------------------------------------------------------------------------------------------------
+    def _check_images(self, x: torch.Tensor) -> None:
+        if torch.jit.is_scripting():
+            T.check_images_scripted(x, self.input_chw[0], self.input_chw[1], self.input_chw[2])
+        elif not T.is_tracing():  # fx: shapes are symbolic
+            check_images(x, self.signature)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """images (B, in_chans, H, W) -> token features (B, N, C) after the final norm, before pooling and head."""
-        check_images(x, self.signature)
+        self._check_images(x)
         return self.vit.forward_features(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -269,7 +320,7 @@ class PrunedModel(nn.Module):
         return self.vit.forward_head(x, pre_logits=pre_logits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_images(x, self.signature)
+        self._check_images(x)
         return self.vit(x)
 
     @torch.jit.ignore
@@ -282,10 +333,24 @@ class PrunedModel(nn.Module):
         Returns:
             ``(final features, [intermediates])``, or the list alone with ``intermediates_only``.
         """
-        check_images(x, self.signature)
+        self._check_images(x)
         return self.vit.forward_intermediates(x, indices, return_prefix_tokens=return_prefix_tokens, norm=norm,
                                               stop_early=stop_early, output_fmt=output_fmt,
                                               intermediates_only=intermediates_only, **kwargs)
+
+    @torch.jit.ignore
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        """Drop the blocks after the last of ``indices`` (and the final norm / head if asked), as timm's ViT; used by
+        ``features_only=True``. The architecture record follows (its last blocks and, without a head, its classes
+        go), so what remains still deploys. Returns the kept block indices."""
+        take = self.vit.prune_intermediate_layers(indices, prune_norm=prune_norm, prune_head=prune_head)
+        depth = len(self.vit.blocks)
+        sig = dataclasses.replace(self.signature, depth=depth, num_classes=int(self.vit.num_classes))
+        self.architecture = Architecture(self.architecture.model_name, sig, list(self.architecture.blocks)[:depth],
+                                         meta=dict(self.architecture.meta))
+        self.signature = sig
+        return take
 
     # -- head ------------------------------------------------------------------------------------------------------
     @torch.jit.ignore

@@ -162,9 +162,10 @@ def _factory(name: str):
 
         from .pruned import prune
 
-        if kwargs.pop("features_only", False):
-            raise ValueError(f"{name}: features_only=True is not supported by SPViT models; use "
-                             "model.forward_intermediates(x) for block outputs (timm's feature API of ViTs)")
+        from .timm_api import features_only_model, split_feature_kwargs
+
+        features_only = kwargs.pop("features_only", False)
+        feature_kwargs = split_feature_kwargs(kwargs) if features_only else {}
         kwargs.pop("pretrained_cfg", None)
         kwargs.pop("cache_dir", None)
         overlay = kwargs.pop("pretrained_cfg_overlay", None) or {}
@@ -184,11 +185,14 @@ def _factory(name: str):
             model = prune(base, shipped_architecture(name, base))
         cfg["num_classes"] = model.num_classes
         model.pretrained_cfg = cfg
+        if features_only:  # block outputs through forward_intermediates, as timm's own ViTs
+            return features_only_model(model, feature_kwargs, name)
         return model
 
     build.__name__ = name
     build.__module__ = __name__
     build.__doc__ = f"SPViT fine-tune model {name} (docs/method.md §8.3) built on {shipped_entry(name)[0]}."
+    build.timm_base = shipped_entry(name)[0]  # the timm model it is built on (selects timm's tests for it)
     return build
 
 
@@ -198,25 +202,42 @@ DEMO_MODEL = "spvit_demo_vit"
 def spvit_demo_vit(pretrained: bool = False, **kwargs):
     """Small ViT of the digits demo (a plain timm ``VisionTransformer``): 16x16 one-channel input, patch 4, dim 64,
     depth 6, 4 heads by default; every size can be given as a keyword."""
+    from timm.models import build_model_with_cfg
     from timm.models.vision_transformer import VisionTransformer
 
     if pretrained:
         raise ValueError(f"{DEMO_MODEL} has no pretrained weights")
-    for k in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-        kwargs.pop(k, None)
     args = dict(img_size=16, patch_size=4, in_chans=1, num_classes=10, embed_dim=64, depth=6, num_heads=4,
                 mlp_ratio=4.0, class_token=True, global_pool="token")
     args.update(kwargs)
-    model = VisionTransformer(**args)
-    model.pretrained_cfg = {"architecture": DEMO_MODEL, "num_classes": args["num_classes"]}
+    # timm's builder: pretrained cfg from the registry, features_only through forward_intermediates as timm's ViTs
+    model = build_model_with_cfg(VisionTransformer, DEMO_MODEL, pretrained=False,
+                                 feature_cfg=dict(out_indices=3, feature_cls="getter"), **args)
+    if not args.get("features_only"):
+        size = args["img_size"]
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        model.pretrained_cfg.update(num_classes=model.num_classes, input_size=(args["in_chans"], *size))
     return model
+
+
+def _demo_cfg() -> Dict[str, Any]:
+    """timm pretrained cfg of the demo model (no weights; the digits demo's 16x16 one-channel images, normalised as
+    spvit.data.DigitsDataset)."""
+    return {"architecture": DEMO_MODEL, "url": "", "num_classes": 10, "input_size": (1, 16, 16), "pool_size": None,
+            "crop_pct": 1.0, "interpolation": "bilinear", "mean": (0.3,), "std": (0.4,),
+            "first_conv": "patch_embed.proj", "classifier": "head", "license": "apache-2.0",
+            "notes": ("the small ViT of the digits demo (spvit demo); no released weights",)}
+
+
+spvit_demo_vit.timm_base = "test_vit"  # a plain timm VisionTransformer, like timm's small test ViT
 
 
 def register_with_timm() -> None:
     """Register every shipped architecture and the demo model with timm (idempotent)."""
-    from timm.models import is_model, register_model
+    from timm.models import generate_default_cfgs, is_model, register_model
 
     default_cfgs.update(_deit_default_cfgs())
+    default_cfgs.update(generate_default_cfgs({DEMO_MODEL: _demo_cfg()}))
     for name in list(SHIPPED) + list(SHIPPED_SWIN):
         if not is_model(name):
             register_model(_factory(name))

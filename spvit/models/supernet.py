@@ -15,6 +15,7 @@ from .. import gates as G
 from ..arch import Architecture, BlockArch, ModelSignature
 from ..flops import dense_macs, min_macs, vit_macs
 from .convert import check_images, gelu_approximate, model_name_of, signature_of
+from .timm_api import WrappedVitApi
 
 
 def _bn_state(bn: nn.BatchNorm2d) -> BNState:
@@ -136,12 +137,15 @@ class GatedMlp(nn.Module):
         return torch.nonzero(self.ffn_thresholds.detach() > 0).flatten()
 
 
-class Supernet(nn.Module):
+class Supernet(WrappedVitApi, nn.Module):
     """SPViT supernet over a timm VisionTransformer (search phase, docs/method.md §4).
 
     The timm model is copied and each block's ``attn`` / ``mlp`` replaced by :class:`SearchAttention` /
     :class:`GatedMlp` sharing the pre-trained weights; everything else keeps its timm state-dict key under
     ``vit.``. forward(images: (B, in_chans, H, W)) -> logits (B, num_classes).
+
+    timm's model API (forward_features / forward_head / reset_classifier / no_weight_decay / group_matcher ...):
+    :class:`spvit.models.timm_api.WrappedVitApi`; gate logits are kept out of weight decay.
     """
 
     def __init__(self, model: nn.Module, theta: float = 1.5, alpha: float = 1e-2, model_name: Optional[str] = None):
