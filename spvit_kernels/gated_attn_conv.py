@@ -1,4 +1,4 @@
-"""Fused search-mode SPViT attention layer: MSA, 3x3 and 1x1 candidates from one value projection (docs/method.md §1, §2, §10).
+"""Fused search-mode SPViT attention layer (docs/method.md §1, §2, §10): MSA, 3x3 and 1x1 from one value projection.
 
 Same signature and semantics as :func:`spvit_kernels.reference.gated_attn_conv`. What runs where:
 
@@ -50,9 +50,9 @@ The layer is the functional ``torch.library`` op ``spvit::gated_attn_conv`` (fak
 batch statistics, from which :func:`gated_attn_conv` updates the running statistics (so the op mutates nothing). Its
 backward's Triton launches are ops as well (``spvit::gated_attn_conv_bn_bwd_stats``, ``..._conv_bwd``, ``..._dot``),
 so AOT autograd / ``torch.compile`` can trace the backward. ``attn_bias`` is the op's last argument (optional, after
-the static ones), so that calls without it keep the schema of the plain layer. The host read of the gates (in the Python function,
-before the op) is a graph break. Under ``torch.autocast`` the activations and projection weights are cast to the
-autocast dtype first (as ``F.linear`` would); the op itself runs with autocast off.
+the static ones), so that calls without it keep the schema of the plain layer. The host read of the gates (in the
+Python function, before the op) is a graph break. Under ``torch.autocast`` the activations and projection weights
+are cast to the autocast dtype first (as ``F.linear`` would); the op itself runs with autocast off.
 
 Limitations: no double backward.
 """
@@ -602,8 +602,8 @@ def _attention_heads(proj: torch.Tensor, num_heads: int, groups: int) -> Tuple[t
 
     Without an attention bias (``groups`` = 0) each is a (B, h, N, d) view. With a bias of G = ``groups`` groups, the
     G consecutive batch rows that share the bias groups are folded into the head axis: (B/G, G*h, N, d) each (a copy
-    for G > 1), so that the bias enters as one (1, G*h, N, N) mask broadcast over B/G, a 4-D attention that SDPA's
-    fused kernels accept, and its gradient comes out summed over the rows of each group.
+    for G > 1), so that the bias enters as one (1, G*h, N, N) mask broadcast over B/G (a 4-D attention: SDPA's fused
+    kernels take only 4-D inputs), and its gradient comes out summed over the rows of each group.
     """
     bsz, n, three_hd = proj.shape
     d = three_hd // (3 * num_heads)

@@ -320,3 +320,31 @@ def test_opcheck_with_attn_bias(device, choice, training):
         torch.library.opcheck(torch.ops.spvit.gated_attn_conv.default,
                               (*tensors, *bn_t, g, h, ALPHA, win[0], win[1], training, 0, 4, [e1, e3, em], live,
                                [1e-5, 1e-5], save, bias))
+
+
+def test_op_traces_under_aot_autograd(device):
+    """torch.compile (aot_eager, fullgraph) traces ``spvit::gated_attn_conv`` with attn_bias through its fake shapes
+    and registered backward; output and gradients (the bias's included) equal the uncompiled op's."""
+    _skip_without_triton_device(device)
+    from spvit_kernels.gated_attn_conv import gated_attn_conv_op  # noqa: F401  (registers the op)
+    shape = WINDOWS[0]
+    _, n_win, win, h, _ = shape
+    t, bns, dtype = _layer(shape, device)
+    bias0 = _make_bias(shape, n_win, device)
+
+    def layer(x, w_qk, b_qk, w_v, b_v, w_o, b_o, head_probs, bn1, bn3, g, bias):
+        outs = torch.ops.spvit.gated_attn_conv.default(
+            x, w_qk, b_qk, w_v, b_v, w_o, b_o, head_probs, *bn1, *bn3, g, h, ALPHA, win[0], win[1], True, 0, 4,
+            [1.0, 1.0, 1.0], [True, True, True], [1e-5, 1e-5], True, bias)
+        return outs[0]
+
+    results = []
+    for fn in (layer, torch.compile(layer, backend="aot_eager", fullgraph=True)):
+        args, (bn1, bn3), g = _clone(t, bns, dtype, GATES["msa"], True)
+        bias = bias0.clone().requires_grad_()
+        leaves = [args[k] for k in NAMES[:8]] + [g, bias]
+        out = fn(*leaves[:8], tuple(bn1[:4]), tuple(bn3[:4]), g, bias)
+        grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
+        results.append((out.detach(),) + grads)
+    for name, a, e in zip(("out",) + NAMES[:8] + ("gates", "attn_bias"), *results):
+        _close(a, e, name, *TOL[torch.float32])
