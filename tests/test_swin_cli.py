@@ -110,3 +110,50 @@ def test_swin_search_finetune_eval_from_the_shipped_configs(tmp_path, capsys):
     rc = cli.main(["finetune", "--config", ft_conf, *flags, "--arch", str(out / "arch.json"), "--out",
                    str(tmp_path / "ft2"), "--init", str(out / "checkpoint.pth"), "--epochs", "1"])
     assert rc == 0, capsys.readouterr().err
+
+
+SEARCH_DRIVER = """
+import json, os, sys, torch
+from spvit import search
+cfg = json.loads(sys.argv[1])
+res = search.run(cfg)
+torch.save(res["supernet"].state_dict(), os.path.join(cfg["out"], f"rank{int(os.environ.get('RANK', '0'))}.pt"))
+import torch.distributed as dist
+if dist.is_initialized():
+    dist.destroy_process_group()
+"""
+
+
+def test_swin_search_under_ddp_keeps_per_rank_bn_statistics(tmp_path):
+    """torchrun, 2 processes (gloo): parameters identical on both ranks; the conv BNs' running statistics are per
+    rank, since the Swin recipe does not broadcast buffers (docs/method.md §7.6)."""
+    import subprocess
+    import sys
+
+    from spvit import search
+    from .pipeline_helpers import free_port, tiny_cfg
+
+    dense = _tiny_dense_gflops()
+    cfg = tiny_cfg(search.DEFAULTS, tmp_path / "ddp", model="swin_tiny_patch4_window7_224",
+                   model_kwargs=dict(TINY_SWIN), batch_size=8, epochs=1, train_limit=64, val_limit=32,
+                   target_gflops=0.7 * dense, loss_lambda=30 / dense ** 2, arc_lr=0.05, min_lr=1e-5,
+                   clip_grad=5.0, scale_all_lrs=True)
+    driver = tmp_path / "driver.py"
+    driver.write_text(SEARCH_DRIVER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo",
+           "PYTHONPATH": repo_root() + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(driver), json.dumps(cfg)]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    r0 = torch.load(tmp_path / "ddp" / "rank0.pt")
+    r1 = torch.load(tmp_path / "ddp" / "rank1.pt")
+    import timm
+    sn = spvit.supernet(timm.create_model("swin_tiny_patch4_window7_224", num_classes=10, **TINY_SWIN))
+    params = [n for n, _ in sn.named_parameters()]
+    assert set(params) < set(r0)
+    for k in params:
+        assert torch.equal(r0[k], r1[k]), f"ranks differ in parameter {k}"
+    bn = [k for k in r0 if k.endswith("bn_3x3.running_mean")]
+    assert bn and any(not torch.equal(r0[k], r1[k]) for k in bn)
+    assert os.path.exists(tmp_path / "ddp" / "arch.json")
