@@ -39,6 +39,7 @@ from spvit.models.registry import DEMO_MODEL  # noqa: E402
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="/tmp/spvit_latency_demo")
+    ap.add_argument("--tag", default="", help="suffix of the results files")
     ap.add_argument("--speedups", type=float, nargs="+", default=[1.5, 2.0])
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--threads", type=int, default=1)
@@ -47,6 +48,8 @@ def main(argv=None) -> int:
     ap.add_argument("--search-epochs", type=int, default=10)
     ap.add_argument("--ffn-align", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--stat", choices=["median", "min"], default="median",
+                    help="statistic of the repeats (min: least disturbed on a loaded machine)")
     ap.add_argument("--context", type=int, default=4, help="blocks around each timed piece (0: pieces alone)")
     ap.add_argument("--budget", type=float, default=0.3)
     args = ap.parse_args(argv)
@@ -60,7 +63,8 @@ def main(argv=None) -> int:
     teacher = _chosen(teacher_ckpt)
     table_path = os.path.join(args.out, "lut.json")
     table = L.profile(teacher, batch=args.batch, threads=args.threads, clock=args.clock, rounds=args.rounds,
-                      budget_s=args.budget, model_name=DEMO_MODEL, show=False, context=args.context)
+                      budget_s=args.budget, model_name=DEMO_MODEL, show=False, context=args.context,
+                      stat=args.stat)
     table.save(table_path, force=True)
     print(table.summary(), flush=True)
     dense_dep = L.dense_deployed(DEMO_MODEL, table_signature(table), "cpu", torch.float32, o.model_kwargs,
@@ -92,19 +96,20 @@ def main(argv=None) -> int:
     info = env_info(torch.device("cpu"))
     load = os.getloadavg()
     out = {"rows": rows, "env": info, "clock": args.clock, "threads": args.threads, "batch": args.batch,
-           "ffn_align": args.ffn_align, "context": args.context, "rounds": args.rounds,
+           "ffn_align": args.ffn_align, "context": args.context, "rounds": args.rounds, "stat": args.stat,
            "teacher_epochs": args.teacher_epochs, "search_epochs": args.search_epochs,
            "load_avg_1_5_15": [round(v, 2) for v in load], "wall_s": round(time.perf_counter() - t0, 1),
            "table": {"dense_ms": table.dense_ms(), "dense_measured_ms": table.meta.get("dense_measured_ms"),
                      "profile_s": table.meta.get("profile_s")}}
     os.makedirs(RESULTS_DIR, exist_ok=True)
-    with open(os.path.join(RESULTS_DIR, "latency_demo_cpu.json"), "w") as f:
+    with open(os.path.join(RESULTS_DIR, f"latency_demo_cpu{args.tag}.json"), "w") as f:
         json.dump(out, f, indent=1)
     cols = ["requested_speedup", "predicted_speedup", "measured_speedup", "speedup_error_pct", "predicted_ms",
             "measured_ms", "pred_error_pct", "gflops", "val_acc1_search", "attn", "ffn"]
     md = markdown_table(rows, cols)
-    with open(os.path.join(RESULTS_DIR, "latency_demo_cpu.md"), "w") as f:
+    with open(os.path.join(RESULTS_DIR, f"latency_demo_cpu{args.tag}.md"), "w") as f:
         f.write(f"Demo ViT on the digits, batch {args.batch}, {args.threads} thread(s), {args.clock} clock, "
+                f"{args.stat} of repeats, {args.rounds} alternating rounds, context {args.context}, "
                 f"load average {load[0]:.2f}; {info['device']}, torch {info['torch']}\n\n{md}\n")
     print(md)
     return 0
