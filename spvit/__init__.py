@@ -1,4 +1,4 @@
-"""spvit: SPViT (He et al., TPAMI 2024) for timm Vision Transformers, with fused kernels.
+"""spvit: SPViT (He et al., TPAMI 2024) for timm ViT/DeiT and Swin Transformers, with fused kernels.
 
     sn = spvit.supernet(timm_model)      # search
     arch = sn.architecture()             # read out

@@ -112,6 +112,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--scale-all-lrs", action="store_true", default=S,
                    help="also scale --min-lr, the warm-up lr and the architecture lrs by global batch / 512 (the "
                         "Swin recipe)")
+    g.add_argument("--sched-per-step", action="store_true", default=S,
+                   help="update the cosine schedules every iteration instead of every epoch (the Swin recipe)")
     g.add_argument("--min-lr", type=float, default=S, help="floor of the cosine schedule (capped at the scaled lr)")
     g.add_argument("--warmup-epochs", type=int, default=S, help="linear warm-up epochs")
     g.add_argument("--weight-decay", type=float, default=S, help="AdamW weight decay (>= 0)")

@@ -154,6 +154,7 @@ class TrainConfig(BaseConfig):
     # the Swin recipe (docs/method.md §7.6) scales every learning rate (min, warm-up, architecture lr and its floor)
     # by global batch / 512, DeiT's only the weight lr
     scale_all_lrs: bool = False
+    sched_per_step: bool = False  # cosine schedules updated every iteration (the Swin recipe) instead of every epoch
     min_lr: float = 1e-5
     warmup_epochs: int = 0
     warmup_lr: float = 1e-6

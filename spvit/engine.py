@@ -243,9 +243,11 @@ def train_one_epoch(model: nn.Module, loader, optimizers: List[torch.optim.Optim
                     loss_fn: Callable, dist: DistInfo, epoch: int, mixup=None, dtype: Optional[torch.dtype] = None,
                     scaler: Optional[torch.amp.GradScaler] = None, clip_grad: Optional[float] = None,
                     ema: Optional[ModelEma] = None, postfix: Optional[Callable[[], Dict]] = None,
-                    show: bool = True, desc: str = "train") -> Dict[str, float]:
+                    show: bool = True, desc: str = "train",
+                    lr_hook: Optional[Callable[[int], None]] = None) -> Dict[str, float]:
     """One epoch. ``loss_fn(images, logits, targets) -> (loss, {name: float})``. Every optimiser steps every
-    iteration (one shared scaler for fp16); gradient clipping per optimiser when ``clip_grad``.
+    iteration (one shared scaler for fp16); gradient clipping per optimiser when ``clip_grad``. ``lr_hook(step)``
+    runs before every iteration (per-iteration schedules).
 
     Returns the epoch means of the loss parts, train accuracy (against the mixed targets' argmax) and throughput.
     """
@@ -255,6 +257,8 @@ def train_one_epoch(model: nn.Module, loader, optimizers: List[torch.optim.Optim
     t0 = time.perf_counter()
     bar = progress(loader, len(loader), f"{desc} {epoch}", show and dist.main)
     for images, target in bar:
+        if lr_hook is not None:
+            lr_hook(steps)
         images, target = images.to(dist.device, non_blocking=True), target.to(dist.device, non_blocking=True)
         labels = target
         if mixup is not None:
@@ -485,7 +489,8 @@ def save_run_config(cfg, out: str, dist: DistInfo, name: str = "config.yaml") ->
 
 @dataclass
 class Schedule:
-    """One optimiser with its per-epoch cosine schedule (timm semantics, docs/method.md §4.4)."""
+    """One optimiser with its cosine schedule (timm semantics): per epoch (DeiT, docs/method.md §4.4) or, with
+    ``per_step``, per iteration (Swin, §7.6)."""
 
     opt: torch.optim.Optimizer
     base_lr: float
@@ -493,9 +498,22 @@ class Schedule:
     t_initial: int
     warmup_t: int = 0
     warmup_lr: float = 1e-6
+    per_step: bool = False
 
     def lr(self, epoch: int) -> float:
-        return epoch_lr(epoch, self.base_lr, self.min_lr, self.t_initial, self.warmup_t, self.warmup_lr)
+        """The lr at the start of ``epoch``."""
+        return self.lr_at(epoch, 0, 1)
+
+    def lr_at(self, epoch: int, step: int, steps_per_epoch: int) -> float:
+        """The lr of iteration ``step`` (0-based) of ``epoch``. Per epoch: the value of §4.4 for the whole epoch.
+        Per iteration: the schedule runs in iterations (t_initial and warm-up times ``steps_per_epoch``) and, as the
+        original Swin loop updates it after each step, iteration i uses the value at max(i - 1, 0)."""
+        if not self.per_step:
+            return epoch_lr(epoch, self.base_lr, self.min_lr, self.t_initial, self.warmup_t, self.warmup_lr)
+        n = max(int(steps_per_epoch), 1)
+        i = epoch * n + step
+        return cosine_lr(max(i - 1, 0), self.base_lr, self.min_lr, self.t_initial * n, self.warmup_t * n,
+                         self.warmup_lr)
 
 
 def load_state(module: nn.Module, state: Dict, path: str, what: str) -> None:
@@ -579,15 +597,21 @@ def fit(*, model: nn.Module, schedules: List[Schedule], epochs: int, loss_fn: Ca
         with runs.StopSignals() as sig:
             for epoch in range(start, epochs):
                 runs.CURRENT_EPOCH = epoch
+                n_steps = len(train_loader)
                 for s in schedules:
-                    set_lr(s.opt, s.lr(epoch))
+                    set_lr(s.opt, s.lr_at(epoch, 0, n_steps))
                 if hasattr(train_sampler, "set_epoch"):
                     train_sampler.set_epoch(epoch)
                 t0 = time.perf_counter()
-                m = {"epoch": epoch, **{f"lr{i}": s.lr(epoch) for i, s in enumerate(schedules)}}
+                m = {"epoch": epoch, **{f"lr{i}": s.lr_at(epoch, 0, n_steps) for i, s in enumerate(schedules)}}
+                hook = None
+                if any(s.per_step for s in schedules):
+                    def hook(step, epoch=epoch, n=n_steps):
+                        for s in schedules:
+                            set_lr(s.opt, s.lr_at(epoch, step, n))
                 m.update(train_one_epoch(model, train_loader, [s.opt for s in schedules], loss_fn, dist, epoch,
                                          mixup=mixup, dtype=dtype, scaler=scaler, clip_grad=clip_grad, ema=ema,
-                                         postfix=postfix, show=show, desc=desc))
+                                         postfix=postfix, show=show, desc=desc, lr_hook=hook))
                 ev = evaluate(model, val_loader, dist, dtype, show=show)
                 m.update({f"val_{k}": v for k, v in ev.items()})
                 if ema is not None:

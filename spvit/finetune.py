@@ -170,7 +170,8 @@ def run(cfg: Union[FinetuneConfig, Dict], source: Optional[nn.Module] = None,
 
         opt = torch.optim.AdamW(E.decay_groups(model, cfg.weight_decay), lr=lr, betas=tuple(cfg.opt_betas),
                                 eps=cfg.opt_eps)
-        schedules = [E.Schedule(opt, lr, min_lr, cfg.schedule_length, cfg.warmup_epochs, cfg.warmup_lr * f)]
+        schedules = [E.Schedule(opt, lr, min_lr, cfg.schedule_length, cfg.warmup_epochs, cfg.warmup_lr * f,
+                                per_step=cfg.sched_per_step)]
         scaler = torch.amp.GradScaler(dist.device.type) if dtype == torch.float16 else None
         ema = E.ModelEma(model, cfg.model_ema_decay) if cfg.model_ema else None
         # a skip block leaves norm1 unused; the original Swin code does not broadcast buffers (§7.6)

@@ -67,8 +67,11 @@ def run(cfg: Union[SearchConfig, Dict], supernet_module: Optional[nn.Module] = N
                                   weight_decay=0.0)
         # The original create_scheduler ignores its min_lr argument: args.min_lr for both (docs/method.md Q10).
         arc_min = (cfg.arc_min_lr if cfg.arc_min_lr is not None else cfg.min_lr) * f
-        schedules = [E.Schedule(opt_w, lr, min_lr, cfg.schedule_length, cfg.warmup_epochs, cfg.warmup_lr * f),
-                     E.Schedule(opt_a, arc_lr, arc_min, cfg.arc_sched_epochs or cfg.schedule_length, 0)]
+        per_step = cfg.sched_per_step
+        schedules = [E.Schedule(opt_w, lr, min_lr, cfg.schedule_length, cfg.warmup_epochs, cfg.warmup_lr * f,
+                                per_step=per_step),
+                     E.Schedule(opt_a, arc_lr, arc_min, cfg.arc_sched_epochs or cfg.schedule_length, 0,
+                                per_step=per_step)]
         dtype = E.amp_dtype(cfg.amp, dist.device)
         scaler = torch.amp.GradScaler(dist.device.type) if dtype == torch.float16 else None
         model = E.wrap_ddp(sn, dist, find_unused=True, broadcast_buffers=sn.signature.family != "swin")

@@ -54,7 +54,8 @@ def signature_of(model: nn.Module, check_blocks: bool = True) -> ModelSignature:
     VisionTransformer, Block, Attention, Mlp = _timm_classes()
     if not isinstance(vit, VisionTransformer):
         raise UnsupportedModelError(
-            f"spvit converts timm VisionTransformer models (ViT/DeiT/DeiT-III); got {type(vit).__name__}")
+            f"spvit converts timm VisionTransformer (ViT/DeiT/DeiT-III) and SwinTransformer (Swin v1) models; "
+            f"got {type(vit).__name__}")
     if getattr(vit, "cls_token", None) is None:
         raise UnsupportedModelError("the model has no class token; SPViT's conv layers pass the class token through")
     if getattr(vit, "dist_token", None) is not None:
