@@ -30,7 +30,7 @@ from __future__ import annotations
 import copy
 import os
 import warnings
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -475,10 +475,17 @@ def _trunk_config(vit: nn.Module, sig) -> Dict[str, Any]:
     }
 
 
-def _is_swin_pruned(model: nn.Module) -> bool:
-    from .models.swin import SwinPrunedModel
+# Other model families register their deployment here (spvit/deploy_swin.py does, for Swin): (accepts(model) -> bool,
+# deploy_fn(model, dtype, device)), and the deployed class for a file whose config has ``"family": name``.
+DEPLOYERS: List[Tuple[Callable[[nn.Module], bool], Callable[..., "DeployedModel"]]] = []
+DEPLOYED_CLASSES: Dict[str, type] = {}
 
-    return isinstance(model, SwinPrunedModel)
+
+def _other_family(model: nn.Module) -> Optional[Callable[..., "DeployedModel"]]:
+    for accepts, fn in DEPLOYERS:
+        if accepts(model):
+            return fn
+    return None
 
 
 def deploy(model: nn.Module, dtype: Optional[torch.dtype] = None,
@@ -498,11 +505,10 @@ def deploy(model: nn.Module, dtype: Optional[torch.dtype] = None,
     Raises:
         TypeError: for a Supernet (still in search mode) or anything that is not a PrunedModel.
     """
-    if _is_swin_pruned(model):
-        from .deploy_swin import deploy_swin
-
-        return deploy_swin(model, dtype=dtype, device=device)
-    if isinstance(model, Supernet) or type(model).__name__ == "SwinSupernet":
+    family_deploy = _other_family(model)
+    if family_deploy is not None:
+        return family_deploy(model, dtype=dtype, device=device)
+    if isinstance(model, Supernet):
         raise TypeError("this model is a Supernet, still in search mode; read out the architecture "
                         "(arch = supernet.architecture()) and prune first (spvit.prune(model, arch)), then fine-tune "
                         "and deploy the PrunedModel")
@@ -593,12 +599,8 @@ def from_file_dict(obj: Any, path: str = "<dict>", device=None, dtype: Optional[
             raise ValueError(f"{path}: missing {key!r} (written by spvit {obj.get('spvit_version', '?')})")
     try:
         arch = Architecture.from_dict(obj["architecture"])
-        if isinstance(obj["config"], dict) and obj["config"].get("family") == "swin":
-            from .deploy_swin import DeployedSwin
-
-            model = DeployedSwin(obj["config"], arch)
-        else:
-            model = DeployedModel(obj["config"], arch)
+        family = obj["config"].get("family") if isinstance(obj["config"], dict) else None
+        model = DEPLOYED_CLASSES.get(family, DeployedModel)(obj["config"], arch)
     except (KeyError, TypeError) as exc:
         raise ValueError(f"{path}: malformed model description ({type(exc).__name__}: {exc})") from exc
     sd = obj["state_dict"]
@@ -666,7 +668,7 @@ def deploy_checkpoint(checkpoint: str, out: Optional[str] = None, model: Optiona
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             pruned = load_official(checkpoint, model, **create_kwargs)
-        if not isinstance(pruned, PrunedModel) and not _is_swin_pruned(pruned):
+        if not isinstance(pruned, PrunedModel) and _other_family(pruned) is None:
             raise TypeError(f"{checkpoint} is a search (supernet) checkpoint, still in search mode; read out the "
                             "architecture, prune and fine-tune it before deploying")
         deployed = deploy(pruned, dtype=dtype, device=device)
@@ -701,5 +703,5 @@ def _pruned_from_ours(obj: Dict, path: str, model_name: Optional[str]) -> Pruned
     return pruned
 
 
-__all__ = ["DeployedModel", "DeployedBlock", "FusedAttention", "FoldedConv", "CompactFFN", "deploy", "load_deployed",
-           "save_deployed", "deploy_checkpoint", "from_file_dict", "FORMAT", "FORMAT_VERSION"]
+__all__ = ["DEPLOYERS", "DEPLOYED_CLASSES", "DeployedModel", "DeployedBlock", "FusedAttention", "FoldedConv",
+           "CompactFFN", "deploy", "load_deployed", "save_deployed", "deploy_checkpoint", "from_file_dict", "FORMAT", "FORMAT_VERSION"]

@@ -27,10 +27,11 @@ import torch.nn.functional as F
 from spvit_kernels import reference as R
 
 from .arch import Architecture
-from .deploy import (CompactFFN, DeployedModel, FoldedConv, _bn_of, _f64, _layer_norm, _ln_eps, _norm_desc,
-                     _norm_from, _OpChoice)
+from .deploy import (DEPLOYED_CLASSES, DEPLOYERS, CompactFFN, DeployedModel, FoldedConv, _bn_of, _f64, _layer_norm,
+                     _ln_eps, _norm_desc, _norm_from, _OpChoice)
 from .models.convert import UnsupportedModelError, check_images, gelu_approximate
 from .models.pruned import ConvAttention, ExplicitConvAttention, SkipAttention
+from .models.swin import SwinPrunedModel
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -379,5 +380,9 @@ def deploy_swin(model: nn.Module, dtype: Optional[torch.dtype] = None,
         out.load_state_dict(state)  # copy_ rounds the float64 values once, to ``dtype``
     return out
 
+
+# spvit.deploy / spvit.load_deployed dispatch here (this module is imported by the package's __init__)
+DEPLOYERS.append((lambda m: isinstance(m, SwinPrunedModel), deploy_swin))
+DEPLOYED_CLASSES["swin"] = DeployedSwin
 
 __all__ = ["DeployedSwin", "DeployedSwinBlock", "DeployedSwinStage", "WindowFusedAttention", "deploy_swin"]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import re
 import warnings
-from typing import Dict, Optional, Union
+from typing import Callable, Dict, List, NamedTuple, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -74,6 +74,20 @@ def _load_strict(module: nn.Module, sd: Dict[str, torch.Tensor], path: str, what
     module.load_state_dict(sd, strict=True)
 
 
+class FamilyLoader(NamedTuple):
+    """How :func:`load_official` reads the checkpoints of another model family (registered by its module)."""
+
+    name: str  # e.g. "Swin"
+    example: str  # a timm model name of the family, for error messages
+    accepts: Callable[[nn.Module], bool]  # is this base model of the family?
+    claims: Callable[[Dict[str, torch.Tensor]], bool]  # does this state dict look like one of the family's?
+    load: Callable[..., nn.Module]  # load(sd, base, name, path, alpha) -> supernet or pruned model
+
+
+# spvit/models/official_swin.py registers the Swin loader (it is imported by the package's __init__)
+FAMILY_LOADERS: List[FamilyLoader] = []
+
+
 def load_official(path: str, model: Union[str, nn.Module], alpha: Optional[float] = None, **create_kwargs):
     """Load an original SPViT (DeiT or Swin) checkpoint as our equivalent model, with identical outputs.
 
@@ -99,16 +113,16 @@ def load_official(path: str, model: Union[str, nn.Module], alpha: Optional[float
         ValueError: a checkpoint of another model (a DeiT file for a Swin or the reverse, another depth or width),
             naming the mismatch.
     """
-    from .official_swin import is_swin, load_official_swin, looks_like_swin_checkpoint
-
     sd = _read_state_dict(path)
     base = _base_model(model, sd, **create_kwargs)
     name = model if isinstance(model, str) else model_name_of(base)
-    if is_swin(base):
-        return load_official_swin(sd, base, name, path, alpha=100.0 if alpha is None else alpha)
-    if looks_like_swin_checkpoint(sd):
-        raise ValueError(f"{path} is an SPViT Swin checkpoint (layers.{{s}}.blocks.{{j}} keys) but {name} is not a "
-                         "Swin model; give the timm Swin it was trained from (e.g. swin_tiny_patch4_window7_224)")
+    for family in FAMILY_LOADERS:
+        if family.accepts(base):
+            return family.load(sd, base, name, path, alpha)
+    for family in FAMILY_LOADERS:
+        if family.claims(sd):
+            raise ValueError(f"{path} is an SPViT {family.name} checkpoint but {name} is not a {family.name} model; "
+                             f"give the timm model it was trained from (e.g. {family.example})")
     alpha = 1e-2 if alpha is None else alpha
     sig = signature_of(base)
     depth_in_ckpt = 1 + max((int(m.group(1)) for k in sd for m in [re.match(r"blocks\.(\d+)\.", k)] if m), default=-1)

@@ -37,6 +37,8 @@ from spvit_kernels import reference as R
 
 from ..arch import Architecture, BlockArch
 from .convert import is_swin
+from .official import FAMILY_LOADERS, FamilyLoader, _base_model, _load_strict, _read_state_dict
+from .official import load_official as _load_official
 from .pruned import ConvAttention
 from .supernet import _bn_state
 
@@ -211,13 +213,14 @@ def _check_and_drop_buffers(model: nn.Module, mapped: Dict[str, torch.Tensor], p
 
 
 def _strict(module: nn.Module, sd: Dict[str, torch.Tensor], path: str, what: str) -> None:
-    from .official import _load_strict
-
     _load_strict(module, _check_and_drop_buffers(module, sd, path), path, what)
 
 
-def load_official_swin(sd: Dict[str, torch.Tensor], base: nn.Module, name: str, path: str, alpha: float = 100.0):
-    """The body of :func:`spvit.load_official` for a Swin model (``sd`` already read and unwrapped)."""
+def load_official_swin(sd: Dict[str, torch.Tensor], base: nn.Module, name: str, path: str,
+                       alpha: Optional[float] = None):
+    """The body of :func:`spvit.load_official` for a Swin model (``sd`` already read and unwrapped; alpha default
+    100, the original Swin configs' ``EXTRA.alpha``)."""
+    alpha = 100.0 if alpha is None else alpha
     _check_model(sd, base, name, path)
     if any(k.endswith("kernel_thresholds_full") for k in sd):
         from .swin import SwinSupernet
@@ -280,9 +283,7 @@ def _load_finetune(sd, base, name, path, alpha):
 
 def load_official(path: str, model: Union[str, nn.Module], alpha: Optional[float] = None, **create_kwargs):
     """:func:`spvit.load_official` (which handles both families); here for callers that import it from this module."""
-    from .official import load_official as _load
-
-    return _load(path, model, alpha=alpha, **create_kwargs)
+    return _load_official(path, model, alpha=alpha, **create_kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -303,8 +304,6 @@ def read_ffn_indicators(path: str, model: Union[str, nn.Module], **create_kwargs
     Raises:
         FileNotFoundError; ValueError for a file that is not an indicator file of this model.
     """
-    from .official import _base_model, _read_state_dict
-
     sd = _read_state_dict(path)
     if isinstance(model, str):
         create_kwargs.setdefault("device", "meta")  # only the shapes are needed
@@ -328,6 +327,9 @@ def read_ffn_indicators(path: str, model: Union[str, nn.Module], **create_kwargs
             kept.append(tuple(int(i) for i in torch.nonzero(v > 0.5).flatten().tolist()))
     return kept
 
+
+FAMILY_LOADERS.append(FamilyLoader("Swin", "swin_tiny_patch4_window7_224", is_swin, looks_like_swin_checkpoint,
+                                    load_official_swin))
 
 __all__ = ["load_official", "original_to_timm_keys", "timm_to_original_keys", "fuse_msa_qkv", "stage_depths_of",
            "block_choice",
