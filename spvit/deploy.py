@@ -351,7 +351,8 @@ class DeployedModel(DeployedApi, nn.Module):
         """TorchScript cannot compile the per-call kernel dispatch (``spvit_kernels.ops``): refuse clearly."""
         raise RuntimeError("a DeployedModel cannot be compiled with TorchScript (torch.jit.script): its layers choose "
                            "their kernels per call. Use torch.export.export(deployed, (x,)), torch.compile(deployed) or "
-                           "spvit.export_onnx(deployed, path) instead")
+                           "spvit.export_onnx(deployed, path) instead, or script the PrunedModel it was deployed from "
+                           "(torch.jit.script(pruned) works)")
 
     def extra_repr(self) -> str:
         return f"{self.model_name}: " + " ".join(b["kind"] for b in self.config["blocks"])
