@@ -15,6 +15,7 @@ from spvit.deploy import deploy
 from spvit.models.registry import RELEASE_FILES, SHIPPED
 
 from spvit.models.pruned import ExplicitConvAttention
+from spvit.models.timm_api import WrappedVitApi
 
 from .test_deploy import CHOICES, images, mixed_pruned, randomise, tiny_vit
 
@@ -309,6 +310,11 @@ def test_supernet_timm_api():
     scale = {n: group_of[id(p)]["lr_scale"] for n, p in params.items()}
     assert scale["vit.blocks.1.attn.kernel_thresholds"] == scale["vit.blocks.1.mlp.fc1.weight"]
     assert scale["vit.patch_embed.proj.weight"] < scale["vit.blocks.0.mlp.fc1.weight"] < scale["vit.head.weight"]
+    dense = create_optimizer_v2(vit, "adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.5)
+    dense_scale = {id(p): g["lr_scale"] for g in dense.param_groups for p in g["params"]}
+    for n, p in vit.named_parameters():  # the timm model's own groups, prefixed
+        if "vit." + n in scale:
+            assert scale["vit." + n] == dense_scale[id(p)], n
     sn.reset_classifier(0)
     assert sn.num_classes == 0 and sn.signature.num_classes == 0
     with torch.no_grad():
@@ -347,3 +353,31 @@ def test_deployed_timm_api(tmp_path):
         assert not hasattr(d, name)  # inference-only: no optimizer hooks
     with pytest.raises(RuntimeError, match="TorchScript"):
         torch.jit.script(d)
+
+
+class _Wrapped(WrappedVitApi, torch.nn.Module):
+    """A test wrapper of a timm model under another attribute name (as a Swin supernet would hold one)."""
+
+    timm_attr = "swin"
+
+    def __init__(self, model):
+        super().__init__()
+        self.swin = model
+
+    def forward(self, x):
+        return self.swin(x)
+
+
+def test_wrapped_api_prefixes_any_timm_model():
+    """The mixin's optimizer hooks give a wrapped timm Swin exactly the groups timm gives the bare model."""
+    swin = timm.create_model("swin_tiny_patch4_window7_224", embed_dim=24, depths=(1, 1, 2, 1), num_heads=(1, 1, 2, 2),
+                             num_classes=5)
+    wrapped = _Wrapped(swin)
+    assert wrapped.num_classes == 5 and wrapped.num_features == swin.num_features
+    assert wrapped.no_weight_decay() == {"swin." + n for n in swin.no_weight_decay()}
+    kw = dict(lr=1e-3, weight_decay=0.05, layer_decay=0.7)
+    ours = create_optimizer_v2(wrapped, "adamw", **kw)
+    ref = create_optimizer_v2(swin, "adamw", **kw)
+    got = {id(p): (g["lr_scale"], g["weight_decay"]) for g in ours.param_groups for p in g["params"]}
+    want = {id(p): (g["lr_scale"], g["weight_decay"]) for g in ref.param_groups for p in g["params"]}
+    assert got == want and len({v[0] for v in got.values()}) > 3

@@ -124,14 +124,6 @@ def gate_logit_names(model: nn.Module) -> Set[str]:
     return {n for n, _ in model.named_parameters() if "thresholds" in n}
 
 
-def vit_group_matcher(prefix: str) -> Dict[str, Any]:
-    """timm layer-decay groups of a wrapped VisionTransformer whose parameters are named ``prefix + ...``: the stem,
-    one group per block, the final norm (the head comes last by timm's rule)."""
-    p = prefix.replace(".", r"\.")
-    return dict(stem=rf"^{p}(?:cls_token|reg_token|pos_embed|patch_embed|norm_pre)",
-                blocks=[(rf"^{p}blocks\.(\d+)", None), (rf"^{p}norm", (99999,))])
-
-
 def prefixed(names: List[str], prefix: str) -> Set[str]:
     return {prefix + n for n in names}
 
@@ -139,47 +131,77 @@ def prefixed(names: List[str], prefix: str) -> Set[str]:
 # ----------------------------------------------------------------------------------------------------------------------
 # timm's model API for models wrapping a timm VisionTransformer as ``self.vit`` (the supernet)
 # ----------------------------------------------------------------------------------------------------------------------
+def prefix_pattern(pattern: str, prefix: str) -> str:
+    """A timm group-matcher regex (matched with ``re.match`` against parameter names) for the same parameters named
+    ``prefix + name``: the prefix is required up front and the alternatives' own ``^`` anchors move after it."""
+    import re
+
+    body = re.sub(r"(^|\|)\^", r"\1", pattern)  # timm's matchers anchor alternatives only at their start
+    return "^" + re.escape(prefix) + "(?:" + body + ")"
+
+
+def prefix_group_matcher(matcher: Dict[str, Any], prefix: str) -> Dict[str, Any]:
+    """A timm ``group_matcher()`` dict (regex strings, or lists of ``(regex, suffix)``) for a wrapped model whose
+    parameter names carry ``prefix``."""
+    out: Dict[str, Any] = {}
+    for key, value in matcher.items():
+        if isinstance(value, str):
+            out[key] = prefix_pattern(value, prefix)
+        else:
+            out[key] = [(prefix_pattern(p, prefix), suffix) for p, suffix in value]
+    return out
+
+
 class WrappedVitApi:
     """timm's model API (``forward_features`` / ``forward_head`` / ``num_classes`` / ``reset_classifier`` /
     ``get_classifier`` / ``set_grad_checkpointing`` / ``no_weight_decay`` / ``group_matcher``) for an ``nn.Module``
-    holding a timm VisionTransformer as ``self.vit`` and its :class:`~spvit.arch.ModelSignature` as
-    ``self.signature``. Parameter names carry the ``vit.`` prefix, as ``named_parameters()``; gate logits (names
-    containing "thresholds") are kept out of weight decay, as the method's architecture optimiser (docs/method.md
-    §4.3)."""
+    that wraps a timm model as the submodule named by ``timm_attr`` (default ``vit``) and keeps its
+    :class:`~spvit.arch.ModelSignature` as ``self.signature``. The wrapped model's own methods do the work; names are
+    given the ``<timm_attr>.`` prefix, as in ``named_parameters()``, and gate logits (names containing "thresholds")
+    are kept out of weight decay, as the method's architecture optimiser (docs/method.md §4.3). Subclasses may
+    override ``_check_input``."""
 
     __jit_unused_properties__ = ["num_classes", "num_features", "head_hidden_size", "in_chans"]
+    timm_attr = "vit"
+
+    def _timm(self) -> nn.Module:
+        return getattr(self, self.timm_attr)
 
     @property
     def num_classes(self) -> int:
-        return int(self.vit.num_classes)
+        return int(self._timm().num_classes)
 
     @property
     def num_features(self) -> int:
-        return int(self.vit.num_features)
+        return int(self._timm().num_features)
 
     @property
     def head_hidden_size(self) -> int:
-        return int(getattr(self.vit, "head_hidden_size", self.vit.num_features))
+        inner = self._timm()
+        return int(getattr(inner, "head_hidden_size", inner.num_features))
 
     @property
     def in_chans(self) -> int:
         return int(self.signature.in_chans)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """images (B, in_chans, H, W) -> token features (B, N, C) after the final norm, before pooling and head."""
+    def _check_input(self, x: torch.Tensor) -> None:
         from .convert import check_images
 
+        check_images(x, self.signature)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """images (B, in_chans, H, W) -> the wrapped model's unpooled features (tokens (B, N, C) for a ViT)."""
         if not is_tracing():
-            check_images(x, self.signature)
-        return self.vit.forward_features(x)
+            self._check_input(x)
+        return self._timm().forward_features(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """token features (B, N, C) -> logits (B, num_classes), or the pooled features (B, C) with ``pre_logits``."""
-        return self.vit.forward_head(x, pre_logits=pre_logits)
+        """features -> logits (B, num_classes), or the pooled features (B, C) with ``pre_logits``."""
+        return self._timm().forward_head(x, pre_logits=pre_logits)
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
-        return self.vit.get_classifier()
+        return self._timm().get_classifier()
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         """A fresh head for ``num_classes`` (0: none, forward returns pooled features); the signature follows."""
@@ -187,22 +209,25 @@ class WrappedVitApi:
 
         if not isinstance(num_classes, int) or num_classes < 0:
             raise ValueError(f"num_classes must be a non-negative integer, got {num_classes!r}")
-        self.vit.reset_classifier(num_classes, global_pool)
+        self._timm().reset_classifier(num_classes, global_pool)
         self.signature = dataclasses.replace(self.signature, num_classes=num_classes)
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.vit.set_grad_checkpointing(enable)
+        self._timm().set_grad_checkpointing(enable)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
-        """Position embedding and tokens (as timm's ViT), and every gate logit."""
-        return prefixed(list(self.vit.no_weight_decay()), "vit.") | gate_logit_names(self)
+        """The wrapped model's (position embedding, tokens, ...), prefixed, and every gate logit."""
+        inner = self._timm()
+        own = list(inner.no_weight_decay()) if hasattr(inner, "no_weight_decay") else []
+        return prefixed(own, self.timm_attr + ".") | gate_logit_names(self)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        """Layer-decay groups: the stem, one group per block (its gates included), the final norm; head last."""
-        return vit_group_matcher("vit.")
+        """Layer-decay groups: the wrapped model's (stem, one group per block with its gates, final norm; head last),
+        prefixed."""
+        return prefix_group_matcher(self._timm().group_matcher(coarse=coarse), self.timm_attr + ".")
 
 
 DATA_CFG_KEYS = ("mean", "std", "crop_pct", "crop_mode", "interpolation")
