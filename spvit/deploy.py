@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from spvit_kernels import reference as R
-from spvit_kernels.backend import resolve
+from spvit_kernels.backend import preload as preload_kernels, resolve
 
 from .arch import Architecture
 from .models.convert import UnsupportedModelError, check_images, gelu_approximate
@@ -232,6 +232,7 @@ class DeployedModel(DeployedApi, nn.Module):
 
     def __init__(self, config: Dict[str, Any], architecture: Architecture):
         super().__init__()
+        preload_kernels()  # providers imported now, not inside a first traced call
         self.config = copy.deepcopy(config)
         self.architecture = architecture
         self.signature = architecture.signature

@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from spvit_kernels import reference as R
+from spvit_kernels.backend import preload as preload_kernels
 
 from .arch import Architecture
 from .deploy import (DEPLOYED_CLASSES, DEPLOYERS, CompactFFN, DeployedModel, FoldedConv, _bn_of, _f64, _layer_norm,
@@ -172,6 +173,7 @@ class DeployedSwin(DeployedModel):
 
     def __init__(self, config: Dict[str, Any], architecture: Architecture):
         nn.Module.__init__(self)  # a different trunk: DeployedModel's ViT constructor is not run
+        preload_kernels()  # providers imported now, not inside a first traced call
         self.config = copy.deepcopy(config)
         self.architecture = architecture
         self.signature = architecture.signature

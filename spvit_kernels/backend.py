@@ -74,6 +74,17 @@ def _load(spec: str) -> Optional[Callable]:
     return fn
 
 
+def preload() -> None:
+    """Import every provider that can be imported here, so that a later :func:`resolve` only reads the cache.
+
+    Called when a model that dispatches per call is built (e.g. :class:`spvit.DeployedModel`): a first call that
+    happens inside ``torch.compile(fullgraph=True)`` then finds no import left to trace.
+    """
+    for op, providers in _PROVIDERS.items():
+        for backend in providers:
+            available(op, backend)
+
+
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401

@@ -1,5 +1,6 @@
 """Deployed models (spvit.deploy): equal to the pruned model in eval mode on every backend; files; export; errors."""
 import copy
+import os
 import warnings
 
 import pytest
@@ -211,6 +212,27 @@ def test_torch_compile(backend, device):
     compiled = torch.compile(deployed, backend="aot_eager", fullgraph=True)
     with K.use_backend(backend), torch.no_grad():
         torch.testing.assert_close(compiled(x), pruned(x), atol=1e-5, rtol=1e-5)
+
+
+def test_torch_compile_fullgraph_first_call_in_a_fresh_process(tmp_path):
+    # The first call of a freshly built deployed model happens inside the trace: the kernel providers must already
+    # be imported (DeployedModel's constructor preloads them), or dynamo would have to trace an import.
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, spvit\n"
+        "from tests.test_deploy import mixed_pruned, images\n"
+        "pruned = mixed_pruned(); deployed = spvit.deploy(pruned); x = images(2)\n"
+        "compiled = torch.compile(deployed, backend='aot_eager', fullgraph=True)\n"
+        "with torch.no_grad():\n"
+        "    torch.testing.assert_close(compiled(x), pruned(x), atol=1e-5, rtol=1e-5)\n"
+        "print('ok')\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
 
 
 def _official_finetune_state_dict(pruned):
