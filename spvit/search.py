@@ -134,7 +134,7 @@ def run(cfg: Union[SearchConfig, Dict], supernet_module: Optional[nn.Module] = N
                     train_loader=st.train_loader, train_sampler=st.sampler, val_loader=st.val_loader, dist=dist,
                     out=out, mixup=st.mixup, dtype=dtype, scaler=scaler, clip_grad=cfg.clip_grad, resume=cfg.resume,
                     stop_after_epoch=cfg.stop_after_epoch, after_epoch=after_epoch, write_epoch=write_epoch,
-                    postfix=lambda: {"GFLOPs": f"{sn.gflops():.4g}", **({"ms": f"{float(lat.predicted_ms()):.4g}"}
+                    postfix=lambda: {"GFLOPs": f"{sn.gflops():.4g}", **({"ms": f"{float(lat.predicted_ms().detach()):.4g}"}
                                                                          if lat is not None else {})},
                     best_meta={"model_name": cfg.model, "model_kwargs": kwargs, "num_classes": st.num_classes},
                     show=cfg.progress, desc="search", tensorboard=cfg.tensorboard,
