@@ -132,6 +132,9 @@ def run(cfg: Union[SearchConfig, Dict], supernet_module: Optional[nn.Module] = N
                                                                     "blocks": rows})
             E.log("  gates: " + " ".join(f"{r['attn']}/{r['ffn_kept']}" for r in rows), dist)
 
+        def postfix_ms() -> Dict:
+            return {"ms": f"{float(lat.predicted_ms().detach()):.4g}"} if lat is not None else {}
+
         goal = lat.describe() if lat is not None else f"target {target:g}"
         E.log(f"search {cfg.model}: dense {sn.dense_gflops():.4g} GFLOPs, {goal}, lambda {lam:g}, "
               f"lr {lr:.3g}, arc_lr {arc_lr:.3g}, {dist.world} process(es) on {dist.device}", dist)
@@ -139,8 +142,7 @@ def run(cfg: Union[SearchConfig, Dict], supernet_module: Optional[nn.Module] = N
                     train_loader=st.train_loader, train_sampler=st.sampler, val_loader=st.val_loader, dist=dist,
                     out=out, mixup=st.mixup, dtype=dtype, scaler=scaler, clip_grad=cfg.clip_grad, resume=cfg.resume,
                     stop_after_epoch=cfg.stop_after_epoch, after_epoch=after_epoch, write_epoch=write_epoch,
-                    postfix=lambda: {"GFLOPs": f"{sn.gflops():.4g}", **({"ms": f"{float(lat.predicted_ms()):.4g}"}
-                                                                         if lat is not None else {})},
+                    postfix=lambda: {"GFLOPs": f"{sn.gflops():.4g}", **postfix_ms()},
                     best_meta={"model_name": cfg.model, "model_kwargs": kwargs, "num_classes": st.num_classes},
                     show=cfg.progress, desc="search", tensorboard=cfg.tensorboard,
                     resume_hint=f"spvit search --out {out} --resume")
