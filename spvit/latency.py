@@ -319,7 +319,7 @@ class LatencyTable:
 
     def summary(self) -> str:
         lines = [f"latency table of {self.model_name} on {self.device.get('name')} ({self.device.get('class')}), "
-                 f"{self.dtype}, batch {self.batch}, {self.device.get('threads')} threads",
+                 f"{self.dtype}, batch {self.batch}, {self.device.get('threads')} thread(s)",
                  f"  fixed: " + ", ".join(f"{k} {v:.3f} ms" for k, v in self.fixed_ms.items())]
         for g in self.groups:
             lines.append(f"  blocks {g.blocks[0]}-{g.blocks[-1]} (measured once, shared): " +
