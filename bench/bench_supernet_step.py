@@ -15,6 +15,7 @@ Peak memory (CUDA) is the allocator's peak over the timed steps: parameters, gra
 activations. Compiled rows carry the number of captured graphs and graph breaks.
 
 python bench/bench_supernet_step.py --out DIR [--quick] [--models deit_small_patch16_224,...] [--batch 128,256]
+(default models: DeiT-Ti/S/B and Swin-T/S; Swin supernets run the windowed layer of the same fused op)
 """
 from __future__ import annotations
 
@@ -41,6 +42,15 @@ def smoke_model(num_classes: int = 10) -> torch.nn.Module:
     from timm.models.vision_transformer import VisionTransformer
 
     return VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=num_classes)
+
+
+def smoke_swin(num_classes: int = 10) -> torch.nn.Module:
+    """A tiny timm SwinTransformer (16 px, patch 2, window 4, width 16: one 8x8 stage, a plain and a shifted block)
+    for smoke runs."""
+    from timm.models.swin_transformer import SwinTransformer
+
+    return SwinTransformer(img_size=16, patch_size=2, window_size=4, embed_dim=16, depths=(2,), num_heads=(2,),
+                           num_classes=num_classes)
 
 
 def timm_factory(name: str) -> Callable[[], torch.nn.Module]:
@@ -107,7 +117,7 @@ def measure(label: str, factory: Callable[[], torch.nn.Module], provider: str, b
             model = spvit.supernet(base)
             be = fused_backend(device) if provider == "fused" else "eager"
         model = model.to(device).train()
-        img = base.patch_embed.img_size
+        img = tuple(base.patch_embed.img_size)  # ViT and Swin alike
         gen = torch.Generator(device="cpu").manual_seed(seed + 1)
         x = torch.randn(batch, 3, *img, generator=gen).to(device)
         y = torch.randint(0, base.num_classes, (batch,), generator=gen).to(device)
@@ -145,7 +155,8 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
     ap.add_argument("--out", default=None, help="results directory (default bench/results)")
     ap.add_argument("--quick", action="store_true", help="tiny smoke configuration (32 px model, batch 4)")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    ap.add_argument("--models", default="deit_tiny_patch16_224,deit_small_patch16_224,deit_base_patch16_224")
+    ap.add_argument("--models", default="deit_tiny_patch16_224,deit_small_patch16_224,deit_base_patch16_224,"
+                    "swin_tiny_patch4_window7_224,swin_small_patch4_window7_224")
     ap.add_argument("--batch", default="128,256")
     ap.add_argument("--providers", default=",".join(PROVIDERS))
     ap.add_argument("--warmup", type=int, default=None)
@@ -154,7 +165,7 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
     device = torch.device(args.device) if args.device else default_device()
     amp = torch.bfloat16 if device.type == "cuda" else None
     if args.quick:
-        models, batches = [("smoke_vit", smoke_model)], [4]
+        models, batches = [("smoke_vit", smoke_model), ("smoke_swin", smoke_swin)], [4]
     else:
         models = [(m, timm_factory(m)) for m in args.models.split(",")]
         batches = [int(b) for b in args.batch.split(",")]
