@@ -104,7 +104,8 @@ def spvit_deit_cfg(name: str) -> Dict[str, Any]:
     swin = name in SHIPPED_SWIN
     return {
         "architecture": name, "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "fixed_input_size": True,
-        "pool_size": (224 // 32, 224 // 32) if swin else None, "crop_pct": EVAL_CROP_PCT, "crop_mode": "center", "interpolation": "bicubic",
+        "pool_size": (224 // 32, 224 // 32) if swin else None,  # Swin: the last stage's map (stride 32)
+        "crop_pct": EVAL_CROP_PCT, "crop_mode": "center", "interpolation": "bicubic",
         "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
         "first_conv": "swin.patch_embed.proj" if swin else "vit.patch_embed.proj",
         "classifier": "swin.head.fc" if swin else "vit.head", "license": "apache-2.0", "origin_url": RELEASE_URL,

@@ -252,6 +252,8 @@ class DeployedApi:
     It is inference-only (frozen, ``train(True)`` refused), so the optimizer hooks (``no_weight_decay``,
     ``group_matcher``, ``set_grad_checkpointing``) are deliberately absent."""
 
+    global_pools: Tuple[str, ...] = ("token", "avg", "max", "avgmax", "")  # what reset_classifier accepts
+
     @property
     def num_classes(self) -> int:
         return int(self.config["num_classes"])
@@ -295,13 +297,13 @@ class DeployedApi:
         if not isinstance(num_classes, int) or num_classes < 0:
             raise ValueError(f"num_classes must be a non-negative integer, got {num_classes!r}")
         if global_pool is not None:
-            if global_pool not in ("token", "avg", "max", "avgmax", ""):
-                raise ValueError(f"global_pool must be 'token', 'avg', 'max', 'avgmax' or '', got {global_pool!r}")
+            if global_pool not in self.global_pools:
+                raise ValueError(f"global_pool must be one of {self.global_pools}, got {global_pool!r}")
             self.global_pool = global_pool
             self.config["global_pool"] = global_pool
-        ref = self.cls_token
+        ref = self.patch_embed.proj.weight
         if num_classes > 0:
-            head = nn.Linear(int(self.config["embed_dim"]), num_classes, device=ref.device, dtype=ref.dtype)
+            head = nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
             nn.init.zeros_(head.weight)
             nn.init.zeros_(head.bias)
             head.requires_grad_(False)
