@@ -171,6 +171,9 @@ class DeployedSwin(DeployedModel):
     forward(images: (B, in_chans, H, W)) -> logits (B, num_classes). Images are cast to the model's dtype.
     """
 
+    global_pools = ("avg",)  # reset_classifier: the deployed Swin head pools by the mean
+    output_fmt = "NHWC"  # forward_features: (B, H', W', C')
+
     def __init__(self, config: Dict[str, Any], architecture: Architecture):
         nn.Module.__init__(self)  # a different trunk: DeployedModel's ViT constructor is not run
         preload_kernels()  # providers imported now, not inside a first traced call
@@ -203,6 +206,22 @@ class DeployedSwin(DeployedModel):
         self.head = nn.Linear(c["stage_dims"][-1], c["num_classes"]) if c["num_classes"] > 0 else nn.Identity()
         self.requires_grad_(False)
         nn.Module.train(self, False)
+
+    @property
+    def num_features(self) -> int:
+        return int(self.config["stage_dims"][-1])
+
+    @property
+    def head_hidden_size(self) -> int:
+        return int(self.config["stage_dims"][-1])
+
+    @property
+    def pretrained_cfg(self) -> Dict[str, Any]:
+        """timm's data / model config (see DeployedModel), with the final map's size as ``pool_size``."""
+        cfg = super().pretrained_cfg
+        stride = int(self.config["patch_size"]) * 2 ** (len(self.config["depths"]) - 1)
+        cfg["pool_size"] = tuple(int(s) // stride for s in self.config["img_size"])
+        return cfg
 
     @property
     def blocks(self) -> List[DeployedSwinBlock]:

@@ -381,3 +381,199 @@ def test_wrapped_api_prefixes_any_timm_model():
     got = {id(p): (g["lr_scale"], g["weight_decay"]) for g in ours.param_groups for p in g["params"]}
     want = {id(p): (g["lr_scale"], g["weight_decay"]) for g in ref.param_groups for p in g["params"]}
     assert got == want and len({v[0] for v in got.values()}) > 3
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Swin: SwinPrunedModel / SwinSupernet / DeployedSwin and the spvit_swin_* registrations
+# ----------------------------------------------------------------------------------------------------------------------
+def _swin_pruned(official_skip=False):
+    from .test_official_swin import swin_pruned
+
+    return swin_pruned(official_skip=official_skip)  # 32 px, stages 16/8/4; msa, 3x3, 1x1, shifted msa, skip, msa
+
+
+def _swin_by_hand(m, x):
+    """Stage outputs (B, H, W, C) and the normalised final map, from the modules directly."""
+    t = m.swin.patch_embed(x)
+    stages = []
+    for stage in m.swin.layers:
+        t = stage.downsample(t)
+        for blk in stage.blocks:
+            t = blk(t)
+        stages.append(t)
+    return stages, m.swin.norm(t)
+
+
+def test_swin_features_head_and_intermediates_match_the_modules():
+    m = _swin_pruned()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        stages, feats = _swin_by_hand(m, x)
+        assert feats.shape == (2, 4, 4, 128) and m.output_fmt == "NHWC"
+        torch.testing.assert_close(m.forward_features(x), feats)
+        torch.testing.assert_close(m.forward_head(feats, pre_logits=True), feats.mean(dim=(1, 2)))
+        torch.testing.assert_close(m.forward_head(m.forward_features(x)), m(x))
+        final, inter = m.forward_intermediates(x)
+        torch.testing.assert_close(final, feats)
+        assert len(inter) == 3
+        for got, ref in zip(inter, stages):  # NCHW stage maps, as timm's Swin
+            torch.testing.assert_close(got, ref.permute(0, 3, 1, 2))
+        last = m.forward_intermediates(x, indices=[1], norm=True, intermediates_only=True)
+        assert len(last) == 1
+        torch.testing.assert_close(last[0], stages[1].permute(0, 3, 1, 2))
+    with pytest.raises(ValueError, match="expected images"):
+        m.forward_features(torch.randn(2, 3, 48, 48))
+    assert m.num_features == m.head_hidden_size == 128 and m.num_classes == 10 and m.in_chans == 3
+    assert [f["module"] for f in m.feature_info] == [f"swin.layers.{i}" for i in range(3)]
+    assert [f["num_chs"] for f in m.feature_info] == [32, 64, 128]
+    assert [f["reduction"] for f in m.feature_info] == [2, 4, 8]
+
+
+@pytest.mark.parametrize("official_skip", [False, True])
+def test_swin_torchscript_and_fx_match_eager(official_skip):
+    """Scripted and fx-traced Swin models (3x3 and 1x1 layers in their conv2d form, shifted-window MSA with sizes
+    from the module) equal the eager reference path: outputs in eval and training mode, BatchNorm updates,
+    gradients."""
+    m = _swin_pruned(official_skip)
+    assert [b.kind for b in m.blocks] == ["msa", "3x3", "1x1", "msa", "skip", "msa"]
+    x = torch.randn(2, 3, 32, 32)
+    scripted = torch.jit.script(copy.deepcopy(m))
+    traced = torch.fx.symbolic_trace(copy.deepcopy(m))
+    with torch.no_grad():
+        ref = m(x)
+        torch.testing.assert_close(scripted(x), ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(traced(x), ref, atol=1e-5, rtol=1e-5)
+    stats = _bn_stats(m)
+    for variant in (scripted.train(), torch.fx.symbolic_trace(copy.deepcopy(m).train())):
+        eager = copy.deepcopy(m).train()
+        torch.manual_seed(0)  # the same drop-path draws (timm's Swin default drop_path_rate 0.1)
+        out_ref = eager(x)
+        torch.manual_seed(0)
+        out = variant(x)
+        torch.testing.assert_close(out, out_ref, atol=1e-5, rtol=1e-5)
+        new_ref, new = _bn_stats(eager), _bn_stats(variant)
+        assert new.keys() == new_ref.keys() and len(new) == 4  # the 3x3 and the 1x1 layer
+        assert all(not torch.equal(new_ref[k], stats[k]) for k in stats)
+        for k in new_ref:
+            torch.testing.assert_close(new[k], new_ref[k], atol=1e-6, rtol=1e-5)
+    eager = copy.deepcopy(m).train()
+    scripted = torch.jit.script(copy.deepcopy(m)).train()
+    torch.manual_seed(1)
+    eager(x).square().mean().backward()
+    torch.manual_seed(1)
+    scripted(x).square().mean().backward()
+    grads = dict(scripted.named_parameters())
+    for n, p in eager.named_parameters():
+        if p.grad is None:  # only the unused LN1 of an identity skip block
+            assert not official_skip and n.startswith("swin.layers.2.blocks.0.norm1."), n
+            continue
+        torch.testing.assert_close(grads[n].grad, p.grad, atol=1e-5, rtol=1e-4, msg=n)
+    with pytest.raises(torch.jit.Error, match="expected images"):
+        scripted(torch.randn(2, 3, 48, 48))
+
+
+def test_swin_features_only():
+    """features_only=True: timm's FeatureGetterNet over the stage outputs (NCHW; stages after the last dropped)."""
+    from spvit.models.timm_api import features_only_model
+
+    src = _swin_pruned()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        taps = src.forward_intermediates(x, intermediates_only=True)
+    feats = features_only_model(copy.deepcopy(src), {"out_indices": (0, 1)}, "swin", out_indices=(0, 1, 2))
+    assert feats.feature_info.channels() == [32, 64] and feats.feature_info.reduction() == [2, 4]
+    model = feats.model
+    assert len(model.swin.layers) == 2 and model.signature.depths == (2, 2) and model.signature.num_classes == 0
+    assert model.architecture.attn_choices == ["msa", "3x3", "1x1", "msa"]
+    with torch.no_grad():
+        out = feats(x)
+    assert len(out) == 2
+    for got, ref in zip(out, taps[:2]):
+        torch.testing.assert_close(got, ref)
+    name = "spvit_swin_tiny_patch4_window7_224"
+    with torch.device("meta"):
+        m = timm.create_model(name, features_only=True)
+    assert m.feature_info.channels() == [96, 192, 384, 768] and m.feature_info.reduction() == [4, 8, 16, 32]
+    with pytest.raises(ValueError, match="output_stride"):
+        timm.create_model(name, features_only=True, output_stride=16)
+
+
+def test_swin_reset_classifier_keeps_the_pruned_trunk():
+    m = _swin_pruned()
+    x = torch.randn(2, 3, 32, 32)
+    trunk = {k: v.clone() for k, v in m.state_dict().items() if not k.startswith("swin.head.")}
+    arch = m.architecture
+    m.reset_classifier(5)
+    assert m.get_classifier() is m.swin.head.fc and m.swin.head.fc.out_features == 5
+    assert m.num_classes == 5 and m.architecture.signature.num_classes == 5 and m.pretrained_cfg["num_classes"] == 5
+    assert m.architecture.attn_choices == arch.attn_choices and m.architecture.ffn_widths == arch.ffn_widths
+    for k, v in m.state_dict().items():
+        if k in trunk:
+            assert torch.equal(v, trunk[k]), k
+    with torch.no_grad():
+        out = m.eval()(x)
+        assert out.shape == (2, 5)
+        torch.testing.assert_close(deploy(m)(x), out, atol=1e-5, rtol=1e-5)  # still deploys
+        _, feats = _swin_by_hand(m, x)
+        m.reset_classifier(0)
+        torch.testing.assert_close(m(x), feats.mean(dim=(1, 2)))  # no head: pooled features
+        m.reset_classifier(0, "")
+        torch.testing.assert_close(m(x), feats)  # no pooling either: the NHWC map
+    with pytest.raises(ValueError, match="num_classes"):
+        m.reset_classifier(-1)
+
+
+def test_swin_optimizer_groups_and_registrations():
+    from spvit.models.pruned import SkipAttention
+
+    name = "spvit_swin_tiny_patch4_window7_224"
+    m = timm.create_model(name)
+    dense = timm.create_model("swin_tiny_patch4_window7_224")
+    assert m.no_weight_decay() == {"swin." + n for n in dense.no_weight_decay()} - {
+        n for n in ("swin." + k for k in dense.no_weight_decay()) if n not in dict(m.named_parameters())}
+    assert all(n.endswith("relative_position_bias_table") for n in m.no_weight_decay()) and m.no_weight_decay()
+    kw = dict(lr=1e-3, weight_decay=0.05, layer_decay=0.7)
+    ours = create_optimizer_v2(m, "adamw", **kw)
+    ref = create_optimizer_v2(dense, "adamw", **kw)
+    scale_of = {id(p): (g["lr_scale"], g["weight_decay"]) for g in ours.param_groups for p in g["params"]}
+    dense_of = {id(p): (g["lr_scale"], g["weight_decay"]) for g in ref.param_groups for p in g["params"]}
+    names = dict(m.named_parameters())
+    compared = 0
+    for n, p in dense.named_parameters():  # the kept timm modules get timm's own groups
+        if "swin." + n in names and names["swin." + n].shape == p.shape:
+            assert scale_of[id(names["swin." + n])] == dense_of[id(p)], n
+            compared += 1
+    assert compared > 100
+    # skip layers as in the released checkpoints (x + LN1(x)), so every parameter is used
+    skips = [b.attn for b in m.blocks if isinstance(b.attn, SkipAttention)]
+    assert len(skips) == 2 and all(s.official for s in skips)
+    cfg = m.pretrained_cfg
+    assert cfg["pool_size"] == (7, 7) and cfg["input_size"] == (3, 224, 224)
+
+
+def test_swin_supernet_and_deployed_timm_api():
+    from .test_official_swin import tiny_swin
+
+    sn = spvit.supernet(tiny_swin()).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        feats = sn.forward_features(x)
+        torch.testing.assert_close(feats, sn.swin.forward_features(x))
+        torch.testing.assert_close(sn.forward_head(feats), sn(x))
+    assert sn.num_features == sn.head_hidden_size == 128 and sn.num_classes == 10
+    assert sn.get_classifier() is sn.swin.head.fc
+    gates = {n for n, _ in sn.named_parameters() if "thresholds" in n}
+    tables = {n for n, _ in sn.named_parameters() if n.endswith("relative_position_bias_table")}
+    assert len(gates) == 12 and len(tables) == 6 and sn.no_weight_decay() == gates | tables
+    assert [f["module"] for f in sn.feature_info] == ["swin.layers.0", "swin.layers.1", "swin.layers.2"]
+    with pytest.raises(ValueError, match="expected images"):
+        sn.forward_features(torch.randn(2, 3, 48, 48))
+    d = deploy(_swin_pruned())
+    assert d.num_features == d.head_hidden_size == 128 and d.output_fmt == "NHWC"
+    assert d.pretrained_cfg["pool_size"] == (4, 4)
+    with torch.no_grad():
+        feats = d.forward_features(x)
+        d.reset_classifier(0)
+        torch.testing.assert_close(d(x), feats.mean(dim=(1, 2)))
+    with pytest.raises(ValueError, match="global_pool"):
+        d.reset_classifier(0, "token")

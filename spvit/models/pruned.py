@@ -76,7 +76,10 @@ class ConvAttention(nn.Module):
 
     def _forward_graph(self, x: torch.Tensor) -> torch.Tensor:
         """The forward in TorchScript / torch.fx friendly form (spvit.models.timm_api.graph_conv_attention)."""
-        m = torch.softmax(self.head_probs.float() / self.alpha, dim=0).to(self.head_probs.dtype)  # R.head_mix
+        hp = self.head_probs
+        if self.tap_order == "swin":  # Swin's centre-first columns -> DeiT order (hp[:, SWIN_TO_DEIT], as conv_params)
+            hp = torch.cat([hp[:, 1:5], hp[:, 0:1], hp[:, 5:9]], dim=1)
+        m = torch.softmax(hp.float() / self.alpha, dim=0).to(hp.dtype)  # R.head_mix
         taps, tap_bias, out_map = T.mixed_conv_params_graph(self.v.weight, self.v.bias, self.proj.weight, m,
                                                             self.num_heads, self.head_dim, self.kind)
         if hasattr(self, "bn_3x3"):  # resolved when scripting

@@ -10,6 +10,7 @@ timm pretrained cfg (input size, mean/std, the evaluation crop, the release file
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Dict, List, Optional, Tuple
 
 from ..arch import Architecture, BlockArch
@@ -103,7 +104,8 @@ def spvit_deit_cfg(name: str) -> Dict[str, Any]:
     swin = name in SHIPPED_SWIN
     return {
         "architecture": name, "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "fixed_input_size": True,
-        "pool_size": None, "crop_pct": EVAL_CROP_PCT, "crop_mode": "center", "interpolation": "bicubic",
+        "pool_size": (224 // 32, 224 // 32) if swin else None,  # Swin: the last stage's map (stride 32)
+        "crop_pct": EVAL_CROP_PCT, "crop_mode": "center", "interpolation": "bicubic",
         "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
         "first_conv": "swin.patch_embed.proj" if swin else "vit.patch_embed.proj",
         "classifier": "swin.head.fc" if swin else "vit.head", "license": "apache-2.0", "origin_url": RELEASE_URL,
@@ -164,8 +166,9 @@ def _factory(name: str):
 
         from .timm_api import features_only_model, split_feature_kwargs
 
+        swin = name in SHIPPED_SWIN
         features_only = kwargs.pop("features_only", False)
-        feature_kwargs = split_feature_kwargs(kwargs) if features_only else {}
+        feature_kwargs = split_feature_kwargs(kwargs, stride=32 if swin else 16) if features_only else {}
         kwargs.pop("pretrained_cfg", None)
         kwargs.pop("cache_dir", None)
         overlay = kwargs.pop("pretrained_cfg_overlay", None) or {}
@@ -182,11 +185,17 @@ def _factory(name: str):
             model = _load_release(name, cfg["file"], num_classes, kwargs)
         else:
             base = timm.create_model(shipped_entry(name)[0], pretrained=False, **kwargs)
-            model = prune(base, shipped_architecture(name, base))
+            arch = shipped_architecture(name, base)
+            # Skip layers as in the released checkpoints (x + LN1(x), docs/method.md Q4, §11): the model is the one
+            # that pretrained=True loads them into, with or without weights. The method's identity skip:
+            # spvit.prune(base, arch).
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="skip layers use the original fine-tune semantics")
+                model = prune(base, arch, official_skip="skip" in arch.attn_choices)
         cfg["num_classes"] = model.num_classes
         model.pretrained_cfg = cfg
-        if features_only:  # block outputs through forward_intermediates, as timm's own ViTs
-            return features_only_model(model, feature_kwargs, name)
+        if features_only:  # block (ViT) or stage (Swin) outputs through forward_intermediates, as timm's own
+            return features_only_model(model, feature_kwargs, name, out_indices=(0, 1, 2, 3) if swin else 3)
         return model
 
     build.__name__ = name

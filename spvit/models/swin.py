@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import warnings
-from typing import Any, Dict, List, Optional, Set
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -29,6 +29,7 @@ from .. import gates as G
 from ..arch import Architecture, SwinSignature
 from ..flops import swin_macs
 from .convert import SWIN_TO_DEIT, _pair, check_swin_images, is_swin, model_name_of, swin_signature_of
+from . import timm_api as T
 from .pruned import PRUNE_BUILDERS, ConvAttention, SkipAttention, _compact_mlp, _prefixed_cfg
 from .supernet import SUPERNET_BUILDERS, GatedMlp, Supernet, _bn_state
 
@@ -158,8 +159,12 @@ class SwinSupernet(Supernet):
 
     ``swin``: a copy of the timm model whose blocks' ``attn`` / ``mlp`` are :class:`SwinSearchAttention` /
     :class:`GatedMlp`; every other module keeps its timm key under ``swin.``. The public API is that of
-    :class:`~spvit.models.supernet.Supernet`. forward(images: (B, in_chans, H, W)) -> logits (B, num_classes).
+    :class:`~spvit.models.supernet.Supernet`, timm's model API acting on ``swin`` (names prefixed ``swin.``).
+    forward(images: (B, in_chans, H, W)) -> logits (B, num_classes).
     """
+
+    timm_attr = "swin"  # WrappedVitApi: the timm model is ``self.swin``
+    output_fmt = "NHWC"
 
     def __init__(self, model: nn.Module, theta: float = 1.5, alpha: float = SWIN_ALPHA,
                  model_name: Optional[str] = None):
@@ -181,6 +186,14 @@ class SwinSupernet(Supernet):
     @property
     def mlps(self) -> List[GatedMlp]:
         return [blk.mlp for _, _, blk in _stage_blocks(self.swin)]
+
+    @property
+    def feature_info(self) -> List[Dict[str, Any]]:
+        """timm's feature info of the stages (``module`` names prefixed ``swin.``)."""
+        return [dict(f, module="swin." + f["module"]) for f in getattr(self.swin, "feature_info", [])]
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        check_swin_images(x, self.signature)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_swin_images(x, self.signature)
@@ -213,11 +226,12 @@ class SwinPrunedBlock(nn.Module):
     """
 
     spvit_block = "swin"  # recognised by swin_signature_of (spvit/models/convert.py)
+    __jit_unused_properties__ = ["kind"]
 
     def __init__(self, blk: nn.Module, attn: nn.Module, mlp: nn.Module):
         super().__init__()
-        self.dim = blk.dim
-        self.input_resolution = tuple(blk.input_resolution)
+        self.dim = int(blk.dim)
+        self.input_resolution = tuple(int(r) for r in blk.input_resolution)
         self.window_size = _pair(blk.window_size)
         self.shift_size = _pair(blk.shift_size)
         self.window_area = self.window_size[0] * self.window_size[1]
@@ -235,32 +249,43 @@ class SwinPrunedBlock(nn.Module):
         return getattr(self.attn, "kind", None) or ("skip" if isinstance(self.attn, SkipAttention) else "msa")
 
     def _windowed(self, x: torch.Tensor) -> torch.Tensor:
-        from timm.models.swin_transformer import window_partition, window_reverse
-
-        b, h, w, c = x.shape
+        """Window MSA of the normalised map x (B, H, W, C): roll, partition, attention, reverse, roll back. Sizes
+        come from the module (not from tensor shapes), so TorchScript and torch.fx follow it."""
+        h, w = self.input_resolution
+        wh, ww = self.window_size
         sh, sw = self.shift_size
-        if sh or sw:
+        c = self.dim
+        shifted = sh > 0 or sw > 0
+        if shifted:
             x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
-        win = window_partition(x, self.window_size).reshape(-1, self.window_area, c)
-        out = self.attn(win, mask=self.attn_mask).reshape(-1, *self.window_size, c)
-        x = window_reverse(out, self.window_size, h, w)
-        if sh or sw:
+        # timm's window partition order: windows row-major, those of one image consecutive
+        win = x.reshape(-1, h // wh, wh, w // ww, ww, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, wh * ww, c)
+        out = self.attn(win, mask=self.attn_mask)
+        x = out.reshape(-1, h // wh, w // ww, wh, ww, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, h, w, c)
+        if shifted:
             x = torch.roll(x, shifts=(sh, sw), dims=(1, 2))
         return x
 
+    def _check_map(self, x: torch.Tensor) -> None:
+        if x.dim() != 4 or tuple(x.shape[1:]) != (*self.input_resolution, self.dim):
+            raise ValueError(f"block built for (batch, {self.input_resolution[0]}, {self.input_resolution[1]}, "
+                             f"{self.dim}) maps, got {tuple(x.shape)}")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, h, w, c = x.shape
-        if (h, w) != self.input_resolution:
-            raise ValueError(f"block built for a {self.input_resolution} map, got {(h, w)}")
+        if not torch.jit.is_scripting():
+            if not T.is_tracing():  # fx: shapes are symbolic
+                self._check_map(x)
+        h, w = self.input_resolution
+        c = self.dim
         y = self.norm1(x)
-        if isinstance(self.attn, (ConvAttention, SkipAttention)):
-            y = self.attn(y.reshape(b, h * w, c)).reshape(b, h, w, c)
-        else:
+        if hasattr(self.attn, "relative_position_bias_table"):  # timm's WindowAttention (resolved when scripting)
             y = self._windowed(y)
+        else:  # conv / skip layers: the whole stage map, per token or zero-padded at the image border
+            y = self.attn(y.reshape(-1, h * w, c)).reshape(-1, h, w, c)
         x = x + self.drop_path1(y)
-        x = x.reshape(b, h * w, c)
+        x = x.reshape(-1, h * w, c)
         x = x + self.drop_path2(self.mlp(self.norm2(x)))
-        return x.reshape(b, h, w, c)
+        return x.reshape(-1, h, w, c)
 
 
 def _window_msa_from(attn: nn.Module, heads: int, window: int) -> nn.Module:
@@ -303,20 +328,35 @@ def _swin_conv_from(attn: nn.Module, kind: str, dim: int, heads: int, grid, alph
     return new
 
 
-class SwinPrunedModel(nn.Module):
-    """A searched SPViT architecture of a Swin Transformer as a trainable model (fine-tune phase, §7.4).
+class SwinPrunedModel(T.WrappedVitApi, nn.Module):
+    """A searched SPViT architecture of a Swin Transformer as a trainable model (fine-tune phase, §7.4), with timm's
+    model API for a Swin.
 
     Attributes:
         swin: the timm SwinTransformer whose blocks are :class:`SwinPrunedBlock`.
-        architecture / signature / model_name / alpha; pretrained_cfg (timm's, module names prefixed ``swin.``).
-    forward(images: (B, in_chans, H, W)) -> logits (B, num_classes).
+        architecture / signature / model_name / alpha; pretrained_cfg / default_cfg (timm's, module names prefixed
+            ``swin.``); feature_info (one entry per stage); output_fmt "NHWC" (the layout of ``forward_features``).
+    forward(images: (B, in_chans, H, W)) -> logits (B, num_classes) (pooled features (B, C) when num_classes is 0).
+
+    The timm methods act on the wrapped SwinTransformer as on timm's own Swin (shared code:
+    :class:`spvit.models.timm_api.WrappedVitApi`, names prefixed ``swin.``): ``forward_features`` gives the
+    normalised last-stage map (B, H/32, W/32, C), ``forward_intermediates`` the stage outputs (NCHW),
+    ``reset_classifier`` replaces the head and keeps the pruned trunk, ``no_weight_decay`` lists the relative
+    position bias tables. TorchScript and torch.fx symbolic tracing work: conv layers then run their graph-friendly
+    form (spvit.models.timm_api), and the image check is skipped while fx traces.
     """
+
+    __jit_unused_properties__ = ["default_cfg", "arch", "num_classes", "num_features", "head_hidden_size",
+                                 "in_chans", "global_pool", "feature_info", "blocks"]
+    timm_attr = "swin"
+    output_fmt = "NHWC"
 
     def __init__(self, swin: nn.Module, architecture: Architecture, alpha: float = SWIN_ALPHA):
         super().__init__()
         self.swin = swin
         self.architecture = architecture
         self.signature: SwinSignature = architecture.signature
+        self.input_chw: Tuple[int, int, int] = (int(self.signature.in_chans), *map(int, self.signature.img_size))
         self.model_name = architecture.model_name
         self.alpha = alpha
         cfg = _prefixed_cfg(getattr(swin, "pretrained_cfg", None), "swin.")
@@ -326,9 +366,14 @@ class SwinPrunedModel(nn.Module):
         cfg.setdefault("classifier", "swin.head.fc")
         self.pretrained_cfg = cfg
 
+    # -- timm attributes (num_classes / num_features / head_hidden_size / in_chans: WrappedVitApi) ------------------
     @property
     def default_cfg(self) -> Dict[str, Any]:
         return self.pretrained_cfg
+
+    @default_cfg.setter
+    def default_cfg(self, cfg: Dict[str, Any]) -> None:
+        self.pretrained_cfg = cfg
 
     @property
     def arch(self) -> Architecture:
@@ -336,70 +381,88 @@ class SwinPrunedModel(nn.Module):
         return self.architecture
 
     @property
-    def num_classes(self) -> int:
-        return int(self.swin.num_classes)
+    def global_pool(self) -> str:
+        return self.swin.global_pool
 
     @property
-    def num_features(self) -> int:
-        return int(self.swin.num_features)
+    def feature_info(self) -> List[Dict[str, Any]]:
+        """timm's feature info of the stages (channels, stride; ``module`` names prefixed ``swin.``)."""
+        return [dict(f, module="swin." + f["module"]) for f in getattr(self.swin, "feature_info", [])]
 
     @property
     def blocks(self) -> List[SwinPrunedBlock]:
         return [blk for _, _, blk in _stage_blocks(self.swin)]
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """images -> (B, H, W, C) features of the last stage after the final norm."""
+    # -- forward ---------------------------------------------------------------------------------------------------
+    def _check_images(self, x: torch.Tensor) -> None:
+        if torch.jit.is_scripting():
+            T.check_images_scripted(x, self.input_chw[0], self.input_chw[1], self.input_chw[2])
+        elif not T.is_tracing():  # fx: shapes are symbolic
+            check_swin_images(x, self.signature)
+
+    def _check_input(self, x: torch.Tensor) -> None:
         check_swin_images(x, self.signature)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """images (B, in_chans, H, W) -> the last stage's map (B, H/32, W/32, C) after the final norm (NHWC)."""
+        self._check_images(x)
         return self.swin.forward_features(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """features (B, H', W', C) -> logits (B, num_classes), or the pooled features (B, C) with ``pre_logits``."""
         return self.swin.forward_head(x, pre_logits=pre_logits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_swin_images(x, self.signature)
+        self._check_images(x)
         return self.swin(x)
 
     @torch.jit.ignore
-    def forward_intermediates(self, x: torch.Tensor, indices=None, norm: bool = False, stop_early: bool = False,
-                              output_fmt: str = "NCHW", intermediates_only: bool = False, **kwargs):
-        """Stage outputs (timm's Swin ``forward_intermediates``): ``(final features, [intermediates])``, or the list
-        alone with ``intermediates_only``; NCHW (B, C, H, W) or NHWC."""
-        check_swin_images(x, self.signature)
+    def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False):
+        """Stage outputs (timm's Swin ``forward_intermediates``): the last ``indices`` stages if an int, those listed
+        if a sequence, all if None, as NCHW maps (B, C, H, W) (``norm``: the final norm on the last stage's).
+
+        Returns:
+            ``(final features (B, H', W', C), [intermediates])``, or the list alone with ``intermediates_only``.
+        """
+        self._check_images(x)
         return self.swin.forward_intermediates(x, indices, norm=norm, stop_early=stop_early, output_fmt=output_fmt,
-                                               intermediates_only=intermediates_only, **kwargs)
+                                               intermediates_only=intermediates_only)
 
     @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.swin.get_classifier()
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """A fresh head for ``num_classes``; the signature follows the new class count."""
-        if not isinstance(num_classes, int) or num_classes < 0:
-            raise ValueError(f"num_classes must be a non-negative integer, got {num_classes!r}")
-        self.swin.reset_classifier(num_classes, global_pool)
-        sig = dataclasses.replace(self.signature, num_classes=num_classes)
-        self.architecture = Architecture(self.model_name, sig, list(self.architecture.blocks),
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        """Drop the stages after the last of ``indices`` (and the final norm / head if asked), as timm's Swin; used
+        by ``features_only=True``. The architecture record follows (its last stages' blocks and, without a head, its
+        classes go). Returns the kept stage indices."""
+        take = self.swin.prune_intermediate_layers(indices, prune_norm=prune_norm, prune_head=prune_head)
+        n = len(self.swin.layers)
+        sig = self.signature
+        sig = dataclasses.replace(sig, depths=sig.depths[:n], num_heads=sig.num_heads[:n],
+                                  mlp_hidden=sig.mlp_hidden[:n], num_classes=int(self.swin.num_classes))
+        self.architecture = Architecture(self.model_name, sig, list(self.architecture.blocks)[:sig.depth],
                                          meta=dict(self.architecture.meta))
         self.signature = sig
+        return take
+
+    # -- head ------------------------------------------------------------------------------------------------------
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """A fresh head for ``num_classes`` (0: none, forward returns the pooled features; with ``global_pool=''``
+        the unpooled map); the pruned trunk is kept and the architecture's signature follows the class count."""
+        super().reset_classifier(num_classes, global_pool)
+        self.architecture = Architecture(self.model_name, self.signature, list(self.architecture.blocks),
+                                         meta=dict(self.architecture.meta))
         if isinstance(self.pretrained_cfg, dict):
             self.pretrained_cfg = dict(self.pretrained_cfg, num_classes=num_classes)
 
     @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.swin.set_grad_checkpointing(enable)
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> Set[str]:
-        """Relative position bias tables (and an absolute position embedding): no weight decay (§7.6)."""
-        return {n for n, _ in self.named_parameters()
-                if n.endswith(("relative_position_bias_table", "absolute_pos_embed"))}
-
-    @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        return dict(stem=r"^swin\.patch_embed",
-                    blocks=r"^swin\.layers\.(\d+)" if coarse else [
-                        (r"^swin\.layers\.(\d+)\.downsample", (0,)), (r"^swin\.layers\.(\d+)\.\w+\.(\d+)", None),
-                        (r"^swin\.norm", (99999,))])
+        """Parameter groups for timm's layer decay (timm's Swin groups, prefixed): the stem, one group per block
+        (a stage's PatchMerging with the stage's first), the final norm; head last."""
+        return super().group_matcher(coarse=coarse)
+
+    # get_classifier / set_grad_checkpointing / no_weight_decay (relative position bias tables): WrappedVitApi
 
 
 def supernet_swin(model: nn.Module, theta: float = 1.5, alpha: Optional[float] = None,

@@ -10,7 +10,7 @@ tests/test_timm_api.py checks the two against each other (outputs and BatchNorm 
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -89,17 +89,19 @@ def graph_conv_attention(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     return torch.cat([x[:, :num_prefix_tokens].to(out.dtype), out], dim=1)
 
 
-def features_only_model(model: nn.Module, kwargs: Dict[str, Any], name: str) -> nn.Module:
-    """timm's ``features_only=True`` for a ViT-style model: wrap it in timm's FeatureGetterNet (block outputs via
-    ``forward_intermediates``, as timm does for its own ViTs). ``kwargs`` holds the ``out_indices`` /
-    ``output_fmt`` / ``feature_cls`` / ``norm`` / ``prune`` creation arguments (popped)."""
+def features_only_model(model: nn.Module, kwargs: Dict[str, Any], name: str,
+                        out_indices: Union[int, Tuple[int, ...]] = 3) -> nn.Module:
+    """timm's ``features_only=True``: wrap the model in timm's FeatureGetterNet (block outputs of a ViT, stage
+    outputs of a Swin, via ``forward_intermediates``, as timm does for its own ViTs). ``kwargs`` holds the
+    ``out_indices`` (default ``out_indices``) / ``output_fmt`` / ``feature_cls`` / ``norm`` / ``prune`` creation
+    arguments (popped)."""
     from timm.models._features import FeatureGetterNet  # timm >= 1.0 (its ViTs use it the same way)
 
     feature_cls = kwargs.pop("feature_cls", "getter")
     if feature_cls not in ("getter", None):
         raise ValueError(f"{name}: features_only supports feature_cls='getter' (block outputs through "
                          f"forward_intermediates); got feature_cls={feature_cls!r}")
-    net = FeatureGetterNet(model, out_indices=kwargs.pop("out_indices", 3),
+    net = FeatureGetterNet(model, out_indices=kwargs.pop("out_indices", out_indices),
                            output_fmt=kwargs.pop("output_fmt", "NCHW"), norm=kwargs.pop("norm", False),
                            prune=kwargs.pop("prune", True))
     net.pretrained_cfg = net.default_cfg = model.pretrained_cfg  # as timm's builder does for its wrappers
@@ -109,11 +111,12 @@ def features_only_model(model: nn.Module, kwargs: Dict[str, Any], name: str) -> 
 FEATURE_KWARGS = ("out_indices", "output_fmt", "feature_cls", "norm", "prune", "feature_cfg", "output_stride")
 
 
-def split_feature_kwargs(kwargs: Dict[str, Any]) -> Dict[str, Any]:
-    """Pop the features_only creation arguments out of model kwargs (``output_stride`` is refused: fixed grid)."""
+def split_feature_kwargs(kwargs: Dict[str, Any], stride: int = 16) -> Dict[str, Any]:
+    """Pop the features_only creation arguments out of model kwargs (an ``output_stride`` other than the model's
+    ``stride`` is refused: fixed grid)."""
     out = {k: kwargs.pop(k) for k in FEATURE_KWARGS if k in kwargs}
-    if out.pop("output_stride", None) not in (None, 16):
-        raise ValueError("output_stride: SPViT ViTs have a fixed patch stride (only output_stride=16 is possible)")
+    if out.pop("output_stride", None) not in (None, stride):
+        raise ValueError(f"output_stride: SPViT models have a fixed stride (only output_stride={stride} is possible)")
     out.pop("feature_cfg", None)
     return out
 
@@ -249,6 +252,8 @@ class DeployedApi:
     It is inference-only (frozen, ``train(True)`` refused), so the optimizer hooks (``no_weight_decay``,
     ``group_matcher``, ``set_grad_checkpointing``) are deliberately absent."""
 
+    global_pools: Tuple[str, ...] = ("token", "avg", "max", "avgmax", "")  # what reset_classifier accepts
+
     @property
     def num_classes(self) -> int:
         return int(self.config["num_classes"])
@@ -292,13 +297,13 @@ class DeployedApi:
         if not isinstance(num_classes, int) or num_classes < 0:
             raise ValueError(f"num_classes must be a non-negative integer, got {num_classes!r}")
         if global_pool is not None:
-            if global_pool not in ("token", "avg", "max", "avgmax", ""):
-                raise ValueError(f"global_pool must be 'token', 'avg', 'max', 'avgmax' or '', got {global_pool!r}")
+            if global_pool not in self.global_pools:
+                raise ValueError(f"global_pool must be one of {self.global_pools}, got {global_pool!r}")
             self.global_pool = global_pool
             self.config["global_pool"] = global_pool
-        ref = self.cls_token
+        ref = self.patch_embed.proj.weight
         if num_classes > 0:
-            head = nn.Linear(int(self.config["embed_dim"]), num_classes, device=ref.device, dtype=ref.dtype)
+            head = nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
             nn.init.zeros_(head.weight)
             nn.init.zeros_(head.bias)
             head.requires_grad_(False)
