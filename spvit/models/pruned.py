@@ -234,6 +234,17 @@ def _prefixed_cfg(cfg: Any, prefix: str) -> Dict[str, Any]:
     return d
 
 
+def wrapped_pretrained_cfg(base: nn.Module, prefix: str, signature, first_conv: str, classifier: str) -> Dict[str, Any]:
+    """The timm pretrained cfg of a model wrapping ``base`` under attribute ``prefix`` (module names prefixed, the
+    signature's fixed input size and class count; ``first_conv`` / ``classifier`` when the base cfg has none)."""
+    cfg = _prefixed_cfg(getattr(base, "pretrained_cfg", None), prefix)
+    cfg.update(input_size=(signature.in_chans, *signature.img_size), fixed_input_size=True,
+               num_classes=signature.num_classes)
+    cfg.setdefault("first_conv", prefix + first_conv)
+    cfg.setdefault("classifier", prefix + classifier)
+    return cfg
+
+
 class PrunedModel(nn.Module):
     """A searched SPViT architecture as a trainable model (fine-tune phase), with timm's model API.
 
@@ -265,12 +276,7 @@ class PrunedModel(nn.Module):
         self.input_chw: Tuple[int, int, int] = (int(self.signature.in_chans), *map(int, self.signature.img_size))
         self.model_name = architecture.model_name
         self.alpha = alpha
-        cfg = _prefixed_cfg(getattr(vit, "pretrained_cfg", None), "vit.")
-        cfg.update(input_size=(self.signature.in_chans, *self.signature.img_size), fixed_input_size=True,
-                   num_classes=self.signature.num_classes)
-        cfg.setdefault("first_conv", "vit.patch_embed.proj")
-        cfg.setdefault("classifier", "vit.head")
-        self.pretrained_cfg = cfg
+        self.pretrained_cfg = wrapped_pretrained_cfg(vit, "vit.", self.signature, "patch_embed.proj", "head")
 
     # -- timm attributes -------------------------------------------------------------------------------------------
     @property

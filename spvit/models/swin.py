@@ -30,7 +30,7 @@ from ..arch import Architecture, SwinSignature
 from ..flops import swin_macs
 from .convert import SWIN_TO_DEIT, _pair, check_swin_images, is_swin, model_name_of, swin_signature_of
 from . import timm_api as T
-from .pruned import PRUNE_BUILDERS, ConvAttention, SkipAttention, _compact_mlp, _prefixed_cfg
+from .pruned import PRUNE_BUILDERS, ConvAttention, SkipAttention, _compact_mlp, wrapped_pretrained_cfg
 from .supernet import SUPERNET_BUILDERS, GatedMlp, Supernet, _bn_state
 
 SWIN_ALPHA = 100.0  # head-mixing temperature of every original Swin config (EXTRA.alpha, docs/method.md §7.3)
@@ -359,12 +359,7 @@ class SwinPrunedModel(T.WrappedVitApi, nn.Module):
         self.input_chw: Tuple[int, int, int] = (int(self.signature.in_chans), *map(int, self.signature.img_size))
         self.model_name = architecture.model_name
         self.alpha = alpha
-        cfg = _prefixed_cfg(getattr(swin, "pretrained_cfg", None), "swin.")
-        cfg.update(input_size=(self.signature.in_chans, *self.signature.img_size), fixed_input_size=True,
-                   num_classes=self.signature.num_classes)
-        cfg.setdefault("first_conv", "swin.patch_embed.proj")
-        cfg.setdefault("classifier", "swin.head.fc")
-        self.pretrained_cfg = cfg
+        self.pretrained_cfg = wrapped_pretrained_cfg(swin, "swin.", self.signature, "patch_embed.proj", "head.fc")
 
     # -- timm attributes (num_classes / num_features / head_hidden_size / in_chans: WrappedVitApi) ------------------
     @property
