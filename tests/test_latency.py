@@ -500,3 +500,28 @@ def test_cli_profile_tiny_swin(tmp_path, capsys):
     table = L.LatencyTable.load(out)
     assert table.model_name == SWIN_NAME and table.family == "swin"
     assert [g.ffn_widths for g in table.groups] == [[0, 32, 64], [0, 32, 64], [0, 32, 64, 96, 128]]
+
+
+def test_cli_bench_swin_predicted_vs_measured(tmp_path, capsys):
+    from spvit.deploy import deploy
+    from spvit.models import prune
+    from spvit.models.convert import swin_signature_of
+
+    sw = tiny_swin()
+    sig = swin_signature_of(sw)
+    arch = Architecture(SWIN_NAME, sig, [BlockArch("msa", tuple(range(64))), BlockArch("3x3", (1, 5, 9)),
+                                         BlockArch("skip", ()), BlockArch("1x1", tuple(range(40)))])
+    path = str(tmp_path / "deployed.pth")
+    deploy(prune(sw, arch)).save(path)
+    lut = str(tmp_path / "lut.json")
+    table = L.profile(sw, batch=2, threads=1, min_reps=1, max_reps=2, budget_s=0.0, show=False, context=1,
+                      model_name=SWIN_NAME)
+    table.save(lut)
+    assert cli.main(["bench", "--checkpoint", path, "--latency-table", lut, "--device", "cpu", "--iters", "1"]) == 0
+    out = capsys.readouterr().out
+    assert f"{table.predict(arch)['ms']:14.3f}" in out and f"{table.dense_ms():14.3f}" in out
+    assert "speedup: predicted" in out
+    vit_lut = str(tmp_path / "vit.json")
+    synthetic_table(signature_of(small_vit())).save(vit_lut)
+    assert cli.main(["bench", "--checkpoint", path, "--latency-table", vit_lut, "--device", "cpu"]) == 2
+    assert "vit model" in capsys.readouterr().err
