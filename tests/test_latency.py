@@ -525,3 +525,32 @@ def test_cli_bench_swin_predicted_vs_measured(tmp_path, capsys):
     synthetic_table(signature_of(small_vit())).save(vit_lut)
     assert cli.main(["bench", "--checkpoint", path, "--latency-table", vit_lut, "--device", "cpu"]) == 2
     assert "vit model" in capsys.readouterr().err
+
+
+def test_search_one_epoch_swin_with_latency_table(tmp_path):
+    from spvit import search
+    from spvit.config import SearchConfig
+    from spvit.models.convert import swin_signature_of
+
+    mk = {"img_size": 16, "patch_size": 2, "in_chans": 1, "embed_dim": 16, "depths": [2, 2], "num_heads": [1, 2],
+          "window_size": 4, "mlp_ratio": 2.0}
+    sig = swin_signature_of(timm.create_model(SWIN_NAME, pretrained=False, num_classes=10, **mk))
+    table = synthetic_table(sig, name=SWIN_NAME, step=8)
+    lut = str(tmp_path / "lut.json")
+    table.save(lut)
+    cfg = SearchConfig.from_dict({"model": SWIN_NAME, "model_kwargs": mk, "pretrained": "none", "data": "digits",
+                                  "input_size": 16, "num_classes": 10, "epochs": 1, "batch_size": 16,
+                                  "num_workers": 0, "device": "cpu", "progress": False, "mixup": 0.0, "cutmix": 0.0,
+                                  "repeated_aug": False, "train_limit": 32, "val_limit": 16, "latency_table": lut,
+                                  "target_speedup": 1.5, "ffn_align": 16, "out": str(tmp_path / "run"),
+                                  "tensorboard": False})
+    res = search.run(cfg)
+    arch = Architecture.load(res["arch"])
+    assert arch.family == "swin" and [len(s) for s in arch.stages] == [2, 2]
+    assert arch.meta["predicted_ms"] == pytest.approx(table.predict(arch)["ms"])
+    assert arch.meta["target_ms"] == pytest.approx(table.dense_ms() / 1.5)
+    assert arch.meta["gflops"] == pytest.approx(arch_macs(arch) / 1e9)
+    for w, full in zip(arch.ffn_widths, sig.block_mlp_hidden):
+        assert w in (0, full) or w % 16 == 0
+    rows = open(tmp_path / "run" / "metrics.csv").read()
+    assert "latency_loss" in rows and "pred_ms" in rows
