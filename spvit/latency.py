@@ -1016,5 +1016,5 @@ def compare(table: LatencyTable, deployed: nn.Module, dense: Optional[nn.Module]
 
 
 __all__ = ["LatencyTable", "BlockGroup", "LatencyTableError", "LatencyObjective", "Pieces", "ViTPieces", "SwinPieces",
-           "profile", "load_table", "predicted_ms_tensor", "block_indicators", "resolve_target", "aligned_count", "aligned_keep",
-           "align_architecture", "compare", "measure_model", "dense_deployed", "device_class", "time_ms", "interp"]
+           "profile", "load_table", "predicted_ms_tensor", "block_indicators", "resolve_target", "aligned_count",
+           "aligned_keep", "align_architecture", "compare", "measure_model", "dense_deployed", "device_class", "time_ms", "interp"]
