@@ -4,8 +4,9 @@ for the search, and aligned FFN widths.
 * :func:`profile` (``spvit profile``) measures, on one device / dtype / batch size, the latency of the pieces of the
   DEPLOYED model (:mod:`spvit.deploy`, the fused modules that actually run) at the model's real shapes: per block
   the attention residual for each choice (MSA, 3x3, 1x1, skip) and the FFN residual at widths on a grid, plus the
-  fixed parts (patch embedding with class token and position embedding; final norm, pooling and head). Blocks of the
-  same shape share one set of measurements (every ViT block has the same shapes: measured once). The result is a
+  fixed parts (patch embedding with class token and position embedding; final norm, pooling and head; for Swin also
+  each stage's PatchMerging). Blocks of the same shape share one set of measurements (every ViT block has the same
+  shapes: measured once; Swin: one set per stage and shift, :class:`SwinPieces`). The result is a
   :class:`LatencyTable` (JSON; written atomically, never over an existing file without ``force``).
 * The prediction of a fixed architecture is the sum of its pieces: fixed parts + per block the attention choice's
   entry + the FFN entry, linearly interpolated between grid widths.
@@ -17,7 +18,8 @@ for the search, and aligned FFN widths.
 * :func:`aligned_keep` / :func:`align_architecture`: read-out of a multiple of N units per FFN (``--ffn-align``).
 
 Families plug in through a small "pieces" interface (:class:`Pieces`): what to measure per shape group, and the
-per-block indicators of a supernet (:func:`block_indicators`). ViT/DeiT is implemented (:class:`ViTPieces`).
+per-block indicators of a supernet (:func:`block_indicators`). ViT/DeiT (:class:`ViTPieces`) and Swin
+(:class:`SwinPieces`; the supernet's blocks in block order, stage by stage) are implemented.
 """
 from __future__ import annotations
 
@@ -154,6 +156,26 @@ class BlockGroup:
         return float(interp(self.ffn_widths, self.ffn_ms, float(width)))
 
 
+def _sig_depth(sig: Dict[str, Any]) -> int:
+    """Number of blocks of a signature dict (ViT: ``depth``; Swin: the sum of ``depths``)."""
+    if "depths" in sig:
+        return int(sum(int(d) for d in sig["depths"]))
+    return int(sig.get("depth", 0))
+
+
+def _sig_lists(sig: Dict[str, Any]) -> Dict[str, Any]:
+    """A signature dict with tuples as lists (as JSON reads them back), for comparison."""
+    return {k: list(v) if isinstance(v, (tuple, list)) else v for k, v in sig.items()}
+
+
+def _block_list(blocks: Sequence[int]) -> str:
+    """"0-11" for a contiguous run, else "1, 3, 5"."""
+    b = list(blocks)
+    if len(b) > 1 and b == list(range(b[0], b[-1] + 1)):
+        return f"{b[0]}-{b[-1]}"
+    return ", ".join(str(i) for i in b)
+
+
 def interp(xs: Sequence[float], ys: Sequence[float], k: Union[float, torch.Tensor]) -> Union[float, torch.Tensor]:
     """Piecewise-linear interpolation of (xs, ys) at ``k`` (clamped to [xs[0], xs[-1]]).
 
@@ -195,7 +217,7 @@ class LatencyTable:
     meta: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
-        depth = int(self.signature.get("depth", 0))
+        depth = _sig_depth(self.signature)
         self._group_of: Dict[int, BlockGroup] = {}
         for g in self.groups:
             if list(g.ffn_widths) != sorted(set(g.ffn_widths)) or len(g.ffn_widths) != len(g.ffn_ms) or \
@@ -213,7 +235,7 @@ class LatencyTable:
     # -- lookup -----------------------------------------------------------------------------------------------------
     @property
     def depth(self) -> int:
-        return int(self.signature["depth"])
+        return _sig_depth(self.signature)
 
     def group(self, block: int) -> BlockGroup:
         return self._group_of[block]
@@ -246,10 +268,12 @@ class LatencyTable:
     # -- checks -----------------------------------------------------------------------------------------------------
     def check_model(self, signature: ModelSignature, model_name: Optional[str] = None) -> None:
         """LatencyTableError naming the difference if the table was not made for a model of ``signature``."""
-        sig = asdict(signature)
-        sig["grid"] = list(signature.grid)
-        mine = dict(self.signature)
-        mine["grid"] = list(mine.get("grid", []))
+        if signature.family != self.family:
+            raise LatencyTableError(f"latency table was made for the {self.family} model {self.model_name!r}, not "
+                                    f"for {model_name or 'this model'}, a {signature.family} model: profile this model "
+                                    "with `spvit profile`")
+        sig = _sig_lists(asdict(signature))
+        mine = _sig_lists(self.signature)
         if sig != mine:
             diffs = [f"{k}: table {mine.get(k)!r} vs model {sig[k]!r}" for k in sig if mine.get(k) != sig[k]]
             raise LatencyTableError(f"latency table was made for {self.model_name!r}, not for "
@@ -322,7 +346,8 @@ class LatencyTable:
                  f"{self.dtype}, batch {self.batch}, {self.device.get('threads')} thread(s)",
                  f"  fixed: " + ", ".join(f"{k} {v:.3f} ms" for k, v in self.fixed_ms.items())]
         for g in self.groups:
-            lines.append(f"  blocks {g.blocks[0]}-{g.blocks[-1]} (measured once, shared): " +
+            where = f" [{g.shape['label']}]" if g.shape.get("label") else ""
+            lines.append(f"  blocks {_block_list(g.blocks)}{where} (measured once, shared): " +
                          ", ".join(f"{k} {g.attn_ms[k]:.3f}" for k in ATTN_KINDS) +
                          f" ms; FFN {g.ffn_ms[0]:.3f} ms at width 0 .. {g.ffn_ms[-1]:.3f} ms at "
                          f"{g.ffn_widths[-1]} ({len(g.ffn_widths)} widths)")
@@ -383,6 +408,48 @@ class Pieces:
     def dense(self) -> Callable[[], object]:
         raise NotImplementedError
 
+    def description(self, context: int) -> str:
+        """What the pieces are (recorded in the table's meta)."""
+        raise NotImplementedError
+
+
+def _run_in_context(blocks: Sequence[nn.Module], x: torch.Tensor, dev: torch.device, timed: str) -> Callable:
+    """A self-timed thunk (see :func:`time_ms`): runs ``blocks`` in sequence on ``x`` (each output feeding the next
+    block) and returns the mean seconds per block of the ``timed`` part ("attn": ``attn_residual``; "ffn":
+    ``ffn_residual``)."""
+
+    def run(now):
+        h, spent = x, 0.0
+        for b in blocks:
+            if timed == "attn":
+                _sync(dev)
+                t0 = now()
+                h = b.attn_residual(h)
+                _sync(dev)
+                spent += now() - t0
+                h = b.ffn_residual(h)
+            else:
+                h = b.attn_residual(h)
+                _sync(dev)
+                t0 = now()
+                h = b.ffn_residual(h)
+                _sync(dev)
+                spent += now() - t0
+        return spent / len(blocks)
+
+    run.self_timed = True
+    return run
+
+
+def _randomised(blk: nn.Module, device: torch.device, dtype: torch.dtype, seed: int) -> nn.Module:
+    """``blk`` on ``device`` / ``dtype`` with small random parameters and buffers (only shapes matter), eval mode."""
+    blk.to(device=device, dtype=dtype)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        for p in list(blk.parameters()) + [b for b in blk.buffers() if b.is_floating_point()]:
+            p.copy_(0.02 * torch.randn(p.shape, generator=g))
+    return blk.eval()
+
 
 def _grid(hidden: int, step: int) -> List[int]:
     ws = list(range(0, hidden, step)) + [hidden]
@@ -439,29 +506,7 @@ class ViTPieces(Pieces):
         keeps the cache and memory traffic of the model (a piece repeated alone on one input runs from warm
         caches; measured: the demo ViT's MSA 40 % faster alone than in the model on a 2-core x86 CPU)."""
         blocks = [self._block(kind, width, seed=i) for i in range(self.context)]
-        x, dev = self.tokens, self.device
-
-        def run(now):
-            h, spent = x, 0.0
-            for b in blocks:
-                if timed == "attn":
-                    _sync(dev)
-                    t0 = now()
-                    h = b.attn_residual(h)
-                    _sync(dev)
-                    spent += now() - t0
-                    h = b.ffn_residual(h)
-                else:
-                    h = b.attn_residual(h)
-                    _sync(dev)
-                    t0 = now()
-                    h = b.ffn_residual(h)
-                    _sync(dev)
-                    spent += now() - t0
-            return spent / len(blocks)
-
-        run.self_timed = True
-        return run
+        return _run_in_context(blocks, self.tokens, self.device, timed)
 
     def _fixed_in_context(self, part: str) -> Callable:
         """Self-timed thunk of a fixed part after (embed) or before (head) one dense block, as in the model."""
@@ -518,15 +563,122 @@ class ViTPieces(Pieces):
     def dense(self) -> Callable[[], object]:
         return lambda: self.deployed(self.images)
 
+    def description(self, context: int) -> str:
+        return ("attention: x + attn(LN1(x)) per choice; FFN: x + FFN(LN2(x)) per width (deployed fused modules); "
+                "embed: patch embedding + class token + position embedding; head: final norm, pooling, classifier" +
+                (f"; each timed inside a run of {context} blocks" if context else "; each timed alone"))
 
-PIECES: Dict[str, Callable[..., Pieces]] = {"vit": ViTPieces}
+
+class SwinPieces(Pieces):
+    """Pieces of a deployed Swin Transformer (:class:`spvit.deploy_swin.DeployedSwin`).
+
+    Blocks differ per stage (width, resolution, heads, FFN width) and, within a stage, by the cyclic shift (a shifted
+    MSA adds the roll and a per-window mask); the deployed 3x3 / 1x1 run over the full stage map and the FFN per
+    token, which do not depend on the shift. One group per (stage, shift): its blocks share every measurement. Fixed
+    parts: ``embed`` (patch embedding), ``merge{s}`` (PatchMerging before stage s >= 1) and ``head`` (final norm,
+    average pooling, classifier), each timed alone on a map of its input shape.
+    """
+
+    family = "swin"
+
+    def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype, batch: int,
+                 model_name: Optional[str] = None, context: int = 4):
+        from .deploy_swin import DeployedSwinBlock, deploy_swin
+        from .models.convert import model_name_of, swin_signature_of
+        from .models.swin import prune_swin
+
+        if hasattr(model, "swin"):
+            raise TypeError("profile takes the dense timm model (or its name), not a Supernet / PrunedModel")
+        self.signature = sig = swin_signature_of(model)
+        self.model_name = model_name or model_name_of(model)
+        dense = Architecture(self.model_name, sig, [BlockArch("msa", tuple(range(h))) for h in sig.block_mlp_hidden])
+        with torch.no_grad():
+            self.deployed = deploy_swin(prune_swin(model, dense), dtype=dtype, device=device)
+        self.device, self.dtype, self.batch = device, dtype, batch
+        self.images = torch.randn(batch, sig.in_chans, *sig.img_size, device=device, dtype=dtype)
+        self.context = int(context)
+        self._Block = DeployedSwinBlock
+        c = self.deployed.config
+        # (stage, shift) -> block indices, in block order
+        self._groups: Dict[Tuple[int, Tuple[int, int]], List[int]] = {}
+        for i, (s, b) in enumerate(zip(sig.block_stage, c["blocks"])):
+            self._groups.setdefault((s, tuple(b["shift"])), []).append(i)
+
+    def _map(self, s: int) -> torch.Tensor:
+        """Random stage-``s`` tokens (B, H*W, C)."""
+        h, w = self.deployed.config["resolutions"][s]
+        dim = self.deployed.config["stage_dims"][s]
+        return torch.randn(self.batch, h * w, dim, device=self.device, dtype=self.dtype)
+
+    def _block(self, i: int, kind: str, width: int, seed: int = 0) -> nn.Module:
+        """A deployed block shaped as block ``i`` with attention ``kind`` and FFN ``width`` (random weights)."""
+        c, s = self.deployed.config, self.signature.block_stage[i]
+        b = c["blocks"][i]
+        blk = self._Block(kind, c["stage_dims"][s], c["num_heads"][s], c["resolutions"][s], b["window"], b["shift"],
+                          width, b["approximate"], b["eps1"], b["eps2"], self.deployed._ops)
+        return _randomised(blk, self.device, self.dtype, seed)
+
+    def _piece(self, i: int, kind: str, width: int, timed: str) -> Callable:
+        s = self.signature.block_stage[i]
+        x = self._map(s)
+        if self.context:
+            blocks = [self._block(i, kind, width, seed=j) for j in range(self.context)]
+            return _run_in_context(blocks, x, self.device, timed)
+        blk = self._block(i, kind, width)
+        return (lambda: blk.attn_residual(x)) if timed == "attn" else (lambda: blk.ffn_residual(x))
+
+    def fixed(self) -> Dict[str, Callable[[], Callable]]:
+        d, c = self.deployed, self.deployed.config
+        out: Dict[str, Callable[[], Callable]] = {"embed": lambda: (lambda: d.embed(self.images))}
+        for s, stage in enumerate(d.layers):
+            if c["downsample"][s] is None:
+                continue
+            h, w = c["resolutions"][s - 1]
+            x = torch.randn(self.batch, h, w, c["stage_dims"][s - 1], device=self.device, dtype=self.dtype)
+            out[f"merge{s}"] = (lambda m, x_: (lambda: (lambda: m(x_))))(stage.downsample, x)
+        h, w = c["resolutions"][-1]
+        last = torch.randn(self.batch, h, w, c["stage_dims"][-1], device=self.device, dtype=self.dtype)
+        out["head"] = lambda: (lambda: d.forward_head(d.norm(last)))
+        return out
+
+    def groups(self, ffn_step: int) -> List[PieceGroup]:
+        sig, c = self.signature, self.deployed.config
+        out = []
+        for (s, shift), blocks in self._groups.items():
+            i, full = blocks[0], sig.mlp_hidden[s]
+            attn = {k: (lambda k_, i_, f_: (lambda: self._piece(i_, k_, f_, "attn")))(k, i, full) for k in ATTN_KINDS}
+            ffn = (lambda i_: (lambda w: self._piece(i_, "msa" if self.context else "skip", w, "ffn")))(i)
+            label = f"stage {s}, " + (f"shift {shift[0]}x{shift[1]}" if any(shift) else "no shift")
+            h, w = c["resolutions"][s]
+            shape = {"label": label, "stage": s, "shift": list(shift), "window": list(c["blocks"][i]["window"]),
+                     "resolution": [h, w], "tokens": h * w, "dim": c["stage_dims"][s], "heads": c["num_heads"][s],
+                     "ffn_hidden": full,
+                     "context": (f"timed inside a run of {self.context} blocks of this shape (attention pieces with "
+                                 f"full FFNs, FFN pieces after MSA)" if self.context
+                                 else "each piece timed alone on one input"),
+                     "note": f"blocks {_block_list(blocks)} ({label}) have the same shapes: measured once, shared"}
+            out.append(PieceGroup(list(blocks), full, attn, ffn, shape))
+        return out
+
+    def dense(self) -> Callable[[], object]:
+        return lambda: self.deployed(self.images)
+
+    def description(self, context: int) -> str:
+        return ("attention: x + attn(LN1(x)) per choice (MSA in shifted windows with bias / mask; 3x3 / 1x1 over the "
+                "full stage map); FFN: x + FFN(LN2(x)) per width (deployed fused modules), one set per (stage, shift); "
+                "embed: patch embedding; merge{s}: PatchMerging before stage s; head: final norm, pooling, classifier"
+                + (f"; block pieces timed inside a run of {context} blocks, fixed parts alone" if context
+                   else "; each timed alone"))
+
+
+PIECES: Dict[str, Callable[..., Pieces]] = {"vit": ViTPieces, "swin": SwinPieces}
 
 
 def pieces_for(model: nn.Module, device, dtype, batch, model_name=None, context: int = 4) -> Pieces:
     """The :class:`Pieces` of ``model`` (a timm ViT / DeiT, or a Supernet / PrunedModel wrapping one)."""
-    from .models.convert import UnsupportedModelError
+    from .models.convert import UnsupportedModelError, is_swin
 
-    family = getattr(model, "spvit_family", "vit")
+    family = getattr(model, "spvit_family", None) or ("swin" if is_swin(model) else "vit")
     if family not in PIECES:
         raise UnsupportedModelError(f"latency tables are not implemented for the {family} family")
     return PIECES[family](model, device, dtype, batch, model_name=model_name, context=context)
@@ -611,18 +763,19 @@ def profile(model: Union[nn.Module, str], device: Union[str, torch.device] = "cp
             raise ValueError(f"context must be >= 0, got {context}")
         pieces = pieces_for(model, device, DTYPES[dt_name], batch, model_name, context=context)
         sig = pieces.signature
-        step = int(ffn_step) if ffn_step else default_ffn_step(sig.mlp_hidden, device)
-        if step < 1:
-            raise ValueError(f"ffn_step must be >= 1, got {step}")
+        if ffn_step is not None and int(ffn_step) < 1:
+            raise ValueError(f"ffn_step must be >= 1, got {ffn_step}")
         fixed = pieces.fixed()
-        pgroups = pieces.groups(step)
+        pgroups = pieces.groups(int(ffn_step or 0))
+        # one step for every group, or by default per group (Swin stages have different FFN widths)
+        steps = [int(ffn_step) if ffn_step else default_ffn_step(pg.hidden, device) for pg in pgroups]
         jobs: List[Tuple[str, Any, Callable[[], Callable]]] = []
         for k, make in fixed.items():
             jobs.append(("fixed", k, make))
         for gi, pg in enumerate(pgroups):
             for kind in ATTN_KINDS:
                 jobs.append((f"attn{gi}", kind, pg.attn[kind]))
-            for w in _grid(pg.hidden, step):
+            for w in _grid(pg.hidden, steps[gi]):
                 jobs.append((f"ffn{gi}", w, (lambda p, w_: (lambda: p.ffn(w_)))(pg, w)))
         jobs.append(("dense", "whole", (lambda f: (lambda: f))(pieces.dense())))
         samples: Dict[Tuple[str, Any], List[float]] = {}
@@ -637,22 +790,19 @@ def profile(model: Union[nn.Module, str], device: Union[str, torch.device] = "cp
         res = {k: _median(v) for k, v in samples.items()}
         groups = []
         for gi, pg in enumerate(pgroups):
-            widths = _grid(pg.hidden, step)
+            widths = _grid(pg.hidden, steps[gi])
             groups.append(BlockGroup(pg.blocks, {k: res[(f"attn{gi}", k)] for k in ATTN_KINDS}, widths,
                                      [res[(f"ffn{gi}", w)] for w in widths], pg.shape))
-        sig_d = asdict(sig)
-        sig_d["grid"] = list(sig.grid)
+        sig_d = _sig_lists(asdict(sig))
         dev = {"name": device_name(device), "class": device_class(device), "threads": torch.get_num_threads(),
                "backends": {op: backend_of(op, device) for op in ("deploy_conv", "pruned_ffn")}}
-        meta = {**_versions(), "stat": stat, "clock": clock, "rounds": rounds, "context": context, "ffn_step": step,
+        meta = {**_versions(), "stat": stat, "clock": clock, "rounds": rounds, "context": context,
+                "ffn_step": steps[0] if len(set(steps)) == 1 else steps,
                 "min_reps": min_reps, "max_reps": max_reps, "budget_s": budget_s,
                 "dense_measured_ms": res[("dense", "whole")], "profile_s": round(time.perf_counter() - t_start, 1),
                 "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
                 "dense_gflops": dense_macs(sig) / 1e9,
-                "pieces": "attention: x + attn(LN1(x)) per choice; FFN: x + FFN(LN2(x)) per width (deployed fused "
-                          "modules); embed: patch embedding + class token + position embedding; head: final norm, "
-                          "pooling, classifier" + (f"; each timed inside a run of {context} blocks" if context else
-                                                   "; each timed alone")}
+                "pieces": pieces.description(context)}
         return LatencyTable(pieces.model_name, pieces.family, sig_d, dev, dt_name, int(batch),
                             {k: res[("fixed", k)] for k in fixed}, groups, meta)
     finally:
@@ -815,7 +965,7 @@ def dense_deployed(model_name: str, signature: ModelSignature, device, dtype, mo
     kw = dict(model_kwargs or {})
     kw.setdefault("num_classes", num_classes if num_classes is not None else signature.num_classes)
     vit = timm.create_model(model_name, pretrained=False, **kw)
-    arch = Architecture(model_name, signature, [BlockArch("msa", tuple(range(signature.mlp_hidden)))] * signature.depth)
+    arch = Architecture(model_name, signature, [BlockArch("msa", tuple(range(h))) for h in signature.block_mlp_hidden])
     return deploy(prune(vit, arch), dtype=dtype, device=device)
 
 
@@ -823,6 +973,11 @@ def timm_kwargs(signature: ModelSignature) -> Dict[str, Any]:
     """``timm.create_model`` kwargs that rebuild a ViT of ``signature`` (for a deployed file, which has no record of
     its timm kwargs)."""
     s = signature
+    if s.family == "swin":
+        return {"img_size": s.img_size[0] if s.img_size[0] == s.img_size[1] else tuple(s.img_size),
+                "patch_size": s.patch_size, "in_chans": s.in_chans, "embed_dim": s.embed_dim,
+                "depths": tuple(s.depths), "num_heads": tuple(s.num_heads), "window_size": s.window_size,
+                "mlp_ratio": s.mlp_hidden[0] / s.embed_dim, "num_classes": s.num_classes}
     return {"img_size": s.img_size[0] if s.img_size[0] == s.img_size[1] else tuple(s.img_size),
             "patch_size": s.patch_size, "in_chans": s.in_chans, "embed_dim": s.embed_dim, "depth": s.depth,
             "num_heads": s.num_heads, "mlp_ratio": s.mlp_hidden / s.embed_dim, "num_classes": s.num_classes}
@@ -860,6 +1015,6 @@ def compare(table: LatencyTable, deployed: nn.Module, dense: Optional[nn.Module]
     return out
 
 
-__all__ = ["LatencyTable", "BlockGroup", "LatencyTableError", "LatencyObjective", "Pieces", "ViTPieces", "profile",
-           "load_table", "predicted_ms_tensor", "block_indicators", "resolve_target", "aligned_count", "aligned_keep",
-           "align_architecture", "compare", "measure_model", "dense_deployed", "device_class", "time_ms", "interp"]
+__all__ = ["LatencyTable", "BlockGroup", "LatencyTableError", "LatencyObjective", "Pieces", "ViTPieces", "SwinPieces",
+           "profile", "load_table", "predicted_ms_tensor", "block_indicators", "resolve_target", "aligned_count",
+           "aligned_keep", "align_architecture", "compare", "measure_model", "dense_deployed", "device_class", "time_ms", "interp"]

@@ -26,15 +26,17 @@ def synthetic_table(sig, name="vit_tiny_patch16_224", step=8, seed=0, **over) ->
     """A table with random (but plausible) entries: attention skip < 1x1 < 3x3 < MSA, FFN increasing with jitter."""
     g = random.Random(seed)
     groups = []
-    widths = sorted(set(list(range(0, sig.mlp_hidden, step)) + [sig.mlp_hidden]))
-    for b in range(sig.depth):
+    for b, hidden in enumerate(sig.block_mlp_hidden):
+        widths = sorted(set(list(range(0, hidden, step)) + [hidden]))
         attn = {"skip": 0.01, "1x1": 0.2 + g.random() * 0.1, "3x3": 0.5 + g.random() * 0.2, "msa": 1.0 + g.random()}
         ffn = [0.02 + 0.01 * w + 0.05 * g.random() * (w > 0) for w in widths]
         groups.append(L.BlockGroup([b], attn, widths, ffn, {}))
-    sd = {k: v for k, v in vars(sig).items()}
-    sd["grid"] = list(sig.grid)
-    d = dict(model_name=name, family="vit", signature=sd, device={"name": "test", "class": "cpu", "threads": 1},
-             dtype="fp32", batch=4, fixed_ms={"embed": 0.3, "head": 0.1}, groups=groups, meta={})
+    sd = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(sig).items()}
+    fixed = {"embed": 0.3, "head": 0.1}
+    if sig.family == "swin":
+        fixed.update({f"merge{s}": 0.05 * s for s in range(1, len(sig.depths))})
+    d = dict(model_name=name, family=sig.family, signature=sd, device={"name": "test", "class": "cpu", "threads": 1},
+             dtype="fp32", batch=4, fixed_ms=fixed, groups=groups, meta={})
     d.update(over)
     return L.LatencyTable(**d)
 
@@ -49,14 +51,17 @@ def random_logits(sn, gen):
 # ---------------------------------------------------------------------------------------------------------------- loss
 def test_loss_equals_table_prediction_at_hard_gates():
     sn = supernet(small_vit())
-    table = synthetic_table(sn.signature)
+    check_loss_at_hard_gates(sn, synthetic_table(sn.signature))
+
+
+def check_loss_at_hard_gates(sn, table):
     gen = torch.Generator().manual_seed(1)
     for _ in range(5):
         random_logits(sn, gen)
         arch = sn.architecture()
         pred = table.predict(arch)["ms"]
         # independent reference: the table's entries summed by hand from the read-out architecture
-        ref = table.fixed_ms["embed"] + table.fixed_ms["head"]
+        ref = sum(table.fixed_ms.values())
         for i, b in enumerate(arch.blocks):
             grp = table.group(i)
             j = grp.ffn_widths.index(max(w for w in grp.ffn_widths if w <= b.ffn_width))
@@ -79,7 +84,14 @@ def test_loss_gradient_matches_finite_differences_fp64():
     whose value and derivative at the current logits are those of the indicators (§2.4):
     h(θ) = 1[θ0 > 0] + σ(σ(θ) − ½) − σ(σ(θ0) − ½), composed with the table's interpolation written out here."""
     sn = supernet(small_vit()).double()
-    table = synthetic_table(sn.signature, step=5)
+    assert [n for n, _ in sn.named_parameters() if "thresholds" in n][:2] == [
+        "vit.blocks.0.attn.kernel_thresholds", "vit.blocks.0.mlp.ffn_thresholds"]
+    check_gradient_fp64(sn, synthetic_table(sn.signature, step=5))
+
+
+def check_gradient_fp64(sn, table):
+    """fp64 gradient of the latency loss vs central finite differences of its smooth surrogate (see the ViT test);
+    the gate logits of ``sn.arch_parameters()`` alternate attention / FFN per block."""
     random_logits(sn, torch.Generator().manual_seed(2))
     with torch.no_grad():  # keep every kept count off the grid knots (the curve has a kink there)
         for m in sn.mlps:
@@ -97,7 +109,7 @@ def test_loss_gradient_matches_finite_differences_fp64():
         return (t0 > 0).double() + s(theta) - s(t0)
 
     def smooth_loss(thetas):
-        total = table.fixed_ms["embed"] + table.fixed_ms["head"]
+        total = sum(table.fixed_ms.values())
         for i in range(sn.signature.depth):
             g1, g3, gm = h(thetas[2 * i], theta0[2 * i])
             e1, e3, em = g1, g1 * g3, g1 * g3 * gm
@@ -110,8 +122,6 @@ def test_loss_gradient_matches_finite_differences_fp64():
                 em * (a["msa"] - a["3x3"]) + f
         return lam * (obj.dense_gflops * (obj.target_ms - total) / table.dense_ms()) ** 2
 
-    assert [n for n, _ in sn.named_parameters() if "thresholds" in n][:2] == [
-        "vit.blocks.0.attn.kernel_thresholds", "vit.blocks.0.mlp.ffn_thresholds"]
     assert float(smooth_loss(theta0)) == pytest.approx(float(obj.loss(lam).detach()), rel=1e-12)
     eps = 1e-6
     checked = 0
@@ -377,3 +387,170 @@ def test_table_read_on_rank0_and_broadcast(tmp_path):
             assert r[0] == r[1] == json.loads(json.dumps(table.to_dict()))
         else:
             assert "not found" in r[0]["error"] and r[0] == r[1]
+
+
+# ------------------------------------------------------------------------------------------------------------ Swin
+SWIN_KW = dict(img_size=16, patch_size=2, window_size=4, embed_dim=16, depths=(2, 2), num_heads=(1, 2),
+               num_classes=5)
+SWIN_NAME = "swin_tiny_patch4_window7_224"
+
+
+def tiny_swin(**over):
+    """Two stages: stage 0 on an 8x8 map in 2x2 windows of 4 (even blocks plain, odd blocks shifted by 2); stage 1
+    on a 4x4 map, one window, never shifted."""
+    return timm.create_model(SWIN_NAME, pretrained=False, **{**SWIN_KW, **over}).eval()
+
+
+def test_swin_profile_groups_and_round_trip(tmp_path):
+    from spvit.models.convert import swin_signature_of
+
+    m = tiny_swin()
+    sig = swin_signature_of(m)
+    table = L.profile(m, batch=2, threads=1, min_reps=1, max_reps=2, budget_s=0.0, show=False, context=2)
+    assert table.family == "swin" and table.depth == 4
+    # same stage and same shift share one set of measurements; the shifted block of stage 0 has its own
+    assert [(g.blocks, g.shape["stage"], g.shape["shift"]) for g in table.groups] == [
+        ([0], 0, [0, 0]), ([1], 0, [2, 2]), ([2, 3], 1, [0, 0])]
+    assert "measured once, shared" in table.groups[2].shape["note"]
+    for g, hidden in zip(table.groups, (64, 64, 128)):
+        assert g.ffn_widths[0] == 0 and g.ffn_widths[-1] == hidden and len(g.ffn_widths) == 17  # step hidden / 16
+        assert set(g.attn_ms) == set(L.ATTN_KINDS) and all(v >= 0 for v in g.attn_ms.values())
+    assert set(table.fixed_ms) == {"embed", "merge1", "head"}
+    assert table.dense_ms() > table.min_ms() > 0 and table.meta["ffn_step"] == [4, 4, 8]
+    table.check_model(sig)
+    path = str(tmp_path / "swin_lut.json")
+    table.save(path)
+    back = L.LatencyTable.load(path)
+    assert back.to_dict() == table.to_dict()
+    back.check_model(sig, SWIN_NAME)  # tuples of the signature vs lists read back from JSON
+    arch = Architecture(SWIN_NAME, sig, [BlockArch("msa", tuple(range(64))), BlockArch("3x3", (1, 5, 9)),
+                                         BlockArch("skip", ()), BlockArch("1x1", tuple(range(40)))])
+    ref = sum(table.fixed_ms.values())
+    ref += table.groups[0].attn_ms["msa"] + table.groups[0].ffn_ms[-1]
+    g1 = table.groups[1]  # width 3 lies between the grid's 0 and 4
+    ref += g1.attn_ms["3x3"] + g1.ffn_ms[0] + (g1.ffn_ms[1] - g1.ffn_ms[0]) * 3 / 4
+    g2 = table.groups[2]
+    ref += g2.attn_ms["skip"] + g2.ffn_ms[0] + g2.attn_ms["1x1"] + g2.ffn_ms[5]  # width 40 = 5 * 8, a knot
+    assert back.predict(arch)["ms"] == pytest.approx(ref, rel=1e-12)
+    assert "blocks 2-3 [stage 1, no shift]" in back.summary()
+
+
+def test_swin_table_mismatch_errors():
+    from spvit.models.convert import swin_signature_of
+
+    sw = tiny_swin()
+    sn = supernet(sw)
+    swin_table = synthetic_table(sn.signature, name=SWIN_NAME, step=8)
+    vit_table = synthetic_table(signature_of(small_vit()))
+    with pytest.raises(L.LatencyTableError, match="vit model .* swin model"):
+        L.LatencyObjective(vit_table, sn, 1.0)
+    with pytest.raises(L.LatencyTableError, match="swin model .* vit model"):
+        L.LatencyObjective(swin_table, supernet(small_vit()), 1.0)
+    other = swin_signature_of(tiny_swin(depths=(2, 4), num_heads=(1, 2)))
+    with pytest.raises(L.LatencyTableError, match="depths"):
+        swin_table.check_model(other)
+    with pytest.raises(TypeError, match="dense timm model"):
+        L.profile(sn, min_reps=1, max_reps=1, budget_s=0.0, show=False)
+    d = swin_table.to_dict()
+    d["groups"] = d["groups"][:-1]  # block 3 has no entry
+    with pytest.raises(L.LatencyTableError, match="cover blocks 0..3"):
+        L.LatencyTable.from_dict(d)
+
+
+def test_swin_loss_equals_table_prediction_at_hard_gates():
+    sn = supernet(tiny_swin())
+    check_loss_at_hard_gates(sn, synthetic_table(sn.signature, name=SWIN_NAME, step=8))
+
+
+def test_swin_loss_gradient_matches_finite_differences_fp64():
+    sn = supernet(tiny_swin()).double()
+    names = [n for n, _ in sn.named_parameters() if "thresholds" in n]
+    assert names[:2] == ["swin.layers.0.blocks.0.attn.kernel_thresholds_full",
+                         "swin.layers.0.blocks.0.mlp.ffn_thresholds"] and len(names) == 8
+    check_gradient_fp64(sn, synthetic_table(sn.signature, name=SWIN_NAME, step=5))
+
+
+def test_swin_align_architecture_nested_stages(tmp_path):
+    sn = supernet(tiny_swin())
+    table = synthetic_table(sn.signature, name=SWIN_NAME, step=8)
+    random_logits(sn, torch.Generator().manual_seed(4))
+    arch = L.align_architecture(sn, 16, table)
+    raw = sn.architecture()
+    for b, r, m, full in zip(arch.blocks, raw.blocks, sn.mlps, (64, 64, 128, 128)):
+        assert m.full_hidden == full and b.attn == r.attn
+        assert b.ffn_width == L.aligned_count(r.ffn_width, full, 16)
+        assert b.ffn_width in (0, full) or b.ffn_width % 16 == 0
+        assert set(b.ffn_keep) <= set(range(full))
+    assert arch.meta["gflops"] == pytest.approx(arch_macs(arch) / 1e9)
+    assert arch.meta["predicted_ms"] == pytest.approx(table.predict(arch)["ms"])
+    path = str(tmp_path / "arch.json")
+    arch.save(path)
+    back = Architecture.load(path)
+    assert [len(s) for s in back.stages] == [2, 2] and back.ffn_widths == arch.ffn_widths
+
+
+def test_cli_profile_tiny_swin(tmp_path, capsys):
+    out = str(tmp_path / "lut.json")
+    kw = {**SWIN_KW, "depths": list(SWIN_KW["depths"]), "num_heads": list(SWIN_KW["num_heads"])}
+    argv = ["profile", "--model", SWIN_NAME, "--model-kwargs", json.dumps(kw), "--batch", "1", "--threads", "1",
+            "--min-reps", "1", "--budget", "0", "--context", "1", "--ffn-step", "32", "--no-progress", "--out", out]
+    assert cli.main(argv) == 0
+    text = capsys.readouterr().out
+    assert "stage 0, shift 2x2" in text and "merge1" in text
+    table = L.LatencyTable.load(out)
+    assert table.model_name == SWIN_NAME and table.family == "swin"
+    assert [g.ffn_widths for g in table.groups] == [[0, 32, 64], [0, 32, 64], [0, 32, 64, 96, 128]]
+
+
+def test_cli_bench_swin_predicted_vs_measured(tmp_path, capsys):
+    from spvit.deploy import deploy
+    from spvit.models import prune
+    from spvit.models.convert import swin_signature_of
+
+    sw = tiny_swin()
+    sig = swin_signature_of(sw)
+    arch = Architecture(SWIN_NAME, sig, [BlockArch("msa", tuple(range(64))), BlockArch("3x3", (1, 5, 9)),
+                                         BlockArch("skip", ()), BlockArch("1x1", tuple(range(40)))])
+    path = str(tmp_path / "deployed.pth")
+    deploy(prune(sw, arch)).save(path)
+    lut = str(tmp_path / "lut.json")
+    table = L.profile(sw, batch=2, threads=1, min_reps=1, max_reps=2, budget_s=0.0, show=False, context=1,
+                      model_name=SWIN_NAME)
+    table.save(lut)
+    assert cli.main(["bench", "--checkpoint", path, "--latency-table", lut, "--device", "cpu", "--iters", "1"]) == 0
+    out = capsys.readouterr().out
+    assert f"{table.predict(arch)['ms']:14.3f}" in out and f"{table.dense_ms():14.3f}" in out
+    assert "speedup: predicted" in out
+    vit_lut = str(tmp_path / "vit.json")
+    synthetic_table(signature_of(small_vit())).save(vit_lut)
+    assert cli.main(["bench", "--checkpoint", path, "--latency-table", vit_lut, "--device", "cpu"]) == 2
+    assert "vit model" in capsys.readouterr().err
+
+
+def test_search_one_epoch_swin_with_latency_table(tmp_path):
+    from spvit import search
+    from spvit.config import SearchConfig
+    from spvit.models.convert import swin_signature_of
+
+    mk = {"img_size": 16, "patch_size": 2, "in_chans": 1, "embed_dim": 16, "depths": [2, 2], "num_heads": [1, 2],
+          "window_size": 4, "mlp_ratio": 2.0}
+    sig = swin_signature_of(timm.create_model(SWIN_NAME, pretrained=False, num_classes=10, **mk))
+    table = synthetic_table(sig, name=SWIN_NAME, step=8)
+    lut = str(tmp_path / "lut.json")
+    table.save(lut)
+    cfg = SearchConfig.from_dict({"model": SWIN_NAME, "model_kwargs": mk, "pretrained": "none", "data": "digits",
+                                  "input_size": 16, "num_classes": 10, "epochs": 1, "batch_size": 16,
+                                  "num_workers": 0, "device": "cpu", "progress": False, "mixup": 0.0, "cutmix": 0.0,
+                                  "repeated_aug": False, "train_limit": 32, "val_limit": 16, "latency_table": lut,
+                                  "target_speedup": 1.5, "ffn_align": 16, "out": str(tmp_path / "run"),
+                                  "tensorboard": False})
+    res = search.run(cfg)
+    arch = Architecture.load(res["arch"])
+    assert arch.family == "swin" and [len(s) for s in arch.stages] == [2, 2]
+    assert arch.meta["predicted_ms"] == pytest.approx(table.predict(arch)["ms"])
+    assert arch.meta["target_ms"] == pytest.approx(table.dense_ms() / 1.5)
+    assert arch.meta["gflops"] == pytest.approx(arch_macs(arch) / 1e9)
+    for w, full in zip(arch.ffn_widths, sig.block_mlp_hidden):
+        assert w in (0, full) or w % 16 == 0
+    rows = open(tmp_path / "run" / "metrics.csv").read()
+    assert "latency_loss" in rows and "pred_ms" in rows
