@@ -11,12 +11,12 @@ from .models import PrunedModel, Supernet, SwinPrunedModel, SwinSupernet, Unsupp
 from .models.official import load_official
 from .deploy import DeployedModel, deploy, load_deployed
 from .export import export_onnx
-from . import deploy_swin as _deploy_swin  # noqa: F401  registers the Swin deployment with spvit.deploy
+from .deploy_swin import DeployedSwin  # importing it registers the Swin deployment with spvit.deploy
 from .models import official_swin as _official_swin  # noqa: F401  registers the Swin reader with load_official
 
 __all__ = ["Architecture", "BlockArch", "ModelSignature", "SwinSignature", "SwinSupernet", "SwinPrunedModel",
            "count_params", "gflops", "PrunedModel", "Supernet",
-           "UnsupportedModelError", "prune", "supernet", "load_official", "DeployedModel", "deploy",
+           "UnsupportedModelError", "prune", "supernet", "load_official", "DeployedModel", "DeployedSwin", "deploy",
            "load_deployed", "export_onnx", "__version__"]
 
 
