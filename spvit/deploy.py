@@ -404,12 +404,7 @@ def _block_config_and_state(i: int, blk: nn.Module, kind: str, sig) -> Tuple[Dic
     sd: Dict[str, torch.Tensor] = {}
     ref = blk.norm2.weight
     g1, g2 = _layer_scale(blk, "ls1"), _layer_scale(blk, "ls2")
-    if isinstance(attn, SkipAttention):
-        kind = "skip_ln" if attn.official else "skip"
-    eps1 = _ln_eps(blk.norm1, f"block {i} norm1") if kind != "skip" else 1e-6
-    eps2 = _ln_eps(blk.norm2, f"block {i} norm2")
-    if kind != "skip":
-        sd["norm1.weight"], sd["norm1.bias"] = _f64(blk.norm1.weight), _f64(blk.norm1.bias)
+    kind, eps1, eps2 = _norm_state(i, blk, kind, sd, skip_eps=1e-6)
     if kind == "msa":
         if not hasattr(attn, "qkv") or not hasattr(attn, "proj"):
             raise UnsupportedModelError(f"block {i}: MSA layer {type(attn).__name__} has no qkv/proj")
@@ -421,25 +416,55 @@ def _block_config_and_state(i: int, blk: nn.Module, kind: str, sig) -> Tuple[Dic
         sd.update({"attn.qkv.weight": _f64(attn.qkv.weight), "attn.qkv.bias": _f64(attn.qkv.bias, ref, 3 * dim),
                    "attn.proj.weight": w_o, "attn.proj.bias": b_o})
     elif kind in ("3x3", "1x1"):
-        if not isinstance(attn, (ConvAttention, ExplicitConvAttention)):
-            raise UnsupportedModelError(f"block {i}: architecture says {kind} but the layer is {type(attn).__name__}")
-        if attn.kind != kind:
-            raise ValueError(f"block {i}: architecture says {kind} but the layer is a {attn.kind} conv")
-        taps, tap_bias, out_map = attn.conv_params()
-        b_out = attn.proj.bias if isinstance(attn, ConvAttention) else attn.bconv[3].bias
-        w_planes, b_fold = R.fold_bn(_f64(taps), _f64(tap_bias, ref, taps.shape[1]), _bn_of(attn, i))
-        w_out, b_out = _f64(out_map), _f64(b_out, ref, dim)
+        _folded_conv_state(i, attn, kind, ref, dim, sd)
         if g1 is not None:  # the class token passes the conv unscaled, so ls1 cannot go into w_out: keep it
             sd["ls1"] = g1
-        sd.update({"attn.w_planes": w_planes, "attn.b_fold": b_fold, "attn.w_out": w_out, "attn.b_out": b_out})
     elif kind == "skip_ln":
         if g1 is not None:  # the residual is ls1(LN1(x)): fold gamma into LN1's affine parameters
             sd["norm1.weight"], sd["norm1.bias"] = sd["norm1.weight"] * g1, sd["norm1.bias"] * g1
     elif kind != "skip":
         raise ValueError(f"block {i}: unknown attention choice {kind!r}")
 
+    width = _ffn_state(blk, ref, dim, sd, g2)
+    cfg = {"kind": kind, "ffn_width": width, "approximate": gelu_approximate(mlp.act), "eps1": eps1, "eps2": eps2,
+           "ls1": "ls1" in sd}
+    return cfg, sd
+
+
+def _norm_state(i: int, blk: nn.Module, kind: str, sd: Dict[str, torch.Tensor],
+                skip_eps: float) -> Tuple[str, float, float]:
+    """(kind, eps1, eps2) of a block, its LN1 parameters put into ``sd`` unless the layer is a plain skip; a skip
+    layer's kind becomes "skip_ln" when it has the original x + LN1(x) semantics (docs/method.md Q4)."""
+    if isinstance(blk.attn, SkipAttention):
+        kind = "skip_ln" if blk.attn.official else "skip"
+    eps1 = _ln_eps(blk.norm1, f"block {i} norm1") if kind != "skip" else skip_eps
+    eps2 = _ln_eps(blk.norm2, f"block {i} norm2")
+    if kind != "skip":
+        sd["norm1.weight"], sd["norm1.bias"] = _f64(blk.norm1.weight), _f64(blk.norm1.bias)
+    return kind, eps1, eps2
+
+
+def _folded_conv_state(i: int, attn: nn.Module, kind: str, ref: torch.Tensor, dim: int,
+                       sd: Dict[str, torch.Tensor]) -> None:
+    """Head mixing and BN folded (float64, docs/method.md §10.4) into ``sd``: attn.w_planes / b_fold / w_out / b_out,
+    with the planes in the kernels' (DeiT) tap order."""
+    if not isinstance(attn, (ConvAttention, ExplicitConvAttention)):
+        raise UnsupportedModelError(f"block {i}: architecture says {kind} but the layer is {type(attn).__name__}")
+    if attn.kind != kind:
+        raise ValueError(f"block {i}: architecture says {kind} but the layer is a {attn.kind} conv")
+    taps, tap_bias, out_map = attn.conv_params()
+    b_out = attn.bconv[3].bias if hasattr(attn, "bconv") else attn.proj.bias  # bconv: a stored compact conv
+    w_planes, b_fold = R.fold_bn(_f64(taps), _f64(tap_bias, ref, taps.shape[1]), _bn_of(attn, i))
+    sd.update({"attn.w_planes": w_planes, "attn.b_fold": b_fold, "attn.w_out": _f64(out_map),
+               "attn.b_out": _f64(b_out, ref, dim)})
+
+
+def _ffn_state(blk: nn.Module, ref: torch.Tensor, dim: int, sd: Dict[str, torch.Tensor],
+               g2: Optional[torch.Tensor] = None) -> int:
+    """The compact FFN (and LN2) of a block into ``sd``, layer scale ``g2`` folded; returns its width. A width-0 FFN
+    leaves only its output bias (``ffn_bias``)."""
+    mlp = blk.mlp
     width = int(mlp.fc1.out_features)
-    approx = gelu_approximate(mlp.act)
     b2 = _f64(mlp.fc2.bias, ref, dim)
     if width > 0:
         w2 = _f64(mlp.fc2.weight)
@@ -450,8 +475,7 @@ def _block_config_and_state(i: int, blk: nn.Module, kind: str, sig) -> Tuple[Dic
                    "mlp.fc2.weight": w2, "mlp.fc2.bias": b2})
     else:
         sd["ffn_bias"] = b2 * g2 if g2 is not None else b2
-    cfg = {"kind": kind, "ffn_width": width, "approximate": approx, "eps1": eps1, "eps2": eps2, "ls1": "ls1" in sd}
-    return cfg, sd
+    return width
 
 
 def _trunk_config(vit: nn.Module, sig) -> Dict[str, Any]:

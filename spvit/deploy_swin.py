@@ -24,14 +24,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from spvit_kernels import reference as R
 from spvit_kernels.backend import preload as preload_kernels
 
 from .arch import Architecture
-from .deploy import (DEPLOYED_CLASSES, DEPLOYERS, CompactFFN, DeployedModel, FoldedConv, _bn_of, _f64, _layer_norm,
-                     _ln_eps, _norm_desc, _norm_from, _OpChoice)
+from .deploy import (DEPLOYED_CLASSES, DEPLOYERS, CompactFFN, DeployedModel, FoldedConv, _f64, _ffn_state,
+                     _folded_conv_state, _layer_norm, _norm_desc, _norm_from, _norm_state, _OpChoice)
 from .models.convert import UnsupportedModelError, check_images, gelu_approximate
-from .models.pruned import ConvAttention, ExplicitConvAttention, SkipAttention
 from .models.swin import SwinPrunedModel
 
 
@@ -274,12 +272,7 @@ def _swin_block(i: int, blk: nn.Module, kind: str, dim: int) -> Tuple[Dict, Dict
     ref = blk.norm2.weight
     window = tuple(int(w) for w in blk.window_size)
     shift = tuple(int(s) for s in blk.shift_size)
-    if isinstance(attn, SkipAttention):
-        kind = "skip_ln" if attn.official else "skip"
-    eps1 = _ln_eps(blk.norm1, f"block {i} norm1") if kind != "skip" else 1e-5
-    eps2 = _ln_eps(blk.norm2, f"block {i} norm2")
-    if kind != "skip":
-        sd["norm1.weight"], sd["norm1.bias"] = _f64(blk.norm1.weight), _f64(blk.norm1.bias)
+    kind, eps1, eps2 = _norm_state(i, blk, kind, sd, skip_eps=1e-5)
     if kind == "msa":
         if not hasattr(attn, "qkv") or not hasattr(attn, "relative_position_bias_table"):
             raise UnsupportedModelError(f"block {i}: MSA layer {type(attn).__name__} is not timm's WindowAttention")
@@ -297,25 +290,10 @@ def _swin_block(i: int, blk: nn.Module, kind: str, dim: int) -> Tuple[Dict, Dict
                    "attn.proj.weight": _f64(attn.proj.weight), "attn.proj.bias": _f64(attn.proj.bias, ref, dim),
                    "attn.attn_bias": bias})
     elif kind in ("3x3", "1x1"):
-        if not isinstance(attn, (ConvAttention, ExplicitConvAttention)):
-            raise UnsupportedModelError(f"block {i}: architecture says {kind} but the layer is {type(attn).__name__}")
-        if attn.kind != kind:
-            raise ValueError(f"block {i}: architecture says {kind} but the layer is a {attn.kind} conv")
-        taps, tap_bias, out_map = attn.conv_params()  # taps in the kernels' (DeiT) tap order
-        b_out = attn.bconv[3].bias if hasattr(attn, "bconv") else attn.proj.bias
-        w_planes, b_fold = R.fold_bn(_f64(taps), _f64(tap_bias, ref, taps.shape[1]), _bn_of(attn, i))
-        sd.update({"attn.w_planes": w_planes, "attn.b_fold": b_fold, "attn.w_out": _f64(out_map),
-                   "attn.b_out": _f64(b_out, ref, dim)})
+        _folded_conv_state(i, attn, kind, ref, dim, sd)
     elif kind not in ("skip", "skip_ln"):
         raise ValueError(f"block {i}: unknown attention choice {kind!r}")
-    width = int(mlp.fc1.out_features)
-    b2 = _f64(mlp.fc2.bias, ref, dim)
-    if width > 0:
-        sd.update({"norm2.weight": _f64(blk.norm2.weight), "norm2.bias": _f64(blk.norm2.bias),
-                   "mlp.fc1.weight": _f64(mlp.fc1.weight), "mlp.fc1.bias": _f64(mlp.fc1.bias, ref, width),
-                   "mlp.fc2.weight": _f64(mlp.fc2.weight), "mlp.fc2.bias": b2})
-    else:
-        sd["ffn_bias"] = b2
+    width = _ffn_state(blk, ref, dim, sd)
     cfg = {"kind": kind, "ffn_width": width, "approximate": gelu_approximate(mlp.act), "eps1": eps1, "eps2": eps2,
            "window": list(window), "shift": list(shift)}
     return cfg, sd
