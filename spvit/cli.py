@@ -214,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "latency of the deployed model and its dense model on the table's device, dtype and batch")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                    help="with --latency-table: the dtype to run (default and only accepted value: the table's)")
+    p.add_argument("--keep-malloc", dest="steady_malloc", action="store_false",
+                   help="with --latency-table on CPU: leave the C allocator's thresholds as they are (by default they "
+                        "are fixed as `spvit profile` does, see spvit.latency.set_steady_malloc)")
 
     p = sub.add_parser("profile", help="latency table of a model's deployed pieces on this device (for the "
                        "hardware-aware search)")
@@ -236,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="wall: latency (default); cpu: process CPU time with --threads 1 (the latency on an idle core, "
                         "for a CPU shared with other work)")
+    p.add_argument("--keep-malloc", dest="steady_malloc", action="store_false",
+                   help="on CPU: leave the C allocator's thresholds as they are (by default glibc's mmap and trim "
+                        "thresholds are fixed so that page faults do not depend on what ran before; recorded)")
     p.add_argument("--out", required=True, help="the table's JSON file (never replaced without --force)")
     p.add_argument("--force", action="store_true", help="replace an existing --out file")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -400,7 +406,7 @@ def cmd_profile(args) -> int:
     table = L.profile(args.model, device=device, dtype=args.dtype, batch=args.batch, threads=args.threads,
                       ffn_step=args.ffn_step, min_reps=args.min_reps, max_reps=max(100, args.min_reps),
                       budget_s=args.budget, model_kwargs=args.model_kwargs, show=args.progress, stat=args.stat,
-                      clock=args.clock, rounds=args.rounds, context=args.context)
+                      clock=args.clock, rounds=args.rounds, context=args.context, steady_malloc=args.steady_malloc)
     table.save(args.out, force=args.force)
     print(table.summary())
     print(f"latency table: {args.out}")
@@ -430,7 +436,8 @@ def bench_latency(args) -> int:
         torch.set_num_threads(int(table.device["threads"]))
     try:
         threads = torch.get_num_threads()
-        r = L.compare(table, deployed, dense, rounds=int(table.meta.get("rounds", 1)), min_reps=args.iters)
+        r = L.compare(table, deployed, dense, rounds=int(table.meta.get("rounds", 1)), min_reps=args.iters,
+                      steady_malloc=args.steady_malloc)
     finally:
         torch.set_num_threads(threads_before)
     where = f", {threads} thread(s)" if device.type == "cpu" else ""

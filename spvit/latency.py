@@ -28,6 +28,7 @@ import math
 import os
 import platform
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -94,6 +95,62 @@ def _sync(device: torch.device) -> None:
 
 
 CLOCKS = ("wall", "cpu")
+
+# glibc malloc, by default, serves blocks above a *dynamic* threshold (128 KiB at start, raised to the size of the
+# largest such block freed so far, up to 32 MiB) with fresh mmap()ed memory and gives it back on free, and trims the
+# heap top past another dynamic threshold. Whether a batch's large activations then cost thousands of page faults
+# depends on what the process allocated before: measured on a 2-core x86 CPU, the same dense deployed demo ViT ran
+# in 42 ms or 59 ms per batch (one thread) depending on that history, with 10 ms of kernel time for page faults in
+# the slow state. A latency table profiled in one state and a model measured in the other disagree by up to 30 %.
+# Fixing both thresholds makes the allocator's behaviour independent of history (memory is kept for reuse instead).
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
+STEADY_MMAP_BYTES = 32 << 20  # the largest mmap threshold glibc accepts on 64-bit
+STEADY_TRIM_BYTES = 1 << 30
+_malloc_state: Optional[str] = None
+
+
+def set_steady_malloc() -> str:
+    """Fix glibc malloc's mmap and trim thresholds for this process (idempotent) and say what the CPU allocator
+    now is; used by :func:`profile` and :func:`compare` on CPU (``steady_malloc=True``, the default) and recorded in
+    the table. Tables are only comparable with measurements made in the same allocator regime: run the deployed
+    model the same way (call this at start-up, or set ``MALLOC_MMAP_THRESHOLD_=33554432`` and
+    ``MALLOC_TRIM_THRESHOLD_=1073741824`` in the environment, or preload jemalloc / tcmalloc). Leaves the allocator
+    alone where the environment already configures it (those variables, or a preloaded allocator) or where the C
+    library is not glibc. The price: freed memory stays in the process for reuse (peak RSS is not given back)."""
+    global _malloc_state
+    if _malloc_state is not None:
+        return _malloc_state
+    preload = os.environ.get("LD_PRELOAD", "")
+    for lib in ("jemalloc", "tcmalloc", "mimalloc"):
+        if lib in preload:
+            _malloc_state = f"{lib} (preloaded)"
+            return _malloc_state
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") or os.environ.get("MALLOC_TRIM_THRESHOLD_"):
+        _malloc_state = ("glibc, thresholds from the environment: mmap "
+                         f"{os.environ.get('MALLOC_MMAP_THRESHOLD_', 'default')}, trim "
+                         f"{os.environ.get('MALLOC_TRIM_THRESHOLD_', 'default')}")
+        return _malloc_state
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        version = libc.gnu_get_libc_version
+        version.restype = ctypes.c_char_p
+        glibc = version().decode()
+        ok = libc.mallopt(M_MMAP_THRESHOLD, STEADY_MMAP_BYTES) == 1 and \
+            libc.mallopt(M_TRIM_THRESHOLD, STEADY_TRIM_BYTES) == 1
+    except (OSError, AttributeError):
+        _malloc_state = "system default (not glibc: left alone)"
+        return _malloc_state
+    _malloc_state = (f"glibc {glibc}, steady: mmap threshold {STEADY_MMAP_BYTES >> 20} MiB, trim threshold "
+                     f"{STEADY_TRIM_BYTES >> 20} MiB" if ok else f"glibc {glibc}, default (mallopt refused)")
+    return _malloc_state
+
+
+def malloc_state() -> str:
+    """What :func:`set_steady_malloc` found or set in this process ("not set" if it was not called)."""
+    return _malloc_state or "not set (the C library's defaults)"
+
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, min_reps: int = 5, max_reps: int = 100,
@@ -354,6 +411,8 @@ class LatencyTable:
         lines.append(f"  predicted dense {self.dense_ms():.3f} ms, everything pruned {self.min_ms():.3f} ms")
         if "dense_measured_ms" in self.meta:
             lines.append(f"  dense model measured whole: {self.meta['dense_measured_ms']:.3f} ms")
+        if "cpu_malloc" in self.meta:
+            lines.append(f"  CPU allocator: {self.meta['cpu_malloc']}")
         return "\n".join(lines)
 
 
@@ -710,7 +769,7 @@ def profile(model: Union[nn.Module, str], device: Union[str, torch.device] = "cp
             batch: int = 1, threads: Optional[int] = None, ffn_step: Optional[int] = None, min_reps: int = 5,
             max_reps: int = 100, budget_s: float = 0.3, model_kwargs: Optional[Dict] = None,
             model_name: Optional[str] = None, show: bool = True, stat: str = "median",
-            clock: str = "wall", rounds: int = 1, context: int = 4) -> LatencyTable:
+            clock: str = "wall", rounds: int = 1, context: int = 4, steady_malloc: bool = True) -> LatencyTable:
     """Measure the latency table of ``model``'s deployed pieces (see the module doc).
 
     Args:
@@ -728,6 +787,8 @@ def profile(model: Union[nn.Module, str], device: Union[str, torch.device] = "cp
             one input, which runs from warm caches and under-predicts); see :meth:`ViTPieces._in_context`.
         rounds: pass over every piece this many times (each with budget_s / rounds) and keep the median over the
             passes, so that a burst of other work on the machine disturbs every piece alike.
+        steady_malloc: on CPU, fix the C allocator's thresholds first (:func:`set_steady_malloc`; recorded in the
+            table's meta as ``cpu_malloc``) so that page faults do not depend on what the process ran before.
     """
     from spvit_kernels.backend import backend_of
 
@@ -755,6 +816,8 @@ def profile(model: Union[nn.Module, str], device: Union[str, torch.device] = "cp
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     if min_reps < 1 or max_reps < min_reps:
         raise ValueError(f"need 1 <= min_reps <= max_reps, got {min_reps}, {max_reps}")
+    if device.type == "cpu" and steady_malloc:
+        set_steady_malloc()
     threads_before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(int(threads))
@@ -803,6 +866,8 @@ def profile(model: Union[nn.Module, str], device: Union[str, torch.device] = "cp
                 "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
                 "dense_gflops": dense_macs(sig) / 1e9,
                 "pieces": pieces.description(context)}
+        if device.type == "cpu":
+            meta["cpu_malloc"] = malloc_state()
         return LatencyTable(pieces.model_name, pieces.family, sig_d, dev, dt_name, int(batch),
                             {k: res[("fixed", k)] for k in fixed}, groups, meta)
     finally:
@@ -990,16 +1055,24 @@ def _median(v: Sequence[float]) -> float:
 
 
 def compare(table: LatencyTable, deployed: nn.Module, dense: Optional[nn.Module] = None, rounds: int = 1,
-            **timing) -> Dict[str, float]:
+            steady_malloc: bool = True, **timing) -> Dict[str, float]:
     """Predicted vs measured latency of ``deployed`` (and of the dense model, for the speedup).
 
     ``rounds`` passes measure the models alternately (median over passes), so that a change of load on the machine
-    affects both alike; ``timing``: :func:`measure_model` arguments.
+    affects both alike; ``steady_malloc``: on CPU, fix the allocator's thresholds as :func:`profile` does (a warning
+    if the table was measured under another allocator setting); ``timing``: :func:`measure_model` arguments.
     """
     table.check_model(deployed.signature, deployed.model_name)
     table.check_device(deployed.device, deployed.dtype)
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
+    if deployed.device.type == "cpu":
+        if steady_malloc:
+            set_steady_malloc()
+        made = table.meta.get("cpu_malloc")
+        if made is not None and ("steady" in made) != ("steady" in malloc_state()):
+            warnings.warn(f"the latency table was measured with the CPU allocator '{made}', this process runs "
+                          f"'{malloc_state()}': page-fault costs differ and so may the latencies", stacklevel=2)
     mine, dense_t = [], []
     for _ in range(rounds):
         mine.append(measure_model(deployed, table, **timing))
@@ -1017,4 +1090,5 @@ def compare(table: LatencyTable, deployed: nn.Module, dense: Optional[nn.Module]
 
 __all__ = ["LatencyTable", "BlockGroup", "LatencyTableError", "LatencyObjective", "Pieces", "ViTPieces", "SwinPieces",
            "profile", "load_table", "predicted_ms_tensor", "block_indicators", "resolve_target", "aligned_count",
-           "aligned_keep", "align_architecture", "compare", "measure_model", "dense_deployed", "device_class", "time_ms", "interp"]
+           "aligned_keep", "align_architecture", "compare", "measure_model", "dense_deployed", "device_class", "time_ms",
+           "interp", "set_steady_malloc", "malloc_state"]

@@ -222,6 +222,71 @@ def test_profile_measures_deployed_pieces():
     table.check_model(sig)
 
 
+# ------------------------------------------------------------------------------------------------ CPU allocator
+FAULTS_DRIVER = """
+import resource, sys, torch
+from spvit import latency as L
+state = L.set_steady_malloc() if sys.argv[1] == "steady" else L.malloc_state()
+def work():  # activations of 4 to 20 MB, as a demo-size ViT at batch 256 allocates and frees them
+    a = torch.ones(256, 65, 256); b = torch.ones(256, 65, 64); c = a * 2; d = b + 1
+    del a, c
+    e = torch.ones(256, 65, 300)
+    return float(d.sum() + e.sum())
+work()
+r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    work()
+print(state)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0) / 10)
+"""
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="the thresholds are glibc's")
+def test_steady_malloc_removes_history_dependent_page_faults():
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "LD_PRELOAD"}
+    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = {}
+    for mode in ("default", "steady"):
+        r = subprocess.run([sys.executable, "-c", FAULTS_DRIVER, mode], env=env, capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 0, r.stderr
+        state, faults = r.stdout.strip().splitlines()[-2:]
+        out[mode] = (state, float(faults))
+    assert "steady" in out["steady"][0] and "not set" in out["default"][0]
+    # default glibc: the big blocks are mmap()ed afresh and every page faults again on each call (> 4000 pages)
+    assert out["default"][1] > 1000, out
+    assert out["steady"][1] < out["default"][1] / 20, out  # steady: the freed blocks are reused (measured 0-210)
+    env["MALLOC_MMAP_THRESHOLD_"] = "1000000"  # a setting of the user's is left alone, and said
+    r = subprocess.run([sys.executable, "-c", FAULTS_DRIVER, "steady"], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and "from the environment" in r.stdout, r.stdout + r.stderr
+
+
+def test_table_records_allocator_and_compare_warns_on_mismatch(monkeypatch):
+    from spvit.deploy import deploy
+    from spvit.models import prune
+
+    vit = small_vit()
+    sig = signature_of(vit)
+    table = L.profile(vit, batch=2, threads=1, min_reps=1, max_reps=2, budget_s=0.0, show=False)
+    assert table.meta["cpu_malloc"] == L.malloc_state() and "CPU allocator" in table.summary()
+    arch = Architecture("vit_tiny_patch16_224", sig, [BlockArch("msa", tuple(range(64)))] * sig.depth)
+    dep = deploy(prune(vit, arch))
+    table.meta["cpu_malloc"] = "glibc 2.99, steady: mmap threshold 32 MiB, trim threshold 1024 MiB"
+    monkeypatch.setattr(L, "_malloc_state", None)  # as in a process that never fixed the allocator
+    with pytest.warns(UserWarning, match="allocator"):
+        L.compare(table, dep, steady_malloc=False, min_reps=1, max_reps=1, budget_s=0.0)
+    monkeypatch.setattr(L, "_malloc_state", "glibc 2.36, steady: mmap threshold 32 MiB, trim threshold 1024 MiB")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        L.compare(table, dep, min_reps=1, max_reps=1, budget_s=0.0)  # same regime: no warning
+
+
 # ------------------------------------------------------------------------------------------------------- alignment
 @pytest.mark.parametrize("full,align", [(128, 64), (100, 64), (96, 32), (10, 4)])
 def test_aligned_count_awkward_widths(full, align):
