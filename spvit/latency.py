@@ -401,7 +401,7 @@ class LatencyTable:
     def summary(self) -> str:
         lines = [f"latency table of {self.model_name} on {self.device.get('name')} ({self.device.get('class')}), "
                  f"{self.dtype}, batch {self.batch}, {self.device.get('threads')} thread(s)",
-                 f"  fixed: " + ", ".join(f"{k} {v:.3f} ms" for k, v in self.fixed_ms.items())]
+                 "  fixed: " + ", ".join(f"{k} {v:.3f} ms" for k, v in self.fixed_ms.items())]
         for g in self.groups:
             where = f" [{g.shape['label']}]" if g.shape.get("label") else ""
             lines.append(f"  blocks {_block_list(g.blocks)}{where} (measured once, shared): " +

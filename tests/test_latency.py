@@ -1,7 +1,6 @@
 """Hardware-aware search (spvit/latency.py): latency tables, the differentiable latency model, aligned FFN widths,
 the CLI. Synthetic tables where measuring is not the point; small ViTs everywhere."""
 import json
-import math
 import os
 import random
 
