@@ -9,6 +9,7 @@ absolute error per (model, batch).
 
     PYTHONPATH=. python bench/bench_latency_pred.py                                   # CPU: fp32, 2 threads
     PYTHONPATH=. python bench/bench_latency_pred.py --device cuda --dtype bf16 --batches 64 256
+    PYTHONPATH=. python bench/bench_latency_pred.py --models swin_tiny_patch4_window7_224 --batches 1   # Swin
 
 Writes bench/results/latency_pred_<cpu|cuda>.{json,md}.
 """
@@ -33,12 +34,12 @@ from spvit.deploy import deploy  # noqa: E402
 from spvit.flops import arch_macs  # noqa: E402
 from spvit.models import prune  # noqa: E402
 from spvit.models.convert import signature_of  # noqa: E402
-from spvit.models.registry import SHIPPED, shipped_architecture  # noqa: E402
+from spvit.models.registry import SHIPPED, SHIPPED_SWIN, shipped_architecture  # noqa: E402
 
 
 def random_arch(name: str, sig, rng: random.Random) -> Architecture:
-    blocks = [BlockArch(rng.choice(L.ATTN_KINDS), tuple(range(rng.randint(0, sig.mlp_hidden))))
-              for _ in range(sig.depth)]
+    blocks = [BlockArch(rng.choice(L.ATTN_KINDS), tuple(range(rng.randint(0, hidden))))
+              for hidden in sig.block_mlp_hidden]
     return Architecture(name, sig, blocks)
 
 
@@ -73,7 +74,8 @@ def main(argv=None) -> int:
         sig = signature_of(base)
         archs = []
         if args.shipped:
-            archs += [(k, shipped_architecture(k, base)) for k, v in SHIPPED.items() if v[0] == name]
+            archs += [(k, shipped_architecture(k, base)) for k, v in {**SHIPPED, **SHIPPED_SWIN}.items()
+                      if v[0] == name]
         rng = random.Random(args.seed)
         archs += [(f"random{i}", random_arch(name, sig, rng)) for i in range(args.random)]
         for batch in args.batches:
@@ -86,7 +88,7 @@ def main(argv=None) -> int:
             prof_s = time.perf_counter() - t0
             print(table.summary(), f"\n  ({prof_s:.0f} s)", flush=True)
             errs = []
-            dense_arch = Architecture(name, sig, [BlockArch("msa", tuple(range(sig.mlp_hidden)))] * sig.depth)
+            dense_arch = Architecture(name, sig, [BlockArch("msa", tuple(range(h))) for h in sig.block_mlp_hidden])
             for label, arch in [("dense", dense_arch)] + archs:
                 dep = deploy(prune(base, arch), dtype=dtype, device=device)
                 r = L.compare(table, dep, min_reps=3, max_reps=20, budget_s=1.0)
