@@ -169,7 +169,8 @@ class Architecture:
 
     def __post_init__(self):
         if len(self.blocks) != self.signature.depth:
-            raise ValueError(f"architecture has {len(self.blocks)} blocks but the model has depth {self.signature.depth}")
+            raise ValueError(f"architecture has {len(self.blocks)} blocks but the model has depth "
+                             f"{self.signature.depth}")
         for i, (b, hidden) in enumerate(zip(self.blocks, self.signature.block_mlp_hidden)):
             if b.ffn_keep and (b.ffn_keep[0] < 0 or b.ffn_keep[-1] >= hidden):
                 raise ValueError(f"block {i}: kept FFN unit index out of range [0, {hidden})")

@@ -200,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="timm model an original SPViT checkpoint was trained from")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="weights and compute dtype")
     p.add_argument("--out", required=True, help="output folder (new or empty, or with --overwrite)")
-    p.add_argument("--overwrite", action="store_true", help="replace deployed.pth / arch.json / model.pt2 / model.onnx in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace deployed.pth / arch.json / model.pt2 / model.onnx in --out")
     p.add_argument("--no-export", dest="export", action="store_false", help="skip torch.export")
     add_format_argument(p)
 

@@ -125,7 +125,8 @@ class FusedAttention(nn.Module):
 
 
 class FoldedConv(nn.Module):
-    """3x3 / 1x1 conv layer with head mixing and BatchNorm folded (docs/method.md §10.4), run by ``spvit_kernels.deploy_conv``.
+    """3x3 / 1x1 conv layer with head mixing and BatchNorm folded (docs/method.md §10.4), run by
+    ``spvit_kernels.deploy_conv``.
 
     Parameters: ``w_planes`` (T*d, C) with T = 9 or 1, ``b_fold`` (d,), ``w_out`` (C, d), ``b_out`` (C,).
     forward(x_hat: (B, N, C)) -> (B, N, C), prefix (class) token passed through.
@@ -351,9 +352,9 @@ class DeployedModel(DeployedApi, nn.Module):
     def __prepare_scriptable__(self):
         """TorchScript cannot compile the per-call kernel dispatch (``spvit_kernels.ops``): refuse clearly."""
         raise RuntimeError("a DeployedModel cannot be compiled with TorchScript (torch.jit.script): its layers choose "
-                           "their kernels per call. Use torch.export.export(deployed, (x,)), torch.compile(deployed) or "
-                           "spvit.export_onnx(deployed, path) instead, or script the PrunedModel it was deployed from "
-                           "(torch.jit.script(pruned) works)")
+                           "their kernels per call. Use torch.export.export(deployed, (x,)), "
+                           "torch.compile(deployed) or spvit.export_onnx(deployed, path) instead, or script the "
+                           "PrunedModel it was deployed from (torch.jit.script(pruned) works)")
 
     def extra_repr(self) -> str:
         return f"{self.model_name}: " + " ".join(b["kind"] for b in self.config["blocks"])
@@ -730,4 +731,5 @@ def _pruned_from_ours(obj: Dict, path: str, model_name: Optional[str]) -> Pruned
 
 
 __all__ = ["DEPLOYERS", "DEPLOYED_CLASSES", "DeployedModel", "DeployedBlock", "FusedAttention", "FoldedConv",
-           "CompactFFN", "deploy", "load_deployed", "save_deployed", "deploy_checkpoint", "from_file_dict", "FORMAT", "FORMAT_VERSION"]
+           "CompactFFN", "deploy", "load_deployed", "save_deployed", "deploy_checkpoint", "from_file_dict", "FORMAT",
+           "FORMAT_VERSION"]

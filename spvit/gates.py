@@ -42,7 +42,8 @@ def eval_gate(theta: torch.Tensor) -> torch.Tensor:
 
 
 def complexity_indicator(theta: torch.Tensor) -> torch.Tensor:
-    """Complexity indicator of §2.4: value ``1[theta > 0]``, gradient sigmoid'(sigmoid(theta) - 1/2) * sigmoid'(theta)."""
+    """Complexity indicator of §2.4: value ``1[theta > 0]``,
+    gradient sigmoid'(sigmoid(theta) - 1/2) * sigmoid'(theta)."""
     s = torch.sigmoid(torch.sigmoid(theta) - 0.5)
     return eval_gate(theta) + s - s.detach()
 

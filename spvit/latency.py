@@ -1088,7 +1088,8 @@ def compare(table: LatencyTable, deployed: nn.Module, dense: Optional[nn.Module]
     return out
 
 
-__all__ = ["LatencyTable", "BlockGroup", "LatencyTableError", "LatencyObjective", "Pieces", "ViTPieces", "SwinPieces",
+__all__ = ["LatencyTable", "BlockGroup", "LatencyTableError", "LatencyObjective", "Pieces", "ViTPieces",
+           "SwinPieces",
            "profile", "load_table", "predicted_ms_tensor", "block_indicators", "resolve_target", "aligned_count",
-           "aligned_keep", "align_architecture", "compare", "measure_model", "dense_deployed", "device_class", "time_ms",
-           "interp", "set_steady_malloc", "malloc_state"]
+           "aligned_keep", "align_architecture", "compare", "measure_model", "dense_deployed", "device_class",
+           "time_ms", "interp", "set_steady_malloc", "malloc_state"]

@@ -29,8 +29,10 @@ _PROVIDERS: Dict[str, Dict[str, str]] = {
     "gated_attn_conv": {"triton": "spvit_kernels.gated_attn_conv:gated_attn_conv"},
     "masked_ffn": {"triton": "spvit_kernels.masked_ffn:masked_ffn"},
     "pruned_ffn": {"triton": "spvit_kernels.pruned_ffn:pruned_ffn"},
-    "shift_sum": {"ext": "spvit_kernels.shift_sum:shift_sum_ext", "triton": "spvit_kernels.shift_sum:shift_sum_triton"},
-    "deploy_conv": {"triton": "spvit_kernels.deploy_conv:deploy_conv", "ext": "spvit_kernels.shift_sum:deploy_conv_ext"},
+    "shift_sum": {"ext": "spvit_kernels.shift_sum:shift_sum_ext",
+                  "triton": "spvit_kernels.shift_sum:shift_sum_triton"},
+    "deploy_conv": {"triton": "spvit_kernels.deploy_conv:deploy_conv",
+                    "ext": "spvit_kernels.shift_sum:deploy_conv_ext"},
 }
 
 # ops whose extension provider is built on another registered extension op

@@ -1,4 +1,5 @@
-"""Search-mode masked FFN (docs/method.md §2.3, §2.5, §10.3): ``y = (GELU(x W1^T + b1) * mask) W2^T + b2`` with fused kernels.
+"""Search-mode masked FFN (docs/method.md §2.3, §2.5, §10.3): ``y = (GELU(x W1^T + b1) * mask) W2^T + b2`` with
+fused kernels.
 
 Forward
     ``_masked_ffn_fwd_kernel`` computes the fc1 GEMM tile by tile and applies bias, GELU and the gate mask in its

@@ -17,8 +17,8 @@ Autograd
     it runs the eager reference instead, so gradients are exact and nothing breaks; under ``torch.no_grad`` /
     ``torch.inference_mode`` (or with no input requiring grad) it runs the Triton kernels.
 
-The kernel path is the op ``torch.ops.spvit.pruned_ffn`` (a ``triton_op``, see :func:`spvit_kernels._compat.define_op`) so
-``torch.compile`` and ``torch.export`` see it.
+The kernel path is the op ``torch.ops.spvit.pruned_ffn`` (a ``triton_op``, see
+:func:`spvit_kernels._compat.define_op`) so ``torch.compile`` and ``torch.export`` see it.
 """
 from __future__ import annotations
 

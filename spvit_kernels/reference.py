@@ -375,6 +375,6 @@ def taps_to_conv_weight(taps: torch.Tensor) -> torch.Tensor:
 
 __all__: Sequence[str] = [
     "TAP_OFFSETS", "CENTER_TAP", "BNState", "check_attn_bias", "head_mix", "tap_columns", "mixed_conv_params",
-    "mix_planes", "shift_sum", "conv_attention", "msa", "detach_rule", "gate_coefficients", "gated_attn_conv", "masked_ffn",
-    "pruned_ffn", "fold_bn", "deploy_conv", "conv_weight_to_taps", "taps_to_conv_weight",
+    "mix_planes", "shift_sum", "conv_attention", "msa", "detach_rule", "gate_coefficients", "gated_attn_conv",
+    "masked_ffn", "pruned_ffn", "fold_bn", "deploy_conv", "conv_weight_to_taps", "taps_to_conv_weight",
 ]

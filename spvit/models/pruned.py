@@ -138,8 +138,8 @@ class ExplicitConvAttention(nn.Module):
 
 class SkipAttention(nn.Module):
     """A pruned attention layer. ``official=False`` (default): outputs 0, so the block's residual is the identity (the
-    method, docs/method.md §1.4). ``official=True``: returns its input, i.e. the block adds LN1(x), as the original fine-tune
-    code does (§5.4, quirk Q4) — used only for original checkpoints trained that way."""
+    method, docs/method.md §1.4). ``official=True``: returns its input, i.e. the block adds LN1(x), as the original
+    fine-tune code does (§5.4, quirk Q4) — used only for original checkpoints trained that way."""
 
     spvit_kind = "skip"
 
