@@ -152,7 +152,6 @@ def malloc_state() -> str:
     return _malloc_state or "not set (the C library's defaults)"
 
 
-
 def time_ms(fn: Callable[[], object], device: torch.device, min_reps: int = 5, max_reps: int = 100,
             budget_s: float = 0.3, warmup: int = 2, clock: str = "wall") -> Dict[str, float]:
     """Milliseconds per call of ``fn`` with an adaptive number of repeats.
