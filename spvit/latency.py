@@ -139,7 +139,7 @@ def set_steady_malloc() -> str:
         glibc = version().decode()
         ok = libc.mallopt(M_MMAP_THRESHOLD, STEADY_MMAP_BYTES) == 1 and \
             libc.mallopt(M_TRIM_THRESHOLD, STEADY_TRIM_BYTES) == 1
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # no C library handle (Windows) or not glibc (musl, macOS)
         _malloc_state = "system default (not glibc: left alone)"
         return _malloc_state
     _malloc_state = (f"glibc {glibc}, steady: mmap threshold {STEADY_MMAP_BYTES >> 20} MiB, trim threshold "
