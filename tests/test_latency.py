@@ -1,6 +1,7 @@
 """Hardware-aware search (spvit/latency.py): latency tables, the differentiable latency model, aligned FFN widths,
 the CLI. Synthetic tables where measuring is not the point; small ViTs everywhere."""
 import json
+import math
 import os
 import random
 
@@ -622,3 +623,62 @@ def test_search_one_epoch_swin_with_latency_table(tmp_path):
         assert w in (0, full) or w % 16 == 0
     rows = open(tmp_path / "run" / "metrics.csv").read()
     assert "latency_loss" in rows and "pred_ms" in rows
+
+
+# ------------------------------------------------------------------------------------------------- CPU and CUDA
+def check_profile_and_compare(family, device, dtype):
+    """Profile a tiny model on ``device`` / ``dtype``, check the table's device record, predict and measure a mixed
+    architecture and the dense model, and refuse the table for another device class or dtype."""
+    from spvit.deploy import deploy
+    from spvit.models import prune
+
+    device = torch.device(device)
+    m = (small_vit() if family == "vit" else tiny_swin()).eval()
+    sig = signature_of(m)
+    table = L.profile(m, device=device, dtype=L.dtype_name(dtype), batch=8, min_reps=2, max_reps=4, budget_s=0.0,
+                      show=False, context=2)
+    assert table.device["class"] == L.device_class(device) and table.dtype == L.dtype_name(dtype)
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        assert table.device["class"] == f"cuda sm_{major}{minor}"
+        assert "cpu_malloc" not in table.meta  # the CPU allocator is not touched for a GPU table
+    else:
+        assert table.device["class"] == "cpu" and "steady" in table.meta["cpu_malloc"]
+    assert set(table.device["backends"]) == {"deploy_conv", "pruned_ffn"}
+    assert all(math.isfinite(v) and v > 0 for v in table.fixed_ms.values())
+    for g in table.groups:
+        assert all(math.isfinite(v) and v > 0 for k, v in g.attn_ms.items() if k != "skip")
+        assert all(math.isfinite(v) and v >= 0 for v in g.ffn_ms)
+    kinds = ["msa", "3x3", "1x1", "skip"]
+    name = SWIN_NAME if family == "swin" else "vit_tiny_patch16_224"
+    arch = Architecture(name, sig, [BlockArch(kinds[i % 4], tuple(range(0, h, 2)))
+                                    for i, h in enumerate(sig.block_mlp_hidden)])
+    dense_arch = Architecture(name, sig, [BlockArch("msa", tuple(range(h))) for h in sig.block_mlp_hidden])
+    dep = deploy(prune(m, arch), dtype=dtype, device=device)
+    dense = deploy(prune(m, dense_arch), dtype=dtype, device=device)
+    r = L.compare(table, dep, dense, rounds=2, min_reps=2, max_reps=4, budget_s=0.0)
+    for k in ("predicted_ms", "measured_ms", "dense_predicted_ms", "dense_measured_ms", "predicted_speedup",
+              "measured_speedup"):
+        assert math.isfinite(r[k]) and r[k] > 0, (k, r)
+    assert r["predicted_ms"] == pytest.approx(table.predict(arch)["ms"])
+    other_class = "cpu" if device.type == "cuda" else "cuda sm_90"
+    other = L.LatencyTable.from_dict({**table.to_dict(), "device": {**table.device, "class": other_class}})
+    with pytest.raises(L.LatencyTableError, match="device class"):
+        other.check_device(device, dtype)
+    with pytest.raises(L.LatencyTableError, match="device class"):
+        L.compare(other, dep)
+    with pytest.raises(L.LatencyTableError, match="dtype"):
+        table.check_device(device, torch.float16)
+
+
+@pytest.mark.parametrize("family", ["vit", "swin"])
+def test_profile_and_compare_on_cpu_fp32(family):
+    check_profile_and_compare(family, "cpu", torch.float32)
+
+
+# Run by the GPU check (bench/gpu_check.sh, step "tests"); skipped without a CUDA GPU.
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("family", ["vit", "swin"])
+def test_profile_and_compare_on_cuda_bf16(family):
+    check_profile_and_compare(family, "cuda", torch.bfloat16)
