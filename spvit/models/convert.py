@@ -125,14 +125,17 @@ def _check_block(i, blk, embed_dim, Block, Attention, Mlp) -> None:
             raise UnsupportedModelError(f"block {i}: attention projection without bias is not supported")
     elif not hasattr(attn, "spvit_kind"):
         raise UnsupportedModelError(f"block {i}: attention {type(attn).__name__} is not timm's Attention")
-    mlp = blk.mlp
+    _check_ffn(f"block {i}", blk.mlp, Mlp, " (GLU FFNs are not supported)")
+
+
+def _check_ffn(where: str, mlp: nn.Module, Mlp, why: str = "") -> None:
+    """A block's FFN must be timm's Mlp without an inner norm and with a GELU (or already an spvit FFN)."""
     if isinstance(mlp, Mlp):
         if not isinstance(mlp.norm, nn.Identity):
-            raise UnsupportedModelError(f"block {i}: FFN with an inner norm is not supported")
+            raise UnsupportedModelError(f"{where}: FFN with an inner norm is not supported")
         gelu_approximate(mlp.act)
     elif not hasattr(mlp, "full_hidden"):
-        raise UnsupportedModelError(f"block {i}: FFN {type(mlp).__name__} is not timm's Mlp (GLU FFNs are not "
-                                    "supported)")
+        raise UnsupportedModelError(f"{where}: FFN {type(mlp).__name__} is not timm's Mlp{why}")
 
 
 def check_images(x, sig: ModelSignature) -> None:
@@ -281,13 +284,7 @@ def _check_swin_block(where: str, blk: nn.Module, dim: int, S) -> None:
             raise UnsupportedModelError(f"{where}: attention projection without bias is not supported")
     elif not hasattr(attn, "spvit_kind"):
         raise UnsupportedModelError(f"{where}: attention {type(attn).__name__} is not timm's WindowAttention")
-    mlp = blk.mlp
-    if isinstance(mlp, Mlp):
-        if not isinstance(mlp.norm, nn.Identity):
-            raise UnsupportedModelError(f"{where}: FFN with an inner norm is not supported")
-        gelu_approximate(mlp.act)
-    elif not hasattr(mlp, "full_hidden"):
-        raise UnsupportedModelError(f"{where}: FFN {type(mlp).__name__} is not timm's Mlp")
+    _check_ffn(where, blk.mlp, Mlp)
 
 
 def check_swin_images(x: torch.Tensor, sig: SwinSignature) -> None:
