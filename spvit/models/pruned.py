@@ -23,7 +23,24 @@ from .convert import SWIN_TO_DEIT, check_images, model_name_of, signature_of
 from .supernet import GatedMlp, SearchAttention, Supernet, _bn_state
 
 
-class ConvAttention(nn.Module):
+class _ConvLayer(nn.Module):
+    """The forward shared by the pruned model's conv layers: the eager reference path
+    (``spvit_kernels.reference.conv_attention`` on :meth:`conv_params`, the output bias :meth:`out_bias` and the BN)
+    or, when scripted or traced, the subclass's conv2d form ``_forward_graph``."""
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
+        T.refuse_attn_mask(attn_mask, is_causal)
+        if torch.jit.is_scripting():
+            return self._forward_graph(x)
+        if T.is_tracing():
+            return self._forward_graph(x)
+        taps, tap_bias, out_map = self.conv_params()
+        return R.conv_attention(x, taps, tap_bias, out_map, self.out_bias(), _bn_state(self.bn), self.grid,
+                                self.training, self.num_prefix_tokens)
+
+
+class ConvAttention(_ConvLayer):
     """A 3x3 or 1x1 conv layer sharing the MSA value/output projections (docs/method.md §1.2-1.6, §5.3).
 
     Parameters: ``v`` (C -> C), ``proj`` (C -> C), ``head_probs`` (h, 9), ``bn_3x3`` or ``bn_1x1``.
@@ -63,16 +80,8 @@ class ConvAttention(nn.Module):
         m = R.head_mix(hp, self.alpha)
         return R.mixed_conv_params(self.v.weight, self.v.bias, self.proj.weight, m, self.num_heads, self.kind)
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
-                is_causal: bool = False) -> torch.Tensor:
-        T.refuse_attn_mask(attn_mask, is_causal)
-        if torch.jit.is_scripting():
-            return self._forward_graph(x)
-        if T.is_tracing():
-            return self._forward_graph(x)
-        taps, tap_bias, out_map = self.conv_params()
-        return R.conv_attention(x, taps, tap_bias, out_map, self.proj.bias, _bn_state(self.bn), self.grid,
-                                self.training, self.num_prefix_tokens)
+    def out_bias(self) -> torch.Tensor:
+        return self.proj.bias
 
     def _forward_graph(self, x: torch.Tensor) -> torch.Tensor:
         """The forward in TorchScript / torch.fx friendly form (spvit.models.timm_api.graph_conv_attention)."""
@@ -93,7 +102,7 @@ class ConvAttention(nn.Module):
                                       self.num_prefix_tokens, self.dim)
 
 
-class ExplicitConvAttention(nn.Module):
+class ExplicitConvAttention(_ConvLayer):
     """A conv layer stored as the compact conv it computes (the original's ``bconv``: conv C->d, BN, ReLU, 1x1 conv
     d->C; docs/method.md §6). forward(x_hat: (B, N, C)) -> (B, N, C)."""
 
@@ -116,16 +125,8 @@ class ExplicitConvAttention(nn.Module):
         c0, c3 = self.bconv[0], self.bconv[3]
         return R.conv_weight_to_taps(c0.weight), c0.bias, c3.weight[:, :, 0, 0]
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
-                is_causal: bool = False) -> torch.Tensor:
-        T.refuse_attn_mask(attn_mask, is_causal)
-        if torch.jit.is_scripting():
-            return self._forward_graph(x)
-        if T.is_tracing():
-            return self._forward_graph(x)
-        taps, tap_bias, out_map = self.conv_params()
-        return R.conv_attention(x, taps, tap_bias, out_map, self.bconv[3].bias, _bn_state(self.bn), self.grid,
-                                self.training, self.num_prefix_tokens)
+    def out_bias(self) -> torch.Tensor:
+        return self.bconv[3].bias
 
     def _forward_graph(self, x: torch.Tensor) -> torch.Tensor:
         """The forward in TorchScript / torch.fx friendly form (spvit.models.timm_api.graph_conv_attention)."""
