@@ -15,8 +15,8 @@ import torch
 import spvit_kernels
 from spvit_kernels import reference
 from spvit_kernels.backend import triton_available
-from tests.test_gated_attn_conv import GATES, NAMES, SCALE_FROM, TOL, _clone, _close, _fused, _make, _sq_err
-from tests.test_gated_attn_conv import _skip_without_triton_device
+from tests.test_gated_attn_conv import GATES, NAMES, TOL, _clone, _close, _fused, _make, _sq_err
+from tests.test_gated_attn_conv import _compare, _skip_without_triton_device
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 
@@ -85,18 +85,6 @@ def _run(fn, t, bns, dtype, gates, bias, *, shape, training, center=4, gate_grad
     grads = {name: (None if leaf is None else leaf.grad) for name, leaf in zip(NAMES + ("attn_bias",), leaves)}
     stats = [bn1.running_mean, bn1.running_var, bn3.running_mean, bn3.running_var]
     return out.detach(), grads, stats
-
-
-def _compare(res, ref, atol, rtol):
-    out, grads, stats = res
-    out_r, grads_r, stats_r = ref
-    _close(out, out_r, "out", atol, rtol)
-    for name in grads_r:
-        partner = grads_r.get(SCALE_FROM.get(f"grad {name}", ""))
-        scale = 1.0 if partner is None else partner.abs().max().item()
-        _close(grads[name], grads_r[name], f"grad {name}", atol, rtol, scale)
-    for i, (a, e) in enumerate(zip(stats, stats_r)):
-        _close(a, e, f"running stat {i}", atol, rtol)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
