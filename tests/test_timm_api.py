@@ -207,6 +207,18 @@ def _bn_stats(m):
     return {k: v.clone() for k, v in m.state_dict().items() if "running" in k}
 
 
+def _scripted_and_traced_equal_eager(m, x):
+    """The scripted and the fx-traced copy of ``m`` give ``m``'s eval output on ``x``; returns the scripted copy and
+    m's BN statistics."""
+    scripted = torch.jit.script(copy.deepcopy(m))
+    traced = torch.fx.symbolic_trace(copy.deepcopy(m))
+    with torch.no_grad():
+        ref = m(x)
+        torch.testing.assert_close(scripted(x), ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(traced(x), ref, atol=1e-5, rtol=1e-5)
+    return scripted, _bn_stats(m)
+
+
 @pytest.mark.parametrize("explicit", [False, True])
 def test_torchscript_and_fx_match_eager(explicit):
     """Scripted and fx-traced models (conv layers in their conv2d form) equal the eager reference path: outputs in
@@ -215,13 +227,7 @@ def test_torchscript_and_fx_match_eager(explicit):
     if explicit:
         m = _with_explicit_conv(m)
     x = images(2)
-    scripted = torch.jit.script(copy.deepcopy(m))
-    traced = torch.fx.symbolic_trace(copy.deepcopy(m))
-    with torch.no_grad():
-        ref = m(x)
-        torch.testing.assert_close(scripted(x), ref, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(traced(x), ref, atol=1e-5, rtol=1e-5)
-    stats = _bn_stats(m)
+    scripted, stats = _scripted_and_traced_equal_eager(m, x)
     # fx records the mode it traced in (as timm's fx feature extractor, which traces train and eval separately)
     for variant in (scripted.train(), torch.fx.symbolic_trace(copy.deepcopy(m).train())):
         eager = copy.deepcopy(m).train()
@@ -437,13 +443,7 @@ def test_swin_torchscript_and_fx_match_eager(official_skip):
     m = _swin_pruned(official_skip)
     assert [b.kind for b in m.blocks] == ["msa", "3x3", "1x1", "msa", "skip", "msa"]
     x = torch.randn(2, 3, 32, 32)
-    scripted = torch.jit.script(copy.deepcopy(m))
-    traced = torch.fx.symbolic_trace(copy.deepcopy(m))
-    with torch.no_grad():
-        ref = m(x)
-        torch.testing.assert_close(scripted(x), ref, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(traced(x), ref, atol=1e-5, rtol=1e-5)
-    stats = _bn_stats(m)
+    scripted, stats = _scripted_and_traced_equal_eager(m, x)
     for variant in (scripted.train(), torch.fx.symbolic_trace(copy.deepcopy(m).train())):
         eager = copy.deepcopy(m).train()
         torch.manual_seed(0)  # the same drop-path draws (timm's Swin default drop_path_rate 0.1)
