@@ -227,8 +227,8 @@ def linear_act(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], act:
     Args:
         x: (M, K) with unit column stride; w: (N, K) contiguous; b: (N,) | None; act: 0 none, 1 GELU erf,
         2 GELU tanh; mask: (N,) | None; store_preact: also return the pre-activation;
-        row_align: the output's row stride is N rounded up to this (a column slice of a wider buffer), so that a
-        following GEMM reads aligned rows when N is an awkward pruned width.
+        row_align: the output's row stride is N rounded up to this (a column slice of a wider buffer, whose padding
+        columns are zero), so that a following GEMM reads aligned rows when N is an awkward pruned width.
     Returns:
         out: (M, N) in x's dtype; z: (M, N) contiguous pre-activation ``x W^T + b`` (x's dtype) or None.
     """
@@ -236,7 +236,12 @@ def linear_act(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], act:
     n = w.shape[0]
     n_pad = triton.cdiv(n, row_align) * row_align
     out = torch.empty((m_rows, n_pad), device=x.device, dtype=x.dtype)
-    out = out[:, :n] if n_pad != n else out
+    if n_pad != n:
+        # The padding columns are zeroed, never left uninitialised: some BLAS GEMMs read a row-strided operand's rows
+        # past their K columns up to the row stride and multiply that tail by zero (the CPU bf16 matmul of torch
+        # 2.14), so a NaN or Inf bit pattern left in the padding would turn whole output rows into NaN.
+        out[:, n:].zero_()
+        out = out[:, :n]
     z = torch.empty((m_rows, n), device=x.device, dtype=x.dtype) if store_preact else None
     if m_rows == 0 or n == 0:
         return out, z

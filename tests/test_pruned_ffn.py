@@ -10,7 +10,8 @@ import torch
 
 import spvit_kernels
 from spvit_kernels import reference
-from spvit_kernels.pruned_ffn import pruned_ffn, pruned_ffn_with_fc2
+from spvit_kernels.masked_ffn import linear_act
+from spvit_kernels.pruned_ffn import _HIDDEN_ROW_ALIGN, pruned_ffn, pruned_ffn_with_fc2
 
 # (B, N, C, F) with F the compacted hidden width.
 SHAPES = [(2, 65, 64, 100), (1, 197, 48, 37), (3, 50, 24, 1)]
@@ -52,6 +53,19 @@ def check(inputs, approximate="none", fc2=None):
     return y
 
 
+@pytest.fixture
+def nan_empty(monkeypatch):
+    """``torch.empty`` returns NaN-filled floating tensors, as uninitialised memory may: a result must never depend
+    on memory the kernels do not write."""
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+
+
 def test_signature_matches_reference():
     ours, ref = inspect.signature(pruned_ffn), inspect.signature(reference.pruned_ffn)
     assert [(p.name, p.kind, p.default) for p in ours.parameters.values()] == \
@@ -62,8 +76,21 @@ def test_signature_matches_reference():
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_forward(shape, dtype, approximate, fc2, device):
+def test_forward(shape, dtype, approximate, fc2, device, nan_empty):
     check(make_inputs(shape, dtype, device), approximate, fc2=fc2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hidden_padding_is_zero(dtype, device, nan_empty):
+    """The hidden activation's row padding is zeros: the CPU bf16 GEMM of some torch versions reads a row-strided
+    operand up to its row stride (multiplying the tail by zero), so NaN garbage there would poison fc2's output."""
+    x, w1, b1, _, _ = make_inputs((1, 70, 32, 37), dtype, device)
+    with torch.inference_mode():
+        h, _ = linear_act(x[0], w1, b1, 1, row_align=_HIDDEN_ROW_ALIGN)
+    assert h.shape == (70, 37) and h.stride(0) == _HIDDEN_ROW_ALIGN
+    padded = h.as_strided((70, _HIDDEN_ROW_ALIGN), (h.stride(0), 1))
+    assert torch.isfinite(h).all()
+    assert (padded[:, 37:] == 0).all()
 
 
 @pytest.mark.parametrize("fc2", ["triton", "cublas"])
