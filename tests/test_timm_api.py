@@ -208,14 +208,16 @@ def _bn_stats(m):
 
 
 def _scripted_and_traced_equal_eager(m, x):
-    """The scripted and the fx-traced copy of ``m`` give ``m``'s eval output on ``x``; returns the scripted copy and
-    m's BN statistics."""
+    """The scripted, the fx-traced and the fx-traced-then-scripted (timm's ``test_model_forward_fx_torchscript``)
+    copies of ``m`` give ``m``'s eval output on ``x``; returns the scripted copy and m's BN statistics."""
     scripted = torch.jit.script(copy.deepcopy(m))
     traced = torch.fx.symbolic_trace(copy.deepcopy(m))
+    traced_scripted = torch.jit.script(torch.fx.symbolic_trace(copy.deepcopy(m)))
     with torch.no_grad():
         ref = m(x)
         torch.testing.assert_close(scripted(x), ref, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(traced(x), ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(traced_scripted(x), ref, atol=1e-5, rtol=1e-5)
     return scripted, _bn_stats(m)
 
 

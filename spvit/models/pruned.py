@@ -5,8 +5,8 @@ output projections and ``head_probs`` at every forward, as the original), :class
 parameter-optimised ``bconv`` form of the original's post-training script) or :class:`SkipAttention`; FFNs are
 timm ``Mlp`` compacted to the kept units.
 """
-from __future__ import annotations
-
+# No postponed annotations (``from __future__ import annotations``) here: torch.fx copies the root forward's
+# annotations into the code it generates, and TorchScript cannot resolve them as strings (fx, then script).
 import copy
 import dataclasses
 import warnings

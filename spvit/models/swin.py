@@ -13,8 +13,8 @@ Fine-tune (:class:`SwinPrunedModel`): every block becomes a :class:`SwinPrunedBl
 stage map (the 3x3 zero-padded at the image border, as the original fine-tune code; docs/method.md §7.4, Q20) or a
 :class:`~spvit.models.pruned.SkipAttention`; the FFN is compacted to the kept units.
 """
-from __future__ import annotations
-
+# No postponed annotations (``from __future__ import annotations``) here: torch.fx copies the root forward's
+# annotations into the code it generates, and TorchScript cannot resolve them as strings (fx, then script).
 import copy
 import dataclasses
 import warnings
