@@ -369,6 +369,13 @@ def cmd_deploy(args) -> int:
             raise E.RunError(f"--overwrite refused: {args.out} holds files spvit deploy did not write "
                              f"({', '.join(others[:3])}); choose another --out")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    if getattr(args, "format", "torch") == "onnx":
+        from .export import check_onnx_dtype
+
+        try:
+            check_onnx_dtype(dtype)
+        except ValueError as exc:
+            raise C.ConfigError(f"--format onnx --dtype {args.dtype}: {exc}") from None
     deployed = deploy_checkpoint(args.checkpoint, model=args.model, dtype=dtype)  # validates before any write
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "deployed.pth")

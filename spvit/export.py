@@ -51,6 +51,20 @@ def reference_ops(model):
         model.kernels_when_tracing = prev
 
 
+def check_onnx_dtype(dtype: torch.dtype) -> None:
+    """Refuse a model dtype whose ONNX file no runtime could load.
+
+    A bfloat16 model would export to an invalid file: ONNX's Conv (the patch embedding) takes no bfloat16 at the
+    exporters' opsets, and onnxruntime has no bfloat16 Conv kernel at any opset. float32 and float16 export.
+
+    Raises:
+        ValueError: ``dtype`` is bfloat16.
+    """
+    if dtype == torch.bfloat16:
+        raise ValueError("ONNX export of a bfloat16 model is not supported (ONNX Conv and onnxruntime take no "
+                         "bfloat16); deploy in float32 or float16 for ONNX (spvit deploy --dtype fp32 or fp16)")
+
+
 def export_onnx(model, path: Union[str, os.PathLike], batch: Optional[int] = None, opset: Optional[int] = None,
                 dynamo: Optional[bool] = None) -> str:
     """Export a deployed model to an ONNX file holding only standard ONNX operators.
@@ -72,10 +86,12 @@ def export_onnx(model, path: Union[str, os.PathLike], batch: Optional[int] = Non
         TypeError: ``model`` is not a DeployedModel.
         ValueError: a batch size below 1.
         ImportError: ``dynamo=True`` without the ``onnx`` / ``onnxscript`` packages.
+        ValueError: a bfloat16 model (see :func:`check_onnx_dtype`).
     """
     if not isinstance(model, DeployedModel):
         hint = " (deploy it first: spvit.deploy(pruned))" if isinstance(model, torch.nn.Module) else ""
         raise TypeError(f"export_onnx expects a DeployedModel{hint}; got {type(model).__name__}")
+    check_onnx_dtype(model.dtype)
     if batch is not None and (not isinstance(batch, int) or batch < 1):
         raise ValueError(f"batch must be a positive integer or None (dynamic batch); got {batch!r}")
     if dynamo is None:
@@ -135,5 +151,5 @@ def export_for_format(args: argparse.Namespace, deployed, out_dir: str) -> Optio
     return path
 
 
-__all__ = ["export_onnx", "reference_ops", "dynamo_exporter_available", "add_format_argument", "export_for_format",
+__all__ = ["export_onnx", "check_onnx_dtype", "reference_ops", "dynamo_exporter_available", "add_format_argument", "export_for_format",
            "INPUT_NAME", "OUTPUT_NAME", "FORMATS"]

@@ -115,3 +115,37 @@ def test_deploy_format_hook(deployed, tmp_path, capsys):
 def test_torchscript_is_refused_clearly(deployed):
     with pytest.raises(RuntimeError, match="TorchScript.*torch.export"):
         torch.jit.script(deployed)
+
+
+def test_bfloat16_is_refused_before_writing(tmp_path, capsys):
+    """A bfloat16 model would give an ONNX file no runtime loads (Conv takes no bfloat16): one clear error, no file,
+    from the function and from `spvit deploy --dtype bf16 --format onnx` (exit 2, before anything is written)."""
+    from spvit import cli
+
+    torch.manual_seed(1)
+    bf16 = deploy(mixed_pruned(), dtype=torch.bfloat16)
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"user data")
+    for dynamo in (False, True) if dynamo_exporter_available() else (False,):
+        with pytest.raises(ValueError, match="bfloat16.*float32 or float16"):
+            export_onnx(bf16, str(path), dynamo=dynamo)
+    assert path.read_bytes() == b"user data" and os.listdir(tmp_path) == ["m.onnx"]
+    out = tmp_path / "deployed"
+    rc = cli.main(["deploy", "--checkpoint", str(tmp_path / "ft.pth"), "--out", str(out), "--dtype", "bf16",
+                   "--format", "onnx"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("spvit: error:") and "bfloat16" in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_float16_runs_in_onnxruntime(tmp_path):
+    torch.manual_seed(1)
+    fp16 = deploy(mixed_pruned(), dtype=torch.float16)
+    path = str(tmp_path / "m.onnx")
+    export_onnx(fp16, path, dynamo=False)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = fp16(x)
+    out = run_ort(path, x)
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-3, rtol=2e-3)
