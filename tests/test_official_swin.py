@@ -167,7 +167,7 @@ def _window_msa(xn, sd, p, heads, w, shift, mask):
         xn = torch.roll(xn, (-shift, -shift), (1, 2))
     win = xn.reshape(b, hh // w, w, ww // w, w, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, w * w, c)
     n = w * w
-    qk = F.linear(win, sd[p + "qk.weight"], sd[p + "qk.bias"]).reshape(-1, n, 2, heads, d).permute(2, 0, 3, 1, 4)
+    qk = F.linear(win, sd[p + "qk.weight"], sd.get(p + "qk.bias")).reshape(-1, n, 2, heads, d).permute(2, 0, 3, 1, 4)
     v = F.linear(win, sd[p + "v.weight"], sd[p + "v.bias"]).reshape(-1, n, heads, d).transpose(1, 2)
     logits = (qk[0] * d ** -0.5) @ qk[1].transpose(-1, -2)
     table = sd[p + "relative_position_bias_table"]
@@ -267,6 +267,29 @@ def test_finetune_checkpoint_equals_the_original_computation(tmp_path):
         torch.testing.assert_close(ours(x), ref, atol=2e-5, rtol=1e-5)  # our model computes the original function
         torch.testing.assert_close(got(x), ref, atol=2e-5, rtol=1e-5)
         torch.testing.assert_close(got(x), ours(x), atol=1e-6, rtol=1e-6)
+
+
+def test_finetune_checkpoint_trained_without_qkv_bias(tmp_path):
+    """An original fine-tune of a ``qkv_bias=False`` Swin: its MSA layers' ``qk`` has no bias while the value
+    projection keeps one (the original always builds ``v`` with a bias). It loads onto a base Swin with or without
+    qkv biases and computes the original function."""
+    sd = original_layout(swin_pruned())
+    msa = [k for k in sd if k.endswith(".attn.qk.bias")]
+    assert len(msa) == CHOICES.count("msa")
+    for k in msa:
+        del sd[k]
+    assert all(k.replace("qk.bias", "v.bias") in sd for k in msa)
+    path = tmp_path / "ft.pth"
+    torch.save({"model": sd}, path)
+    x = images()
+    with torch.no_grad():
+        ref = original_forward(sd, x)
+    for base in (tiny_swin(qkv_bias=False), tiny_swin()):
+        with pytest.warns(UserWarning, match="Q4"):
+            got = spvit.load_official(str(path), base).eval()
+        assert got.architecture.attn_choices == CHOICES
+        with torch.no_grad():
+            torch.testing.assert_close(got(x), ref, atol=2e-5, rtol=1e-5)
 
 
 def test_search_checkpoint(tmp_path):

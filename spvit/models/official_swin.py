@@ -11,7 +11,8 @@ different module trees; the mapping from the original names to ours (:func:`orig
   (non-persistent) buffers in timm: they are checked against ours (a window or shift configuration that differs is
   an error) and dropped;
 * fine-tuned MSA layers: ``attn.qk`` + ``attn.v`` -> timm's fused ``attn.qkv`` (rows q, k, v); an original ``qk``
-  without bias (``qkv_bias=False``) gets zero q/k biases;
+  without bias (``qkv_bias=False``) gets zero q/k biases, and the value bias the original keeps even then is loaded
+  (a base Swin built with ``qkv_bias=False`` gets a biased ``qkv`` in those layers);
 * everything else (patch embedding, norms, the search modules' ``qk``/``v``/``proj``/``head_probs``/``bn_*``/
   ``kernel_thresholds_full``, FFN ``fc1``/``fc2``/``ffn_thresholds``) keeps its name under ``swin.``;
   ``assigned_indicator_index`` buffers of search checkpoints are dropped (the decisions come from the thresholds,
@@ -276,6 +277,16 @@ def _load_finetune(sd, base, name, path, alpha):
         p = f"layers.{s}.blocks.{j}.attn.v."
         if p + "weight" in mapped and p + "bias" not in mapped:
             mapped[p + "bias"] = mapped[p + "weight"].new_zeros(mapped[p + "weight"].shape[0])
+        # an original MSA layer always keeps its value bias (only ``qk`` follows qkv_bias): on a base Swin built
+        # without qkv biases, its fused qkv gets one (zero for q and k)
+        attn = pruned.swin.layers[s].blocks[j].attn
+        qkv = getattr(attn, "qkv", None)
+        if isinstance(qkv, nn.Linear) and qkv.bias is None and f"layers.{s}.blocks.{j}.attn.qkv.bias" in mapped:
+            biased = nn.Linear(qkv.in_features, qkv.out_features, bias=True, device=qkv.weight.device,
+                               dtype=qkv.weight.dtype)
+            with torch.no_grad():
+                biased.weight.copy_(qkv.weight)
+            attn.qkv = biased
     _strict(pruned, {f"swin.{k}": v for k, v in mapped.items()}, path,
             f"the SPViT Swin fine-tune model of {name} ({' '.join(arch.attn_choices)})")
     return pruned
