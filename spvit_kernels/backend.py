@@ -80,11 +80,15 @@ def preload() -> None:
     """Import every provider that can be imported here, so that a later :func:`resolve` only reads the cache.
 
     Called when a model that dispatches per call is built (e.g. :class:`spvit.DeployedModel`): a first call that
-    happens inside ``torch.compile(fullgraph=True)`` then finds no import left to trace.
+    happens inside ``torch.compile(fullgraph=True)`` then finds no import left to trace. Also registers the ops'
+    decompositions (:mod:`spvit_kernels.decompositions`) for ``torch.onnx.export(..., dynamo=True)``.
     """
     for op, providers in _PROVIDERS.items():
         for backend in providers:
             available(op, backend)
+    from . import decompositions
+
+    decompositions.register()  # the ONNX exporter then lowers the ops to standard operators by itself
 
 
 def triton_available() -> bool:

@@ -149,3 +149,33 @@ def test_float16_runs_in_onnxruntime(tmp_path):
     out = run_ort(path, x)
     assert out.dtype == torch.float16
     torch.testing.assert_close(out.float(), ref.float(), atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.skipif(not dynamo_exporter_available(), reason="the dynamo ONNX exporter needs onnxscript (not installed)")
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_plain_torch_onnx_export(deployed, backend, tmp_path):
+    """``torch.onnx.export(deployed, (x,), dynamo=True)``, the call a PyTorch user makes first, lowers the spvit ops
+    to standard operators by itself and gives spvit.export_onnx's result; ``torch.export`` still keeps the ops."""
+    from spvit_kernels import backend_of, use_backend
+
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1")
+    x = torch.randn(3, 3, 32, 32)
+    ours = str(tmp_path / "spvit.onnx")
+    export_onnx(deployed, ours, dynamo=True)
+    with use_backend(backend), torch.no_grad():
+        if backend == "triton":
+            assert backend_of("deploy_conv", x.device) == "triton" and backend_of("pruned_ffn", x.device) == "triton"
+        program = torch.export.export(deployed, (x,))
+        targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+        assert any(t.startswith("spvit.") for t in targets), targets  # the saved program runs the fused ops
+        onnx_program = torch.onnx.export(deployed, (x,), dynamo=True)
+    path = str(tmp_path / "plain.onnx")
+    onnx_program.save(path)
+    graph = onnx.load(path).graph
+    assert {n.domain for n in graph.node} <= {"", "ai.onnx"}
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    out = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    with torch.no_grad():
+        torch.testing.assert_close(out, deployed(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, run_ort(ours, x), atol=1e-6, rtol=1e-6)
