@@ -17,6 +17,8 @@ Supported: torch 2.11 / triton 3.6 up to the newest release (tested in CI: torch
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 from typing import Callable, Iterable, Optional, Sequence
 
@@ -65,6 +67,25 @@ def _use_triton_op() -> bool:
     return HAS_TRITON and hasattr(torch.library, "triton_op") and not interpret()
 
 
+def _one_device(qualname: str, fake: Callable) -> Callable:
+    """``fake`` refusing tensors on different devices.
+
+    The fake (meta) kernel also runs on real tensors when any argument is a ``meta`` tensor; it would then return an
+    unwritten tensor on the other arguments' device instead of an error.
+    """
+    sig = inspect.signature(fake)
+
+    @functools.wraps(fake)
+    def checked(*args, **kwargs):
+        named = [(k, v) for k, v in sig.bind(*args, **kwargs).arguments.items() if isinstance(v, torch.Tensor)]
+        if len({v.device for _, v in named}) > 1:
+            where = ", ".join(f"{k} on {v.device}" for k, v in named)
+            raise ValueError(f"{qualname}: all tensors must be on one device, got {where}")
+        return fake(*args, **kwargs)
+
+    return checked
+
+
 def define_op(name: str, fn: Callable, fake: Optional[Callable] = None, mutates_args: Sequence[str] = (),
               traceable: bool = True):
     """Register ``fn`` (schema from its type hints) as the op ``spvit::<name>`` and return the op.
@@ -86,7 +107,7 @@ def define_op(name: str, fn: Callable, fake: Optional[Callable] = None, mutates_
         if fake is None:
             raise ValueError("an opaque custom op needs a fake (shape) function")
         op = torch.library.custom_op(qualname, fn, mutates_args=tuple(mutates_args))
-        op.register_fake(fake)
+        op.register_fake(_one_device(qualname, fake))
         return op
     except Exception as exc:  # noqa: BLE001 - re-raised with the op's name
         raise RuntimeError(f"spvit_kernels: registering the op {qualname} failed: {exc}") from exc

@@ -46,6 +46,8 @@ def _check(planes: torch.Tensor, bias: Optional[torch.Tensor], grid: Tuple[int, 
         raise ValueError(f"shift_sum: expected 9 or 1 taps, got {t}")
     if bias is not None and tuple(bias.shape) != (d,):
         raise ValueError(f"shift_sum: bias must be (d,) = ({d},), got {tuple(bias.shape)}")
+    if bias is not None and bias.device != planes.device:
+        raise ValueError(f"shift_sum: bias is on {bias.device} but planes are on {planes.device}")
     return hh, ww
 
 
@@ -123,6 +125,9 @@ def _register_ext_op() -> None:
 
     @torch.library.register_fake("spvit::shift_sum")
     def _(planes, bias, H, W, relu):  # noqa: N803 - schema names
+        # also reached with real tensors when one argument is a meta tensor: never return an unwritten real tensor
+        if bias is not None and bias.device != planes.device:
+            raise ValueError(f"spvit::shift_sum: bias is on {bias.device} but planes are on {planes.device}")
         torch._check(planes.dim() == 4, lambda: "planes must be (B, P, T, d)")
         torch._check(planes.shape[1] == H * W, lambda: "planes positions != H*W")
         torch._check(planes.shape[2] in (1, 9), lambda: "expected 9 or 1 taps")
@@ -156,6 +161,9 @@ def deploy_conv_ext(
     Returns:
         (B, N, C): ``x_hat[:, :prefix]`` then ``ReLU(shift_sum(x_p W_planes^T) + b_fold) W_out^T + b_out``.
     """
+    from . import checks
+
+    checks.deploy_conv(x_hat, w_planes, b_fold, w_out, b_out, grid, num_prefix_tokens)
     d = b_fold.shape[0]
     t = w_planes.shape[0] // d
     xp = x_hat[:, num_prefix_tokens:]

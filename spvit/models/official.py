@@ -113,6 +113,11 @@ def load_official(path: str, model: Union[str, nn.Module], alpha: Optional[float
         ValueError: a checkpoint of another model (a DeiT file for a Swin or the reverse, another depth or width),
             naming the mismatch.
     """
+    if not isinstance(model, (str, nn.Module)):
+        raise TypeError(f"load_official: model must be a timm model name (e.g. 'deit_small_patch16_224') or a timm "
+                        f"model instance, got {type(model).__name__}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"load_official: path must be a file path, got {type(path).__name__}")
     sd = _read_state_dict(path)
     base = _base_model(model, sd, **create_kwargs)
     name = model if isinstance(model, str) else model_name_of(base)

@@ -420,7 +420,16 @@ def prune(model: Union[nn.Module, Supernet], arch: Architecture, carry_weights: 
         official_skip: skip layers return LN1(x) (original fine-tune semantics, quirk Q4) instead of 0.
 
     A timm Swin Transformer (or a Swin supernet) gives a :class:`~spvit.models.swin.SwinPrunedModel`.
+
+    Raises:
+        TypeError: ``model`` is not a module or ``arch`` not an :class:`~spvit.arch.Architecture`.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"prune: model must be a timm ViT / Swin or a supernet (an nn.Module), got "
+                        f"{type(model).__name__}")
+    if not isinstance(arch, Architecture):
+        raise TypeError(f"prune: arch must be an spvit.Architecture (e.g. spvit.Architecture.load(path)), got "
+                        f"{type(arch).__name__}")
     for matches, build in PRUNE_BUILDERS:
         if matches(model):
             return build(model, arch, carry_weights=carry_weights, alpha=alpha, official_skip=official_skip)
