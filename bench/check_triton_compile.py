@@ -292,7 +292,8 @@ def deploy_conv_cases(quick: bool) -> List[Case]:
                     cases.append(Case(
                         "deploy_conv_fwd", fn, f"{sname} T{t}" + (f" {prec}" if dt == torch.float32 else ""), ty,
                         dict(x_ptr=f"*{ty}", wp_ptr=f"*{ty}", bf_ptr="*fp32", wo_ptr=f"*{ty}", bo_ptr="*fp32",
-                             out_ptr=f"*{ty}", H=i32(GH), W=i32(GW), C=i32(c), D=i32(d), PREFIX=i32(PREFIX),
+                             out_ptr=f"*{ty}", NB=i32(BATCH), H=i32(GH), W=i32(GW), C=i32(c), D=i32(d),
+                             PREFIX=i32(PREFIX),
                              stride_xb=i32(N_TOK * c), stride_xn=i32(c), stride_ob=i32(N_TOK * c),
                              stride_on=i32(c), B_BUCKET=i32(BATCH)),
                         dict(T=t, HAS_BOUT=True, DOT_PRECISION=prec, UPCAST=False, BLOCK_D=block_d,
