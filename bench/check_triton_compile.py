@@ -237,7 +237,8 @@ def ffn_cases(quick: bool) -> List[Case]:
                     num_warps=warps, num_stages=stages, autotuned=tuned))
             if pruned:
                 continue
-            for (tiles, warps, stages, tuned), act in ((v, a) for v in bwd_variants for a in ((1,) if quick else (1, 2))):
+            acts = (1,) if quick else (1, 2)
+            for (tiles, warps, stages, tuned), act in ((v, a) for v in bwd_variants for a in acts):
                 cases.append(Case(
                     "ffn_bwd", mf._masked_ffn_bwd_kernel, label, ty,
                     dict(dy_ptr=f"*{ty}", w2_ptr=f"*{ty}", z_ptr=f"*{ty}", mask_ptr="*fp32", dz_ptr=f"*{ty}",

@@ -802,5 +802,5 @@ def _pruned_from_ours(obj: Dict, path: str, model_name: Optional[str]) -> Pruned
 
 
 __all__ = ["DEPLOYERS", "DEPLOYED_CLASSES", "DeployedModel", "DeployedBlock", "FusedAttention", "FoldedConv",
-           "CompactFFN", "pad_ffns", "deploy", "load_deployed", "save_deployed", "deploy_checkpoint", "from_file_dict", "FORMAT",
-           "FORMAT_VERSION"]
+           "CompactFFN", "pad_ffns", "deploy", "load_deployed", "save_deployed", "deploy_checkpoint", "from_file_dict",
+           "FORMAT", "FORMAT_VERSION"]

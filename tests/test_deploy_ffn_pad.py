@@ -27,7 +27,8 @@ def test_padded_ffn_gives_the_same_output(family, backend, tmp_path):
         torch.testing.assert_close(padded(x), plain(x), atol=1e-6, rtol=1e-6)
     # the padded units are exact zeros, and files hold the kept width
     for f in _ffns(padded):
-        assert not f.fc1.weight[f.width:].any() and not f.fc1.bias[f.width:].any() and not f.fc2.weight[:, f.width:].any()
+        k = f.width
+        assert not f.fc1.weight[k:].any() and not f.fc1.bias[k:].any() and not f.fc2.weight[:, k:].any()
     sd, sd_plain = padded.state_dict(), plain.state_dict()
     assert sd.keys() == sd_plain.keys() and all(torch.equal(sd[k], sd_plain[k]) for k in sd)
     padded.save(str(tmp_path / "m.pt"))

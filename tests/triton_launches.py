@@ -29,7 +29,8 @@ AUTOTUNED = {}
 def _autotuned():
     if not AUTOTUNED:
         from spvit_kernels import deploy_conv as dc
-        AUTOTUNED["_deploy_conv_fwd_kernel"] = (len(dc._deploy_conv_fwd_tuned.configs), ("BLOCK_M", "BLOCK_K", "BLOCK_N"))
+        AUTOTUNED["_deploy_conv_fwd_kernel"] = (len(dc._deploy_conv_fwd_tuned.configs),
+                                                ("BLOCK_M", "BLOCK_K", "BLOCK_N"))
         from spvit_kernels import masked_ffn as mf
         tuned = getattr(mf, "_AUTOTUNED_KERNELS", {})
         for name, (n_cfg, tiles) in tuned.items():
