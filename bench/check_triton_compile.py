@@ -201,11 +201,20 @@ def ffn_cases(quick: bool) -> List[Case]:
             cfg = mf._blocks(cuda, dt)
             tiles = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
                          GROUP_M=cfg["GROUP_M"])
+            bwd_cfg = mf._blocks(cuda, dt, backward=True)
+            # the pinned configs (SPVIT_AUTOTUNE=0), then, unless quick, every autotune config
+            bwd_variants = [(dict(BLOCK_M=bwd_cfg["BLOCK_M"], BLOCK_F=bwd_cfg["BLOCK_N"], BLOCK_K=bwd_cfg["BLOCK_K"],
+                                  GROUP_M=bwd_cfg["GROUP_M"]), bwd_cfg["num_warps"], bwd_cfg["num_stages"], False)]
+            fwd_variants = [(tiles, cfg["num_warps"], cfg["num_stages"], False)]
+            if not quick:
+                fwd_variants += [(dict(a.kwargs), a.num_warps, a.num_stages, True) for a in mf._FWD_CONFIGS]
+                bwd_variants += [(dict(a.kwargs), a.num_warps, a.num_stages, True) for a in mf._BWD_CONFIGS]
             label = f"{sname}" + ("" if dt != torch.float32 else (" tf32" if tf32 else " ieee"))
             # fc1: bias + GELU (+ gate mask and saved pre-activation in search mode; neither when pruned)
             fc1_variants = [(1, not pruned, True)] if quick else \
                 [(1, not pruned, True), (1, not pruned, False), (2, not pruned, True)]
-            for act, has_mask, store_z in fc1_variants:
+            for (tiles, warps, stages, tuned), (act, has_mask, store_z) in (
+                    (v, f) for v in fwd_variants for f in fc1_variants):
                 if pruned:
                     store_z = False
                 cases.append(Case(
@@ -215,26 +224,27 @@ def ffn_cases(quick: bool) -> List[Case]:
                          stride_wn=i32(c), stride_wk=i32(1), stride_om=i32(f_pad), stride_on=i32(1)),
                     dict(ACT=act, HAS_BIAS=True, HAS_MASK=has_mask, STORE_Z=store_z,
                          PRECISION="tf32" if tf32 else "ieee", INTERPRET_BF16=False, **tiles),
-                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+                    num_warps=warps, num_stages=stages, autotuned=tuned))
             # fc2 on the Triton GEMM (masked_ffn_with_fc2(fc2="triton"), pruned_ffn default): no act, no mask
-            cases.append(Case(
-                "ffn_fwd(fc2)", mf._masked_ffn_fwd_kernel, label, ty,
-                dict(x_ptr=f"*{ty}", w_ptr=f"*{ty}", b_ptr=f"*{ty}", mask_ptr=f"*{ty}", out_ptr=f"*{ty}",
-                     z_ptr=f"*{ty}", M=i32(m_rows), N=i32(c), K=i32(f), stride_xm=i32(f_pad), stride_xk=i32(1),
-                     stride_wn=i32(f), stride_wk=i32(1), stride_om=i32(c), stride_on=i32(1)),
-                dict(ACT=0, HAS_BIAS=True, HAS_MASK=False, STORE_Z=False, PRECISION="tf32" if tf32 else "ieee",
-                     INTERPRET_BF16=False, **tiles),
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+            for tiles, warps, stages, tuned in fwd_variants:
+                cases.append(Case(
+                    "ffn_fwd(fc2)", mf._masked_ffn_fwd_kernel, label, ty,
+                    dict(x_ptr=f"*{ty}", w_ptr=f"*{ty}", b_ptr=f"*{ty}", mask_ptr=f"*{ty}", out_ptr=f"*{ty}",
+                         z_ptr=f"*{ty}", M=i32(m_rows), N=i32(c), K=i32(f), stride_xm=i32(f_pad), stride_xk=i32(1),
+                         stride_wn=i32(f), stride_wk=i32(1), stride_om=i32(c), stride_on=i32(1)),
+                    dict(ACT=0, HAS_BIAS=True, HAS_MASK=False, STORE_Z=False, PRECISION="tf32" if tf32 else "ieee",
+                         INTERPRET_BF16=False, **tiles),
+                    num_warps=warps, num_stages=stages, autotuned=tuned))
             if pruned:
                 continue
-            for act in ((1,) if quick else (1, 2)):
+            acts = (1,) if quick else (1, 2)
+            for (tiles, warps, stages, tuned), act in ((v, a) for v in bwd_variants for a in acts):
                 cases.append(Case(
                     "ffn_bwd", mf._masked_ffn_bwd_kernel, label, ty,
                     dict(dy_ptr=f"*{ty}", w2_ptr=f"*{ty}", z_ptr=f"*{ty}", mask_ptr="*fp32", dz_ptr=f"*{ty}",
                          h_ptr=f"*{ty}", part_ptr="*fp32", M=i32(m_rows), F=i32(f), C=i32(c)),
-                    dict(ACT=act, PRECISION="tf32" if tf32 else "ieee", INTERPRET_BF16=False, BLOCK_M=cfg["BLOCK_M"],
-                         BLOCK_F=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"]),
-                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+                    dict(ACT=act, PRECISION="tf32" if tf32 else "ieee", INTERPRET_BF16=False, **tiles),
+                    num_warps=warps, num_stages=stages, autotuned=tuned))
     return cases
 
 
@@ -292,7 +302,8 @@ def deploy_conv_cases(quick: bool) -> List[Case]:
                     cases.append(Case(
                         "deploy_conv_fwd", fn, f"{sname} T{t}" + (f" {prec}" if dt == torch.float32 else ""), ty,
                         dict(x_ptr=f"*{ty}", wp_ptr=f"*{ty}", bf_ptr="*fp32", wo_ptr=f"*{ty}", bo_ptr="*fp32",
-                             out_ptr=f"*{ty}", H=i32(GH), W=i32(GW), C=i32(c), D=i32(d), PREFIX=i32(PREFIX),
+                             out_ptr=f"*{ty}", NB=i32(BATCH), H=i32(GH), W=i32(GW), C=i32(c), D=i32(d),
+                             PREFIX=i32(PREFIX),
                              stride_xb=i32(N_TOK * c), stride_xn=i32(c), stride_ob=i32(N_TOK * c),
                              stride_on=i32(c), B_BUCKET=i32(BATCH)),
                         dict(T=t, HAS_BOUT=True, DOT_PRECISION=prec, UPCAST=False, BLOCK_D=block_d,

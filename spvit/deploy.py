@@ -148,7 +148,11 @@ class FoldedConv(nn.Module):
 
 
 class CompactFFN(nn.Module):
-    """Pruned FFN at its kept width: ``fc1`` (F, C), ``fc2`` (C, F), run by ``spvit_kernels.ffn``.
+    """Pruned FFN at its kept width: ``fc1`` (F, C), ``fc2`` (C, F), run by ``spvit_kernels.pruned_ffn``.
+
+    :meth:`pad_width` may give it extra all-zero hidden units (fc1 rows and bias 0, fc2 columns 0: GELU(0) = 0, so
+    the output is unchanged), so that the GEMMs run on aligned widths; ``width`` stays the kept width, and
+    ``state_dict()`` holds (and ``load_state_dict`` takes) the weights at that width.
 
     forward(x_hat: (B, N, C)) -> (B, N, C).
     """
@@ -156,13 +160,77 @@ class CompactFFN(nn.Module):
     def __init__(self, dim: int, width: int, approximate: str, ops: _OpChoice):
         super().__init__()
         self.approximate = approximate
+        self.width = int(width)
         self.fc1 = nn.Linear(dim, width)
         self.fc2 = nn.Linear(width, dim)
         self._ops = ops
+        self._register_state_dict_hook(_ffn_unpadded_state)
+        self._register_load_state_dict_pre_hook(_ffn_padded_load, with_module=True)
+
+    @property
+    def padded_width(self) -> int:
+        """The width the GEMMs run at (``width`` unless padded)."""
+        return self.fc1.out_features
+
+    @torch.no_grad()
+    def pad_width(self, multiple: int) -> None:
+        """Run at the kept width rounded up to a multiple of ``multiple`` (1: the kept width), with zero units."""
+        if multiple < 1:
+            raise ValueError(f"pad_width: multiple must be >= 1, got {multiple}")
+        target = -(-self.width // multiple) * multiple
+        if target == self.padded_width:
+            return
+        w1, b1, w2 = self.fc1.weight, self.fc1.bias, self.fc2.weight
+        k = self.width
+        nw1, nb1, nw2 = w1.new_zeros(target, w1.shape[1]), b1.new_zeros(target), w2.new_zeros(w2.shape[0], target)
+        nw1[:k], nb1[:k], nw2[:, :k] = w1[:k], b1[:k], w2[:, :k]
+        self.fc1.weight = nn.Parameter(nw1, requires_grad=False)
+        self.fc1.bias = nn.Parameter(nb1, requires_grad=False)
+        self.fc2.weight = nn.Parameter(nw2, requires_grad=False)
+        self.fc1.out_features = self.fc2.in_features = target
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._ops.op("pruned_ffn", x.device)(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
                                    self.approximate)
+
+
+def _ffn_unpadded_state(module: CompactFFN, state: Dict[str, torch.Tensor], prefix: str, local_metadata) -> None:
+    k = module.width
+    if module.padded_width != k:
+        state[prefix + "fc1.weight"] = state[prefix + "fc1.weight"][:k]
+        state[prefix + "fc1.bias"] = state[prefix + "fc1.bias"][:k]
+        state[prefix + "fc2.weight"] = state[prefix + "fc2.weight"][:, :k]
+
+
+def _ffn_padded_load(module: CompactFFN, state: Dict[str, torch.Tensor], prefix: str, *args) -> None:
+    k, target = module.width, module.padded_width
+    if target == k:
+        return
+    for name, dim in (("fc1.weight", 0), ("fc1.bias", 0), ("fc2.weight", 1)):
+        t = state.get(prefix + name)
+        if t is not None and t.dim() > dim and t.shape[dim] == k:
+            pad = list(t.shape)
+            pad[dim] = target - k
+            state[prefix + name] = torch.cat([t, t.new_zeros(pad)], dim=dim)
+
+
+FFN_PAD_MULTIPLE = 64  # hidden width of the deployed FFNs on CUDA (tensor-core tiles, aligned fc2 rows)
+
+
+def pad_ffns(model: nn.Module, multiple: int = FFN_PAD_MULTIPLE) -> nn.Module:
+    """Pad every :class:`CompactFFN` of ``model`` to a hidden width that is a multiple of ``multiple`` with zero units
+    (exact: the outputs do not change); ``multiple = 1`` removes the padding. Returns ``model``."""
+    for m in model.modules():
+        if isinstance(m, CompactFFN):
+            m.pad_width(multiple)
+    return model
+
+
+def _pad_default(model: nn.Module, pad_ffn: Optional[bool]) -> nn.Module:
+    """``pad_ffn`` None: pad on CUDA only."""
+    if pad_ffn is None:
+        pad_ffn = model.device.type == "cuda"
+    return pad_ffns(model, FFN_PAD_MULTIPLE if pad_ffn else 1)
 
 
 class DeployedBlock(nn.Module):
@@ -516,7 +584,7 @@ def _other_family(model: nn.Module) -> Optional[Callable[..., "DeployedModel"]]:
 
 
 def deploy(model: nn.Module, dtype: Optional[torch.dtype] = None,
-           device: Optional[Union[str, torch.device]] = None) -> DeployedModel:
+           device: Optional[Union[str, torch.device]] = None, pad_ffn: Optional[bool] = None) -> DeployedModel:
     """The inference model of a fine-tuned SPViT model (the input is not modified).
 
     Folding is done in float64 from the model's weights, then cast to ``dtype``; a model in training mode is read as
@@ -527,6 +595,8 @@ def deploy(model: nn.Module, dtype: Optional[torch.dtype] = None,
             fine-tune checkpoint), or a ``SwinPrunedModel`` (deployed as a :class:`~spvit.deploy_swin.DeployedSwin`).
         dtype: parameter dtype of the result (default: the model's).
         device: device of the result (default: the model's).
+        pad_ffn: run each pruned FFN at its kept width rounded up to a multiple of 64, with zero hidden units (exact;
+            aligned GEMMs). Default: on for a CUDA result, off otherwise. Files always hold the kept width.
     Returns:
         a :class:`DeployedModel` equal to ``model.eval()`` up to rounding.
     Raises:
@@ -534,7 +604,7 @@ def deploy(model: nn.Module, dtype: Optional[torch.dtype] = None,
     """
     family_deploy = _other_family(model)
     if family_deploy is not None:
-        return family_deploy(model, dtype=dtype, device=device)
+        return _pad_default(family_deploy(model, dtype=dtype, device=device), pad_ffn)
     if isinstance(model, Supernet):
         raise TypeError("this model is a Supernet, still in search mode; read out the architecture "
                         "(arch = supernet.architecture()) and prune first (spvit.prune(model, arch)), then fine-tune "
@@ -574,7 +644,7 @@ def deploy(model: nn.Module, dtype: Optional[torch.dtype] = None,
             raise RuntimeError(f"deploy: state mismatch; missing {missing[:5]}, unexpected {extra[:5]}")
         out.to(device=device, dtype=dtype)
         out.load_state_dict(state)  # copy_ rounds the float64 values once, to ``dtype``
-    return out
+    return _pad_default(out, pad_ffn)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -588,13 +658,14 @@ def save_deployed(model: DeployedModel, path: str) -> None:
 
 
 def load_deployed(path: str, device: Optional[Union[str, torch.device]] = None,
-                  dtype: Optional[torch.dtype] = None) -> DeployedModel:
+                  dtype: Optional[torch.dtype] = None, pad_ffn: Optional[bool] = None) -> DeployedModel:
     """Load a file written by :meth:`DeployedModel.save`.
 
     Args:
         path: the file.
         device: where to put the model (default CPU).
         dtype: cast to this dtype (default: the dtype it was saved in).
+        pad_ffn: pad the FFN widths to multiples of 64 as :func:`deploy` does (default: on CUDA only).
     Raises:
         FileNotFoundError: no such file.
         ValueError: not a deployed SPViT model, a format version this package does not read, or missing / misshapen
@@ -606,7 +677,7 @@ def load_deployed(path: str, device: Optional[Union[str, torch.device]] = None,
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt, truncated, not a torch file or holding pickled objects
         raise ValueError(f"cannot read {path} as a deployed SPViT model ({type(exc).__name__}: {exc})") from exc
-    return from_file_dict(obj, path, device=device, dtype=dtype)
+    return _pad_default(from_file_dict(obj, path, device=device, dtype=dtype), pad_ffn)
 
 
 def from_file_dict(obj: Any, path: str = "<dict>", device=None, dtype: Optional[torch.dtype] = None) -> DeployedModel:
@@ -731,5 +802,5 @@ def _pruned_from_ours(obj: Dict, path: str, model_name: Optional[str]) -> Pruned
 
 
 __all__ = ["DEPLOYERS", "DEPLOYED_CLASSES", "DeployedModel", "DeployedBlock", "FusedAttention", "FoldedConv",
-           "CompactFFN", "deploy", "load_deployed", "save_deployed", "deploy_checkpoint", "from_file_dict", "FORMAT",
-           "FORMAT_VERSION"]
+           "CompactFFN", "pad_ffns", "deploy", "load_deployed", "save_deployed", "deploy_checkpoint", "from_file_dict",
+           "FORMAT", "FORMAT_VERSION"]

@@ -10,7 +10,7 @@ A gate logit ``theta`` gives, per forward pass:
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -74,3 +74,28 @@ def logits_for_choice(choice: str, magnitude: float = 1.5) -> torch.Tensor:
     if choice not in pattern:
         raise ValueError(f"unknown attention choice {choice!r}; expected one of {ATTN_CHOICES}")
     return torch.tensor(pattern[choice], dtype=torch.float32) * abs(magnitude)
+
+
+class HostGates:
+    """The gate tensors of several layers, read to the host together: one transfer (one host synchronisation on a
+    GPU) for all of them, on the first :meth:`values` call, instead of one per layer.
+
+    Args:
+        gates: one tensor per layer (any shapes, values exactly 0/1); kept as given (with their gradients).
+    """
+
+    def __init__(self, gates: Sequence[torch.Tensor]):
+        self.gates = list(gates)
+        self._values: Optional[List[List[float]]] = None
+
+    def values(self, i: int) -> List[float]:
+        """Host copy (floats) of ``gates[i]``, flattened."""
+        if self._values is None:
+            flat = [g.detach().reshape(-1).to(torch.float32) for g in self.gates]
+            sizes = [f.numel() for f in flat]
+            allv = torch.cat(flat).tolist() if flat else []  # the only host read
+            self._values, k = [], 0
+            for n in sizes:
+                self._values.append(allv[k:k + n])
+                k += n
+        return self._values[i]

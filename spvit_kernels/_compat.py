@@ -42,6 +42,34 @@ def interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+_AUTOTUNE = {}
+
+
+def autotune_enabled() -> bool:
+    """Whether the autotuned kernels (``deploy_conv``, ``masked_ffn`` on CUDA) try their tile configs per new shape
+    (``SPVIT_AUTOTUNE`` != ``0``, read once; default on), or launch one pinned config (fewer compilations: for
+    correctness runs). :func:`set_autotune` changes it in a running process."""
+    if "on" not in _AUTOTUNE:
+        _AUTOTUNE["on"] = os.environ.get("SPVIT_AUTOTUNE", "1").strip() != "0"
+    return _AUTOTUNE["on"]
+
+
+def set_autotune(enabled: Optional[bool]) -> None:
+    """Turn autotuning on or off for this process; None reads ``SPVIT_AUTOTUNE`` again."""
+    _AUTOTUNE.clear()
+    if enabled is not None:
+        _AUTOTUNE["on"] = bool(enabled)
+
+
+def autotune(configs, key):
+    """``triton.autotune`` that keeps its results across processes in Triton's cache where this triton can
+    (``cache_results``)."""
+    import inspect
+
+    kwargs = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+    return triton.autotune(configs=configs, key=key, **kwargs)
+
+
 def triton_can_run(device: torch.device) -> bool:
     """Whether Triton kernels can run on tensors of ``device`` here (CUDA, or CPU under the interpreter)."""
     return HAS_TRITON and (device.type == "cuda" or (device.type == "cpu" and interpret()))

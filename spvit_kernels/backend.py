@@ -6,6 +6,10 @@ Selection, in order:
 3. ``auto``: on CUDA tensors the Triton kernel if the op has one (else the extension, else eager);
    on CPU tensors the extension if the op has a CPU kernel there, else eager.
 
+The environment (``SPVIT_BACKEND``, ``TRITON_INTERPRET``) is read once, on the first call, and each (op, device type,
+backend) choice is resolved once and cached, so that an op call costs a dictionary look-up. After changing
+``SPVIT_BACKEND`` in a running process, call :func:`refresh` to read it again.
+
 Forcing ``triton`` on CPU tensors needs ``TRITON_INTERPRET=1`` (set before triton is imported); otherwise a
 clear error is raised. Forcing a backend that an op does not have falls back to ``eager`` for that op only.
 """
@@ -15,7 +19,7 @@ import contextlib
 import importlib
 import os
 import threading
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -40,6 +44,32 @@ _EXT_OP = {"deploy_conv": "shift_sum"}
 
 _local = threading.local()
 _cache: Dict[str, Optional[Callable]] = {}
+_env: Dict[str, str] = {}  # SPVIT_BACKEND / TRITON_INTERPRET as read by the first call (see refresh())
+_resolved: Dict[Tuple[str, str, str], Callable] = {}  # (op, device type, requested backend) -> implementation
+
+
+def refresh() -> None:
+    """Read ``SPVIT_BACKEND`` and ``TRITON_INTERPRET`` again and forget every resolved choice.
+
+    The environment is otherwise read once per process (on the first op call): call this after changing it.
+
+    Raises:
+        ValueError: if ``SPVIT_BACKEND`` names no backend.
+    """
+    _env.clear()
+    _resolved.clear()
+    _env_backend()
+
+
+def _env_backend() -> str:
+    if "backend" not in _env:
+        name = os.environ.get("SPVIT_BACKEND", "auto").strip().lower() or "auto"
+        if name == "cuda":
+            name = "ext"
+        if name not in BACKENDS:
+            raise ValueError(f"SPVIT_BACKEND={name!r} is not one of {BACKENDS}")
+        _env["backend"] = name
+    return _env["backend"]
 
 
 @contextlib.contextmanager
@@ -56,12 +86,8 @@ def use_backend(name: str):
 
 
 def requested_backend() -> str:
-    name = getattr(_local, "name", None) or os.environ.get("SPVIT_BACKEND", "auto").strip().lower() or "auto"
-    if name == "cuda":
-        name = "ext"
-    if name not in BACKENDS:
-        raise ValueError(f"SPVIT_BACKEND={name!r} is not one of {BACKENDS}")
-    return name
+    """The backend asked for here: the innermost :func:`use_backend`, else ``SPVIT_BACKEND`` (read once)."""
+    return getattr(_local, "name", None) or _env_backend()
 
 
 def _load(spec: str) -> Optional[Callable]:
@@ -100,7 +126,10 @@ def triton_available() -> bool:
 
 
 def triton_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Whether Triton kernels run under the interpreter (``TRITON_INTERPRET=1``, read once; see :func:`refresh`)."""
+    if "interpret" not in _env:
+        _env["interpret"] = os.environ.get("TRITON_INTERPRET", "0")
+    return _env["interpret"] == "1"
 
 
 def available(op: str, backend: str) -> bool:
@@ -120,10 +149,19 @@ def available(op: str, backend: str) -> bool:
 
 
 def resolve(op: str, device: torch.device) -> Callable:
-    """The implementation of ``op`` to use for tensors on ``device``."""
+    """The implementation of ``op`` to use for tensors on ``device`` (resolved once per op, device type and requested
+    backend, then cached)."""
+    name = requested_backend()
+    key = (op, device.type, name)
+    fn = _resolved.get(key)
+    if fn is None:
+        fn = _resolved[key] = _resolve(op, device, name)
+    return fn
+
+
+def _resolve(op: str, device: torch.device, name: str) -> Callable:
     if op not in _PROVIDERS and not hasattr(reference, op):
         raise KeyError(f"unknown op {op!r}")
-    name = requested_backend()
     on_cuda = device.type == "cuda"
     if name == "auto":
         order = ["triton", "ext"] if on_cuda else ["ext"]
@@ -157,3 +195,4 @@ def register_provider(op: str, backend: str, spec: str) -> None:
     """Add or replace a provider (``"module:function"``)."""
     _PROVIDERS.setdefault(op, {})[backend] = spec
     _cache.pop(spec, None)
+    _resolved.clear()

@@ -5,7 +5,8 @@ Computes, with the signature of :func:`spvit_kernels.reference.deploy_conv`::
     out[:, :prefix] = x_hat[:, :prefix]
     out[:, prefix:] = ReLU(shift_sum(x_p W_planes^T) + b_fold) W_out^T + b_out        (x_p = patch tokens)
 
-Design: implicit-GEMM convolution, one program per (image, tile of BLOCK_M patch positions).
+Design: implicit-GEMM convolution, one program per tile of BLOCK_M rows of the (batch x patch positions) index
+(a tile may span two images: no half-empty tiles at the end of each image, and batch 1 still fills BLOCK_M rows).
 Because ``shift_sum(x_p W_planes^T)[p] = sum_t x_p[p + offset_t] W_t^T`` (W_t = rows t*d..t*d+d of W_planes), the
 program never forms the plane tensor: for every tap t it gathers the neighbour rows ``x_p[p + offset_t]`` of its
 tile (masked to zero outside the grid) chunk by chunk over C and accumulates ``rows @ W_t^T`` into a
@@ -33,11 +34,11 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._compat import autocast_cast, define_op, dot_precision, interpret, require_triton_device, tl_dot, upcast_dot
-from ._compat import wrap_triton
+from ._compat import autocast_cast, autotune, autotune_enabled, define_op, dot_precision, interpret
+from ._compat import require_triton_device, tl_dot, upcast_dot, wrap_triton
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NB", "B_BUCKET"])
 def _deploy_conv_fwd_kernel(
     x_ptr,  # (B, N, C) x_hat; rows of C contiguous (stride_xb, stride_xn, 1)
     wp_ptr,  # (T*D, C) w_planes, contiguous
@@ -45,22 +46,23 @@ def _deploy_conv_fwd_kernel(
     wo_ptr,  # (C, D) w_out, contiguous
     bo_ptr,  # (C,) b_out (unused when HAS_BOUT is False)
     out_ptr,  # (B, N, C) output; rows of C contiguous (stride_ob, stride_on, 1)
-    H, W, C, D, PREFIX,
+    NB, H, W, C, D, PREFIX,
     stride_xb, stride_xn, stride_ob, stride_on,
     B_BUCKET,  # next power of two of the batch: only part of the autotune key (a batch-1 choice is not reused at 256)
     T: tl.constexpr, HAS_BOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
     P = H * W
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) patch positions of this tile
-    m_ok = offs_m < P
+    offs_r = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) rows of the (image, position) index
+    m_ok = offs_r < NB * P
+    b = offs_r // P  # image of each row (int64)
+    offs_m = (offs_r % P).to(tl.int32)  # patch position of each row
     i = offs_m // W
     j = offs_m % W
     offs_d = tl.arange(0, BLOCK_D)  # (BLOCK_D,) conv channels (D <= BLOCK_D)
     d_ok = offs_d < D
-    x_base = x_ptr + b * stride_xb + PREFIX * stride_xn  # first patch token of image b
+    x_base = x_ptr + b * stride_xb + PREFIX * stride_xn  # (BLOCK_M,) first patch token of each row's image
 
     # conv: acc[m, :] = sum_t sum_c x_p[m + offset_t, c] * W_planes[t*D + :, c]
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
@@ -78,8 +80,8 @@ def _deploy_conv_fwd_kernel(
         for k0 in range(0, C, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_ok = offs_k < C
-            a = tl.load(x_base + rows[:, None] * stride_xn + offs_k[None, :], mask=row_ok[:, None] & k_ok[None, :],
-                        other=0.0)  # (BLOCK_M, BLOCK_K) neighbour rows
+            a = tl.load(x_base[:, None] + rows[:, None] * stride_xn + offs_k[None, :],
+                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_K) neighbour rows
             w = tl.load(wp_ptr + (t * D + offs_d[None, :]) * C + offs_k[:, None], mask=k_ok[:, None] & d_ok[None, :],
                         other=0.0)  # (BLOCK_K, BLOCK_D) = W_t^T chunk
             acc = tl_dot(a, w, acc, DOT_PRECISION, UPCAST)
@@ -89,7 +91,7 @@ def _deploy_conv_fwd_kernel(
     y = tl.maximum(acc, 0.0).to(x_ptr.dtype.element_ty)  # (BLOCK_M, BLOCK_D)
 
     # output map: out[m, n] = sum_d y[m, d] * W_out[n, d] + b_out[n]
-    out_rows = out_ptr + b * stride_ob + (PREFIX + offs_m)[:, None] * stride_on
+    out_rows = out_ptr + b[:, None] * stride_ob + (PREFIX + offs_m)[:, None] * stride_on
     for n0 in range(0, C, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < C
@@ -114,10 +116,18 @@ def _configs():
     return cfgs
 
 
-# Autotuned on GPUs (key: layer shape and batch bucket); the interpreter (CPU tests) uses the plain kernel with fixed
-# blocks.
-_deploy_conv_fwd_tuned = triton.autotune(configs=_configs(), key=["C", "D", "H", "W", "T", "B_BUCKET"])(
+# Autotuned on GPUs (key: layer shape and batch bucket; results kept in Triton's cache across processes where triton
+# can) unless autotuning is off (SPVIT_AUTOTUNE=0: one pinned config, ``_pinned``); the interpreter (CPU tests) uses
+# the plain kernel with fixed blocks.
+_deploy_conv_fwd_tuned = autotune(configs=_configs(), key=["C", "D", "H", "W", "T", "B_BUCKET"])(
     _deploy_conv_fwd_kernel)
+
+
+def _pinned(dtype: torch.dtype, block_d: int) -> dict:
+    """The one config launched when autotuning is off: the first autotune config, or the small-shared-memory one
+    where the first does not fit sm_80 (fp32 with d > 128)."""
+    bm, bk, bn, warps, stages = (32, 32, 64, 4, 2) if (dtype == torch.float32 and block_d > 128) else (64, 64, 64, 4, 3)
+    return dict(BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn, num_warps=warps, num_stages=stages)
 
 
 def _needs_autograd(*tensors: Optional[torch.Tensor]) -> bool:
@@ -137,17 +147,22 @@ def _deploy_conv_fwd(x_hat: torch.Tensor, w_planes: torch.Tensor, b_fold: torch.
     if out.numel() == 0 or p == 0:
         return out
     block_d = max(16, triton.next_power_of_2(d))
-    args = (x_hat, w_planes, b_fold, w_out, b_out if b_out is not None else b_fold, out, H, W, c, d, num_prefix_tokens,
-            x_hat.stride(0), x_hat.stride(1), out.stride(0), out.stride(1), triton.next_power_of_2(bsz))
+    args = (x_hat, w_planes, b_fold, w_out, b_out if b_out is not None else b_fold, out, bsz, H, W, c, d,
+            num_prefix_tokens, x_hat.stride(0), x_hat.stride(1), out.stride(0), out.stride(1),
+            triton.next_power_of_2(bsz))
     meta = dict(T=t, HAS_BOUT=b_out is not None, DOT_PRECISION=dot_precision(x_hat.dtype), BLOCK_D=block_d,
                 UPCAST=upcast_dot(x_hat.device, x_hat.dtype))
+    rows = bsz * p  # tiles run over the (image, position) index
     if interpret():
-        bm = min(64, max(16, triton.next_power_of_2(p)))
+        bm = min(64, max(16, triton.next_power_of_2(rows)))
         bk = min(64, max(16, triton.next_power_of_2(c)))
-        _deploy_conv_fwd_kernel[(triton.cdiv(p, bm), bsz)](*args, **meta, BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bk)
+        _deploy_conv_fwd_kernel[(triton.cdiv(rows, bm),)](*args, **meta, BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bk)
+    elif not autotune_enabled():
+        cfg = _pinned(x_hat.dtype, block_d)
+        wrap_triton(_deploy_conv_fwd_kernel)[(triton.cdiv(rows, cfg["BLOCK_M"]),)](*args, **meta, **cfg)
     else:
         def launch_grid(m):
-            return (triton.cdiv(p, m["BLOCK_M"]), bsz)
+            return (triton.cdiv(rows, m["BLOCK_M"]),)
 
         wrap_triton(_deploy_conv_fwd_tuned)[launch_grid](*args, **meta)
     return out

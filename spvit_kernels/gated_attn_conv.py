@@ -56,7 +56,7 @@ are cast to the autocast dtype first (as ``F.linear`` would); the op itself runs
 
 Limitations: no double backward.
 """
-from typing import List, NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -924,7 +924,7 @@ def gated_attn_conv(
     head_probs: torch.Tensor, bn1: BNState, bn3: BNState, gates: torch.Tensor, *,
     num_heads: int, alpha: float, grid: Tuple[int, int], training: bool,
     num_prefix_tokens: int = 1, center: int = CENTER_TAP, compute_all: Optional[bool] = None,
-    attn_bias: Optional[torch.Tensor] = None,
+    attn_bias: Optional[torch.Tensor] = None, gate_values: Optional[Sequence[float]] = None,
 ) -> torch.Tensor:
     """Search-mode single-path attention layer, fused (see the module docstring).
 
@@ -947,6 +947,9 @@ def gated_attn_conv(
             using ``attn_bias[b % G]`` (windowed attention: relative position bias, plus the shift mask of window
             b % G). Cast to the attention's dtype; it may require grad (its gradient is summed over the rows of each
             group; exact zeros when MSA is computed with coefficient 0, None when MSA is not computed).
+        gate_values: the values of ``gates`` already on the host (3 floats), when the caller has them (e.g. read for
+            all layers at once): then ``gates`` is not read back here (no host synchronisation). They must equal
+            ``gates``.
     Returns:
         (B, N, C): em*out_msa + e3(1-em)*out_3x3 + e1(1-e3)(1-em)*out_1x1. Under ``torch.autocast`` the activations and
         projection weights are first cast to the autocast dtype (as ``F.linear`` would) and the output has that
@@ -999,7 +1002,12 @@ def gated_attn_conv(
         # so an fp32 bias (e.g. from an fp32 relative-position table under autocast) gets an fp32 gradient
         attn_bias = attn_bias.to(dt)
 
-    vals = gates.detach().to(torch.float32).cpu().tolist()  # one host sync (the original code branches on gates)
+    if gate_values is None:
+        vals = gates.detach().to(torch.float32).tolist()  # one host sync (the original code branches on gates)
+    else:
+        vals = [float(v) for v in gate_values]
+        if len(vals) != 3:
+            raise ValueError(f"gated_attn_conv: gate_values must be 3 values (e1, e3, em), got {len(vals)}")
     if any(val not in (0.0, 1.0) for val in vals):
         raise ValueError(f"gated_attn_conv: gates must be exactly 0/1 values, got {vals}")
     e1, e3, em = vals

@@ -241,7 +241,7 @@ def gated_attn_conv(
     head_probs: torch.Tensor, bn1: BNState, bn3: BNState, gates: torch.Tensor, *,
     num_heads: int, alpha: float, grid: Tuple[int, int], training: bool,
     num_prefix_tokens: int = 1, center: int = CENTER_TAP, compute_all: Optional[bool] = None,
-    attn_bias: Optional[torch.Tensor] = None,
+    attn_bias: Optional[torch.Tensor] = None, gate_values: Optional[Sequence[float]] = None,
 ) -> torch.Tensor:
     """Search-mode single-path attention layer (§1, §2.1, §10.1).
 
@@ -258,6 +258,9 @@ def gated_attn_conv(
             update their running statistics every step, §4.6) or when ``gates`` needs a gradient.
         attn_bias: optional (G, h, N, N) additive attention logits for the MSA candidate only (see :func:`msa`);
             the conv candidates never see it (§7.2).
+        gate_values: the values of ``gates`` already on the host (3 floats), when the caller has them (e.g. read for
+            all layers at once): then ``gates`` is not read back here (no host synchronisation). They must equal
+            ``gates``.
     Returns:
         (B, N, C): em*out_msa + e3(1-em)*out_3x3 + e1(1-e3)(1-em)*out_1x1.
     """
@@ -265,7 +268,13 @@ def gated_attn_conv(
     c_m, c_3, c_1 = gate_coefficients(gates)
     if compute_all is None:
         compute_all = training or (gates.requires_grad and torch.is_grad_enabled())
-    live = [True] * 3 if compute_all else [bool(c != 0) for c in (c_m, c_3, c_1)]
+    if compute_all:
+        live = [True] * 3
+    elif gate_values is not None:
+        e1, e3, em = (float(v) for v in gate_values)
+        live = [em != 0, e3 * (1 - em) != 0, e1 * (1 - e3) * (1 - em) != 0]
+    else:
+        live = [bool(c != 0) for c in (c_m, c_3, c_1)]
 
     if not any(live):
         return torch.zeros_like(x_hat)

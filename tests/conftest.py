@@ -12,6 +12,10 @@ if not torch.cuda.is_available():
     # Must be set before triton is imported anywhere (kernels then run on CPU tensors).
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Correctness runs launch one pinned config of the autotuned kernels (one compilation per shape class, not one per
+# autotune config); tests/test_deploy_conv.py runs the autotuned path once on a GPU.
+os.environ.setdefault("SPVIT_AUTOTUNE", "0")
+
 import pytest  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))

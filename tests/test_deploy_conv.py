@@ -103,3 +103,66 @@ def test_opcheck_and_autotune_key(device):
     x, wp, bf, wo, bo = _layer(2, (3, 4), 16, 8, 9, 1, torch.float32, device)
     torch.library.opcheck(torch.ops.spvit.deploy_conv.default, (x, wp, bf, wo, bo, 3, 4, 1))
     torch.library.opcheck(torch.ops.spvit.deploy_conv.default, (x[:, 1:].contiguous(), wp[:8], bf, wo, None, 3, 4, 0))
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("grid", [(7, 7), (8, 8), (14, 14)], ids=["50tok", "65tok", "197tok"])
+def test_triton_awkward_batch_and_token_counts(device, batch, grid):
+    """Tiles over batch x positions cross image boundaries: batch 1 and 3 at 50, 65 and 197 tokens (prefix 1)."""
+    for taps in (9, 1):
+        args = _layer(batch, grid, 16, 8, taps, 1, torch.float32, device)
+        out = deploy_conv(*args, grid, num_prefix_tokens=1)
+        torch.testing.assert_close(out, reference.deploy_conv(*args, grid, num_prefix_tokens=1), atol=1e-5, rtol=1e-5)
+
+
+def test_triton_tiles_run_over_batch_times_positions(device, monkeypatch):
+    """One launch axis over the B*P (image, position) rows: ceil(B*P / BLOCK_M) programs, none per image."""
+    from spvit_kernels import deploy_conv as dc
+    if device.type == "cuda":
+        pytest.skip("inspects the interpreter's launch")
+    kern = dc._deploy_conv_fwd_kernel
+    grids = []
+    orig = type(kern).run
+
+    def run(self, *a, grid, warmup, **kw):
+        grids.append((grid, kw["BLOCK_M"]))
+        return orig(self, *a, grid=grid, warmup=warmup, **kw)
+
+    monkeypatch.setattr(type(kern), "run", run)
+    args = _layer(3, (7, 7), 16, 8, 1, 1, torch.float32, device)
+    deploy_conv(*args, (7, 7), num_prefix_tokens=1)
+    (grid, bm), = grids
+    assert tuple(grid) == (-(-3 * 49 // bm),)
+
+
+def test_autotune_switch(monkeypatch):
+    """SPVIT_AUTOTUNE=0 pins one config (read once; set_autotune changes it); the tests run pinned."""
+    from spvit_kernels import _compat
+    try:
+        monkeypatch.setenv("SPVIT_AUTOTUNE", "0")
+        _compat.set_autotune(None)
+        assert not _compat.autotune_enabled()
+        monkeypatch.setenv("SPVIT_AUTOTUNE", "1")
+        assert not _compat.autotune_enabled()  # read once
+        _compat.set_autotune(None)
+        assert _compat.autotune_enabled()
+        _compat.set_autotune(False)
+        assert not _compat.autotune_enabled()
+    finally:
+        monkeypatch.undo()
+        _compat.set_autotune(None)
+    assert not _compat.autotune_enabled()  # tests/conftest.py pins configs
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_autotuned_launch_on_gpu():
+    """The autotuned path (off in the other tests) on one DeiT-like layer."""
+    from spvit_kernels import _compat
+    args = _layer(2, (14, 14), 384, 64, 9, 1, torch.bfloat16, torch.device("cuda"))
+    _compat.set_autotune(True)
+    try:
+        out = deploy_conv(*args, (14, 14))
+    finally:
+        _compat.set_autotune(None)
+    pinned = deploy_conv(*args, (14, 14))
+    torch.testing.assert_close(out, pinned, atol=2e-2, rtol=2e-2)

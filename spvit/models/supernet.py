@@ -1,6 +1,7 @@
 """Search-mode SPViT: every attention layer a single-path MSA/3x3/1x1/skip layer, every FFN unit gated."""
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -77,13 +78,13 @@ class SearchAttention(nn.Module):
                 **kwargs) -> torch.Tensor:
         if attn_mask is not None or is_causal:
             raise ValueError("SPViT attention layers do not support attention masks")
-        e = self.gates()
+        e, host = take_gates(self, x.device)
         self.last_gates = e.detach()
         out = K.ops.gated_attn_conv(
             x, self.qk.weight, self.qk.bias, self.v.weight, self.v.bias, self.proj.weight, self.proj.bias,
             self.head_probs, _bn_state(self.bn_1x1), _bn_state(self.bn_3x3), e,
             num_heads=self.num_heads, alpha=self.alpha, grid=self.grid, training=self.training,
-            num_prefix_tokens=self.num_prefix_tokens,
+            num_prefix_tokens=self.num_prefix_tokens, gate_values=host,
         )
         if self.training:
             self.bn_1x1.num_batches_tracked += 1
@@ -127,7 +128,9 @@ class GatedMlp(nn.Module):
         return G.sample_gate(t) if self.training else G.eval_gate(t)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        m = self.mask()
+        pending = getattr(self, "_pending", None)
+        self._pending = None
+        m = pending if pending is not None else self.mask()
         if self.training and self.drop > 0:  # dropout sits between mask and fc2: not in the fused op
             h = F.gelu(self.fc1(x), approximate=self.approximate) * m.to(x.dtype)
             return F.dropout(self.fc2(F.dropout(h, self.drop)), self.drop)
@@ -135,6 +138,22 @@ class GatedMlp(nn.Module):
 
     def kept(self) -> torch.Tensor:
         return torch.nonzero(self.ffn_thresholds.detach() > 0).flatten()
+
+
+def take_gates(attn: nn.Module, device: torch.device) -> Tuple[torch.Tensor, Optional[List[float]]]:
+    """The gates (e1, e3, em) of a search attention layer for this forward, and their host copy when the fused
+    kernel needs one (None otherwise).
+
+    Inside :meth:`Supernet.sampled_gates` they were sampled for all layers together and are read to the host in
+    one transfer; otherwise the layer samples its own (and the kernel reads them itself).
+    """
+    pending = getattr(attn, "_pending", None)
+    attn._pending = None
+    if pending is None:
+        return attn.gates(), None
+    e, batch, i = pending
+    host = batch.values(i) if K.backend_of("gated_attn_conv", device) == "triton" else None
+    return e, host
 
 
 class Supernet(WrappedVitApi, nn.Module):
@@ -171,7 +190,41 @@ class Supernet(WrappedVitApi, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_images(x, self.signature)
-        return self.vit(x)
+        with self.sampled_gates():
+            return self.vit(x)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        with self.sampled_gates():
+            return super().forward_features(x)
+
+    @contextlib.contextmanager
+    def sampled_gates(self):
+        """Sample the gates of every layer for one forward pass before it starts, so that the fused attention
+        kernels get all their host-side gate values from one transfer (one host synchronisation per step on a GPU,
+        whatever the depth) instead of one per layer.
+
+        The samples are drawn block by block (attention gates, then FFN mask), the order and the calls in which
+        the layers themselves draw them, so that without other random operations between them (drop path, dropout)
+        they are the same numbers. Skipped under gradient checkpointing, whose recomputation redraws each block's
+        samples from its saved random state.
+        """
+        attns, mlps = self.attns, self.mlps
+        if any(getattr(m, "grad_checkpointing", False) for m in self._timm().modules()):
+            yield
+            return
+        es = []
+        for a, m in zip(attns, mlps):
+            es.append(a.gates())
+            m._pending = m.mask()
+        batch = G.HostGates(es)
+        for i, (a, e) in enumerate(zip(attns, es)):
+            a._pending = (e, batch, i)
+        try:
+            yield
+        finally:
+            for a, m in zip(attns, mlps):
+                a._pending = None
+                m._pending = None
 
     def arch_parameters(self) -> List[nn.Parameter]:
         """The gate logits (every parameter whose name contains "thresholds", optimiser 2 of §4.3)."""

@@ -31,7 +31,7 @@ from ..flops import swin_macs
 from .convert import SWIN_TO_DEIT, _pair, check_swin_images, is_swin, model_name_of, swin_signature_of
 from . import timm_api as T
 from .pruned import PRUNE_BUILDERS, ConvAttention, SkipAttention, _compact_mlp, wrapped_pretrained_cfg
-from .supernet import SUPERNET_BUILDERS, GatedMlp, Supernet, _bn_state
+from .supernet import SUPERNET_BUILDERS, GatedMlp, Supernet, _bn_state, take_gates
 
 SWIN_ALPHA = 100.0  # head-mixing temperature of every original Swin config (EXTRA.alpha, docs/method.md §7.3)
 
@@ -122,13 +122,13 @@ class SwinSearchAttention(nn.Module):
         bias = self.rel_pos_bias()
         if mask is not None:
             bias = bias + mask.to(bias.dtype).unsqueeze(1)  # (nW, h, N, N): window b % nW of every image
-        e = self.gates()
+        e, host = take_gates(self, x.device)
         self.last_gates = e.detach()
         out = K.ops.gated_attn_conv(
             x, self.qk.weight, self.qk.bias, self.v.weight, self.v.bias, self.proj.weight, self.proj.bias,
             self.head_probs[:, list(SWIN_TO_DEIT)], _bn_state(self.bn_1x1), _bn_state(self.bn_3x3), e,
             num_heads=self.num_heads, alpha=self.alpha, grid=(self.window, self.window), training=self.training,
-            num_prefix_tokens=0, center=4, attn_bias=bias,
+            num_prefix_tokens=0, center=4, attn_bias=bias, gate_values=host,
         )
         if self.training:
             self.bn_1x1.num_batches_tracked += 1
@@ -197,7 +197,8 @@ class SwinSupernet(Supernet):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_swin_images(x, self.signature)
-        return self.swin(x)
+        with self.sampled_gates():
+            return self.swin(x)
 
     def macs_tensor(self) -> torch.Tensor:
         """Differentiable MACs per image through the complexity indicators (§2.4, §7.5)."""
