@@ -120,6 +120,10 @@ def test_finetune_takes_the_model_settings_from_the_architecture(tmp_path, capsy
         rc, _, err = _rc(["finetune", "--arch", s / "arch.json", "--init", init, "--out", out, *common], capsys)
         assert rc == 0, err
         assert torch.load(out / "best.pth", weights_only=True)["model_kwargs"]["patch_size"] == 2
+    # `spvit bench` with a batch that cannot fit: one line, no allocation attempt
+    rc, _, err = _rc(["bench", "--checkpoint", out / "best.pth", "--batch-size", "1000000000", "--device", "cpu"],
+                     capsys)
+    assert rc == 2 and _one_error_line(err) and "GiB" in err, err
     # an older arch.json without recorded kwargs: from its signature
     del arch["meta"]["model_kwargs"]
     old = tmp_path / "old_arch.json"
@@ -190,3 +194,62 @@ def test_progress_bars_only_on_a_terminal(capsys):
     bar = engine.progress(range(3), 3, "x", True)
     list(bar)
     assert bar.disable and "\r" not in capsys.readouterr().err  # pytest's stderr is not a terminal
+
+
+def _bad_tables():
+    """(edit of a valid table's dict, expected message), each written as JSON (Infinity / NaN as Python's json
+    writes them)."""
+    def set_all(d, v):
+        d["fixed_ms"] = {k: v for k in d["fixed_ms"]}
+        for g in d["groups"]:
+            g["attn_ms"] = {k: v for k in g["attn_ms"]}
+            g["ffn_ms"] = [v] * len(g["ffn_ms"])
+
+    def one(d, v):
+        d["groups"][0]["ffn_ms"][-1] = v
+
+    return [(lambda d: set_all(d, 0.0), "dense latency is 0"), (lambda d: one(d, math.inf), "finite"),
+            (lambda d: one(d, math.nan), "finite"), (lambda d: one(d, -1.0), ">= 0"),
+            (lambda d: d.update(batch=0), "batch"), (lambda d: d.update(batch=-4), "batch")]
+
+
+def test_bad_latency_tables_are_refused(tmp_path):
+    from spvit import latency as L
+    from spvit.models import supernet
+    from spvit.models.convert import signature_of
+    from .test_latency import small_vit, synthetic_table
+
+    good = synthetic_table(signature_of(small_vit())).to_dict()
+    for i, (edit, msg) in enumerate(_bad_tables()):
+        d = json.loads(json.dumps(good))
+        edit(d)
+        p = tmp_path / f"t{i}.json"
+        p.write_text(json.dumps(d))
+        with pytest.raises(L.LatencyTableError, match=msg):
+            L.LatencyTable.load(str(p))
+    # supernet temperatures and logits that make no sense
+    for kw, msg in (({"theta": math.nan}, "theta"), ({"theta": 1e308}, "theta"), ({"alpha": 0.0}, "alpha"),
+                    ({"alpha": -1.0}, "alpha"), ({"alpha": math.inf}, "alpha")):
+        with pytest.raises(ValueError, match=msg):
+            supernet(small_vit(), **kw)
+
+
+def test_architecture_indices_must_be_integers():
+    from spvit.arch import BlockArch
+
+    assert BlockArch("msa", (0, 2, torch.tensor(3))).ffn_keep == (0, 2, 3)
+    for bad in ((0.5, 1.5), (1.0,), (True,), ("1",)):
+        with pytest.raises(ValueError, match="integers"):
+            BlockArch("msa", bad)
+
+
+def test_non_checkpoint_files_and_profile_budget(tmp_path, capsys):
+    files = {"a.json": b'{"a": 1}', "b.txt": b"hello\n", "c.bin": bytes(range(256)) * 4}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        rc, _, err = _rc(["eval", "--checkpoint", tmp_path / name, "--data", "digits", "--device", "cpu"], capsys)
+        assert rc == 2 and _one_error_line(err) and "not a" in err and "PyTorch checkpoint" in err, err
+        assert "weights_only" not in err and "Python objects" not in err, err
+    rc, _, err = _rc(["profile", "--model", "spvit_demo_vit", "--budget", "nan", "--out", tmp_path / "t.json"],
+                     capsys)
+    assert rc == 2 and _one_error_line(err) and "--budget" in err and not (tmp_path / "t.json").exists(), err
