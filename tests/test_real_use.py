@@ -253,3 +253,23 @@ def test_non_checkpoint_files_and_profile_budget(tmp_path, capsys):
     rc, _, err = _rc(["profile", "--model", "spvit_demo_vit", "--budget", "nan", "--out", tmp_path / "t.json"],
                      capsys)
     assert rc == 2 and _one_error_line(err) and "--budget" in err and not (tmp_path / "t.json").exists(), err
+
+
+def test_image_folder_problems_found_before_or_named_during_the_run(tmp_path, capsys):
+    from .test_data import _make_imagefolder
+
+    data = tmp_path / "data"
+    _make_imagefolder(data, n=8, size=8)
+    argv = _search_argv(tmp_path, tmp_path / "o")
+    argv[argv.index("--data") + 1] = str(data)
+    # RGB images for a 1-channel model: refused before the run folder is written
+    rc, _, err = _rc(argv + ["--batch-size", "4"], capsys)
+    assert rc == 2 and _one_error_line(err) and "1-channel" in err and "3 channel" in err, err
+    assert not (tmp_path / "o").exists()
+    # an image whose header is fine but whose pixels are cut: one line naming it when the loader meets it
+    bad = data / "train" / "cat" / "0.png"
+    bad.write_bytes(bad.read_bytes()[:60])
+    argv[argv.index("--model-kwargs") + 1] = json.dumps({**TINY_MODEL, "in_chans": 3})
+    rc, _, err = _rc(argv + ["--batch-size", "4", "--aa", "none"], capsys)
+    assert rc == 2 and _one_error_line(err) and "cannot read image" in err and "0.png" in err, err
+    assert (tmp_path / "o" / "config.yaml").exists()  # met during training, not by the header check
