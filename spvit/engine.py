@@ -334,7 +334,7 @@ class Diverged(Exception):
     """The training loss became NaN or infinite (raised by :func:`train_one_epoch`; :func:`fit` reports it)."""
 
     def __init__(self, value: float, epoch: int, step: int):
-        super().__init__(f"the loss became {value} at epoch {epoch}, step {step}")
+        super().__init__(f"the loss became {value} at step {step} of epoch index {epoch}")
         self.value, self.epoch, self.step = value, epoch, step
 
 
@@ -482,7 +482,7 @@ def setup(cfg: TrainConfig, input_size: int, need_train: bool = True) -> Setup:
         ignored = ignored_augmentation(cfg)
         if ignored and need_train:
             log(f"note: --data digits uses its own augmentation (random shifts, digits_shift); ignored: "
-                f"{', '.join(ignored)}")
+                f"{', '.join(ignored)}", dist)
     else:
         check_data_config(dcfg)
     train_set, val_set = build_datasets(cfg.data, dcfg, need_train=need_train)
@@ -769,19 +769,21 @@ def fit(*, model: nn.Module, schedules: List[Schedule], epochs: int, loss_fn: Ca
         else:
             how = f"the last checkpoint is epoch {saved}"
         raise runs.Interrupted(f"interrupted ({exc}) in {desc} epoch {epoch}; {how}", exc.signum) from None
-    except Diverged as exc:
-        kept = (f"the last good checkpoint (epoch {saved}) is kept: continue from it with `{resume_hint or '--resume'}"
-                f" --allow-changes` and a smaller value" if saved is not None else
+    except Diverged as exc:  # epochs are counted from 1 in messages, as in the epoch lines
+        kept = (f"the last good checkpoint (after epoch {saved + 1}/{epochs}) is kept: continue from it with "
+                f"`{resume_hint or '--resume'} --allow-changes` and a smaller value" if saved is not None else
                 "no checkpoint was written yet: start again with a smaller value (--overwrite for the same --out)")
-        raise RunError(f"{desc} diverged: {exc}; likely cause: {likely_divergence_cause(cfg)}; {kept}") from None
+        raise RunError(f"{desc} diverged: the loss became {exc.value} in epoch {exc.epoch + 1}/{epochs} (step "
+                       f"{exc.step + 1}); likely cause: {likely_divergence_cause(cfg)}; {kept}") from None
     except (RunError, DataError, OSError, runs.Interrupted, KeyboardInterrupt):  # reported as they are
         raise
     except Exception as exc:  # a failure of the training machinery, not of the user's input
         if os.environ.get("SPVIT_TRACEBACK") == "1":
             raise
-        ck = f"the last checkpoint is epoch {saved}" if saved is not None else "no checkpoint was written yet"
-        raise TrainingError(f"{desc} failed in epoch {epoch} ({_failure_line(exc)}); {ck}; SPVIT_TRACEBACK=1 "
-                            f"shows where") from None
+        ck = (f"the last checkpoint is after epoch {saved + 1}/{epochs}" if saved is not None else
+              "no checkpoint was written yet")
+        raise TrainingError(f"{desc} failed in epoch {epoch + 1}/{epochs} ({_failure_line(exc)}); {ck}; "
+                            f"SPVIT_TRACEBACK=1 shows where") from None
     finally:
         runs.CURRENT_EPOCH = -1
         if tb is not None:

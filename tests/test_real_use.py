@@ -71,7 +71,7 @@ def test_a_failure_inside_training_is_not_reported_as_bad_input(tmp_path, capsys
     monkeypatch.setattr(DigitsDataset, "__getitem__", flaky)
     rc, _, err = _rc(_search_argv(tmp_path, tmp_path / "o"), capsys)
     assert rc == 1, err
-    assert _one_error_line(err, "spvit: training failed:") and "search failed in epoch 0" in err, err
+    assert _one_error_line(err, "spvit: training failed:") and "search failed in epoch 1/1" in err, err
     assert "ValueError: bits must be" in err and "spvit: error:" not in err
 
 
@@ -102,7 +102,7 @@ def test_divergence_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch
 
     monkeypatch.setattr(search, "run", loss_nan_in_second_epoch)
     rc, _, err = _rc(_search_argv(tmp_path, out, "--epochs", "2"), capsys)
-    assert rc == 2 and _one_error_line(err) and "epoch 1" in err and "last good checkpoint (epoch 0)" in err, err
+    assert rc == 2 and _one_error_line(err) and "in epoch 2/2" in err and "last good checkpoint (after epoch 1/2)" in err, err
     assert torch.load(out / "checkpoint.pth", weights_only=True)["epoch"] == 0
 
 
