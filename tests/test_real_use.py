@@ -87,22 +87,17 @@ def test_a_diverging_run_is_one_line_naming_the_setting(flags, cause, tmp_path, 
 
 def test_divergence_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
     out = tmp_path / "o"
-    real = search.run
+    orig = engine.train_one_epoch
 
-    def loss_nan_in_second_epoch(cfg, *a, **k):
-        orig = engine.train_one_epoch
+    def nan_in_second_epoch(model, loader, opts, loss_fn, dist, epoch, **kw):
+        if epoch == 1:
+            loss_fn = lambda *x: (torch.tensor(math.nan), {})  # noqa: E731
+        return orig(model, loader, opts, loss_fn, dist, epoch, **kw)
 
-        def t1e(model, loader, opts, loss_fn, dist, epoch, **kw):
-            if epoch == 1:
-                return orig(model, loader, opts, lambda *x: (torch.tensor(math.nan), {}), dist, epoch, **kw)
-            return orig(model, loader, opts, loss_fn, dist, epoch, **kw)
-
-        monkeypatch.setattr(engine, "train_one_epoch", t1e)
-        return real(cfg, *a, **k)
-
-    monkeypatch.setattr(search, "run", loss_nan_in_second_epoch)
+    monkeypatch.setattr(engine, "train_one_epoch", nan_in_second_epoch)
     rc, _, err = _rc(_search_argv(tmp_path, out, "--epochs", "2"), capsys)
-    assert rc == 2 and _one_error_line(err) and "in epoch 2/2" in err and "last good checkpoint (after epoch 1/2)" in err, err
+    assert rc == 2 and _one_error_line(err) and "in epoch 2/2" in err, err
+    assert "last good checkpoint (after epoch 1/2)" in err, err
     assert torch.load(out / "checkpoint.pth", weights_only=True)["epoch"] == 0
 
 
