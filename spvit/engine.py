@@ -355,6 +355,8 @@ def likely_divergence_cause(cfg) -> str:
     best, score = "lr", 0.0
     for name, sign in DIVERGENCE_SUSPECTS.items():
         v, d = getattr(cfg, name, None), getattr(defaults, name, None)
+        if name == "alpha" and d is None:  # the family's default: 0.01 for DeiT (Swin's 100 is further still)
+            d = 0.01
         if not isinstance(v, (int, float)) or not isinstance(d, (int, float)) or v == 0 or d == 0:
             continue
         r = sign * math.log10(abs(v) / abs(d)) if math.isfinite(v) else math.inf

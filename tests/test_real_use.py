@@ -268,3 +268,13 @@ def test_image_folder_problems_found_before_or_named_during_the_run(tmp_path, ca
     rc, _, err = _rc(argv + ["--batch-size", "4", "--aa", "none"], capsys)
     assert rc == 2 and _one_error_line(err) and "cannot read image" in err and "0.png" in err, err
     assert (tmp_path / "o" / "config.yaml").exists()  # met during training, not by the header check
+
+
+def test_the_likely_cause_of_a_divergence():
+    from spvit.config import FinetuneConfig, SearchConfig
+
+    cases = [(SearchConfig(alpha=1e-300), "--alpha 1e-300"), (SearchConfig(lr=1e308), "--lr 1e+308"),
+             (SearchConfig(loss_lambda=1e300, lr=1e-3), "--loss-lambda 1e+300"),
+             (FinetuneConfig(distillation_tau=1e-300), "--distillation-tau 1e-300"),
+             (SearchConfig(), "--lr 5e-05")]
+    assert [engine.likely_divergence_cause(c) for c, _ in cases] == [want for _, want in cases]
