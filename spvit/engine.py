@@ -843,7 +843,7 @@ def check_model_name(name: Optional[str], flag: str = "--model") -> None:
         return
     close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
     hint = f"; did you mean {', '.join(close)}?" if close else " (timm.list_models() lists the known names)"
-    raise RunError(f"{flag} {name}: unknown model (not a timm model name){hint}")
+    raise RunError(f"{flag} {name}: unknown timm model{hint}")
 
 
 def build_timm_model(name: str, num_classes: int, pretrained: Optional[str] = None, drop_path: float = 0.0,
