@@ -7,6 +7,7 @@ stages of blocks at decreasing resolution). ``Architecture.blocks`` is always th
 from __future__ import annotations
 
 import json
+import operator
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -147,7 +148,15 @@ class BlockArch:
     def __post_init__(self):
         if self.attn not in ATTN_CHOICES:
             raise ValueError(f"attention choice {self.attn!r} is not one of {ATTN_CHOICES}")
-        keep = tuple(int(i) for i in self.ffn_keep)
+        keep = []
+        for i in self.ffn_keep:
+            try:
+                if isinstance(i, bool):
+                    raise TypeError
+                keep.append(operator.index(i))  # integers only: 1.5 or 0.5 is not silently truncated
+            except TypeError:
+                raise ValueError(f"ffn_keep holds hidden-unit indices (integers), got {i!r}") from None
+        keep = tuple(keep)
         if list(keep) != sorted(set(keep)):
             raise ValueError("ffn_keep must be sorted, without repeats")
         object.__setattr__(self, "ffn_keep", keep)

@@ -5,12 +5,14 @@ with underscores), then the flags given on the command line; the resolved config
 ``--resume`` continues a run from its folder alone (its saved config); a changed setting is refused unless
 ``--allow-changes``. Bad input prints one ``spvit: error: ...`` line (once, on rank 0 under torchrun) and exits with
 code 2; a failed write (a full disk) exits with 1; SIGINT / SIGTERM stop cleanly (130 / 143) saying how to continue.
+An unexpected failure while training (not the input's fault) is one line and exit code 1.
 ``SPVIT_TRACEBACK=1`` shows the Python traceback instead of the one line.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import sys
@@ -269,7 +271,7 @@ def resolve_config(cls, args: argparse.Namespace):
     out = flags["out"]
     runs.check_out(out, resume=True)
     saved = C.load_saved(cls, os.path.join(out, "config.yaml"))
-    cfg = C.resolve(cls, flags, config, base=saved.replace(resume=False, overwrite=False, allow_changes=False))
+    cfg = C.resolve(cls, flags, config, base=C.without_run_control(saved))
     changed = C.changed_settings(saved, cfg)
     if changed and not cfg.allow_changes:
         what = ", ".join(f"{C.flag(k)} {getattr(saved, k)!r} -> {getattr(cfg, k)!r}" for k in changed)
@@ -405,8 +407,9 @@ def cmd_profile(args) -> int:
         raise C.ConfigError(f"--batch must be >= 1, got {args.batch}")
     if args.threads is not None and args.threads < 1:
         raise C.ConfigError(f"--threads must be >= 1, got {args.threads}")
-    if args.budget < 0 or args.min_reps < 1 or args.rounds < 1:
-        raise C.ConfigError("--budget must be >= 0, --min-reps and --rounds >= 1")
+    if not math.isfinite(args.budget) or args.budget < 0 or args.min_reps < 1 or args.rounds < 1:
+        raise C.ConfigError(f"--budget must be a finite number >= 0 (got {args.budget}), --min-reps and --rounds "
+                            f">= 1")
     C.check_device(args.device)
     if os.path.exists(args.out) and not args.force:  # before minutes of measuring
         raise E.RunError(f"{args.out} exists; pass --force to replace it")
@@ -477,7 +480,15 @@ def cmd_bench(args) -> int:
     dist = E.init_distributed(args.device)
     dense = E.build_timm_model(ck["model_name"], ck["num_classes"], None, 0.0, ck.get("model_kwargs")).eval()
     sig = model.architecture.signature
-    x = torch.randn(args.batch_size, sig.in_chans, *sig.img_size, device=dist.device)
+    gib = args.batch_size * sig.in_chans * sig.img_size[0] * sig.img_size[1] * 4 / 2**30
+    if gib > BENCH_MAX_INPUT_GIB:
+        raise E.RunError(f"--batch-size {args.batch_size}: the input batch alone would take {gib:.3g} GiB "
+                         f"(limit {BENCH_MAX_INPUT_GIB} GiB); use a smaller batch")
+    try:
+        x = torch.randn(args.batch_size, sig.in_chans, *sig.img_size, device=dist.device)
+    except (RuntimeError, MemoryError) as exc:  # out of memory on the device
+        raise E.RunError(f"--batch-size {args.batch_size} does not fit in memory on {dist.device} "
+                         f"({_one_line(exc)[:120]}); use a smaller batch") from None
     for name, m in (("dense", dense), ("pruned", model)):
         m.to(dist.device)
         with torch.no_grad():
@@ -486,6 +497,9 @@ def cmd_bench(args) -> int:
               f"{1e3 * args.batch_size / t['ms']:.0f} img/s")
     print("(eager PyTorch; kernel benchmarks: bench/ in the repository)")
     return 0
+
+
+BENCH_MAX_INPUT_GIB = 8  # the images of one `spvit bench` batch
 
 
 COMMANDS = {"demo": cmd_demo, "search": cmd_search, "finetune": cmd_finetune, "eval": cmd_eval, "deploy": cmd_deploy,
@@ -517,6 +531,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         _say("interrupted before training began; nothing was saved to resume")
         return 128 + signal.SIGINT
+    except E.TrainingError as exc:  # a failure while training, not the user's input
+        if debug:
+            raise
+        _say(f"training failed: {_one_line(exc)}")
+        return EXIT_IO
     except (DataError, runs.RunError, UnsupportedModelError, ValueError, FileNotFoundError, TypeError) as exc:
         if debug:
             raise

@@ -19,10 +19,21 @@ from .runs import RunError, write_text
 
 _DATA = DataConfig()  # the data recipe's defaults live in spvit.data.DataConfig alone
 
+MAX_IMAGE_SIZE = 4096  # image side in pixels: a 16-pixel-patch ViT has 65,536 tokens there
 DEVICE_HELP = "auto (CUDA when visible, else CPU), cpu, cuda or cuda:N"
 # Settings that do not change what a run computes: --resume accepts new values for them.
 EXECUTION_ONLY = ("out", "resume", "overwrite", "allow_changes", "progress", "num_workers", "pin_mem", "tensorboard",
                   "stop_after_epoch", "config_file", "eval_batch_size")
+
+
+# Flags that control one invocation, not what the run computes: never saved in config.yaml and never taken from it
+# (a plain --resume continues to the end, whatever flags the earlier invocations had).
+RUN_CONTROL = {"resume": False, "overwrite": False, "allow_changes": False, "stop_after_epoch": None}
+
+
+def without_run_control(cfg: "BaseConfig") -> "BaseConfig":
+    """``cfg`` with the run-control flags (:data:`RUN_CONTROL`) at their defaults."""
+    return cfg.replace(**{k: v for k, v in RUN_CONTROL.items() if hasattr(cfg, k)})
 
 
 class ConfigError(RunError):
@@ -194,8 +205,9 @@ class TrainConfig(BaseConfig):
     def validate(self) -> "TrainConfig":
         for name in ("lr",):
             _finite(name, getattr(self, name), 0, lo_open=True)
-        for name in ("min_lr", "warmup_lr", "weight_decay", "mixup", "cutmix", "color_jitter"):
+        for name in ("min_lr", "warmup_lr", "weight_decay", "mixup", "cutmix"):
             _finite(name, getattr(self, name), 0)
+        _finite("color_jitter", self.color_jitter, 0, 1)  # brightness / contrast / saturation factors in [1-c, 1+c]
         _finite("opt_eps", self.opt_eps, 0, lo_open=True)
         _finite("clip_grad", self.clip_grad, 0, lo_open=True)
         for name in ("smoothing", "drop_path"):
@@ -225,6 +237,10 @@ class TrainConfig(BaseConfig):
         if self.overwrite and self.resume:
             raise ConfigError("--overwrite and --resume exclude each other")
         ms = self.model_kwargs.get("img_size")
+        for what, v in (("--input-size", self.input_size), ("--model-kwargs img_size", ms)):
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v > MAX_IMAGE_SIZE:
+                raise ConfigError(f"{what} {v} is beyond {MAX_IMAGE_SIZE} pixels (the token grid would not fit in "
+                                  f"memory)")
         if self.input_size is not None and ms is not None and ms != self.input_size:
             raise ConfigError(f"--input-size {self.input_size} disagrees with --model-kwargs img_size {ms}")
         return self
@@ -268,7 +284,7 @@ class SearchConfig(TrainConfig):
         _finite("arc_lr", self.arc_lr, 0)
         _finite("arc_min_lr", self.arc_min_lr, 0)
         _int_at_least("arc_sched_epochs", self.arc_sched_epochs, 1)
-        _finite("theta", self.theta)
+        _finite("theta", self.theta, -50, 50)  # sigmoid(50) is 1 in double precision: the gates could not learn
         _finite("alpha", self.alpha, 0, lo_open=True)
         return self
 

@@ -103,23 +103,54 @@ class DigitsDataset(Dataset):
 # ImageFolder
 
 
-def check_imagefolder(root: str) -> None:
-    """Raise :class:`DataError` unless ``root`` is a folder of class subfolders holding images."""
+def check_imagefolder(root: str, headers: bool = True) -> None:
+    """Raise :class:`DataError` unless ``root`` is a folder of class subfolders holding images. With ``headers``,
+    the header of every image is read too (format, size, Pillow's decompression-bomb limit), so that a corrupt file
+    is found before a run writes anything rather than mid-epoch."""
     if not os.path.isdir(root):
         raise DataError(f"dataset folder not found: {root}")
     classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
     if not classes:
         raise DataError(f"{root} has no class subfolders (expected {root}/<class>/<image>.jpg, ImageNet layout)")
+    paths = []
     for c in classes:
         found = False
         for dirpath, _, files in os.walk(os.path.join(root, c)):
-            for f in files:
+            for f in sorted(files):
                 if f.lower().endswith(IMG_EXTENSIONS):
                     found = True
-                    if os.path.getsize(os.path.join(dirpath, f)) == 0:
-                        raise DataError(f"image {os.path.join(dirpath, f)} is empty (0 bytes); remove or replace it")
+                    paths.append(os.path.join(dirpath, f))
+                    if os.path.getsize(paths[-1]) == 0:
+                        raise DataError(f"image {paths[-1]} is empty (0 bytes); remove or replace it")
         if not found:
             raise DataError(f"class folder {os.path.join(root, c)} holds no images ({', '.join(IMG_EXTENSIONS)})")
+    if len(classes) < 2:
+        raise DataError(f"{root} has one class folder ({classes[0]}); a classifier needs at least 2 classes")
+    if headers:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=8) as pool:  # file reads: threads overlap the waits
+            for _ in pool.map(check_image_header, paths, chunksize=256):
+                pass
+
+
+def _open_error(path: str, exc: BaseException) -> DataError:
+    return DataError(f"cannot read image {path} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+                     f"remove or replace it")
+
+
+def check_image_header(path: str) -> None:
+    """Raise :class:`DataError` naming ``path`` when Pillow cannot identify it or it exceeds the decompression-bomb
+    limit (the pixels are not decoded)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            if w < 1 or h < 1:
+                raise ValueError(f"size {w}x{h}")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise _open_error(path, exc) from None
 
 
 def load_image(path: str):
@@ -130,8 +161,8 @@ def load_image(path: str):
         with open(path, "rb") as f:
             img = Image.open(f)
             return img.convert("RGB")
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise DataError(f"cannot read image {path} ({exc}); remove or replace it") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise _open_error(path, exc) from None
 
 
 def split_dir(root: str, split: str) -> str:
@@ -170,15 +201,74 @@ class DataConfig:
     pin_mem: bool = True
 
 
+def safe_posterize(img, bits_to_keep, **_):
+    """Posterize that accepts every bit count RandAugment draws: 0 bits (keep no bit: a black image, what Pillow
+    gave before it began to reject 0) to 8 (unchanged)."""
+    from PIL import Image, ImageOps
+
+    bits = int(bits_to_keep)
+    if bits >= 8:
+        return img
+    if bits <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits)
+
+
+def _augment_ops(t) -> Iterator:
+    """Every timm ``AugmentOp`` inside a transform (Compose, RandAugment, AutoAugment policies, AugMix)."""
+    if hasattr(t, "aug_fn") and hasattr(t, "level_fn"):
+        yield t
+        return
+    for name in ("transforms", "ops", "policy"):
+        sub = getattr(t, name, None)
+        if isinstance(sub, (list, tuple)):
+            for s in sub:
+                yield from (_augment_ops(s) if not isinstance(s, (list, tuple)) else
+                            (op for x in s for op in _augment_ops(x)))
+
+
+def harden_augment(transform):
+    """Replace the posterize op of timm's RandAugment / AutoAugment ops in ``transform`` (in place, this transform
+    only) by :func:`safe_posterize`: the magnitude noise of ``rand-m9-mstd0.5`` draws 0 bits now and then, which
+    newer Pillow releases reject with a ValueError."""
+    for op in _augment_ops(transform):
+        if str(getattr(op, "name", "")).startswith("Posterize"):
+            op.aug_fn = safe_posterize
+    return transform
+
+
+REMODES = ("pixel", "rand", "const")
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "hamming", "box", "random")
+
+
+def check_data_config(cfg: DataConfig) -> None:
+    """Raise :class:`DataError` for augmentation settings timm would fail on later (or mid-run)."""
+    if cfg.remode not in REMODES:
+        raise DataError(f"remode must be one of {', '.join(REMODES)}, got {cfg.remode!r}")
+    if cfg.train_interpolation not in INTERPOLATIONS:
+        raise DataError(f"train_interpolation must be one of {', '.join(INTERPOLATIONS)}, "
+                        f"got {cfg.train_interpolation!r}")
+    if not isinstance(cfg.recount, int) or isinstance(cfg.recount, bool) or cfg.recount < 1:
+        raise DataError(f"recount must be an integer >= 1, got {cfg.recount!r}")
+    if cfg.aa not in (None, "", "none"):
+        try:
+            build_transform(True, DataConfig(**{**cfg.__dict__, "input_size": 8}))
+        except Exception as exc:  # timm's parser raises AssertionError, KeyError, ValueError...
+            detail = str(exc).splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
+            raise DataError(f"--aa {cfg.aa!r} is not a timm augmentation policy ({detail}); use e.g. "
+                            f"'rand-m9-mstd0.5-inc1' (the default), 'augmix-m5-w3', 'original' or 'none'") from None
+
+
 def build_transform(is_train: bool, cfg: DataConfig):
-    """timm transforms of the DeiT recipe (train: RRC + flip + RandAugment + erasing; eval: resize + centre crop)."""
+    """timm transforms of the DeiT recipe (train: RRC + flip + RandAugment + erasing; eval: resize + centre crop).
+    The training transform's posterize op takes every bit count (:func:`harden_augment`)."""
     from timm.data import create_transform
 
     if is_train:
-        return create_transform(
+        return harden_augment(create_transform(
             input_size=cfg.input_size, is_training=True, color_jitter=cfg.color_jitter,
             auto_augment=cfg.aa if cfg.aa not in (None, "", "none") else None,
-            interpolation=cfg.train_interpolation, re_prob=cfg.reprob, re_mode=cfg.remode, re_count=cfg.recount)
+            interpolation=cfg.train_interpolation, re_prob=cfg.reprob, re_mode=cfg.remode, re_count=cfg.recount))
     return create_transform(input_size=cfg.input_size, is_training=False, interpolation="bicubic",
                             crop_pct=cfg.crop_pct)
 

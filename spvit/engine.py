@@ -27,7 +27,8 @@ from torch.utils.data import Subset
 from . import runs
 from .config import TrainConfig
 from .config import save as save_config
-from .data import DataConfig, DataError, build_datasets, build_loaders, build_mixup
+from .config import without_run_control
+from .data import DataConfig, DataError, build_datasets, build_loaders, build_mixup, check_data_config
 from .distill import soft_target_cross_entropy
 from .runs import CHECKPOINT, RunError, rng_state, set_rng_state
 
@@ -190,11 +191,30 @@ class ModelEma:
 
 
 def progress(iterable, total: int, desc: str, enabled: bool):
-    """A tqdm bar on the main rank (quiet elsewhere or when stderr is not wanted)."""
+    """A tqdm bar on the main rank (quiet elsewhere, when stderr is not wanted, or when stderr is not a terminal: a
+    log file then gets the one line per epoch of :func:`fit` and no carriage-return bar text)."""
     from tqdm.auto import tqdm
 
+    enabled = enabled and _stderr_is_terminal()
     return tqdm(iterable, total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True,
                 file=sys.stderr, mininterval=0.5)
+
+
+def _stderr_is_terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stream
+        return False
+
+
+def format_duration(seconds: float) -> str:
+    """``1h02m``, ``3m05s`` or ``12s``."""
+    s = int(round(max(seconds, 0.0)))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    if s >= 60:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s}s"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -267,7 +287,7 @@ def train_one_epoch(model: nn.Module, loader, optimizers: List[torch.optim.Optim
             logits = model(images)
         loss, parts = loss_fn(images, logits, target)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}, step {steps}; stopping")
+            raise Diverged(loss.item(), epoch, steps)
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         if scaler is not None:
@@ -308,6 +328,50 @@ def train_one_epoch(model: nn.Module, loader, optimizers: List[torch.optim.Optim
     out["train_img_s"] = n_seen * dist.world / max(elapsed, 1e-9)
     out["train_time_s"] = elapsed
     return out
+
+
+class Diverged(Exception):
+    """The training loss became NaN or infinite (raised by :func:`train_one_epoch`; :func:`fit` reports it)."""
+
+    def __init__(self, value: float, epoch: int, step: int):
+        super().__init__(f"the loss became {value} at step {step} of epoch index {epoch}")
+        self.value, self.epoch, self.step = value, epoch, step
+
+
+class TrainingError(Exception):
+    """An unexpected failure while training (not the user's input): the CLI prints one line and exits with code 1."""
+
+
+# settings that make a run diverge when far from their defaults, with the direction that does it: the one furthest
+# (in orders of magnitude) from its default is named when the loss becomes NaN / inf
+DIVERGENCE_SUSPECTS = {"lr": 1, "loss_lambda": 1, "arc_lr": 1, "theta": 1, "warmup_lr": 1, "alpha": -1,
+                       "distillation_tau": -1, "opt_eps": -1}
+
+
+def likely_divergence_cause(cfg) -> str:
+    """The setting of ``cfg`` most likely to make a run diverge (furthest above, or for temperatures below, its
+    default), as ``--lr 1e+308``; ``--lr`` when none stands out."""
+    defaults = type(cfg)() if cfg is not None else None
+    best, score = "lr", 0.0
+    for name, sign in DIVERGENCE_SUSPECTS.items():
+        v, d = getattr(cfg, name, None), getattr(defaults, name, None)
+        if name == "alpha" and d is None:  # the family's default: 0.01 for DeiT (Swin's 100 is further still)
+            d = 0.01
+        if not isinstance(v, (int, float)) or not isinstance(d, (int, float)) or v == 0 or d == 0:
+            continue
+        r = sign * math.log10(abs(v) / abs(d)) if math.isfinite(v) else math.inf
+        if r > score:
+            best, score = name, r
+    value = getattr(cfg, best, None)
+    return f"--{best.replace('_', '-')}" + (f" {value:g}" if isinstance(value, (int, float)) else "")
+
+
+def _failure_line(exc: BaseException) -> str:
+    """``Type: message`` in one line (the last line of a re-raised DataLoader worker error)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    if len(lines) > 1 and lines[0].startswith("Caught"):
+        return lines[-1][:300]
+    return f"{type(exc).__name__}: {' '.join(lines)[:300]}" if lines else type(exc).__name__
 
 
 def gather_rng_states(dist: DistInfo) -> List[Dict]:
@@ -388,12 +452,41 @@ def model_kwargs_for(cfg: TrainConfig, size: int) -> Dict:
     return kw
 
 
+# image-folder augmentation settings that the digits set does not use (Mixup, CutMix and smoothing do apply)
+IMAGE_AUGMENTATION = ("aa", "color_jitter", "reprob", "remode", "recount", "train_interpolation", "crop_pct")
+
+
+def ignored_augmentation(cfg: TrainConfig) -> List[str]:
+    """The image-folder augmentation settings of ``cfg`` changed from their defaults (unused with the digits)."""
+    defaults = type(cfg)()
+    return [f"{k}={getattr(cfg, k)!r}" for k in IMAGE_AUGMENTATION
+            if hasattr(cfg, k) and getattr(cfg, k) != getattr(defaults, k)]
+
+
+def check_channels(st: "Setup", in_chans: int) -> None:
+    """Raise :class:`DataError` unless the images of the data have the model's channel count (one sample)."""
+    sample = st.val_set[0][0]
+    if sample.dim() != 3 or sample.shape[0] != in_chans:
+        have = sample.shape[0] if sample.dim() == 3 else f"shape {tuple(sample.shape)}"
+        raise DataError(f"the model takes {in_chans}-channel images, the data gives {have} channel(s) (an image "
+                        f"folder is read as RGB, the digits as 1 channel); set in_chans in --model-kwargs to match")
+
+
 def setup(cfg: TrainConfig, input_size: int, need_train: bool = True) -> Setup:
     """Process group, data and loaders, seeds (nothing is written)."""
     dist = init_distributed(cfg.device)
     if not cfg.data:
         raise RunError("--data is required (an ImageNet-layout folder, or 'digits' for the embedded demo set)")
     dcfg = data_config(cfg, input_size)
+    if cfg.data == "digits":
+        if cfg.digits_augment and cfg.digits_shift >= input_size:
+            raise DataError(f"digits_shift {cfg.digits_shift} must be smaller than the image size ({input_size})")
+        ignored = ignored_augmentation(cfg)
+        if ignored and need_train:
+            log(f"note: --data digits uses its own augmentation (random shifts, digits_shift); ignored: "
+                f"{', '.join(ignored)}", dist)
+    else:
+        check_data_config(dcfg)
     train_set, val_set = build_datasets(cfg.data, dcfg, need_train=need_train)
     if cfg.data == "digits" and train_set is not None:
         train_set.augment = bool(cfg.digits_augment)
@@ -479,8 +572,7 @@ def run_folder(cfg: TrainConfig, dist: DistInfo) -> Iterator[str]:
 
 def save_run_config(cfg, out: str, dist: DistInfo, name: str = "config.yaml") -> None:
     if dist.main:
-        run_flags = {k: False for k in ("resume", "overwrite", "allow_changes") if hasattr(cfg, k)}
-        save_config(cfg.replace(**run_flags), os.path.join(out, name))
+        save_config(without_run_control(cfg), os.path.join(out, name))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -544,7 +636,8 @@ def fit(*, model: nn.Module, schedules: List[Schedule], epochs: int, loss_fn: Ca
         after_epoch: Optional[Callable[[int, Dict], Dict]] = None,
         write_epoch: Optional[Callable[[int, Dict], None]] = None, postfix: Optional[Callable[[], Dict]] = None,
         best_meta: Optional[Dict] = None, show: bool = True, desc: str = "train", tensorboard: bool = False,
-        resume_hint: Optional[str] = None) -> Dict:
+        resume_hint: Optional[str] = None, epoch_notes: Optional[Callable[[int, Dict], Optional[str]]] = None,
+        cfg=None) -> Dict:
     """Train ``epochs`` epochs with per-epoch evaluation, metrics, a checkpoint every epoch and the best weights.
 
     The checkpoint (``out/checkpoint.pth``) holds the model, every optimiser, the scaler, the EMA, the epoch, the
@@ -554,6 +647,9 @@ def fit(*, model: nn.Module, schedules: List[Schedule], epochs: int, loss_fn: Ca
     Per epoch, on rank 0: ``write_epoch``, the ``metrics.csv`` row, ``best.pth``, then the checkpoint, each written
     atomically; a resume trims the logs to the checkpoint's epoch. SIGINT / SIGTERM stop the run (deferred while
     files are written) with :class:`spvit.runs.Interrupted`, whose message says how to continue.
+    ``epoch_notes(epoch, metrics)`` may return lines printed under the epoch's line. A NaN / inf loss is a
+    :class:`RunError` naming the setting of ``cfg`` that most likely caused it (the last checkpoint is kept); any
+    other unexpected exception of the loop is a :class:`TrainingError` (one line naming it).
     """
     raw = unwrap(model)
     ckpt_path = os.path.join(out, CHECKPOINT)
@@ -593,6 +689,7 @@ def fit(*, model: nn.Module, schedules: List[Schedule], epochs: int, loss_fn: Ca
     last: Dict = {}
     stopped = False
     epoch = start
+    t_run, done = time.perf_counter(), 0
     try:
         with runs.StopSignals() as sig:
             for epoch in range(start, epochs):
@@ -648,15 +745,21 @@ def fit(*, model: nn.Module, schedules: List[Schedule], epochs: int, loss_fn: Ca
                                     tb.add_scalar(k, v, epoch)
                             tb.flush()
                         extra = "".join(f"  {k} {m[k]:.4g}" for k in ("gflops",) if k in m)
-                        log(f"{desc} epoch {epoch}: loss {m.get('train_loss', float('nan')):.4f}  train acc "
-                            f"{m['train_acc']:.2f}  val acc {m['val_acc1']:.2f} (best {best:.2f}){extra}  "
-                            f"{m['train_img_s']:.0f} img/s  {m['epoch_time_s']:.1f}s", dist)
+                        done += 1
+                        left = (time.perf_counter() - t_run) / done * (epochs - 1 - epoch)
+                        eta = f"  ETA {format_duration(left)}" if epoch < epochs - 1 else "  done"
+                        log(f"{desc} epoch {epoch + 1}/{epochs}: loss {m.get('train_loss', float('nan')):.4f}  "
+                            f"train acc {m['train_acc']:.2f}  val acc {m['val_acc1']:.2f} (best {best:.2f}){extra}  "
+                            f"{m['train_img_s']:.0f} img/s  {m['epoch_time_s']:.1f}s{eta}", dist)
+                        note = epoch_notes(epoch, m) if epoch_notes is not None else None
+                        if note:
+                            log(note, dist)
                     saved = epoch
                     barrier(dist)
                 last = m
                 if stop_after_epoch is not None and epoch >= stop_after_epoch and epoch < epochs - 1:
-                    log(f"stopping after epoch {epoch} (--stop-after-epoch); continue with "
-                        f"{resume_hint or '--resume'}", dist)
+                    log(f"stopping after epoch {epoch + 1}/{epochs} (--stop-after-epoch {stop_after_epoch}); "
+                        f"continue with {resume_hint or '--resume'}", dist)
                     stopped = True
                     break
     except runs.Interrupted as exc:
@@ -668,6 +771,21 @@ def fit(*, model: nn.Module, schedules: List[Schedule], epochs: int, loss_fn: Ca
         else:
             how = f"the last checkpoint is epoch {saved}"
         raise runs.Interrupted(f"interrupted ({exc}) in {desc} epoch {epoch}; {how}", exc.signum) from None
+    except Diverged as exc:  # epochs are counted from 1 in messages, as in the epoch lines
+        kept = (f"the last good checkpoint (after epoch {saved + 1}/{epochs}) is kept: continue from it with "
+                f"`{resume_hint or '--resume'} --allow-changes` and a smaller value" if saved is not None else
+                "no checkpoint was written yet: start again with a smaller value (--overwrite for the same --out)")
+        raise RunError(f"{desc} diverged: the loss became {exc.value} in epoch {exc.epoch + 1}/{epochs} (step "
+                       f"{exc.step + 1}); likely cause: {likely_divergence_cause(cfg)}; {kept}") from None
+    except (RunError, DataError, OSError, runs.Interrupted, KeyboardInterrupt):  # reported as they are
+        raise
+    except Exception as exc:  # a failure of the training machinery, not of the user's input
+        if os.environ.get("SPVIT_TRACEBACK") == "1":
+            raise
+        ck = (f"the last checkpoint is after epoch {saved + 1}/{epochs}" if saved is not None else
+              "no checkpoint was written yet")
+        raise TrainingError(f"{desc} failed in epoch {epoch + 1}/{epochs} ({_failure_line(exc)}); {ck}; "
+                            f"SPVIT_TRACEBACK=1 shows where") from None
     finally:
         runs.CURRENT_EPOCH = -1
         if tb is not None:
@@ -712,6 +830,22 @@ def _hub_offline_mode(offline: bool) -> Iterator[None]:
         constants.HF_HUB_OFFLINE = old
 
 
+def check_model_name(name: Optional[str], flag: str = "--model") -> None:
+    """Raise :class:`RunError` for a model name timm does not know (spvit's models are registered with timm), with
+    the closest known names."""
+    import difflib
+
+    import timm
+
+    from . import models  # noqa: F401  (registers the spvit_* models)
+
+    if not name or timm.is_model(name):
+        return
+    close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else " (timm.list_models() lists the known names)"
+    raise RunError(f"{flag} {name}: unknown timm model{hint}")
+
+
 def build_timm_model(name: str, num_classes: int, pretrained: Optional[str] = None, drop_path: float = 0.0,
                      model_kwargs: Optional[Dict] = None, dist: Optional[DistInfo] = None,
                      weights_flag: str = "--pretrained") -> nn.Module:
@@ -723,8 +857,7 @@ def build_timm_model(name: str, num_classes: int, pretrained: Optional[str] = No
     if model_kwargs is not None and not isinstance(model_kwargs, dict):
         raise RunError(f"model kwargs must be a JSON object (a mapping), got {model_kwargs!r}")
     hub = pretrained == "timm"
-    if hub and not timm.is_model(name):
-        raise RunError(f"unknown timm model {name!r}")
+    check_model_name(name, "--teacher" if weights_flag == "--teacher-weights" else "--model")
     offline = hub and not _hub_reachable()
     try:
         with _hub_offline_mode(offline):
@@ -732,12 +865,14 @@ def build_timm_model(name: str, num_classes: int, pretrained: Optional[str] = No
                                       **(model_kwargs or {}))
     except RuntimeError as exc:
         if "Unknown model" in str(exc):
+            check_model_name(name)
             raise RunError(f"unknown timm model {name!r}") from None
         if not hub:
             raise RunError(f"cannot build {name} with {model_kwargs}: {str(exc).splitlines()[0][:200]}") from None
         raise _hub_error(name, exc, offline, weights_flag) from None
-    except TypeError as exc:
-        raise RunError(f"cannot build {name} with model kwargs {model_kwargs}: {exc}") from None
+    except (TypeError, AssertionError, ValueError, ZeroDivisionError, KeyError, IndexError) as exc:
+        detail = str(exc).splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise RunError(f"cannot build {name} with model kwargs {model_kwargs}: {detail}") from None
     except Exception as exc:  # hub / network errors of every kind
         if not hub:
             raise

@@ -49,6 +49,38 @@ def load_arch(path: Optional[str], model_name: Optional[str] = None,
         raise E.RunError(f"--arch {path}: {exc}") from None
 
 
+def arch_model_kwargs(arch: Architecture) -> Dict:
+    """The timm kwargs of the model an architecture was searched on: those its search recorded (``meta``), else the
+    ones its signature implies (patch size, depth, width, heads, FFN ratio, channels); without ``img_size`` and
+    ``num_classes`` (the run's image size and data give them)."""
+    kw = arch.meta.get("model_kwargs")
+    if not isinstance(kw, dict):
+        s = arch.signature
+        if s.family == "swin":
+            kw = {"patch_size": s.patch_size, "in_chans": s.in_chans, "embed_dim": s.embed_dim,
+                  "depths": tuple(s.depths), "num_heads": tuple(s.num_heads), "window_size": s.window_size,
+                  "mlp_ratio": s.mlp_hidden[0] / s.embed_dim}
+        else:
+            kw = {"patch_size": s.patch_size, "in_chans": s.in_chans, "embed_dim": s.embed_dim, "depth": s.depth,
+                  "num_heads": s.num_heads, "mlp_ratio": s.mlp_hidden / s.embed_dim}
+    return {k: v for k, v in kw.items() if k not in ("img_size", "num_classes")}
+
+
+def _init_mismatch(path: str, ck, model_name: str, model_kwargs: Optional[Dict]) -> Optional[str]:
+    """What a search checkpoint records of its model when that differs from this run's, else None."""
+    if not isinstance(ck, dict) or not ck.get("model_name"):
+        return None
+    theirs, ours = ck.get("model_kwargs") or {}, model_kwargs or {}
+    diffs = [f"{k} {theirs.get(k)!r} vs {ours.get(k)!r}" for k in sorted(set(theirs) | set(ours))
+             if theirs.get(k) != ours.get(k)]
+    if ck["model_name"] != model_name:
+        diffs.insert(0, f"model {ck['model_name']} vs {model_name}")
+    if not diffs:
+        return None
+    return (f"--init checkpoint {path} was written by a search of another model than this fine-tune's (checkpoint vs "
+            f"this run: {'; '.join(diffs)}); give the search checkpoint of this architecture's search")
+
+
 def build_pruned(arch: Architecture, model_name: str, num_classes: int, pretrained: Optional[str],
                  drop_path: float = 0.0, model_kwargs: Optional[Dict] = None, init: Optional[str] = "pretrained",
                  dist: Optional[E.DistInfo] = None, source: Optional[nn.Module] = None) -> nn.Module:
@@ -61,9 +93,20 @@ def build_pruned(arch: Architecture, model_name: str, num_classes: int, pretrain
         source = E.build_timm_model(model_name, num_classes, pretrained if init == "pretrained" else None, drop_path,
                                     model_kwargs, dist)
         if init not in ("pretrained", "none", None):
-            state = runs.state_dict_of(runs.load_torch_file(init, "--init checkpoint"), init, "--init checkpoint")
+            ck = runs.load_torch_file(init, "--init checkpoint")
+            state = runs.state_dict_of(ck, init, "--init checkpoint")
             sn = supernet(source, model_name=model_name)
-            E.load_state(sn, state, init, "--init checkpoint")
+            try:  # the architecture against the model first: a mismatch there is not the checkpoint's fault
+                arch.check_compatible(sn.signature, model_name)
+            except ValueError as exc:
+                raise E.RunError(f"the model built for the fine-tune does not fit the architecture: {exc}") from None
+            try:
+                E.load_state(sn, state, init, "--init checkpoint")
+            except E.RunError:
+                why = _init_mismatch(init, ck, model_name, model_kwargs)
+                if why:
+                    raise E.RunError(why) from None
+                raise
             source = sn
     try:
         return prune(source, arch)
@@ -139,12 +182,15 @@ def run(cfg: Union[FinetuneConfig, Dict], source: Optional[nn.Module] = None,
     if cfg.model is None:
         cfg = cfg.replace(model=arch.model_name)
     size = E.model_input_size(cfg, arch.signature.img_size[0])
-    kwargs = E.model_kwargs_for(cfg, size)
+    # the model the architecture was searched on (patch size, depth, ...) unless --model-kwargs says otherwise
+    kwargs = {**(arch_model_kwargs(arch) if cfg.model == arch.model_name else {}), **E.model_kwargs_for(cfg, size)}
+    E.check_model_name(cfg.model)  # before the data: an unknown name is not a batch-size problem
     st = E.setup(cfg, size)
     dist = st.dist
     # a resumed run takes every weight from its checkpoint: nothing is downloaded or read for the init
     model = build_pruned(arch, cfg.model, st.num_classes, "none" if cfg.resume else cfg.pretrained, cfg.drop_path,
                          kwargs, "none" if cfg.resume else cfg.init, dist, source)
+    E.check_channels(st, arch.signature.in_chans)
     if cfg.distillation != "none" and teacher is None:
         teacher = build_teacher(cfg, st.num_classes, dist)
     teacher = teacher.to(dist.device).eval() if teacher is not None and cfg.distillation != "none" else None
@@ -187,6 +233,7 @@ def run(cfg: Union[FinetuneConfig, Dict], source: Optional[nn.Module] = None,
                     dtype=dtype, scaler=scaler, clip_grad=cfg.clip_grad, ema=ema, resume=cfg.resume,
                     stop_after_epoch=cfg.stop_after_epoch, after_epoch=lambda e, m: {"gflops": gf},
                     postfix=lambda: {"GFLOPs": f"{gf:.4g}"}, best_meta=meta, show=cfg.progress, desc="finetune",
-                    tensorboard=cfg.tensorboard, resume_hint=f"spvit finetune --out {out} --resume")
+                    tensorboard=cfg.tensorboard, resume_hint=f"spvit finetune --out {out} --resume",
+                    cfg=cfg)
     return {"model": model, "gflops": gf, "val_acc1": res["last"].get("val_acc1"), "best_acc1": res["best_acc1"],
             "stopped": res["stopped"], "out": out, "dist": dist}

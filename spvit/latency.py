@@ -275,6 +275,16 @@ class LatencyTable:
     def __post_init__(self):
         depth = _sig_depth(self.signature)
         self._group_of: Dict[int, BlockGroup] = {}
+        if isinstance(self.batch, bool) or not isinstance(self.batch, int) or self.batch < 1:
+            raise LatencyTableError(f"latency table: batch must be an integer >= 1, got {self.batch!r}")
+        times = [("fixed " + k, v) for k, v in self.fixed_ms.items()]
+        for g in self.groups:
+            times += [(f"attention {k} of blocks {list(g.blocks)}", v) for k, v in g.attn_ms.items()]
+            times += [(f"FFN width {w} of blocks {list(g.blocks)}", v) for w, v in zip(g.ffn_widths, g.ffn_ms)]
+        bad = [(k, v) for k, v in times if not math.isfinite(v) or v < 0]
+        if bad:
+            raise LatencyTableError(f"latency table: every time must be a finite number of ms >= 0, got {bad[0][1]} "
+                                    f"for {bad[0][0]}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
         for g in self.groups:
             if list(g.ffn_widths) != sorted(set(g.ffn_widths)) or len(g.ffn_widths) != len(g.ffn_ms) or \
                     len(g.ffn_widths) < 1 or g.ffn_widths[0] != 0:
@@ -287,6 +297,9 @@ class LatencyTable:
                 self._group_of[int(b)] = g
         if sorted(self._group_of) != list(range(depth)):
             raise LatencyTableError(f"latency table: its groups do not cover blocks 0..{depth - 1} exactly once")
+        if not self.dense_ms() > 0:
+            raise LatencyTableError("latency table: the predicted dense latency is 0 ms (every time is 0); profile "
+                                    "again with `spvit profile`")
 
     # -- lookup -----------------------------------------------------------------------------------------------------
     @property

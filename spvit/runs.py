@@ -166,12 +166,16 @@ def load_torch_file(path: str, what: str = "checkpoint") -> Any:
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         msg = str(exc)
+        if "Unsupported operand" in msg:  # not pickle data at all (text, JSON, NumPy, random bytes)
+            raise RunError(f"{what} {path} is not a PyTorch checkpoint (not pickle data)") from None
         if "Unsupported global" in msg or "GLOBAL" in msg or "weights_only" in msg and "load key" not in msg:
             raise RunError(f"{what} {path} holds Python objects other than tensors, numbers, strings, lists and "
                            f"dicts; it is not loaded, since unpickling them can run code") from None
         raise RunError(f"{what} {path} is not a PyTorch checkpoint (unreadable pickle data)") from None
     except (RuntimeError, EOFError, ValueError, OSError, KeyError, IndexError, TypeError, AttributeError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        if isinstance(exc, KeyError):  # an unknown pickle opcode: the bytes are no pickle
+            first = "not pickle data"
         raise RunError(f"{what} {path} is not a readable PyTorch checkpoint (truncated, or not a checkpoint "
                        f"file: {first})") from None
 

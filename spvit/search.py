@@ -34,6 +34,27 @@ def build_supernet(cfg: SearchConfig, num_classes: int, model_kwargs: Dict, dist
         raise E.RunError(str(exc)) from None
 
 
+OFF_TARGET = 0.15  # a final architecture further than this (relative) from its target gets a warning
+
+
+def warn_off_target(meta: Dict, target_ms: Optional[float], target_gflops: float) -> Optional[str]:
+    """Print (and return) a warning when the searched architecture ends more than :data:`OFF_TARGET` from its
+    target (predicted latency with a latency table, else FLOPs)."""
+    if target_ms is not None and meta.get("predicted_ms") is not None:
+        got, goal, unit = float(meta["predicted_ms"]), float(target_ms), "ms (predicted)"
+    elif meta.get("gflops") is not None:
+        got, goal, unit = float(meta["gflops"]), float(target_gflops), "GFLOPs"
+    else:
+        return None
+    off = got / goal - 1
+    if abs(off) <= OFF_TARGET:
+        return None
+    msg = (f"warning: the architecture has {got:.4g} {unit}, {100 * off:+.0f}% from the target {goal:.4g}; train "
+           f"longer (--epochs), raise --loss-lambda or --arc-lr, or check that the target is reachable")
+    print(msg, flush=True)
+    return msg
+
+
 def run(cfg: Union[SearchConfig, Dict], supernet_module: Optional[nn.Module] = None) -> Dict:
     """Run (or resume) a search. ``supernet_module``: an already built supernet (the demo); else built from ``cfg``.
 
@@ -46,12 +67,18 @@ def run(cfg: Union[SearchConfig, Dict], supernet_module: Optional[nn.Module] = N
     runs.check_out(cfg.out, cfg.overwrite, cfg.resume)
     size = E.model_input_size(cfg, supernet_module.signature.img_size[0] if supernet_module is not None else None)
     kwargs = E.model_kwargs_for(cfg, size)
+    E.check_model_name(cfg.model)  # before the data: an unknown name is not a batch-size problem
     st = E.setup(cfg, size)
     dist = st.dist
     if supernet_module is not None:
         sn = supernet_module
     else:  # a resumed run takes every weight from its checkpoint: no download
         sn = build_supernet(cfg, st.num_classes, kwargs, dist, pretrained="none" if cfg.resume else None)
+    E.check_channels(st, sn.signature.in_chans)
+    widest = max(sn.signature.block_mlp_hidden)
+    if cfg.ffn_align > widest:
+        raise E.RunError(f"--ffn-align {cfg.ffn_align} is wider than the widest FFN of {cfg.model} ({widest} units); "
+                         f"use a divisor of the FFN width such as 64, or 0 (off)")
     lat = None
     if cfg.latency_table:  # hardware-aware: a latency target replaces the FLOPs target (docs/method.md §11.4)
         from . import latency as L
@@ -120,7 +147,7 @@ def run(cfg: Union[SearchConfig, Dict], supernet_module: Optional[nn.Module] = N
 
         def write_epoch(epoch: int, m: Dict) -> None:
             arch = read_out()
-            arch.meta.update({"epoch": epoch, "val_acc1": m["val_acc1"]})
+            arch.meta.update({"epoch": epoch, "val_acc1": m["val_acc1"], "model_kwargs": kwargs})
             if lat is not None:
                 arch.meta.update({"target_ms": lat.target_ms, "target_speedup": lat.dense_ms / lat.target_ms})
             else:
@@ -130,7 +157,10 @@ def run(cfg: Union[SearchConfig, Dict], supernet_module: Optional[nn.Module] = N
             runs.write_json(arch.to_dict(), os.path.join(out, "arch.json"))
             runs.log_epoch_json(os.path.join(out, "gates.jsonl"), {"epoch": epoch, "gflops": m["gflops"],
                                                                     "blocks": rows})
-            E.log("  gates: " + " ".join(f"{r['attn']}/{r['ffn_kept']}" for r in rows), dist)
+
+        def gates_line(epoch: int, m: Dict) -> str:
+            return "  gates (per block, attention/FFN units kept; attention msa, 3x3 or 1x1 convolution, skip): " + \
+                " ".join(f"{r['attn']}/{r['ffn_kept']}" for r in sn.gate_summary())
 
         def postfix_ms() -> Dict:
             return {"ms": f"{float(lat.predicted_ms().detach()):.4g}"} if lat is not None else {}
@@ -145,8 +175,10 @@ def run(cfg: Union[SearchConfig, Dict], supernet_module: Optional[nn.Module] = N
                     postfix=lambda: {"GFLOPs": f"{sn.gflops():.4g}", **postfix_ms()},
                     best_meta={"model_name": cfg.model, "model_kwargs": kwargs, "num_classes": st.num_classes},
                     show=cfg.progress, desc="search", tensorboard=cfg.tensorboard,
-                    resume_hint=f"spvit search --out {out} --resume")
+                    resume_hint=f"spvit search --out {out} --resume", epoch_notes=gates_line, cfg=cfg)
     final = read_out()
+    if dist.main and not res["stopped"]:
+        warn_off_target(final.meta, lat.target_ms if lat is not None else None, target)
     return {"arch": os.path.join(out, "arch.json"), "gflops": final.meta["gflops"], "dense_gflops": sn.dense_gflops(),
             "predicted_ms": final.meta.get("predicted_ms"), "target_ms": lat.target_ms if lat is not None else None,
             "val_acc1": res["last"].get("val_acc1"), "stopped": res["stopped"], "out": out, "supernet": sn,

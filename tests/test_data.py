@@ -123,7 +123,87 @@ def test_empty_or_corrupt_image_is_named(tmp_path):
     with pytest.raises(DataError, match="empty \\(0 bytes\\)"):  # found before any training
         build_datasets(str(tmp_path), cfg)
     bad.write_bytes(b"this is not a png")
+    with pytest.raises(DataError, match="cannot read image .*broken.png"):  # every header is read before training
+        build_datasets(str(tmp_path), cfg)
+    good = bad.parent / "0.png"
+    bad.write_bytes(good.read_bytes()[:200])  # a valid header, truncated pixel data: found when it is loaded
     train, _ = build_datasets(str(tmp_path), cfg)
     i = [os.path.basename(p) for p, _ in train.samples].index("broken.png")
     with pytest.raises(DataError, match="cannot read image .*broken.png"):
         train[i]
+
+
+def _png_header_only(path, width, height):
+    """A PNG that declares ``width`` x ``height`` with almost no pixel data (a decompression bomb to a reader)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+
+
+BAD_FOLDERS = [  # (what to do to a fresh 2-class folder, expected message)
+    ("bomb", "decompression bomb"),
+    ("one_class", "one class folder"),
+    ("text", "cannot identify"),
+]
+
+
+@pytest.mark.parametrize("case,msg", BAD_FOLDERS, ids=[c for c, _ in BAD_FOLDERS])
+def test_bad_image_folders_are_refused_before_training(case, msg, tmp_path):
+    import shutil
+
+    _make_imagefolder(tmp_path, n=2, size=8)
+    target = tmp_path / "val" / "dog" / "x.png"
+    if case == "bomb":
+        _png_header_only(target, 60000, 60000)
+    elif case == "one_class":
+        shutil.rmtree(tmp_path / "val" / "dog")
+    else:
+        target.write_bytes(b"not an image at all")
+    with pytest.raises(DataError, match=msg):
+        build_datasets(str(tmp_path), DataConfig(input_size=8, num_workers=0))
+
+
+def test_default_training_augmentation_never_fails():
+    """The default RandAugment (``rand-m9-mstd0.5-inc1``) under the installed Pillow, on many random images: its
+    magnitude noise draws 0-bit posterize now and then, which Pillow >= 13 rejects."""
+    import random
+
+    from PIL import Image
+
+    from spvit.data import build_transform, safe_posterize
+
+    t = build_transform(True, DataConfig(input_size=32))
+    rng = np.random.default_rng(0)
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    for _ in range(5000):
+        s = int(rng.integers(32, 65))
+        img = Image.fromarray(rng.integers(0, 256, (s, s, 3), dtype=np.uint8))
+        x = t(img)
+        assert x.shape == (3, 32, 32) and torch.isfinite(x).all()
+    # the op against an independent reference: keep the top `bits` bits of every channel (0 bits: black)
+    arr = rng.integers(0, 256, (9, 7, 3), dtype=np.uint8)
+    for bits in range(0, 9):
+        got = np.asarray(safe_posterize(Image.fromarray(arr), bits))
+        want = arr & np.uint8((0xFF << (8 - bits)) & 0xFF) if bits < 8 else arr
+        assert np.array_equal(got, want), bits
+
+
+BAD_AUGMENT = [({"aa": "bogus"}, "--aa 'bogus'"), ({"remode": "garbage"}, "remode"),
+               ({"train_interpolation": "garbage"}, "train_interpolation"), ({"recount": 0}, "recount")]
+
+
+@pytest.mark.parametrize("over,msg", BAD_AUGMENT, ids=[str(o) for o, _ in BAD_AUGMENT])
+def test_bad_augmentation_settings_are_named(over, msg):
+    from spvit.data import check_data_config
+
+    check_data_config(DataConfig(input_size=32))
+    with pytest.raises(DataError, match=msg.replace("(", "\\(")):
+        check_data_config(DataConfig(input_size=32, **over))

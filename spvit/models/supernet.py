@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -297,6 +298,19 @@ class Supernet(WrappedVitApi, nn.Module):
 SUPERNET_BUILDERS: List[Tuple[Callable, Callable]] = []
 
 
+MAX_THETA = 50.0  # |initial gate logit|: sigmoid(50) is 1 to double precision; beyond, the gates cannot learn
+
+
+def check_theta_alpha(theta: float, alpha: Optional[float]) -> None:
+    """Raise ValueError unless ``theta`` is a finite gate logit (``|theta| <= MAX_THETA``) and ``alpha`` (when
+    given) a finite temperature > 0 (the head mixing divides by it)."""
+    if not isinstance(theta, (int, float)) or not math.isfinite(theta) or abs(theta) > MAX_THETA:
+        raise ValueError(f"theta (the initial gate logit) must be a finite number in [-{MAX_THETA:g}, {MAX_THETA:g}], "
+                         f"got {theta!r}")
+    if alpha is not None and (not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0):
+        raise ValueError(f"alpha (the head-mixing temperature) must be a finite number > 0, got {alpha!r}")
+
+
 def supernet(model: nn.Module, theta: float = 1.5, alpha: Optional[float] = None,
              model_name: Optional[str] = None) -> Supernet:
     """Build an SPViT supernet from a timm ViT/DeiT or Swin Transformer (weights shared; gates, head_probs and BNs
@@ -308,6 +322,7 @@ def supernet(model: nn.Module, theta: float = 1.5, alpha: Optional[float] = None
         theta: initial gate logit θ0 (1.5 in every official config).
         alpha: head-mixing temperature; default the family's (0.01 for DeiT, 100 for Swin, docs/method.md §1.2).
     """
+    check_theta_alpha(theta, alpha)
     for matches, build in SUPERNET_BUILDERS:
         if matches(model):
             return build(model, theta=theta, alpha=alpha, model_name=model_name)
