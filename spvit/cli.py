@@ -10,6 +10,9 @@ code 2; a failed write (a full disk) exits with 1; SIGINT / SIGTERM stop cleanly
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
+import io
 import json
 import os
 import signal
@@ -379,13 +382,20 @@ def cmd_deploy(args) -> int:
     if args.export:
         sig = deployed.architecture.signature
         example = torch.randn(1, sig.in_chans, *sig.img_size, dtype=dtype)
+        buf = None
         try:
             ep = torch.export.export(deployed, (example,))
-            torch.export.save(ep, os.path.join(args.out, "model.pt2"))
-            print(f"torch.export program: {os.path.join(args.out, 'model.pt2')}")
+            buf = io.BytesIO()  # serialised in memory, then written atomically (a full disk is one clear error)
+            torch.export.save(ep, buf)
         except Exception as exc:  # report, keep the saved model
             print(f"note: torch.export failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
                   f"{path} still loads with spvit.load_deployed")
+            buf = None
+        if buf is not None:
+            pt2 = os.path.join(args.out, "model.pt2")
+            data = buf.getbuffer()
+            runs.atomic_write(pt2, lambda f: f.write(data))
+            print(f"torch.export program: {pt2}")
     export_for_format(args, deployed, args.out)
     print(f"deployed model in {args.out}")
     return 0
@@ -502,7 +512,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of ``spvit``; returns the exit code (2 on bad input, 1 on a failed write, 130/143 on a signal)."""
     args = build_parser().parse_args(argv)
     debug = os.environ.get(DEBUG_ENV) == "1"
+    before = {sig: signal.getsignal(sig) for sig in runs.STOP_SIGNALS}
     try:
+        runs.install_stop_handlers()
         return COMMANDS[args.command](args)
     except runs.Interrupted as exc:
         _say(str(exc))
@@ -519,7 +531,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         if debug:
             raise
         _say(f"error: {_one_line(exc)}")
-        return EXIT_IO
+        # a symbolic-link loop is in the input (a data folder), never the result of a failed write
+        return EXIT_BAD_INPUT if exc.errno == errno.ELOOP and not isinstance(exc, runs.RunIOError) else EXIT_IO
+    finally:
+        with contextlib.suppress(ValueError, TypeError):  # not the main thread, or a handler not set from Python
+            for sig, handler in before.items():
+                signal.signal(sig, handler)
 
 
 if __name__ == "__main__":
