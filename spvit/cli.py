@@ -4,7 +4,8 @@ Configuration (:mod:`spvit.config`): built-in defaults, then ``--config file.yam
 with underscores), then the flags given on the command line; the resolved config is saved in the run folder.
 ``--resume`` continues a run from its folder alone (its saved config); a changed setting is refused unless
 ``--allow-changes``. Bad input prints one ``spvit: error: ...`` line (once, on rank 0 under torchrun) and exits with
-code 2; a failed write (a full disk) exits with 1; SIGINT / SIGTERM stop cleanly (130 / 143) saying how to continue.
+code 2; a failed write (a full disk) exits with 1; SIGINT / SIGTERM / SIGHUP stop cleanly (130 / 143 / 129) saying
+how to continue; under torchrun, a rank whose peer died says so in one line (exit 1).
 ``SPVIT_TRACEBACK=1`` shows the Python traceback instead of the one line.
 """
 from __future__ import annotations
@@ -344,6 +345,7 @@ def cmd_eval(args) -> int:
     _, val = build_datasets(cfg.data, dcfg, need_train=False, eval_split="test")
     _, _, loader = build_loaders(None, val, cfg.batch_size, dist.world, dist.rank, num_workers=cfg.num_workers,
                                  eval_batch_size=cfg.batch_size)
+    runs.quiet_workers(loader)
     if model is None:
         model = E.build_timm_model(cfg.model, val.num_classes, cfg.pretrained, 0.0, kwargs)
     model.to(dist.device)
@@ -508,6 +510,26 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(lines) or type(exc).__name__
 
 
+PEER_LOST = ("connection closed by peer", "connection reset by peer", "broken pipe", "connection refused",
+             "nccl communicator was aborted", "socket timeout")
+
+
+def _peer_lost(exc: BaseException, args: argparse.Namespace) -> Optional[str]:
+    """Under torchrun, when another rank died: one line saying which and how to continue (None otherwise)."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world < 2 or not any(s in str(exc).lower() for s in PEER_LOST):
+        return None
+    rank = int(os.environ.get("RANK", "0") or 0)
+    other = f"rank {1 - rank}" if world == 2 else "another rank"
+    out = getattr(args, "out", None)
+    if out and os.path.isfile(os.path.join(out, runs.CHECKPOINT)):
+        how = (f"the last checkpoint is kept: continue with `torchrun ... -m spvit {args.command} --out {out} "
+               f"--resume` once every rank can run")
+    else:
+        how = "no checkpoint was written yet: start the run again"
+    return f"rank {rank}: {other} of this torchrun job stopped (its connection closed; see its own output); {how}"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of ``spvit``; returns the exit code (2 on bad input, 1 on a failed write, 130/143 on a signal)."""
     args = build_parser().parse_args(argv)
@@ -527,6 +549,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise
         _say(f"error: {_one_line(exc)}")
         return EXIT_BAD_INPUT
+    except RuntimeError as exc:
+        lost = None if debug else _peer_lost(exc, args)
+        if lost is None:
+            raise
+        print(f"spvit: error: {lost}", file=sys.stderr, flush=True)  # from every rank: rank 0 may be the one lost
+        return EXIT_IO
     except OSError as exc:  # a failed write (full disk, permissions): the previous files are intact
         if debug:
             raise

@@ -15,6 +15,7 @@ import random
 import socket
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional
 
@@ -98,8 +99,10 @@ def wrap_ddp(model: nn.Module, dist: DistInfo, find_unused: bool = False, broadc
     if not dist.enabled:
         return model
     ids = [dist.device.index] if dist.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused,
-                                               broadcast_buffers=broadcast_buffers)
+    with warnings.catch_warnings():  # newer torch renames the argument (same meaning): no notice for the user
+        warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused,
+                                                   broadcast_buffers=broadcast_buffers)
 
 
 def broadcast_ok(ok: bool, dist: DistInfo) -> bool:
@@ -416,6 +419,8 @@ def setup(cfg: TrainConfig, input_size: int, need_train: bool = True) -> Setup:
         num_workers=cfg.num_workers, pin_memory=cfg.pin_mem and dist.device.type == "cuda", seed=cfg.seed,
         eval_batch_size=cfg.eval_batch_size)
     mixup = build_mixup(dcfg, num_classes) if train_set is not None else None
+    for loader in (train_loader, val_loader):
+        runs.quiet_workers(loader)
     return Setup(dist, train_set, val_set, train_loader, sampler, val_loader, mixup, num_classes)
 
 

@@ -42,8 +42,9 @@ import torch
 MARKER = ".spvit-run"
 LOCK = ".spvit-lock"
 CHECKPOINT = "checkpoint.pth"
-# What the package writes into a run folder (all that --overwrite may remove); sub-folders that are run folders
-# themselves (the demo's stages) are cleaned the same way, recursively.
+# What the package writes into a run folder (all that --overwrite may remove). The demo's stages are run folders in
+# the demo's (one that holds demo.yaml) and are cleaned the same way; no other sub-folder is entered.
+DEMO_STAGES = ("teacher", "search", "finetune")
 OWNED = ("config.yaml", "demo.yaml", "metrics.csv", "gates.jsonl", "arch.json", "arch_epoch*.json", CHECKPOINT,
          "best.pth", "summary.json", "demo.png", "tb", "*.spvit-tmp", LOCK, MARKER)
 # An environment variable naming a point where the process kills itself (os._exit), for crash-consistency tests:
@@ -73,12 +74,14 @@ class Interrupted(Exception):
 
 
 def crash_point(name: str, epoch: int = -1) -> None:
-    """Kill the process here (``os._exit(137)``, like ``kill -9``) when ``SPVIT_CRASH_AT`` names this point."""
+    """Kill the process here (``os._exit(137)``, like ``kill -9``) when ``SPVIT_CRASH_AT`` names this point
+    (``point``, ``point:epoch`` or ``point:epoch:rank``)."""
     want = os.environ.get(CRASH_ENV)
     if not want:
         return
-    point, _, ep = want.partition(":")
-    if point == name and (not ep or int(ep) == epoch):
+    point, _, rest = want.partition(":")
+    ep, _, rank = rest.partition(":")  # an optional rank: only that process of a torchrun job dies
+    if point == name and (not ep or int(ep) == epoch) and (not rank or os.environ.get("RANK", "0") == rank):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(137)
@@ -298,11 +301,13 @@ def check_out(out: Optional[str], overwrite: bool = False, resume: bool = False)
 
 
 def _clean(folder: str) -> List[str]:
-    """Remove what the package wrote in a run folder (recursively into run sub-folders); returns what stays."""
+    """Remove what the package wrote in a run folder (and in the demo's stage folders); returns what stays."""
     kept = []
+    demo = os.path.isfile(os.path.join(folder, "demo.yaml")) and not os.path.islink(os.path.join(folder, "demo.yaml"))
     for entry in os.scandir(folder):
         owned = any(fnmatch.fnmatch(entry.name, pat) for pat in OWNED)
-        if entry.is_dir(follow_symlinks=False) and is_run_folder(entry.path):
+        if (entry.is_dir(follow_symlinks=False) and entry.name in DEMO_STAGES and demo
+                and is_run_folder(entry.path)):
             sub_lock = try_lock(entry.path)
             if sub_lock is None:
                 raise RunError(f"--overwrite refused: {entry.path} is in use by another run")
@@ -537,6 +542,8 @@ def install_stop_handlers() -> None:
     (the ``finally`` blocks release the lock, the CLI prints one line, exit 128 + the signal's number)."""
     import threading
 
+    global TRAINING_BEGAN
+    TRAINING_BEGAN = False
     if threading.current_thread() is not threading.main_thread():
         return
     pid = os.getpid()
@@ -552,6 +559,23 @@ def install_stop_handlers() -> None:
 
     for sig in STOP_SIGNALS:
         signal.signal(sig, handle)
+
+
+def _quiet_worker(previous: Optional[Callable[[int], None]], worker_id: int) -> None:
+    for sig in STOP_SIGNALS:  # torch's worker handler would die by a SIGTERM sent to the whole process group
+        signal.signal(sig, signal.SIG_IGN)
+    if previous is not None:
+        previous(worker_id)
+
+
+def quiet_workers(loader: Any) -> None:
+    """Let the worker processes of a ``DataLoader`` ignore SIGINT / SIGTERM / SIGHUP (Ctrl-C and a scheduler's
+    SIGTERM reach the whole process group): the main process stops the run, shuts the workers down and prints the one
+    line, instead of each worker printing a traceback and the main process reporting a dead worker."""
+    import functools
+
+    if loader is not None and getattr(loader, "num_workers", 0):
+        loader.worker_init_fn = functools.partial(_quiet_worker, loader.worker_init_fn)
 
 
 class StopSignals:
