@@ -19,6 +19,17 @@ def _on_signal(signum, frame):
         os._exit(128 + signum)
 
 
+def _quiet_exit(signum, frame):
+    os._exit(128 + signum)
+
+
+def finished() -> None:
+    """After the command's one line: a signal while the interpreter shuts down ends it without another line."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in SIGNALS:
+            signal.signal(sig, _quiet_exit)
+
+
 def launched_as_command() -> bool:
     """``python -m spvit`` (``sys.argv[0]`` is ``-m`` while the package is imported) or the ``spvit`` script."""
     first = sys.argv[0] if sys.argv else ""

@@ -22,7 +22,7 @@ from typing import Dict, List, Optional
 
 from ._version import __version__
 from . import config as C
-from . import demo, finetune, runs, search
+from . import _startup, demo, finetune, runs, search
 from . import engine as E
 from .data import DataConfig, DataError, build_datasets, build_loaders
 from .deploy import deploy_checkpoint
@@ -565,6 +565,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         with contextlib.suppress(ValueError, TypeError):  # not the main thread, or a handler not set from Python
             for sig, handler in before.items():
                 signal.signal(sig, handler)
+            if any(h is _startup._on_signal for h in before.values()):  # the `spvit` command: it is ending
+                _startup.finished()
 
 
 if __name__ == "__main__":

@@ -602,7 +602,10 @@ def load_deployed(path: str, device: Optional[Union[str, torch.device]] = None,
     """
     if not os.path.exists(path):
         raise FileNotFoundError(f"deployed model file not found: {path}")
-    obj = load_torch_file(path, "deployed model file")  # corrupt, truncated or pickled objects: one ValueError
+    try:  # weights_only=True; corrupt, truncated or holding pickled objects: one ValueError
+        obj = load_torch_file(path, "the file")
+    except ValueError as exc:
+        raise ValueError(f"cannot read {path} as a deployed SPViT model: {exc}") from None
     return from_file_dict(obj, path, device=device, dtype=dtype)
 
 
