@@ -31,9 +31,13 @@ def finished() -> None:
 
 
 def launched_as_command() -> bool:
-    """``python -m spvit`` (``sys.argv[0]`` is ``-m`` while the package is imported) or the ``spvit`` script."""
+    """``python -m spvit`` (not ``-m spvit.<module>``) or the ``spvit`` script."""
+    orig = list(getattr(sys, "orig_argv", []))
+    if "-m" in orig[1:]:
+        i = orig.index("-m", 1)
+        return orig[i + 1:i + 2] == ["spvit"]
     first = sys.argv[0] if sys.argv else ""
-    return first == "-m" or os.path.basename(first) in ("spvit", "spvit.exe")
+    return os.path.basename(first) in ("spvit", "spvit.exe")
 
 
 def install() -> None:

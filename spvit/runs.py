@@ -1,6 +1,6 @@
 """Run folders and the files in them: the marker, the lock, ``--overwrite``, atomic writes, safe loading of user
 files, checkpoints that load with ``torch.load(weights_only=True)``, crash-consistent logs and clean stops on
-SIGINT / SIGTERM.
+SIGINT / SIGTERM / SIGHUP.
 
 A run folder is one that holds the marker file :data:`MARKER` (written by the package when it creates the folder).
 ``--overwrite`` only ever removes what the package writes (:data:`OWNED`) and only in a run folder; a folder the
