@@ -4,6 +4,10 @@
     arch = sn.architecture()             # read out
     pruned = spvit.prune(timm_model, arch)   # fine-tune
 """
+from . import _startup
+
+if _startup.launched_as_command():  # the `spvit` command: a signal during the imports below is one line
+    _startup.install()
 from ._version import __version__
 from .arch import Architecture, BlockArch, ModelSignature, SwinSignature
 from .flops import count_params, gflops

@@ -270,11 +270,10 @@ class Architecture:
             raise ValueError(f"malformed architecture: {exc!r}") from exc
 
     def save(self, path: str) -> None:
-        """Write JSON atomically (a temporary file, then rename)."""
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.to_dict(), f, indent=1)
-        os.replace(tmp, path)
+        """Write JSON atomically (a unique temporary file, fsynced, then renamed; nothing is left on failure)."""
+        from .runs import write_json
+
+        write_json(self.to_dict(), os.fspath(path))
 
     @classmethod
     def load(cls, path: str) -> "Architecture":

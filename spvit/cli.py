@@ -4,13 +4,17 @@ Configuration (:mod:`spvit.config`): built-in defaults, then ``--config file.yam
 with underscores), then the flags given on the command line; the resolved config is saved in the run folder.
 ``--resume`` continues a run from its folder alone (its saved config); a changed setting is refused unless
 ``--allow-changes``. Bad input prints one ``spvit: error: ...`` line (once, on rank 0 under torchrun) and exits with
-code 2; a failed write (a full disk) exits with 1; SIGINT / SIGTERM stop cleanly (130 / 143) saying how to continue.
+code 2; a failed write (a full disk) exits with 1; SIGINT / SIGTERM / SIGHUP stop cleanly (130 / 143 / 129) saying
+how to continue; under torchrun, a rank whose peer died says so in one line (exit 1).
 An unexpected failure while training (not the input's fault) is one line and exit code 1.
 ``SPVIT_TRACEBACK=1`` shows the Python traceback instead of the one line.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
+import io
 import json
 import math
 import os
@@ -20,7 +24,7 @@ from typing import Dict, List, Optional
 
 from ._version import __version__
 from . import config as C
-from . import demo, finetune, runs, search
+from . import _startup, demo, finetune, runs, search
 from . import engine as E
 from .data import DataConfig, DataError, build_datasets, build_loaders
 from .deploy import deploy_checkpoint
@@ -343,6 +347,7 @@ def cmd_eval(args) -> int:
     _, val = build_datasets(cfg.data, dcfg, need_train=False, eval_split="test")
     _, _, loader = build_loaders(None, val, cfg.batch_size, dist.world, dist.rank, num_workers=cfg.num_workers,
                                  eval_batch_size=cfg.batch_size)
+    runs.quiet_workers(loader)
     if model is None:
         model = E.build_timm_model(cfg.model, val.num_classes, cfg.pretrained, 0.0, kwargs)
     model.to(dist.device)
@@ -388,13 +393,20 @@ def cmd_deploy(args) -> int:
     if args.export:
         sig = deployed.architecture.signature
         example = torch.randn(1, sig.in_chans, *sig.img_size, dtype=dtype)
+        buf = None
         try:
             ep = torch.export.export(deployed, (example,))
-            torch.export.save(ep, os.path.join(args.out, "model.pt2"))
-            print(f"torch.export program: {os.path.join(args.out, 'model.pt2')}")
+            buf = io.BytesIO()  # serialised in memory, then written atomically (a full disk is one clear error)
+            torch.export.save(ep, buf)
         except Exception as exc:  # report, keep the saved model
             print(f"note: torch.export failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
                   f"{path} still loads with spvit.load_deployed")
+            buf = None
+        if buf is not None:
+            pt2 = os.path.join(args.out, "model.pt2")
+            data = buf.getbuffer()
+            runs.atomic_write(pt2, lambda f: f.write(data))
+            print(f"torch.export program: {pt2}")
     export_for_format(args, deployed, args.out)
     print(f"deployed model in {args.out}")
     return 0
@@ -519,11 +531,29 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(lines) or type(exc).__name__
 
 
+def _peer_lost(exc: BaseException, args: argparse.Namespace) -> Optional[str]:
+    """Under torchrun, when another rank died: one line saying which and how to continue (None otherwise)."""
+    if not runs.peer_lost(exc):
+        return None
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    rank = int(os.environ.get("RANK", "0") or 0)
+    other = f"rank {1 - rank}" if world == 2 else "another rank"
+    out = getattr(args, "out", None)
+    if out and os.path.isfile(os.path.join(out, runs.CHECKPOINT)):
+        how = (f"the last checkpoint is kept: continue with `torchrun ... -m spvit {args.command} --out {out} "
+               f"--resume` once every rank can run")
+    else:
+        how = "no checkpoint was written yet: start the run again"
+    return f"rank {rank}: {other} of this torchrun job stopped (its connection closed; see its own output); {how}"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of ``spvit``; returns the exit code (2 on bad input, 1 on a failed write, 130/143 on a signal)."""
     args = build_parser().parse_args(argv)
     debug = os.environ.get(DEBUG_ENV) == "1"
+    before = {sig: signal.getsignal(sig) for sig in runs.STOP_SIGNALS}
     try:
+        runs.install_stop_handlers()
         return COMMANDS[args.command](args)
     except runs.Interrupted as exc:
         _say(str(exc))
@@ -541,11 +571,24 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise
         _say(f"error: {_one_line(exc)}")
         return EXIT_BAD_INPUT
+    except RuntimeError as exc:
+        lost = None if debug else _peer_lost(exc, args)
+        if lost is None:
+            raise
+        print(f"spvit: error: {lost}", file=sys.stderr, flush=True)  # from every rank: rank 0 may be the one lost
+        return EXIT_IO
     except OSError as exc:  # a failed write (full disk, permissions): the previous files are intact
         if debug:
             raise
         _say(f"error: {_one_line(exc)}")
-        return EXIT_IO
+        # a symbolic-link loop is in the input (a data folder), never the result of a failed write
+        return EXIT_BAD_INPUT if exc.errno == errno.ELOOP and not isinstance(exc, runs.RunIOError) else EXIT_IO
+    finally:
+        with contextlib.suppress(ValueError, TypeError):  # not the main thread, or a handler not set from Python
+            for sig, handler in before.items():
+                signal.signal(sig, handler)
+            if any(h is _startup._on_signal for h in before.values()):  # the `spvit` command: it is ending
+                _startup.finished()
 
 
 if __name__ == "__main__":

@@ -24,6 +24,9 @@ DEVICE_HELP = "auto (CUDA when visible, else CPU), cpu, cuda or cuda:N"
 # Settings that do not change what a run computes: --resume accepts new values for them.
 EXECUTION_ONLY = ("out", "resume", "overwrite", "allow_changes", "progress", "num_workers", "pin_mem", "tensorboard",
                   "stop_after_epoch", "config_file", "eval_batch_size")
+# Settings that let a file run code when it is loaded: honoured only from the command line of the current invocation
+# (never from a --config file nor from a run folder's saved config.yaml) and never saved.
+CODE_RUNNING = ("teacher_file_runs_code",)
 
 
 # Flags that control one invocation, not what the run computes: never saved in config.yaml and never taken from it
@@ -124,6 +127,11 @@ class BaseConfig:
         unknown = sorted(k for k in d if k not in types)
         if unknown:
             raise ConfigError(f"{source}: unknown setting(s) {', '.join(unknown)}")
+        if source not in ("flags", "arguments"):  # the command line, or the Python caller's own arguments
+            for k in CODE_RUNNING:
+                if k in d and d[k] is not False:
+                    raise ConfigError(f"{source}: setting {k} is accepted only on the command line ({flag(k)}): "
+                                      f"a file cannot allow code from another file to run")
         values = dataclasses.asdict(base) if base is not None else {}
         values.update({k: _coerce(k, types[k], v) for k, v in d.items()})
         return cls(**values)
@@ -404,7 +412,7 @@ class EvalConfig(BaseConfig):
 def changed_settings(old: BaseConfig, new: BaseConfig) -> List[str]:
     """Names of the settings (other than execution-only ones) whose values differ."""
     a, b = old.to_dict(), new.to_dict()
-    return [k for k in b if k not in EXECUTION_ONLY and a.get(k) != b[k]]
+    return [k for k in b if k not in EXECUTION_ONLY and k not in CODE_RUNNING and a.get(k) != b[k]]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -459,11 +467,14 @@ def save(cfg: BaseConfig, path: str) -> None:
     """Write the resolved config as YAML (atomically)."""
     import yaml
 
-    write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    d = {k: v for k, v in cfg.to_dict().items() if k not in CODE_RUNNING}  # typed anew at every invocation
+    write_text(path, yaml.safe_dump(d, sort_keys=False))
 
 
 def load_saved(cls, path: str):
     """The config a run saved (``config.yaml`` of its folder)."""
     if not os.path.isfile(path):
         raise ConfigError(f"{path} not found: the run folder has no saved config to resume from")
-    return cls.from_dict(load_yaml(path), source=path)
+    # a code-running setting in a saved config (written by hand, or by an older version) is dropped: only the
+    # command line of this invocation can allow it
+    return cls.from_dict({k: v for k, v in load_yaml(path).items() if k not in CODE_RUNNING}, source=path)

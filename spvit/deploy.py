@@ -44,7 +44,7 @@ from .models.convert import UnsupportedModelError, check_images, gelu_approximat
 from .models.pruned import ConvAttention, ExplicitConvAttention, PrunedModel, SkipAttention
 from .models.supernet import Supernet
 from .models.timm_api import DeployedApi, data_cfg_of
-from .runs import save_torch
+from .runs import load_torch_file, save_torch
 
 FORMAT = "spvit-deployed"
 FORMAT_VERSION = 1
@@ -673,10 +673,10 @@ def load_deployed(path: str, device: Optional[Union[str, torch.device]] = None,
     """
     if not os.path.exists(path):
         raise FileNotFoundError(f"deployed model file not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt, truncated, not a torch file or holding pickled objects
-        raise ValueError(f"cannot read {path} as a deployed SPViT model ({type(exc).__name__}: {exc})") from exc
+    try:  # weights_only=True; corrupt, truncated or holding pickled objects: one ValueError
+        obj = load_torch_file(path, "the file")
+    except ValueError as exc:
+        raise ValueError(f"cannot read {path} as a deployed SPViT model: {exc}") from None
     return _pad_default(from_file_dict(obj, path, device=device, dtype=dtype), pad_ffn)
 
 
@@ -746,10 +746,7 @@ def deploy_checkpoint(checkpoint: str, out: Optional[str] = None, model: Optiona
     """
     if not os.path.exists(checkpoint):
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
-    try:
-        obj = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"cannot read {checkpoint} as a PyTorch checkpoint ({type(exc).__name__}: {exc})") from exc
+    obj = load_torch_file(checkpoint, "checkpoint")  # weights_only=True; every failure is one ValueError
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
         deployed = from_file_dict(obj, checkpoint, device=device, dtype=dtype)
     elif isinstance(obj, dict) and isinstance(obj.get("arch"), dict) and isinstance(obj.get("model"), dict):

@@ -15,6 +15,7 @@ import random
 import socket
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional
 
@@ -99,8 +100,10 @@ def wrap_ddp(model: nn.Module, dist: DistInfo, find_unused: bool = False, broadc
     if not dist.enabled:
         return model
     ids = [dist.device.index] if dist.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused,
-                                               broadcast_buffers=broadcast_buffers)
+    with warnings.catch_warnings():  # newer torch renames the argument (same meaning): no notice for the user
+        warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused,
+                                                   broadcast_buffers=broadcast_buffers)
 
 
 def broadcast_ok(ok: bool, dist: DistInfo) -> bool:
@@ -509,6 +512,8 @@ def setup(cfg: TrainConfig, input_size: int, need_train: bool = True) -> Setup:
         num_workers=cfg.num_workers, pin_memory=cfg.pin_mem and dist.device.type == "cuda", seed=cfg.seed,
         eval_batch_size=cfg.eval_batch_size)
     mixup = build_mixup(dcfg, num_classes) if train_set is not None else None
+    for loader in (train_loader, val_loader):
+        runs.quiet_workers(loader)
     return Setup(dist, train_set, val_set, train_loader, sampler, val_loader, mixup, num_classes)
 
 
@@ -767,10 +772,11 @@ def fit(*, model: nn.Module, schedules: List[Schedule], epochs: int, loss_fn: Ca
             how = ("no checkpoint was written yet, so there is nothing to resume: start the run again "
                    "(with --overwrite for the same --out)")
         elif resume_hint:
-            how = f"the last checkpoint is epoch {saved}; continue with `{resume_hint}`"
+            how = f"the last checkpoint is after epoch {saved + 1}/{epochs}; continue with `{resume_hint}`"
         else:
-            how = f"the last checkpoint is epoch {saved}"
-        raise runs.Interrupted(f"interrupted ({exc}) in {desc} epoch {epoch}; {how}", exc.signum) from None
+            how = f"the last checkpoint is after epoch {saved + 1}/{epochs}"
+        raise runs.Interrupted(f"interrupted ({exc}) in {desc} epoch {epoch + 1}/{epochs}; {how}",
+                              exc.signum) from None
     except Diverged as exc:  # epochs are counted from 1 in messages, as in the epoch lines
         kept = (f"the last good checkpoint (after epoch {saved + 1}/{epochs}) is kept: continue from it with "
                 f"`{resume_hint or '--resume'} --allow-changes` and a smaller value" if saved is not None else
@@ -780,7 +786,7 @@ def fit(*, model: nn.Module, schedules: List[Schedule], epochs: int, loss_fn: Ca
     except (RunError, DataError, OSError, runs.Interrupted, KeyboardInterrupt):  # reported as they are
         raise
     except Exception as exc:  # a failure of the training machinery, not of the user's input
-        if os.environ.get("SPVIT_TRACEBACK") == "1":
+        if os.environ.get("SPVIT_TRACEBACK") == "1" or runs.peer_lost(exc):  # a dead torchrun peer: said by the CLI
             raise
         ck = (f"the last checkpoint is after epoch {saved + 1}/{epochs}" if saved is not None else
               "no checkpoint was written yet")

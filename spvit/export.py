@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import importlib.util
 import os
 import warnings
@@ -24,6 +25,7 @@ from typing import Optional, Union
 import torch
 
 from .deploy import DeployedModel
+from .runs import RunIOError, temp_name
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
@@ -115,18 +117,43 @@ def export_onnx(model, path: Union[str, os.PathLike], batch: Optional[int] = Non
         kwargs["dynamo"] = False
         if batch is None:
             kwargs["dynamic_axes"] = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = temp_name(path)  # unique, in the same folder: fsynced, then renamed over ``path``
     try:
         with reference_ops(model), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # exporter deprecation and tracer notices
             result = torch.onnx.export(model, (example,), tmp, **kwargs)
         if dynamo and result is not None and not os.path.exists(tmp):  # exporters that return the program
             result.save(tmp, external_data=False)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
+    except Exception as exc:
+        if _disk_error(exc):
+            raise RunIOError(errno.ENOSPC if "space" in str(exc).lower() else errno.EIO,
+                             f"could not write {path}: {_first_line(exc)}; the previous version of the file is "
+                             f"intact") from None
+        raise
     finally:
-        if os.path.exists(tmp):
+        if os.path.lexists(tmp):
             os.remove(tmp)
     return path
+
+
+def _first_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.errno:
+        return os.strerror(exc.errno) + (" (the disk is full)" if exc.errno == errno.ENOSPC else "")
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
+def _disk_error(exc: BaseException) -> bool:
+    """Whether the exporter failed writing its file (an OSError, or an error of the serialiser saying so)."""
+    if isinstance(exc, OSError):
+        return True
+    msg = str(exc).lower()
+    return any(s in msg for s in ("no space left", "disk quota", "write failed", "failed to write", "errno"))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ architecture: what ``spvit eval`` and ``spvit deploy`` read).
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Dict, Optional, Union
 
 import torch
@@ -39,14 +40,19 @@ def load_arch(path: Optional[str], model_name: Optional[str] = None,
         if not model_name:
             raise E.RunError("--arch with an original SPViT checkpoint needs --model (e.g. deit_small_patch16_224)")
         try:
-            m = load_official(path, model_name, **({"num_classes": num_classes} if num_classes else {}))
-        except (ValueError, FileNotFoundError) as exc:
-            raise E.RunError(str(exc)) from None
+            with warnings.catch_warnings():  # torch warns about foreign pickle protocols: the error says enough
+                warnings.simplefilter("ignore")
+                m = load_official(path, model_name, **({"num_classes": num_classes} if num_classes else {}))
+        except (ValueError, OSError) as exc:
+            raise E.RunError(str(exc) if not isinstance(exc, OSError) or not exc.strerror else
+                             f"--arch {path}: cannot read it ({exc.strerror})") from None
         return m.architecture() if callable(m.architecture) else m.architecture
     try:
         return Architecture.load(path)
-    except (FileNotFoundError, ValueError, TypeError, KeyError) as exc:
+    except (ValueError, TypeError, KeyError) as exc:
         raise E.RunError(f"--arch {path}: {exc}") from None
+    except OSError as exc:  # unreadable (permissions, a folder, a link loop): bad input
+        raise E.RunError(f"--arch {path}: cannot read it ({exc.strerror or exc})") from None
 
 
 def arch_model_kwargs(arch: Architecture) -> Dict:
@@ -174,7 +180,7 @@ def run(cfg: Union[FinetuneConfig, Dict], source: Optional[nn.Module] = None,
     """Run (or resume) a fine-tune. ``source`` / ``teacher``: already built modules (instead of ``init`` and
     ``teacher``). Everything is validated before the first file is written."""
     if isinstance(cfg, dict):
-        cfg = FinetuneConfig.from_dict(cfg)
+        cfg = FinetuneConfig.from_dict(cfg, source="arguments")
     cfg = cfg.validate()
     runs.check_out(cfg.out, cfg.overwrite, cfg.resume)
     arch_path = os.path.join(cfg.out, "arch.json") if cfg.resume else cfg.arch

@@ -1,6 +1,6 @@
 """Run folders and the files in them: the marker, the lock, ``--overwrite``, atomic writes, safe loading of user
 files, checkpoints that load with ``torch.load(weights_only=True)``, crash-consistent logs and clean stops on
-SIGINT / SIGTERM.
+SIGINT / SIGTERM / SIGHUP.
 
 A run folder is one that holds the marker file :data:`MARKER` (written by the package when it creates the folder).
 ``--overwrite`` only ever removes what the package writes (:data:`OWNED`) and only in a run folder; a folder the
@@ -29,6 +29,7 @@ import random
 import shutil
 import signal
 import socket
+import stat
 import sys
 import time
 import uuid
@@ -41,8 +42,9 @@ import torch
 MARKER = ".spvit-run"
 LOCK = ".spvit-lock"
 CHECKPOINT = "checkpoint.pth"
-# What the package writes into a run folder (all that --overwrite may remove); sub-folders that are run folders
-# themselves (the demo's stages) are cleaned the same way, recursively.
+# What the package writes into a run folder (all that --overwrite may remove). The demo's stages are run folders in
+# the demo's (one that holds demo.yaml) and are cleaned the same way; no other sub-folder is entered.
+DEMO_STAGES = ("teacher", "search", "finetune")
 OWNED = ("config.yaml", "demo.yaml", "metrics.csv", "gates.jsonl", "arch.json", "arch_epoch*.json", CHECKPOINT,
          "best.pth", "summary.json", "demo.png", "tb", "*.spvit-tmp", LOCK, MARKER)
 # An environment variable naming a point where the process kills itself (os._exit), for crash-consistency tests:
@@ -72,12 +74,14 @@ class Interrupted(Exception):
 
 
 def crash_point(name: str, epoch: int = -1) -> None:
-    """Kill the process here (``os._exit(137)``, like ``kill -9``) when ``SPVIT_CRASH_AT`` names this point."""
+    """Kill the process here (``os._exit(137)``, like ``kill -9``) when ``SPVIT_CRASH_AT`` names this point
+    (``point``, ``point:epoch`` or ``point:epoch:rank``)."""
     want = os.environ.get(CRASH_ENV)
     if not want:
         return
-    point, _, ep = want.partition(":")
-    if point == name and (not ep or int(ep) == epoch):
+    point, _, rest = want.partition(":")
+    ep, _, rank = rest.partition(":")  # an optional rank: only that process of a torchrun job dies
+    if point == name and (not ep or int(ep) == epoch) and (not rank or os.environ.get("RANK", "0") == rank):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(137)
@@ -232,7 +236,31 @@ def _refused_places() -> List[str]:
 
 
 def is_run_folder(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, MARKER))
+    """Whether ``path`` holds the marker (a regular file: a symbolic link named like it does not count)."""
+    try:
+        return stat.S_ISREG(os.lstat(os.path.join(path, MARKER)).st_mode)
+    except OSError:
+        return False
+
+
+def _leftover_only(path: str) -> bool:
+    """Whether ``path`` holds nothing but what an interrupted creation of a run folder leaves (the lock, the marker,
+    temporary files): such a folder is treated as not yet created."""
+    for entry in os.scandir(path):
+        if entry.is_symlink() or not entry.is_file(follow_symlinks=False):
+            return False
+        if entry.name not in (LOCK, MARKER) and not entry.name.endswith(".spvit-tmp"):
+            return False
+    return True
+
+
+def _refuse_links(out: str) -> None:
+    """Refuse a run folder in which a file the package writes is a symbolic link (spvit never creates one, and reading
+    or writing through it would reach a file outside the run)."""
+    for entry in os.scandir(out):
+        if entry.is_symlink() and any(fnmatch.fnmatch(entry.name, pat) for pat in OWNED):
+            raise RunError(f"{entry.path} is a symbolic link; spvit writes and reads no file of a run folder through "
+                           f"a link (remove it, or choose another --out)")
 
 
 def check_out(out: Optional[str], overwrite: bool = False, resume: bool = False) -> str:
@@ -252,11 +280,15 @@ def check_out(out: Optional[str], overwrite: bool = False, resume: bool = False)
         raise RunError(f"--out {out}: cannot create it ({parent} is not writable)")
     if os.path.isdir(out) and not os.access(out, os.W_OK | os.X_OK):
         raise RunError(f"--out {out} is not writable")
-    empty = not os.path.isdir(out) or not any(os.scandir(out))
+    # a folder left by a creation that was interrupted (only the lock, the marker, temporary files) counts as empty
+    empty = not os.path.isdir(out) or not any(os.scandir(out)) or _leftover_only(out)
+    if os.path.isdir(out):
+        _refuse_links(out)
     if resume:
-        if not is_run_folder(out) or not os.path.exists(os.path.join(out, CHECKPOINT)):
-            raise RunError(f"--resume: no {CHECKPOINT} of a run in {out} to resume from"
-                           + ("" if os.path.isdir(out) else " (the folder does not exist)"))
+        if not is_run_folder(out) or not os.path.isfile(os.path.join(out, CHECKPOINT)):
+            why = (" (the folder does not exist)" if not os.path.isdir(out) else
+                   " (the run stopped before its first checkpoint: start it again without --resume)" if empty else "")
+            raise RunError(f"--resume: no {CHECKPOINT} of a run in {out} to resume from{why}")
         return out
     if empty:
         return out
@@ -273,11 +305,13 @@ def check_out(out: Optional[str], overwrite: bool = False, resume: bool = False)
 
 
 def _clean(folder: str) -> List[str]:
-    """Remove what the package wrote in a run folder (recursively into run sub-folders); returns what stays."""
+    """Remove what the package wrote in a run folder (and in the demo's stage folders); returns what stays."""
     kept = []
+    demo = os.path.isfile(os.path.join(folder, "demo.yaml")) and not os.path.islink(os.path.join(folder, "demo.yaml"))
     for entry in os.scandir(folder):
         owned = any(fnmatch.fnmatch(entry.name, pat) for pat in OWNED)
-        if entry.is_dir(follow_symlinks=False) and is_run_folder(entry.path):
+        if (entry.is_dir(follow_symlinks=False) and entry.name in DEMO_STAGES and demo
+                and is_run_folder(entry.path)):
             sub_lock = try_lock(entry.path)
             if sub_lock is None:
                 raise RunError(f"--overwrite refused: {entry.path} is in use by another run")
@@ -318,7 +352,7 @@ class RunLock:
 
 def _lock_owner(path: str) -> str:
     try:
-        with open(path) as f:
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)) as f:
             info = json.load(f)
         return f"process {info.get('pid')} on {info.get('host')} (since {info.get('since')})"
     except (OSError, ValueError):
@@ -331,7 +365,16 @@ def try_lock(folder: str) -> Optional[RunLock]:
 
     path = os.path.join(folder, LOCK)
     for _ in range(5):
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # never through a symbolic link (it would truncate its target), never a FIFO or device
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise RunError(f"{path} is a symbolic link; spvit opens its lock file through no link (remove it)") \
+                    from None
+            raise
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise RunError(f"{path} is not a regular file; remove it")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -346,8 +389,9 @@ def try_lock(folder: str) -> Optional[RunLock]:
             continue
         info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                            "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode()
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, info, 0)
+        with contextlib.suppress(OSError):  # the owner's name is advisory: a full disk does not stop the lock
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, info, 0)
         return RunLock(folder, fd)
     return None
 
@@ -356,11 +400,18 @@ def open_run(out: str, overwrite: bool = False, resume: bool = False) -> RunLock
     """Create (or reopen) the run folder, lock it, clean it for ``overwrite`` and write the marker. Call after
     :func:`check_out` and after every other validation: this is the first write of a run."""
     check_out(out, overwrite, resume)
+    created = not os.path.isdir(out)
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as exc:
         raise RunError(f"--out {out}: cannot create the folder ({exc.strerror})") from None
-    lock = try_lock(out)
+    try:
+        lock = try_lock(out)
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                os.rmdir(out)
+        raise
     if lock is None:
         raise RunError(f"run folder {out} is in use by {_lock_owner(os.path.join(out, LOCK))}; wait for that run to "
                        f"end (or stop it) before starting, resuming or overwriting a run there")
@@ -374,6 +425,12 @@ def open_run(out: str, overwrite: bool = False, resume: bool = False) -> RunLock
             write_json({"spvit_run": 1, "created": time.strftime("%Y-%m-%d %H:%M:%S")}, os.path.join(out, MARKER))
     except BaseException:
         lock.release()
+        if created:  # a folder this call made goes again (an interrupted creation leaves nothing to clean up)
+            with contextlib.suppress(OSError):
+                for entry in os.scandir(out):
+                    if entry.name.endswith(".spvit-tmp") or entry.name == MARKER:
+                        os.remove(entry.path)
+                os.rmdir(out)
         raise
     return lock
 
@@ -382,10 +439,24 @@ def open_run(out: str, overwrite: bool = False, resume: bool = False) -> RunLock
 # Per-epoch logs (rewritten atomically; trimmed to the checkpoint's epoch on resume)
 
 
+def _open_log(path: str, **kw) -> Optional[io.TextIOBase]:
+    """A run's own log file for reading (None when absent); a symbolic link is refused, not followed."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise RunError(f"{path} is a symbolic link; spvit reads no file of a run folder through a link") from None
+        raise
+    return os.fdopen(fd, encoding="utf-8", **kw)
+
+
 def _read_csv(path: str) -> List[Dict[str, str]]:
-    if not os.path.exists(path):
+    f = _open_log(path, newline="")
+    if f is None:
         return []
-    with open(path, newline="", encoding="utf-8") as f:
+    with f:
         return list(csv.DictReader(f))
 
 
@@ -421,9 +492,10 @@ def log_epoch_json(path: str, record: Dict[str, Any]) -> None:
 
 
 def _read_lines(path: str) -> List[str]:
-    if not os.path.exists(path):
+    f = _open_log(path)
+    if f is None:
         return []
-    with open(path, encoding="utf-8") as f:
+    with f:
         out = []
         for ln in f:
             ln = ln.strip()
@@ -459,21 +531,76 @@ def trim_logs(out: str, last_epoch: int, names=("metrics.csv", "gates.jsonl")) -
 # Signals
 
 
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
+TRAINING_BEGAN = False  # set once a training loop has entered StopSignals (names what a later stop means)
+
+
+def _in_child(owner_pid: int) -> bool:
+    """Whether this is a process forked after the handler was installed (a DataLoader worker): it leaves the signal
+    to the main process, which stops the workers and prints the one line."""
+    return os.getpid() != owner_pid
+
+
+def install_stop_handlers() -> None:
+    """For the ``spvit`` command, outside the training loop: SIGINT, SIGTERM and SIGHUP raise :class:`Interrupted`
+    (the ``finally`` blocks release the lock, the CLI prints one line, exit 128 + the signal's number)."""
+    import threading
+
+    global TRAINING_BEGAN
+    TRAINING_BEGAN = False
+    if threading.current_thread() is not threading.main_thread():
+        return
+    pid = os.getpid()
+
+    def handle(signum, frame):
+        if _in_child(pid):
+            return
+        name = signal.Signals(signum).name
+        if TRAINING_BEGAN:
+            raise Interrupted(f"interrupted ({name}) outside the training loop; every file written is complete",
+                              signum)
+        raise Interrupted(f"interrupted ({name}) before training began; nothing was saved to resume", signum)
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, handle)
+
+
+def _quiet_worker(previous: Optional[Callable[[int], None]], worker_id: int) -> None:
+    for sig in STOP_SIGNALS:  # torch's worker handler would die by a SIGTERM sent to the whole process group
+        signal.signal(sig, signal.SIG_IGN)
+    if previous is not None:
+        previous(worker_id)
+
+
+def quiet_workers(loader: Any) -> None:
+    """Let the worker processes of a ``DataLoader`` ignore SIGINT / SIGTERM / SIGHUP (Ctrl-C and a scheduler's
+    SIGTERM reach the whole process group): the main process stops the run, shuts the workers down and prints the one
+    line, instead of each worker printing a traceback and the main process reporting a dead worker."""
+    import functools
+
+    if loader is not None and getattr(loader, "num_workers", 0):
+        loader.worker_init_fn = functools.partial(_quiet_worker, loader.worker_init_fn)
+
+
 class StopSignals:
-    """SIGINT / SIGTERM handling for a run: outside :meth:`critical` a signal stops the run at once (the work since
-    the last checkpoint is dropped); inside (while files are written) it is deferred to the end of the section.
-    Restores the previous handlers on exit. A no-op outside the main thread."""
+    """SIGINT / SIGTERM / SIGHUP handling for a run: outside :meth:`critical` a signal stops the run at once (the work
+    since the last checkpoint is dropped); inside (while files are written) it is deferred to the end of the section.
+    Processes forked inside (DataLoader workers) ignore the signals: the main process stops them. Restores the
+    previous handlers on exit. A no-op outside the main thread."""
 
     def __init__(self):
         self.pending: Optional[int] = None
         self.depth = 0
         self.old: Dict[int, Any] = {}
+        self.pid = os.getpid()
 
     def __enter__(self) -> "StopSignals":
         import threading
 
+        global TRAINING_BEGAN
+        TRAINING_BEGAN = True
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in STOP_SIGNALS:
                 self.old[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -482,6 +609,8 @@ class StopSignals:
             signal.signal(sig, h)
 
     def _handle(self, signum, frame) -> None:
+        if _in_child(self.pid):
+            return
         if self.depth > 0:
             self.pending = signum
             return
@@ -497,3 +626,13 @@ class StopSignals:
         if self.depth == 0 and self.pending is not None:
             signum, self.pending = self.pending, None
             raise Interrupted(signal.Signals(signum).name, signum)
+
+
+PEER_LOST = ("connection closed by peer", "connection reset by peer", "broken pipe", "connection refused",
+             "nccl communicator was aborted", "socket timeout")
+
+
+def peer_lost(exc: BaseException) -> bool:
+    """True for the error a torchrun rank sees when another rank of its job died (its connection closed)."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return world >= 2 and any(s in str(exc).lower() for s in PEER_LOST)

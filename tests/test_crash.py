@@ -135,7 +135,7 @@ def test_signal_mid_run_says_how_to_resume_and_resume_works(tmp_path, monkeypatc
     _signal_at(monkeypatch, engine, "evaluate", 1, signal.SIGTERM)
     with pytest.raises(runs.Interrupted) as info:
         search.run(_cfg(tmp_path / "run"))
-    assert "last checkpoint is epoch 0" in str(info.value) and "--resume" in str(info.value)
+    assert "last checkpoint is after epoch 1/" in str(info.value) and "--resume" in str(info.value)
     monkeypatch.undo()
     search.run(_cfg(tmp_path / "run", resume=True))
     _same_run(reference, tmp_path / "run")
@@ -145,7 +145,7 @@ def test_signal_while_writing_is_deferred_until_the_checkpoint_is_complete(tmp_p
     _signal_at(monkeypatch, runs, "log_epoch_row", 1, signal.SIGINT)
     with pytest.raises(runs.Interrupted) as info:
         search.run(_cfg(tmp_path / "run"))
-    assert "last checkpoint is epoch 1" in str(info.value)
+    assert "last checkpoint is after epoch 2/" in str(info.value)
     assert torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)["epoch"] == 1
     monkeypatch.undo()
     search.run(_cfg(tmp_path / "run", resume=True))
