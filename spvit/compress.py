@@ -38,6 +38,7 @@ import math
 import os
 import platform
 import shlex
+import signal
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
@@ -509,6 +510,7 @@ def run(cfg: CompressConfig, resume: bool = False, stop_after: Optional[str] = N
     preflight(plan, resume)  # profiles (in memory) when needed: nothing written yet
     lock = _reopen(out) if resume else runs.open_run(out, overwrite=cfg.overwrite)
     t_start = time.perf_counter()
+    stage = "start"
     try:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -549,6 +551,14 @@ def run(cfg: CompressConfig, resume: bool = False, stop_after: Optional[str] = N
                 summary = _run_report(plan, ctx, hook, time.perf_counter() - t_start)
             if finish(stage, t0):
                 break
+    except runs.Interrupted as exc:  # a stage's own hint names its folder: the whole run continues from the top
+        cmd = "spvit demo" if cfg.report_style == "demo" else "spvit compress"
+        raise runs.Interrupted(f"{exc}; or continue the whole run: {cmd} --out {shlex.quote(out)} --resume",
+                               exc.signum) from None
+    except KeyboardInterrupt:  # outside a training loop (profile, deploy, measure, report): redo that stage
+        cmd = "spvit demo" if cfg.report_style == "demo" else "spvit compress"
+        raise runs.Interrupted(f"interrupted in stage {stage}; continue with: {cmd} --out {shlex.quote(out)} "
+                               f"--resume", signal.SIGINT) from None
     finally:
         lock.release()
         torch.set_num_threads(threads_before)

@@ -107,9 +107,10 @@ def test_kill_in_each_stage_then_resume(tmp_path):
     out = tmp_path / "run"
     cfg = tiny(out, teacher_epochs=2, search={"epochs": 2, "arc_lr": 0.2, "min_lr": 1e-3}, finetune={"epochs": 2})
     env = {**os.environ, "PYTHONPATH": repo_root() + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    # (crash point, the stage it is in): a training stage is killed after its first epoch's checkpoint
+    # (crash point, the stage it is in): the teacher and the search are killed after their first epoch's checkpoint,
+    # the fine-tune after its last one (finished, not yet marked done)
     kills = [("after_checkpoint:0", "teacher"), ("writing_latency.json", "profile"), ("after_checkpoint:0", "search"),
-             ("after_checkpoint:0", "finetune"), ("writing_deployed.pth", "deploy"),
+             ("compress_finetune_done", "finetune"), ("writing_deployed.pth", "deploy"),
              ("writing_measure.json", "measure"), ("writing_report.md", "report")]
     for i, (point, stage) in enumerate(kills):
         flags = cfg if i == 0 else {"out": str(out), "resume": True}
