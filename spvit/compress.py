@@ -205,8 +205,8 @@ def recipe_settings(recipe: str, model_name: str) -> Dict[str, Dict[str, Any]]:
 # Small helpers
 
 
-def _write_stages(out: str, done: List[str]) -> None:
-    runs.write_json({"done": done}, os.path.join(out, STAGES_FILE))
+def _write_stages(out: str, done: List[str], times: Dict[str, float]) -> None:
+    runs.write_json({"done": done, "stage_s": times}, os.path.join(out, STAGES_FILE))
 
 
 def _read_json(path: str) -> Any:
@@ -302,6 +302,9 @@ class Plan:
         common = dict(model=self.dense.name, model_kwargs=dict(self.dense.kwargs), data=cfg.data, device=cfg.device,
                       seed=cfg.seed, progress=cfg.progress, num_classes=cfg.num_classes)
         self.has_dense_stage = cfg.teacher_epochs > 0
+        if self.has_dense_stage and self.dense.checkpoint is not None:
+            raise ConfigError(f"--teacher-epochs trains the dense model from scratch; --model {cfg.model} is already "
+                              f"a trained checkpoint (leave --teacher-epochs out)")
         self.dense_ckpt = (os.path.join(self.out, "teacher", "best.pth") if self.has_dense_stage
                            else self.dense.checkpoint)
         dense_over = {**common, "pretrained": "none", **cfg.train, "epochs": cfg.teacher_epochs, **cfg.teacher,
@@ -322,6 +325,8 @@ class Plan:
         self.finetune_cfg = FinetuneConfig.from_dict(f, source="finetune").validate()
         self.table = None
         self.target_ms = None
+        self.dense_gflops = None
+        self.profile_s = 0.0
         self.ffn_align = 0
 
     def stage_commands(self) -> Dict[str, str]:
@@ -378,6 +383,7 @@ def preflight(plan: Plan, resume: bool) -> None:
         sn = supernet(model, model_name=plan.dense.name)
     except ValueError as exc:
         raise E.RunError(f"--model {cfg.model}: {exc}") from None
+    plan.dense_gflops = sn.dense_gflops()
     if not cfg.latency_target:
         try:
             sn.check_target(cfg.target_gflops)
@@ -398,9 +404,11 @@ def preflight(plan: Plan, resume: bool) -> None:
         else:
             E.log(f"== profile: latency table of {plan.dense.name} on {L.device_name(dev)} (batch {cfg.batch}, "
                   f"{cfg.dtype}) ==")
+            t0 = time.perf_counter()
             table = L.profile(model, device=dev, dtype=cfg.dtype, batch=cfg.batch, threads=cfg.threads,
                               budget_s=cfg.profile_budget, rounds=cfg.profile_rounds, model_name=plan.dense.name,
                               show=cfg.progress)
+            plan.profile_s = time.perf_counter() - t0
     except (L.LatencyTableError, OSError) as exc:
         raise E.RunError(f"latency table: {exc}") from None
     finally:
@@ -488,11 +496,12 @@ def _load_cfg(out: str, flags: Dict[str, Any], config: Optional[str], allow_chan
 
 
 def run(cfg: CompressConfig, resume: bool = False, stop_after: Optional[str] = None,
-        hook: Optional[Callable[[Dict, Dict], Dict]] = None) -> Dict:
+        hook: Optional[Callable[[Dict, Dict], Dict]] = None, on_open: Optional[Callable[[str], None]] = None) -> Dict:
     """Run (or with ``resume`` continue) a compression; returns the summary (also ``out/summary.json``).
 
     ``stop_after``: end after this stage (the run continues with ``resume``). ``hook(summary, ctx)``: adds to the
-    summary before it is written (the demo's table)."""
+    summary before it is written (the demo's table). ``on_open(out)``: called once the new run's folder is open
+    (the demo saves its own settings there)."""
     cfg = cfg.validate()
     if stop_after is not None and stop_after not in STAGES:
         raise ConfigError(f"--stop-after must be one of {', '.join(STAGES)}, got {stop_after!r}")
@@ -505,25 +514,30 @@ def run(cfg: CompressConfig, resume: bool = False, stop_after: Optional[str] = N
     plan = Plan(cfg)
     threads_before = torch.get_num_threads()
     done: List[str] = []
+    times: Dict[str, float] = {}
     if resume and os.path.isfile(os.path.join(out, STAGES_FILE)):
-        done = list(_read_json(os.path.join(out, STAGES_FILE)).get("done", []))
+        state = _read_json(os.path.join(out, STAGES_FILE))
+        done, times = list(state.get("done", [])), dict(state.get("stage_s", {}))
     preflight(plan, resume)  # profiles (in memory) when needed: nothing written yet
     lock = _reopen(out) if resume else runs.open_run(out, overwrite=cfg.overwrite)
-    t_start = time.perf_counter()
     stage = "start"
     try:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         if not resume:
             save_config(cfg.replace(overwrite=False), os.path.join(out, CONFIG_NAME))
-            _write_stages(out, done)
-        ctx = {"plan": plan, "times": {}}
+            _write_stages(out, done, times)
+            if on_open is not None:
+                on_open(out)
+        ctx = {"plan": plan, "times": times}
 
         def finish(stage: str, t0: float) -> bool:
-            ctx["times"][f"{stage}_s"] = round(time.perf_counter() - t0, 1)
+            # every process's time in the stage (a resumed stage adds up); profiling happens before the folder opens
+            times[f"{stage}_s"] = round(times.get(f"{stage}_s", 0.0) + time.perf_counter() - t0
+                                        + (plan.profile_s if stage == "profile" else 0.0), 1)
             runs.crash_point(f"compress_{stage}_done")
             done.append(stage)
-            _write_stages(out, done)
+            _write_stages(out, done, times)
             return stage == stop_after
 
         for stage in STAGES:
@@ -548,7 +562,7 @@ def run(cfg: CompressConfig, resume: bool = False, stop_after: Optional[str] = N
             elif stage == "measure":
                 _run_measure(plan, ctx)
             elif stage == "report":
-                summary = _run_report(plan, ctx, hook, time.perf_counter() - t_start)
+                _run_report(plan, ctx, hook, sum(times.values()) + time.perf_counter() - t0)
             if finish(stage, t0):
                 break
     except runs.Interrupted as exc:  # a stage's own hint names its folder: the whole run continues from the top
@@ -587,11 +601,8 @@ def _run_search(plan: Plan) -> None:
     if plan.table is not None:
         scfg = scfg.replace(latency_table=os.path.join(plan.out, TABLE_FILE), target_speedup=plan.cfg.target_speedup,
                             target_latency_ms=plan.cfg.target_latency_ms)
-    lam = plan.cfg.search.get("loss_lambda", plan.cfg.train.get("loss_lambda"))
-    if lam is None and paper_family(plan.dense.name) is None and plan.cfg.recipe != "none":
-        from .flops import gflops as _gf
-
-        scfg = scfg.replace(loss_lambda=LAMBDA_REL / _gf(_probe_model(plan, 2)) ** 2)
+    if "loss_lambda" not in plan.cfg.search and paper_family(plan.dense.name) is None and plan.cfg.recipe != "none":
+        scfg = scfg.replace(loss_lambda=LAMBDA_REL / plan.dense_gflops ** 2)  # no original lambda for this model
     scfg = scfg.replace(ffn_align=plan.ffn_align, **_stage_state(scfg.out)).validate()
     E.log(f"== search: {plan.dense.name} to " + (f"{plan.target_ms:.4g} ms per batch of {plan.cfg.batch}"
                                                  if plan.table is not None else f"{scfg.target_gflops:g} GFLOPs")
@@ -742,7 +753,7 @@ def _run_report(plan: Plan, ctx: Dict, hook, wall: float) -> Dict:
         "blocks": [{"block": i, "attn": b.attn, "ffn_kept": b.ffn_width,
                     "ffn_total": (arch.signature.block_mlp_hidden[i])} for i, b in enumerate(arch.blocks)],
         "ffn_align": plan.ffn_align,
-        "device": m["device"], "versions": _versions(), "platform": platform.platform(),
+        "hardware": m["device"], "versions": _versions(), "platform": platform.platform(),
         "stage_s": ctx["times"],
         "commands": {"continue": f"spvit compress --out {o} --resume",
                      "reproduce": f"spvit compress --config {o}/{CONFIG_NAME} --out NEW_DIR",
@@ -789,7 +800,7 @@ def report_md(s: Dict, png: bool) -> str:
     lines += [f"| {b['block']} | {b['attn']} | {b['ffn_kept']}/{b['ffn_total']} |" for b in s["blocks"]]
     if png:
         lines += ["", "![per-block choices and the search trade-off](report.png)"]
-    d = s["device"]
+    d = s["hardware"]
     lines += ["", "## Device and versions", "", f"{d['name']} [{d['class']}], {d['threads']} thread(s); "
               + ", ".join(f"{k} {v}" for k, v in s["versions"].items()) + f"; {s['platform']}.", "",
               "Stage times (s): " + ", ".join(f"{k[:-2]} {v}" for k, v in s["stage_s"].items()) + ".", "",

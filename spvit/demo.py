@@ -98,7 +98,7 @@ def summary_hook(summary: Dict, ctx: Dict) -> Dict:
         "teacher_gflops": m["dense_gflops"], "pruned_gflops": m["compressed_gflops"],
         "target_gflops": cfg.target_gflops, "flops_cut": 1 - m["compressed_gflops"] / m["dense_gflops"],
         "teacher_params": m["dense_params"], "pruned_params": m["compressed_params"],
-        "wall_s": round(ctx["wall_s"], 1), "stage_s": dict(summary["stage_s"]),
+        "wall_s": round(ctx["wall_s"], 1),
         "seed": cfg.seed, "device": str(torch.device(cfg.device)), "threads": torch.get_num_threads(),
         "train_images": n_train, "val_images": len(splits["val"]), "test_images": len(splits["test"]),
         "selection": "best epoch on the validation split (teacher and fine-tune); test split evaluated once",
@@ -125,8 +125,7 @@ def run(opts: Union[DemoConfig, Dict]) -> Dict:
         ccfg = compress_config(o)
     except ValueError as exc:
         raise E.RunError(f"--target-fraction {o.target_fraction:g}: {exc}") from None
-    summary = compress.run(ccfg, hook=summary_hook)
-    save_config(o, os.path.join(o.out, "demo.yaml"))
+    summary = compress.run(ccfg, hook=summary_hook, on_open=lambda out: save_config(o, os.path.join(out, "demo.yaml")))
     E.log(format_table(summary))
     E.log(f"run folder: {o.out}")
     return summary
