@@ -510,7 +510,8 @@ def cmd_bench(args) -> int:
     return 0
 
 
-COMMANDS = {"demo": cmd_demo, "compress": cmd_compress, "search": cmd_search, "finetune": cmd_finetune, "eval": cmd_eval, "deploy": cmd_deploy,
+COMMANDS = {"demo": cmd_demo, "compress": cmd_compress, "search": cmd_search, "finetune": cmd_finetune, "eval": cmd_eval,
+            "deploy": cmd_deploy,
             "bench": cmd_bench, "profile": cmd_profile}
 
 

@@ -309,7 +309,8 @@ class Plan:
                            else self.dense.checkpoint)
         dense_over = {**common, "pretrained": "none", **cfg.train, "epochs": cfg.teacher_epochs, **cfg.teacher,
                       "out": os.path.join(self.out, "teacher")}
-        self.dense_cfg = TrainConfig.from_dict(dense_over, source="teacher").validate() if self.has_dense_stage else None
+        self.dense_cfg = (TrainConfig.from_dict(dense_over, source="teacher").validate() if self.has_dense_stage
+                          else None)
         from_file = self.dense_ckpt is not None
         s = {**recipe["search"], **common, "pretrained": "none" if from_file else self.dense.pretrained, **cfg.train,
              **cfg.search, "out": os.path.join(self.out, "search"), "target_gflops": cfg.target_gflops or 1.0,
@@ -759,6 +760,7 @@ def _run_report(plan: Plan, ctx: Dict, hook, wall: float) -> Dict:
                      "reproduce": f"spvit compress --config {o}/{CONFIG_NAME} --out NEW_DIR",
                      **plan.stage_commands()},
     }
+    summary["search_epochs"] = search_tradeoff(out)
     if hook is not None:
         summary = hook(summary, {"plan": plan, "measure": m, "wall_s": wall, "arch": arch})
     runs.write_json(summary, os.path.join(out, "summary.json"))
@@ -775,6 +777,23 @@ def _run_report(plan: Plan, ctx: Dict, hook, wall: float) -> Dict:
     if summary["verdict"]:
         E.log("note: " + summary["verdict"])
     return summary
+
+
+def search_tradeoff(out: str) -> List[Dict[str, Any]]:
+    """Per search epoch: the read-out's GFLOPs, predicted latency (latency targets) and validation top-1."""
+    import csv
+
+    path = os.path.join(out, "search", "metrics.csv")
+    if not os.path.isfile(path):
+        return []
+    rows = []
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            g = r.get("arch_gflops") or r.get("gflops")
+            rows.append({"epoch": int(r["epoch"]), "gflops": float(g) if g else None,
+                         "predicted_ms": float(r["pred_ms"]) if r.get("pred_ms") else None,
+                         "val_acc1": float(r["val_acc1"]) if r.get("val_acc1") else None})
+    return rows
 
 
 def report_md(s: Dict, png: bool) -> str:
@@ -798,6 +817,14 @@ def report_md(s: Dict, png: bool) -> str:
     lines.append(f"**{s['verdict']}**" if s["verdict"] else "The result is within 10% of the request.")
     lines += ["", "## Architecture", "", "| block | attention | FFN units kept |", "|---|---|---|"]
     lines += [f"| {b['block']} | {b['attn']} | {b['ffn_kept']}/{b['ffn_total']} |" for b in s["blocks"]]
+    if s.get("search_epochs"):
+        lines += ["", "## The search, epoch by epoch (architecture read out at each epoch's end)", "",
+                  "| epoch | GFLOPs | predicted ms | validation top-1 (%) |", "|---|---|---|---|"]
+        for r in s["search_epochs"]:
+            ms = f"{r['predicted_ms']:.4g}" if r["predicted_ms"] is not None else "—"
+            acc = f"{r['val_acc1']:.2f}" if r["val_acc1"] is not None else "—"
+            gf = f"{r['gflops']:.4g}" if r["gflops"] is not None else "—"
+            lines.append(f"| {r['epoch']} | {gf} | {ms} | {acc} |")
     if png:
         lines += ["", "![per-block choices and the search trade-off](report.png)"]
     d = s["hardware"]

@@ -86,6 +86,9 @@ def test_every_stage_with_a_speedup_target(full):
     report = open(out / "report.md").read()
     assert "Measured speedup" in report and f"{a['measured_speedup']:.3f}x" in report
     assert f"spvit compress --out {out} --resume" in report and "torch" in report
+    metrics = _rows(out / "search" / "metrics.csv")
+    assert [r["epoch"] for r in s["search_epochs"]] == [int(r["epoch"]) for r in metrics] == [0]
+    assert s["search_epochs"][0]["predicted_ms"] == pytest.approx(float(metrics[0]["pred_ms"]))
     off = abs(a["measured_speedup"] / 1.3 - 1) > compress.MISS_TOLERANCE
     assert (s["verdict"] is not None) == off and ((s["verdict"] in report) if off else True)
     pytest.importorskip("matplotlib")
