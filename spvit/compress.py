@@ -345,7 +345,9 @@ def _probe_model(plan: Plan, num_classes: int) -> torch.nn.Module:
     if d.checkpoint is not None:
         return _chosen(d.checkpoint)
     weights = None if plan.has_dense_stage else d.pretrained
-    return E.build_timm_model(d.name, num_classes, weights, 0.0, d.kwargs)
+    with torch.random.fork_rng(devices=[]):  # random weights (no pre-trained ones): the same model every time
+        torch.manual_seed(plan.cfg.seed)
+        return E.build_timm_model(d.name, num_classes, weights, 0.0, d.kwargs)
 
 
 def _check_data(plan: Plan, size: int) -> int:
