@@ -196,3 +196,35 @@ def test_verdict_says_plainly_when_the_speedup_misses():
     assert "search ended away from its target" in v
     g = compress.CompressConfig(model="m", data="digits", out="x", target_gflops=2.0)
     assert compress.verdict(g, m(1, 1, 1, 1), None).startswith("The compressed model has 1 GFLOPs, -50%")
+
+
+def test_cli_stop_after_a_stage_continue_by_hand_and_resume(tmp_path, capsys):
+    """`--stop-after search` leaves the search's files (as `spvit search` writes them); `--resume` goes on from the
+    next stage; a YAML file overrides the recipe for every training stage and per stage."""
+    out = tmp_path / "run"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train: {train_limit: 64, val_limit: 32, batch_size: 16, num_workers: 0, tensorboard: false}\n"
+                   "search: {epochs: 1, arc_lr: 0.2}\nfinetune: {epochs: 1}\nmeasure_rounds: 1\nmeasure_budget: 0\n")
+    base = ["compress", "--config", str(cfg), "--model", "spvit_demo_vit", "--model-kwargs", json.dumps(TINY_MODEL),
+            "--pretrained", "none", "--data", "digits", "--device", "cpu", "--threads", "1", "--no-progress",
+            "--out", str(out)]
+    assert cli.main(base + ["--target-gflops", "2e-4", "--stop-after", "search"]) == 0
+    assert "continue with: spvit compress --out" in capsys.readouterr().out
+    assert json.load(open(out / "stages.json"))["done"] == ["teacher", "profile", "search"]
+    assert os.path.isfile(out / "search" / "arch.json") and not os.path.exists(out / "finetune")
+    assert not os.path.exists(out / "latency.json")  # a FLOPs target: no table
+    saved = yaml_load(out / "search" / "config.yaml")
+    assert (saved["epochs"], saved["arc_lr"], saved["train_limit"], saved["target_gflops"]) == (1, 0.2, 64, 2e-4)
+    assert cli.main(["compress", "--out", str(out), "--resume", "--seed", "5"]) == 2  # a changed setting
+    assert "--seed 0 -> 5" in capsys.readouterr().err
+    assert cli.main(["compress", "--out", str(out), "--resume"]) == 0
+    assert "measured speedup" in capsys.readouterr().out
+    s = json.load(open(out / "summary.json"))
+    assert s["request"] == {"target_gflops": 2e-4} and s["achieved"]["measured_speedup_spread"]["rounds"] == 1
+    assert yaml_load(out / "finetune" / "config.yaml")["epochs"] == 1
+
+
+def yaml_load(path):
+    import yaml
+
+    return yaml.safe_load(open(path))
