@@ -804,7 +804,10 @@ def report_md(s: Dict, png: bool) -> str:
     sp = a["measured_speedup_spread"]
     req = ", ".join(f"{k} {v}" for k, v in r.items())
     lines = [f"# spvit compress: {s['model']} on {s['data']}", "",
-             f"**Request:** {req} (recipe `{s['recipe']}`, FFN widths aligned to {s['ffn_align'] or 'off'}).", "",
+             f"**Request:** {req} (recipe `{s['recipe']}`, "
+             + (f"FFN widths read out as multiples of {s['ffn_align']})." if s["ffn_align"] > 1
+                else "FFN widths not aligned)."),
+             "",
              "| | dense | compressed |", "|---|---|---|",
              f"| latency (ms per batch, measured) | {a['dense_ms']:.4g} | {a['compressed_ms']:.4g} |"]
     if a.get("predicted_ms") is not None:
