@@ -713,8 +713,10 @@ def verdict(cfg: CompressConfig, m: Dict, target_ms: Optional[float]) -> Optiona
         return None
     pred = lat.get("predicted_speedup")
     if pred is not None and abs(pred / requested - 1) > MISS_TOLERANCE:
+        how = ("the gates moved too little: more search epochs, a larger arc_lr or loss_lambda" if pred < requested
+               else "the search overshot: a smaller arc_lr, or more search epochs for the latency loss to pull it back")
         cause = (f"the search ended away from its target (the table predicts {pred:.3g}x for the architecture it read "
-                 f"out): more search epochs, or a larger loss_lambda, bring it closer")
+                 f"out; {how})")
     else:
         cause = (f"the latency table's prediction ({pred:.3g}x) does not hold on this measurement: the table was "
                  f"measured under other conditions (device load, thread setting, batch, clock) or the deployed "

@@ -193,7 +193,8 @@ def test_verdict_says_plainly_when_the_speedup_misses():
     v = compress.verdict(cfg, m(1.5, 2.0, 1.4, 1.6), None)
     assert "1.5x is -25% from the requested 2x" in v and "prediction" in v
     v = compress.verdict(cfg, m(1.5, 1.5, 1.4, 1.6), None)
-    assert "search ended away from its target" in v
+    assert "search ended away from its target" in v and "moved too little" in v
+    assert "overshot" in compress.verdict(cfg, m(3.0, 3.1, 2.8, 3.2), None)
     g = compress.CompressConfig(model="m", data="digits", out="x", target_gflops=2.0)
     assert compress.verdict(g, m(1, 1, 1, 1), None).startswith("The compressed model has 1 GFLOPs, -50%")
 
