@@ -321,7 +321,7 @@ def cmd_demo(args) -> int:
 
         if len(flags) > 1 or args.config or "out" not in flags:
             raise C.ConfigError("spvit demo --resume takes --out only (the run folder to continue)")
-        summary = compress.cli_run({"out": flags["out"], "resume": True}, None)
+        summary = compress.cli_run({"out": flags["out"], "resume": True}, None, {"demo": demo.summary_hook})
         if "teacher_acc" in summary:
             E.log(demo.format_table(summary))
         return 0
@@ -332,7 +332,7 @@ def cmd_demo(args) -> int:
 def cmd_compress(args) -> int:
     from . import compress
 
-    s = compress.cli_run(_flags(args), args.config)
+    s = compress.cli_run(_flags(args), args.config, {"demo": demo.summary_hook})
     if "achieved" in s:
         a = s["achieved"]
         sp = a["measured_speedup_spread"]

@@ -851,8 +851,10 @@ def config_from_flags(flags: Dict[str, Any], config: Optional[str]) -> CompressC
     return resolve(CompressConfig, flags, config)
 
 
-def cli_run(flags: Dict[str, Any], config: Optional[str]) -> Dict:
-    """``spvit compress`` (and ``spvit demo --resume``): a new run, or ``--resume`` of the run in ``--out``."""
+def cli_run(flags: Dict[str, Any], config: Optional[str],
+            hooks: Optional[Dict[str, Callable[[Dict, Dict], Dict]]] = None) -> Dict:
+    """``spvit compress`` (and ``spvit demo --resume``): a new run, or ``--resume`` of the run in ``--out``.
+    ``hooks``: the summary hook of a ``report_style`` (the demo's), for a resumed run."""
     flags = dict(flags)
     resume = bool(flags.pop("resume", False))
     allow = bool(flags.pop("allow_changes", False))
@@ -863,12 +865,7 @@ def cli_run(flags: Dict[str, Any], config: Optional[str]) -> Dict:
         if not flags.get("out"):
             raise ConfigError("--resume needs --out (the run folder to continue)")
         cfg = _load_cfg(flags["out"], flags, config, allow)
-        hook = None
-        if cfg.report_style == "demo":
-            from .demo import summary_hook
-
-            hook = summary_hook
-        return run(cfg, resume=True, stop_after=stop_after, hook=hook)
+        return run(cfg, resume=True, stop_after=stop_after, hook=(hooks or {}).get(cfg.report_style))
     return run(config_from_flags(flags, config), stop_after=stop_after)
 
 
