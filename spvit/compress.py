@@ -202,7 +202,7 @@ def recipe_settings(recipe: str, model_name: str) -> Dict[str, Dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Small helpers
+# Utilities
 
 
 def _write_stages(out: str, done: List[str], times: Dict[str, float]) -> None:
