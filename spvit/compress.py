@@ -432,8 +432,8 @@ def preflight(plan: Plan, resume: bool) -> None:
 def measure_latency(deployed, dense, batch: int, rounds: int, budget_s: float, stat: str = "median",
                     clock: str = "wall") -> Dict[str, Any]:
     """Latency of the compressed and the dense deployed models, alternated over ``rounds`` (so that a change of
-    load affects both alike): per round the speedup dense / compressed; the median and its spread (min, max,
-    quartiles) over the rounds."""
+    load affects both alike; the first model of a round alternates as well): per round the speedup dense /
+    compressed; the median and its spread (min, max, quartiles) over the rounds."""
     from . import latency as L
 
     sig = deployed.signature
@@ -444,9 +444,10 @@ def measure_latency(deployed, dense, batch: int, rounds: int, budget_s: float, s
         L.set_steady_malloc()
     comp, dns, sp = [], [], []
     with torch.inference_mode():
-        for _ in range(rounds):
-            c = L.time_ms(lambda: deployed(x), dev, 3, 50, budget_s, clock=clock)[key]
-            d = L.time_ms(lambda: dense(x), dev, 3, 50, budget_s, clock=clock)[key]
+        for r in range(rounds):  # which model goes first alternates too: neither gains from the other's warm-up
+            order = (deployed, dense) if r % 2 == 0 else (dense, deployed)
+            t = [L.time_ms(lambda m=m: m(x), dev, 3, 50, budget_s, clock=clock)[key] for m in order]
+            c, d = (t[0], t[1]) if r % 2 == 0 else (t[1], t[0])
             comp.append(c)
             dns.append(d)
             sp.append(d / c)
