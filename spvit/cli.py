@@ -1,4 +1,4 @@
-"""The ``spvit`` command (also ``python -m spvit``): demo, search, finetune, eval, deploy, bench, profile.
+"""The ``spvit`` command (also ``python -m spvit``): demo, compress, search, finetune, eval, deploy, bench, profile.
 
 Configuration (:mod:`spvit.config`): built-in defaults, then ``--config file.yaml`` (flat keys named like the flags,
 with underscores), then the flags given on the command line; the resolved config is saved in the run folder.
@@ -149,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distillation", choices=["none", "hard", "soft"], default=S,
                    help="distillation from the teacher during the fine-tune")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=S, help="no progress bars")
+    p.add_argument("--resume", action="store_true", default=S,
+                   help="continue the demo in --out from the stage it stopped in (no other flag needed)")
+
+    from .compress import add_parser as add_compress_parser
+
+    add_compress_parser(sub, S, _json_dict)
 
     p = sub.add_parser("search", help="SPViT search: supernet + FLOPs loss, writes arch.json")
     _add_common(p)
@@ -315,7 +321,30 @@ def _finish() -> None:
 
 
 def cmd_demo(args) -> int:
-    demo.run(C.resolve(C.DemoConfig, _flags(args), args.config))
+    flags = _flags(args)
+    if flags.pop("resume", False):  # the demo is `spvit compress`: continue it as one
+        from . import compress
+
+        if len(flags) > 1 or args.config or "out" not in flags:
+            raise C.ConfigError("spvit demo --resume takes --out only (the run folder to continue)")
+        summary = compress.cli_run({"out": flags["out"], "resume": True}, None, {"demo": demo.summary_hook})
+        if "teacher_acc" in summary:
+            E.log(demo.format_table(summary))
+        return 0
+    demo.run(C.resolve(C.DemoConfig, flags, args.config))
+    return 0
+
+
+def cmd_compress(args) -> int:
+    from . import compress
+
+    s = compress.cli_run(_flags(args), args.config, {"demo": demo.summary_hook})
+    if "achieved" in s:
+        a = s["achieved"]
+        sp = a["measured_speedup_spread"]
+        print(f"measured speedup {a['measured_speedup']:.3f}x (spread {sp['min']:.3f}..{sp['max']:.3f}), "
+              f"{a['dense_gflops']:.4g} -> {a['compressed_gflops']:.4g} GFLOPs, val acc {a['dense_val_acc']:.2f} -> "
+              f"{a['compressed_val_acc']:.2f}; report: {os.path.join(args.out, 'report.md')}")
     return 0
 
 
@@ -514,7 +543,8 @@ def cmd_bench(args) -> int:
 BENCH_MAX_INPUT_GIB = 8  # the images of one `spvit bench` batch
 
 
-COMMANDS = {"demo": cmd_demo, "search": cmd_search, "finetune": cmd_finetune, "eval": cmd_eval, "deploy": cmd_deploy,
+COMMANDS = {"demo": cmd_demo, "compress": cmd_compress, "search": cmd_search, "finetune": cmd_finetune,
+            "eval": cmd_eval, "deploy": cmd_deploy,
             "bench": cmd_bench, "profile": cmd_profile}
 
 

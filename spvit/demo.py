@@ -1,4 +1,5 @@
-"""``spvit demo``: the whole method on a laptop in minutes, offline, on the embedded UCI digits set.
+"""``spvit demo``: the whole method on a laptop in minutes, offline, on the embedded UCI digits set: ``spvit compress``
+(:mod:`spvit.compress`) with the demo's settings, plus the demo's table and ``demo.png``.
 
 1. train a small ViT teacher (timm ``VisionTransformer``, 16x16 upsampled digits, patch 4: 4x4 grid + class token);
 2. SPViT search under a FLOPs target (a fraction of the teacher's GFLOPs), architecture read out every epoch;
@@ -12,32 +13,34 @@ teacher and the chosen pruned model.
 from __future__ import annotations
 
 import os
-import time
 from typing import Dict, Union
 
 import torch
 from torch.utils.data import DataLoader
 
 from . import engine as E
-from . import finetune, runs, search
-from .arch import Architecture
-from .config import DemoConfig, FinetuneConfig, SearchConfig, TrainConfig
+from . import finetune, runs
+from .config import DemoConfig, TrainConfig
 from .config import save as save_config
 from .data import DigitsDataset
-from .flops import count_params, gflops
 from .models import supernet
 from .models.registry import DEMO_MODEL
 from .plots import plot_demo
 
 
+def _common(o: DemoConfig) -> Dict:
+    """The settings every stage of the demo shares."""
+    return dict(model=DEMO_MODEL, model_kwargs=dict(o.model_kwargs), pretrained="none", data="digits",
+                num_classes=10, device=o.device, seed=o.seed, batch_size=o.batch_size, progress=o.progress,
+                overwrite=False, resume=False, num_workers=0, pin_mem=False, amp="auto", scale_lr=False,
+                mixup=0.0, cutmix=0.0, smoothing=0.1, repeated_aug=False, drop_path=0.0, warmup_epochs=0,
+                weight_decay=0.05, digits_augment=True, digits_shift=o.digits_shift, tensorboard=True,
+                train_limit=o.train_limit)
+
+
 def _stage(cls, o: DemoConfig, name: str, **over):
     """The full config of one stage (saved in its sub-folder)."""
-    common = dict(model=DEMO_MODEL, model_kwargs=dict(o.model_kwargs), pretrained="none", data="digits",
-                  num_classes=10, device=o.device, seed=o.seed, batch_size=o.batch_size, progress=o.progress,
-                  overwrite=False, resume=False, num_workers=0, pin_mem=False, amp="auto", scale_lr=False,
-                  mixup=0.0, cutmix=0.0, smoothing=0.1, repeated_aug=False, drop_path=0.0, warmup_epochs=0,
-                  weight_decay=0.05, digits_augment=True, digits_shift=o.digits_shift, tensorboard=True,
-                  train_limit=o.train_limit, out=os.path.join(o.out, name))
+    common = dict(_common(o), out=os.path.join(o.out, name))
     common.update(over)
     return cls.from_dict(common).validate()
 
@@ -45,22 +48,10 @@ def _stage(cls, o: DemoConfig, name: str, **over):
 def train_teacher(cfg: TrainConfig):
     """Dense training of the demo ViT (no pruning, no distillation); the model selected on validation is in
     ``best.pth``."""
-    size = E.model_input_size(cfg)
-    st = E.setup(cfg, size)
-    dist = st.dist
-    model = E.build_timm_model(cfg.model, st.num_classes, None, cfg.drop_path, cfg.model_kwargs, dist)
-    with E.run_folder(cfg, dist) as out:
-        E.save_run_config(cfg, out, dist)
-        model.to(dist.device)
-        opt = torch.optim.AdamW(E.decay_groups(model, cfg.weight_decay), lr=cfg.lr)
-        sched = E.Schedule(opt, cfg.lr, cfg.min_lr, cfg.schedule_length, cfg.warmup_epochs, cfg.warmup_lr)
-        task = E.task_loss_fn(cfg.smoothing, False)
-        E.fit(model=E.wrap_ddp(model, dist), schedules=[sched], epochs=cfg.epochs,
-              loss_fn=lambda im, lo, y: (task(lo, y), {}), train_loader=st.train_loader, train_sampler=st.sampler,
-              val_loader=st.val_loader, dist=dist, out=out, dtype=E.amp_dtype(cfg.amp, dist.device),
-              best_meta={"model_name": cfg.model, "model_kwargs": cfg.model_kwargs, "num_classes": st.num_classes},
-              show=cfg.progress, desc="teacher", tensorboard=cfg.tensorboard)
-    return dist
+    from .compress import train_dense
+
+    train_dense(cfg)
+    return E.init_distributed(cfg.device)
 
 
 def _chosen(path: str) -> torch.nn.Module:
@@ -74,87 +65,67 @@ def test_accuracy(model: torch.nn.Module, size: int, dist: E.DistInfo) -> float:
     return E.evaluate(model, loader, dist, show=False)["acc1"]
 
 
+def compress_config(o: DemoConfig):
+    """The demo as a :class:`spvit.compress.CompressConfig`: the digits, a dense teacher trained first, a FLOPs
+    target of ``target_fraction`` of the teacher's, each stage with the demo's settings."""
+    from .compress import CompressConfig
+
+    probe = supernet(E.build_timm_model(DEMO_MODEL, 10, None, 0.0, o.model_kwargs), model_name=DEMO_MODEL)
+    dense = probe.dense_gflops()
+    train = {k: v for k, v in _common(o).items()
+             if k not in ("model", "model_kwargs", "data", "device", "seed", "progress")}
+    return CompressConfig(
+        model=DEMO_MODEL, model_kwargs=dict(o.model_kwargs), pretrained="none", data="digits", out=o.out,
+        overwrite=o.overwrite, device=o.device, seed=o.seed, threads=o.threads, progress=o.progress,
+        target_gflops=o.target_fraction * dense, ffn_align=0, recipe="none", teacher_epochs=o.teacher_epochs,
+        distillation=o.distillation, train=train, teacher={"lr": o.teacher_lr, "min_lr": 1e-5},
+        search={"epochs": o.search_epochs, "sched_epochs": o.search_epochs, "lr": o.search_lr,
+                "min_lr": o.search_lr, "arc_lr": o.arc_lr, "loss_lambda": o.lambda_rel / dense ** 2},
+        finetune={"epochs": o.finetune_epochs, "lr": o.finetune_lr, "min_lr": 1e-5},
+        report_style="demo").validate()
+
+
+def summary_hook(summary: Dict, ctx: Dict) -> Dict:
+    """The demo's figures on top of the compress summary: test accuracy (once) of the teacher and of the pruned
+    model chosen on validation, the FLOPs cut, the splits; and ``demo.png``."""
+    cfg, m, arch = ctx["plan"].cfg, ctx["measure"], ctx["arch"]
+    size = int(cfg.model_kwargs["img_size"])
+    splits = DigitsDataset.split_indices(1797)
+    limit = cfg.train.get("train_limit")
+    n_train = len(splits["train"]) if limit is None else min(limit, len(splits["train"]))
+    demo = {
+        "teacher_acc": round(m["dense_test_acc"], 3), "pruned_acc": round(m["compressed_test_acc"], 3),
+        "teacher_gflops": m["dense_gflops"], "pruned_gflops": m["compressed_gflops"],
+        "target_gflops": cfg.target_gflops, "flops_cut": 1 - m["compressed_gflops"] / m["dense_gflops"],
+        "teacher_params": m["dense_params"], "pruned_params": m["compressed_params"],
+        "wall_s": round(ctx["wall_s"], 1),
+        "seed": cfg.seed, "device": str(torch.device(cfg.device)), "threads": torch.get_num_threads(),
+        "train_images": n_train, "val_images": len(splits["val"]), "test_images": len(splits["test"]),
+        "selection": "best epoch on the validation split (teacher and fine-tune); test split evaluated once",
+        "dataset": "UCI Optical Recognition of Handwritten Digits (CC BY 4.0), 8x8 upsampled to "
+                   f"{size}x{size}",
+    }
+    summary = {**summary, **demo}
+    try:
+        plot_demo(cfg.out, summary)
+    except ImportError:
+        E.log("(matplotlib not installed: plots skipped)")
+    return summary
+
+
 def run(opts: Union[DemoConfig, Dict]) -> Dict:
-    """Run the demo; returns the summary (also written to ``out/summary.json``)."""
+    """Run the demo (``spvit compress`` on the digits, :func:`compress_config`); returns the summary (also written
+    to ``out/summary.json``)."""
+    from . import compress
+
     o = DemoConfig.from_dict(opts) if isinstance(opts, dict) else opts
     o = o.validate()
-    size = int(o.model_kwargs["img_size"])
-    tcfg = _stage(TrainConfig, o, "teacher", epochs=o.teacher_epochs, lr=o.teacher_lr, min_lr=1e-5)
     runs.check_out(o.out, o.overwrite)
-    probe = supernet(E.build_timm_model(DEMO_MODEL, 10, None, 0.0, o.model_kwargs), model_name=DEMO_MODEL)
     try:  # before any training: the target must be reachable
-        probe.check_target(o.target_fraction * probe.dense_gflops())
+        ccfg = compress_config(o)
     except ValueError as exc:
         raise E.RunError(f"--target-fraction {o.target_fraction:g}: {exc}") from None
-    threads_before = torch.get_num_threads()
-    if o.threads:
-        torch.set_num_threads(int(o.threads))
-    t_start = time.perf_counter()
-    times = {}
-    lock = runs.open_run(o.out, overwrite=o.overwrite)
-    try:
-        save_config(o, os.path.join(o.out, "demo.yaml"))
-        # 1. teacher
-        E.log("== 1/3 teacher: dense ViT on the UCI digits ==")
-        t0 = time.perf_counter()
-        dist = train_teacher(tcfg)
-        teacher_ckpt = os.path.join(o.out, "teacher", "best.pth")
-        teacher = _chosen(teacher_ckpt)
-        times["teacher_s"] = time.perf_counter() - t0
-
-        # 2. search, from the teacher chosen on validation
-        E.log("== 2/3 SPViT search ==")
-        t0 = time.perf_counter()
-        sn = supernet(_chosen(teacher_ckpt), theta=1.5, alpha=1e-2, model_name=DEMO_MODEL)
-        dense = sn.dense_gflops()
-        target = o.target_fraction * dense
-        scfg = _stage(SearchConfig, o, "search", epochs=o.search_epochs, sched_epochs=o.search_epochs,
-                      lr=o.search_lr, min_lr=o.search_lr, arc_lr=o.arc_lr, target_gflops=target,
-                      loss_lambda=o.lambda_rel / dense ** 2)
-        sres = search.run(scfg, supernet_module=sn)
-        arch = Architecture.load(sres["arch"])
-        E.log(arch.summary())
-        times["search_s"] = time.perf_counter() - t0
-
-        # 3. fine-tune (searched weights carried from the search checkpoint) with distillation from the teacher
-        E.log(f"== 3/3 fine-tune the pruned model (distillation: {o.distillation}) ==")
-        t0 = time.perf_counter()
-        fcfg = _stage(FinetuneConfig, o, "finetune", arch=sres["arch"],
-                      init=os.path.join(o.out, "search", runs.CHECKPOINT), epochs=o.finetune_epochs,
-                      lr=o.finetune_lr, min_lr=1e-5, distillation=o.distillation,
-                      teacher=teacher_ckpt if o.distillation != "none" else None)
-        finetune.run(fcfg)
-        pruned = _chosen(os.path.join(o.out, "finetune", "best.pth"))
-        times["finetune_s"] = time.perf_counter() - t0
-
-        # 4. the report: test accuracy, once, of the two chosen models
-        teacher_acc = test_accuracy(teacher, size, dist)
-        pruned_acc = test_accuracy(pruned, size, dist)
-        wall = time.perf_counter() - t_start
-        splits = DigitsDataset.split_indices(1797)
-        n_train = len(splits["train"]) if o.train_limit is None else min(o.train_limit, len(splits["train"]))
-        summary = {
-            "teacher_acc": round(teacher_acc, 3), "pruned_acc": round(pruned_acc, 3),
-            "teacher_gflops": gflops(teacher), "pruned_gflops": gflops(pruned),
-            "target_gflops": target, "flops_cut": 1 - gflops(pruned) / gflops(teacher),
-            "teacher_params": count_params(teacher), "pruned_params": count_params(pruned),
-            "wall_s": round(wall, 1), "stage_s": {k: round(v, 1) for k, v in times.items()},
-            "blocks": [{"block": i, "attn": b.attn, "ffn_kept": b.ffn_width, "ffn_total": arch.signature.mlp_hidden}
-                       for i, b in enumerate(arch.blocks)],
-            "seed": o.seed, "device": str(dist.device), "threads": torch.get_num_threads(),
-            "train_images": n_train, "val_images": len(splits["val"]), "test_images": len(splits["test"]),
-            "selection": "best epoch on the validation split (teacher and fine-tune); test split evaluated once",
-            "dataset": "UCI Optical Recognition of Handwritten Digits (CC BY 4.0), 8x8 upsampled to "
-                       f"{size}x{size}",
-        }
-        runs.write_json(summary, os.path.join(o.out, "summary.json"))
-        try:
-            plot_demo(o.out, summary)
-        except ImportError:
-            E.log("(matplotlib not installed: plots skipped)")
-    finally:
-        lock.release()
-        torch.set_num_threads(threads_before)
+    summary = compress.run(ccfg, hook=summary_hook, on_open=lambda out: save_config(o, os.path.join(out, "demo.yaml")))
     E.log(format_table(summary))
     E.log(f"run folder: {o.out}")
     return summary

@@ -46,7 +46,9 @@ CHECKPOINT = "checkpoint.pth"
 # the demo's (one that holds demo.yaml) and are cleaned the same way; no other sub-folder is entered.
 DEMO_STAGES = ("teacher", "search", "finetune")
 OWNED = ("config.yaml", "demo.yaml", "metrics.csv", "gates.jsonl", "arch.json", "arch_epoch*.json", CHECKPOINT,
-         "best.pth", "summary.json", "demo.png", "tb", "*.spvit-tmp", LOCK, MARKER)
+         "best.pth", "summary.json", "demo.png", "tb", "*.spvit-tmp", LOCK, MARKER,
+         # spvit compress: its settings, stages, latency table, measurements, report and deployed model
+         "compress.yaml", "stages.json", "latency.json", "measure.json", "report.md", "report.png", "deployed.pth")
 # An environment variable naming a point where the process kills itself (os._exit), for crash-consistency tests:
 # ``SPVIT_CRASH_AT=<point>:<epoch>``; the points are the calls of :func:`crash_point`.
 CRASH_ENV = "SPVIT_CRASH_AT"

@@ -4,10 +4,13 @@ once on the disjoint test split."""
 import csv
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
-from spvit import cli, demo
+from spvit import cli, demo, runs
+from .pipeline_helpers import repo_root
 
 FAST = {"teacher_epochs": 1, "search_epochs": 1, "finetune_epochs": 1, "train_limit": 128, "progress": False,
         "model_kwargs": {"img_size": 8, "patch_size": 2, "in_chans": 1, "embed_dim": 32, "depth": 2, "num_heads": 2,
@@ -57,3 +60,23 @@ def test_demo_never_overwrites(tmp_path, capsys):
     assert cli.main(["demo", "--out", str(out), "--overwrite"]) == 2  # not a run folder: refused
     assert "not a run folder" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "x"
+
+
+def test_demo_resume_continues_the_stage_it_stopped_in(tmp_path, capsys):
+    """`spvit demo` is `spvit compress` on the digits: killed in the search, `spvit demo --out DIR --resume` (what
+    the stop message advises) continues the search from its checkpoint and finishes the demo."""
+    out = tmp_path / "demo"
+    driver = "import json, sys\nfrom spvit import demo\ndemo.run(json.loads(sys.argv[1]))"
+    env = {**os.environ, runs.CRASH_ENV: "after_checkpoint:1",
+           "PYTHONPATH": repo_root() + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    p = subprocess.run([sys.executable, "-c", driver, json.dumps({**FAST, "search_epochs": 3, "out": str(out)})],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 137, p.stderr[-2000:]
+    assert json.load(open(out / "stages.json"))["done"] == ["teacher", "profile"]
+    assert cli.main(["demo", "--out", str(out), "--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert "resumed from" in printed and "SPViT pruned" in printed
+    assert [int(r["epoch"]) for r in csv.DictReader(open(out / "search" / "metrics.csv"))] == [0, 1, 2]
+    s = json.load(open(out / "summary.json"))
+    assert s["pruned_gflops"] <= s["teacher_gflops"] and os.path.exists(out / "report.md")
+    assert cli.main(["demo", "--out", str(out), "--resume", "--seed", "3"]) == 2  # --out only
