@@ -3,7 +3,7 @@
 
 Each function has the signature of the function of the same name in :mod:`spvit_kernels.reference`; the op's
 kernels live in the module of the same name (``spvit_kernels/<op>.py``), its test in ``tests/test_<op>.py`` and its
-benchmark in ``bench/bench_<op>.py``.
+benchmark in ``bench/test_kernels.py``.
 """
 from __future__ import annotations
 
