@@ -79,6 +79,31 @@ def test_timed_runs_are_saved_and_compared(tmp_path):
     assert len(store.read_csv(str(tmp_path / "kernels.csv"))) == 1
 
 
+def test_deploy_e2e_script_smoke_cpu(tmp_path):
+    """bench_deploy_e2e --smoke (a whole-model script): the deployed model eager, compiled and in onnxruntime; the
+    dense one in onnxruntime."""
+    import csv
+
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    provs = ["ours", "ours_compiled", "ours_onnxruntime", "dense", "dense_onnxruntime"]
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_deploy_e2e.py"), "--device", "cpu",
+                           "--smoke", "--providers", ",".join(provs), "--out", str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    with open(tmp_path / "deploy_e2e_cpu.csv", newline="") as f:
+        all_rows = list(csv.DictReader(f))
+    assert {r["arch"] for r in all_rows} == {"demo_like", "swin_demo_like"}  # a small ViT and a small Swin
+    for arch in ("demo_like", "swin_demo_like"):
+        rows = {r["provider"]: r for r in all_rows if r["arch"] == arch}
+        assert set(rows) == set(provs), arch
+        for prov, r in rows.items():
+            assert not r["error"], (arch, prov, r["error"])
+            assert float(r["img_s"]) > 0 and r["batch"] == "2"
+        assert float(rows["ours"]["max_abs_err"]) < 1e-4
+        assert float(rows["ours_onnxruntime"]["flops_ratio"]) > 1
+        assert float(rows["dense_onnxruntime"]["flops_ratio"]) == 1
+
+
 def test_budget_used_up_fails_the_case():
     """A case not started within ``--bench-budget-s`` fails ("not run"); with time left it starts."""
     from bench import conftest as bench_conftest
