@@ -527,7 +527,7 @@ def main(argv=None):
         rows, layer_rows = run(archs, batches, device, dtype, providers, breakdown=not args.no_breakdown,
                                rounds=args.rounds, smoke=args.quick or args.smoke)
     tag = "gpu" if device.type == "cuda" else "cpu"
-    path = write_rows(f"deploy_e2e_{tag}", rows, args.out)
+    path = write_rows(f"deploy_e2e_{tag}", rows, args.out, markdown=False)  # the report below is the .md
     md = os.path.join(os.path.dirname(path), f"deploy_e2e_{tag}.md")
     cols = ["arch", "provider", "dtype", "batch", "img_s", "latency_ms", "ms_min", "gflops", "flops_ratio",
             "speedup_vs_dense",
@@ -547,8 +547,7 @@ def main(argv=None):
             f.write("\n## Deployed model, time per part\n\n")
             f.write(markdown_table(layer_rows, ["arch", "batch", "part", "layers", "ms", "share"]))
     if layer_rows:
-        write_rows(f"deploy_e2e_{tag}_layers", layer_rows, args.out)
-        # write_rows wrote its own .md for the layer table; the main .md above already has it
+        write_rows(f"deploy_e2e_{tag}_layers", layer_rows, args.out, markdown=False)  # the .md above has the table
     print(f"wrote {len(rows)} rows to {path}")
     return rows
 

@@ -10,7 +10,9 @@
 
     PYTHONPATH=. python bench/bench_latency_demo.py [--speedups 1.5 2.0] [--clock cpu] [--out /tmp/lat_demo]
 
-Writes bench/results/latency_demo_cpu.{json,md}.
+Adds the run (with its ``--tag``, device, versions, date and run id) to bench/results/latency_demo_cpu.json and
+prints its table. A whole-pipeline measurement (training, search, deployment), not a microbenchmark: it stays a
+script, outside the pytest-benchmark suite.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import RESULTS_DIR, env_info, markdown_table  # noqa: E402
+from bench.common import append_run, env_info, markdown_table  # noqa: E402
 from spvit import latency as L  # noqa: E402
 from spvit import search  # noqa: E402
 from spvit.arch import Architecture  # noqa: E402
@@ -39,7 +41,7 @@ from spvit.models.registry import DEMO_MODEL  # noqa: E402
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="/tmp/spvit_latency_demo")
-    ap.add_argument("--tag", default="", help="suffix of the results files")
+    ap.add_argument("--tag", default="", help="label of the run in the results file")
     ap.add_argument("--speedups", type=float, nargs="+", default=[1.5, 2.0])
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--threads", type=int, default=1)
@@ -101,16 +103,15 @@ def main(argv=None) -> int:
            "load_avg_1_5_15": [round(v, 2) for v in load], "wall_s": round(time.perf_counter() - t0, 1),
            "table": {"dense_ms": table.dense_ms(), "dense_measured_ms": table.meta.get("dense_measured_ms"),
                      "profile_s": table.meta.get("profile_s")}}
-    os.makedirs(RESULTS_DIR, exist_ok=True)
-    with open(os.path.join(RESULTS_DIR, f"latency_demo_cpu{args.tag}.json"), "w") as f:
-        json.dump(out, f, indent=1)
+    out["tag"] = args.tag
+    path = append_run("latency_demo_cpu", out)
     cols = ["requested_speedup", "predicted_speedup", "measured_speedup", "speedup_error_pct", "predicted_ms",
             "measured_ms", "pred_error_pct", "gflops", "val_acc1_search", "attn", "ffn"]
     md = markdown_table(rows, cols)
-    with open(os.path.join(RESULTS_DIR, f"latency_demo_cpu{args.tag}.md"), "w") as f:
-        f.write(f"Demo ViT on the digits, batch {args.batch}, {args.threads} thread(s), {args.clock} clock, "
-                f"{args.stat} of repeats, {args.rounds} alternating rounds, context {args.context}, "
-                f"load average {load[0]:.2f}; {info['device']}, torch {info['torch']}\n\n{md}\n")
+    print(f"Demo ViT on the digits, batch {args.batch}, {args.threads} thread(s), {args.clock} clock, "
+          f"{args.stat} of repeats, {args.rounds} alternating rounds, context {args.context}, "
+          f"load average {load[0]:.2f}; {info['device']}, torch {info['torch']}; run {info['run_id']} added to "
+          f"{path}\n")
     print(md)
     return 0
 

@@ -11,7 +11,9 @@ absolute error per (model, batch).
     PYTHONPATH=. python bench/bench_latency_pred.py --device cuda --dtype bf16 --batches 64 256
     PYTHONPATH=. python bench/bench_latency_pred.py --models swin_tiny_patch4_window7_224 --batches 1   # Swin
 
-Writes bench/results/latency_pred_<cpu|cuda>.{json,md}.
+Adds the run (with its ``--tag``, device, versions, date and run id) to bench/results/latency_pred_<cpu|cuda>.json
+and prints its tables. A whole-pipeline measurement (profiling, deployment, whole-model timing with the table's own
+clock), not a microbenchmark: it stays a script, outside the pytest-benchmark suite.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import RESULTS_DIR, env_info, markdown_table  # noqa: E402
+from bench.common import append_run, env_info, markdown_table  # noqa: E402
 from spvit import latency as L  # noqa: E402
 from spvit.arch import Architecture, BlockArch  # noqa: E402
 from spvit.deploy import deploy  # noqa: E402
@@ -59,7 +61,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-shipped", dest="shipped", action="store_false")
     ap.add_argument("--skip", nargs="*", default=[], help="model:batch pairs to leave out (e.g. the slow ones)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--tag", default="", help="suffix of the results files")
+    ap.add_argument("--tag", default="", help="label of the run in the results file")
     args = ap.parse_args(argv)
     import timm
 
@@ -111,15 +113,12 @@ def main(argv=None) -> int:
            "budget_s": args.budget,
            "load_avg_start": [round(v, 2) for v in load_start], "load_avg_end": [round(v, 2) for v in os.getloadavg()],
            "wall_s": round(time.perf_counter() - t_all, 1)}
-    os.makedirs(RESULTS_DIR, exist_ok=True)
-    stem = os.path.join(RESULTS_DIR, f"latency_pred_{device.type}{args.tag}")
-    with open(stem + ".json", "w") as f:
-        json.dump(out, f, indent=1)
-    with open(stem + ".md", "w") as f:
-        f.write(f"{info['device']}, torch {info['torch']}, {args.dtype}, {args.threads} thread(s), {args.clock} clock, "
-                f"{args.stat} of repeats, context {args.context}; load average {load_start[0]:.2f} at start, "
-                f"{os.getloadavg()[0]:.2f} at end\n\n")
-        f.write(markdown_table(summary) + "\n\n" + markdown_table(rows) + "\n")
+    out["tag"] = args.tag
+    path = append_run(f"latency_pred_{device.type}", out)
+    print(f"{info['device']}, torch {info['torch']}, {args.dtype}, {args.threads} thread(s), {args.clock} clock, "
+          f"{args.stat} of repeats, context {args.context}; load average {load_start[0]:.2f} at start, "
+          f"{os.getloadavg()[0]:.2f} at end; run {info['run_id']} added to {path}\n")
+    print(markdown_table(rows) + "\n")
     print(markdown_table(summary))
     return 0
 

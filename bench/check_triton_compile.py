@@ -19,7 +19,11 @@ device, hence the ptxas log.
 
 Usage::
 
-    python bench/check_triton_compile.py --out bench/results [--archs 90,80] [--only deploy_conv] [--quick]
+    python bench/check_triton_compile.py --out DIR [--archs 90,80] [--only deploy_conv] [--quick]
+
+writes the full table ``DIR/<name>.csv`` (one row per kernel, shape, dtype, config and architecture) and its short
+form ``DIR/<name>_summary.md`` (per kernel and dtype: registers, spills, shared memory; the summaries of the
+committed runs are in bench/results/)
 """
 from __future__ import annotations
 
@@ -379,7 +383,8 @@ def _key(case: Case, cc: int) -> str:
 
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=None, help="results directory (default bench/results)")
+    ap.add_argument("--out", required=True,
+                    help="folder of the full table (<name>.csv) and its summary (<name>_summary.md)")
     ap.add_argument("--archs", default="90,80", help="compute capabilities, e.g. 90,80 (default)")
     ap.add_argument("--only", default=None, help=f"comma-separated subset of {sorted(GROUPS)}")
     ap.add_argument("--quick", action="store_true", help="fewer shapes/variants (smoke run)")
@@ -439,9 +444,43 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"{len(spilled)} rows spill registers")
     env = {"triton": triton.__version__, "torch": torch.__version__,
            "ptxas": os.path.relpath(str(triton.knobs.nvidia.ptxas.path), os.path.dirname(triton.__file__))}
-    path = write_rows(args.name, [dict(r, **env) for r in rows], args.out)
-    print(f"wrote {path} (+ .json, .md)")
+    path = write_rows(args.name, [dict(r, **env) for r in rows], args.out, markdown=False)
+    summary = os.path.join(args.out, f"{args.name}_summary.md")
+    with open(summary, "w") as f:
+        f.write(summary_md(rows, env))
+    print(f"wrote {path} (the full table) and {summary}")
     return 0 if n_ok + n_oor == len(rows) else 1
+
+
+def summary_md(rows: List[Dict[str, object]], env: Dict[str, str]) -> str:
+    """The short form of the table: per architecture, kernel and dtype, the configs compiled (OK / out of resources /
+    failed), registers per thread (min-max), the largest shared memory, and the configs that spill (the worst named)."""
+    groups: Dict[tuple, List[Dict[str, object]]] = {}
+    for r in rows:
+        groups.setdefault((r["arch"], r["kernel"], r["dtype"]), []).append(r)
+
+    def num(v) -> int:
+        try:
+            return int(float(v))
+        except (TypeError, ValueError):
+            return 0
+    lines = [f"# Triton compile check: summary (triton {env.get('triton')}, torch {env.get('torch')}, "
+             f"ptxas {env.get('ptxas')})", "",
+             "Per architecture, kernel and dtype over every shape and config compiled. The full table (one row per "
+             "shape and config) is written by `python bench/check_triton_compile.py --out DIR` (`DIR/<name>.csv`).",
+             "", "| arch | kernel | dtype | rows | OK / OOR / FAIL | registers | max smem KiB | spilling rows | "
+             "worst spill (st bytes, config, shape) |", "|---|---|---|---|---|---|---|---|---|"]
+    for (arch, kernel, dtype), rs in sorted(groups.items()):
+        ok = [r for r in rs if r["status"] == "OK"]
+        oor = sum(r["status"] == "OOR" for r in rs)
+        regs = [num(r["regs"]) for r in ok] or [0]
+        smem = max((num(r["smem"]) for r in ok), default=0) / 1024
+        spill = [r for r in ok if num(r["spill_st"])]
+        worst = max(spill, key=lambda r: num(r["spill_st"])) if spill else None
+        lines.append(f"| {arch} | {kernel} | {dtype} | {len(rs)} | {len(ok)} / {oor} / {len(rs) - len(ok) - oor} | "
+                     f"{min(regs)}-{max(regs)} | {smem:.0f} | {len(spill)} | "
+                     + (f"{num(worst['spill_st'])}, `{worst['config']}`, {worst['shape']} |" if worst else "- |"))
+    return "\n".join(lines) + "\n"
 
 
 def _progress(n: int, total: int, case: Case, cc: int, res: Dict[str, object]) -> None:

@@ -13,7 +13,8 @@
 #   tests      python -m pytest -q tests                     -> tests.log, junit.xml
 #   memcheck   compute-sanitizer --tool memcheck over the extension's CUDA tests of tests/test_shift_sum.py and
 #              tests/test_deploy_conv.py (-k "cuda and ext"; caching allocator off)   -> memcheck.log
-#   headline   python bench/run_all.py --suite headline   -> headline/ (tables, plots, headline.md with the targets)
+#   headline   python bench/headline.py (pytest bench/ -m headline --benchmark-only)  -> headline/ (headline.json,
+#              kernels.csv / e2e.csv rows, headline.md with the tables and the targets)
 # Output: env.txt (GPU, driver, versions), one log per step, summary.md and summary.json (GPU name, driver, versions,
 # date, status and wall time of every step). Exit status 0 only when every step passed.
 #
@@ -197,7 +198,8 @@ LEFT=$(( TOTAL_S - ELAPSED - 30 ))
 # the benchmark starts no new item after BUDGET s; the step limit leaves room for the item running then
 BUDGET=$(( LEFT * 4 / 5 ))
 run_step headline $(( LEFT + 60 )) "$OUT_DIR/headline.log" \
-    "$PY" "$REPO/bench/run_all.py" --suite headline --device cuda --out "$OUT_DIR/headline" --budget-s "$BUDGET"
+    "$PY" "$REPO/bench/headline.py" --out "$OUT_DIR/headline" --budget-s "$BUDGET" -- --bench-device cuda \
+    -k "not (test_kernel and compiled)"  # per-op torch.compile rows: one inductor compile each, left to the full suite
 
 write_summary
 "$PY" - "$OUT_DIR" "$GPU_LINE" "$FAILED" "$T0" <<'EOF' || true

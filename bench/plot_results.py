@@ -11,7 +11,7 @@
 Rows of several devices in one CSV give one figure per device (``<name>-<device>.png``); for each (device,
 configuration, provider) the latest row wins.
 
-python bench/plot_results.py [--dir bench/results] [--out DIR]
+python bench/plot_results.py [--dir bench/results] [--out DIR] [--run RUN_ID]
 """
 from __future__ import annotations
 
@@ -172,8 +172,8 @@ def plot_generic(rows: List[Dict], title: str, out_png: str) -> Optional[str]:
     return out_png
 
 
-def plot_all(results_dir: str = RESULTS_DIR, out_dir: Optional[str] = None) -> List[str]:
-    """Plot every CSV in ``results_dir``; returns the PNG paths written."""
+def plot_all(results_dir: str = RESULTS_DIR, out_dir: Optional[str] = None, run: Optional[str] = None) -> List[str]:
+    """Plot every CSV in ``results_dir`` (only the rows of run id ``run`` when given); returns the PNG paths."""
     out_dir = out_dir or results_dir
     os.makedirs(out_dir, exist_ok=True)
     written = []
@@ -181,7 +181,7 @@ def plot_all(results_dir: str = RESULTS_DIR, out_dir: Optional[str] = None) -> L
         name = os.path.splitext(os.path.basename(path))[0]
         if re.search(r"-\d{14}$", name):  # an older layout kept beside the current file by write_rows
             continue
-        rows = read_csv(path)
+        rows = [r for r in read_csv(path) if run is None or r.get("run_id") == run]
         if not rows:
             continue
         per_dev = _by_device(rows)
@@ -211,8 +211,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dir", default=RESULTS_DIR, help="directory of the CSVs (default bench/results)")
     p.add_argument("--out", default=None, help="where to write the PNGs (default: --dir)")
+    p.add_argument("--run", default=None, help="plot only the rows of this run id (a CSV may hold several runs)")
     args = p.parse_args(argv)
-    return plot_all(args.dir, args.out)
+    return plot_all(args.dir, args.out, args.run)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 
 Each function has the signature of the function of the same name in :mod:`spvit_kernels.reference`; the op's
 kernels live in the module of the same name (``spvit_kernels/<op>.py``), its test in ``tests/test_<op>.py`` and its
-benchmark in ``bench/bench_<op>.py``. Each entry point first checks its arguments (:mod:`spvit_kernels.checks`:
+benchmark in ``bench/test_kernels.py``. Each entry point first checks its arguments (:mod:`spvit_kernels.checks`:
 devices, dtypes, shapes, ranges; one ``TypeError`` / ``ValueError`` naming the argument) whatever backend runs.
 """
 from __future__ import annotations
