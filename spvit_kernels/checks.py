@@ -150,7 +150,8 @@ def _number(op: str, name: str, value, positive: bool = False) -> None:
 
 
 def gated_attn_conv(x_hat, w_qk, b_qk, w_v, b_v, w_o, b_o, head_probs, bn1, bn3, gates, *, num_heads, alpha, grid,
-                    training, num_prefix_tokens=1, center=4, compute_all=None, attn_bias=None) -> None:
+                    training, num_prefix_tokens=1, center=4, compute_all=None, attn_bias=None,
+                    gate_values=None) -> None:
     op = "gated_attn_conv"
     hw = grid_pair(op, grid)
     bsz, n, c = _tokens(op, x_hat, "x_hat", hw, num_prefix_tokens)
@@ -187,6 +188,12 @@ def gated_attn_conv(x_hat, w_qk, b_qk, w_v, b_v, w_o, b_o, head_probs, bn1, bn3,
         if attn_bias.shape[1:] != (h, n, n) or g < 1 or bsz % g:
             raise ValueError(f"{op}: attn_bias must be (G, {h}, {n}, {n}) with G dividing the batch {bsz}, got "
                              f"{_shape(attn_bias)}")
+    if gate_values is not None:
+        if isinstance(gate_values, torch.Tensor) or len(gate_values) != 3:
+            raise ValueError(f"{op}: gate_values must be 3 numbers on the host (the values of gates), got "
+                             f"{gate_values!r}")
+        for i, v in enumerate(gate_values):
+            _number(op, f"gate_values[{i}]", v)
 
 
 __all__ = ["FLOAT_DTYPES", "tensor", "grid_pair", "integer", "flag", "approximate", "shift_sum", "deploy_conv",
