@@ -5,7 +5,7 @@ The CPU test-suite runs the kernels under ``TRITON_INTERPRET=1``, which accepts 
 ...). This script compiles each kernel with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` --
 the full pipeline down to a cubin by ``ptxas`` -- for the block sizes / constexpr combinations the CUDA launchers
 actually use (taken from the launcher helpers themselves where they exist: ``_tile_block_p``, ``_row_block_p``,
-``masked_ffn._blocks``, ``shift_sum._blocks``, the ``deploy_conv`` autotune configs) at DeiT-Ti/S/B-like shapes
+``_gemm.blocks``, ``shift_sum._blocks``, the ``deploy_conv`` autotune configs) at DeiT-Ti/S/B-like shapes
 and a few other head dims, in fp32 / bf16 / fp16.
 
 Argument specialisation mimics the JIT launcher: pointers get ``tt.divisibility=16`` (PyTorch allocations are
@@ -57,6 +57,7 @@ import importlib  # noqa: E402
 dc_mod = importlib.import_module("spvit_kernels.deploy_conv")
 gac = importlib.import_module("spvit_kernels.gated_attn_conv")
 mf = importlib.import_module("spvit_kernels.masked_ffn")
+gemm = importlib.import_module("spvit_kernels._gemm")
 ss = importlib.import_module("spvit_kernels.shift_sum")
 
 # Per-block shared memory a kernel may use (opt-in maximum), bytes.
@@ -187,7 +188,7 @@ def gac_cases(quick: bool) -> List[Case]:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# masked_ffn / pruned_ffn: launchers use masked_ffn._blocks(cuda device, dtype).
+# masked_ffn / pruned_ffn: launchers use _gemm.blocks(cuda device, dtype).
 # ---------------------------------------------------------------------------------------------------------------------
 def ffn_cases(quick: bool) -> List[Case]:
     cases: List[Case] = []
@@ -202,17 +203,17 @@ def ffn_cases(quick: bool) -> List[Case]:
         f_pad = triton.cdiv(f, 64) * 64 if pruned else f  # pruned_ffn writes h with rows padded to 64
         for dt, tf32 in precisions:
             ty = TY[dt]
-            cfg = mf._blocks(cuda, dt)
+            cfg = gemm.blocks(cuda, dt)
             tiles = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
                          GROUP_M=cfg["GROUP_M"])
-            bwd_cfg = mf._blocks(cuda, dt, backward=True)
+            bwd_cfg = gemm.blocks(cuda, dt, backward=True)
             # the pinned configs (SPVIT_AUTOTUNE=0), then, unless quick, every autotune config
             bwd_variants = [(dict(BLOCK_M=bwd_cfg["BLOCK_M"], BLOCK_F=bwd_cfg["BLOCK_N"], BLOCK_K=bwd_cfg["BLOCK_K"],
                                   GROUP_M=bwd_cfg["GROUP_M"]), bwd_cfg["num_warps"], bwd_cfg["num_stages"], False)]
             fwd_variants = [(tiles, cfg["num_warps"], cfg["num_stages"], False)]
             if not quick:
-                fwd_variants += [(dict(a.kwargs), a.num_warps, a.num_stages, True) for a in mf._FWD_CONFIGS]
-                bwd_variants += [(dict(a.kwargs), a.num_warps, a.num_stages, True) for a in mf._BWD_CONFIGS]
+                fwd_variants += [(dict(a.kwargs), a.num_warps, a.num_stages, True) for a in gemm.FWD_CONFIGS]
+                bwd_variants += [(dict(a.kwargs), a.num_warps, a.num_stages, True) for a in mf.BWD_CONFIGS]
             label = f"{sname}" + ("" if dt != torch.float32 else (" tf32" if tf32 else " ieee"))
             # fc1: bias + GELU (+ gate mask and saved pre-activation in search mode; neither when pruned)
             fc1_variants = [(1, not pruned, True)] if quick else \
@@ -222,7 +223,7 @@ def ffn_cases(quick: bool) -> List[Case]:
                 if pruned:
                     store_z = False
                 cases.append(Case(
-                    "ffn_fwd(fc1)", mf._masked_ffn_fwd_kernel, label, ty,
+                    "ffn_fwd(fc1)", gemm._linear_act_kernel, label, ty,
                     dict(x_ptr=f"*{ty}", w_ptr=f"*{ty}", b_ptr=f"*{ty}", mask_ptr="*fp32", out_ptr=f"*{ty}",
                          z_ptr=f"*{ty}", M=i32(m_rows), N=i32(f), K=i32(c), stride_xm=i32(c), stride_xk=i32(1),
                          stride_wn=i32(c), stride_wk=i32(1), stride_om=i32(f_pad), stride_on=i32(1)),
@@ -232,7 +233,7 @@ def ffn_cases(quick: bool) -> List[Case]:
             # fc2 on the Triton GEMM (masked_ffn_with_fc2(fc2="triton"), pruned_ffn default): no act, no mask
             for tiles, warps, stages, tuned in fwd_variants:
                 cases.append(Case(
-                    "ffn_fwd(fc2)", mf._masked_ffn_fwd_kernel, label, ty,
+                    "ffn_fwd(fc2)", gemm._linear_act_kernel, label, ty,
                     dict(x_ptr=f"*{ty}", w_ptr=f"*{ty}", b_ptr=f"*{ty}", mask_ptr=f"*{ty}", out_ptr=f"*{ty}",
                          z_ptr=f"*{ty}", M=i32(m_rows), N=i32(c), K=i32(f), stride_xm=i32(f_pad), stride_xk=i32(1),
                          stride_wn=i32(f), stride_wk=i32(1), stride_om=i32(c), stride_on=i32(1)),

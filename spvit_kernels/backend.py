@@ -36,7 +36,7 @@ _PROVIDERS: Dict[str, Dict[str, str]] = {
     "shift_sum": {"ext": "spvit_kernels.shift_sum:shift_sum_ext",
                   "triton": "spvit_kernels.shift_sum:shift_sum_triton"},
     "deploy_conv": {"triton": "spvit_kernels.deploy_conv:deploy_conv",
-                    "ext": "spvit_kernels.shift_sum:deploy_conv_ext"},
+                    "ext": "spvit_kernels.deploy_conv:deploy_conv_ext"},
 }
 
 # ops whose extension provider is built on another registered extension op

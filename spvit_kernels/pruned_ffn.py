@@ -1,9 +1,10 @@
 """Deploy-mode compact FFN (docs/method.md §5.2, §10.4): ``y = GELU(x W1^T + b1) W2^T + b2`` at the pruned hidden width.
 
 Kernels
-    Both GEMMs run the GEMM-with-epilogue kernel of :mod:`spvit_kernels.masked_ffn` (``_masked_ffn_fwd_kernel``)
-    with the gate mask switched off: fc1 with bias + GELU in the epilogue, fc2 with bias only. A pruned FFN is the
-    masked FFN with the masked-out units removed, so one kernel serves both rather than two near-copies.
+    Both GEMMs run the GEMM-with-epilogue kernel of :mod:`spvit_kernels._gemm` (:func:`~spvit_kernels._gemm.linear_act`,
+    shared with the masked FFN) with the gate mask switched off: fc1 with bias + GELU in the epilogue, fc2 with bias
+    only. A pruned FFN is the masked FFN with the masked-out units removed, so one kernel serves both rather than two
+    near-copies.
 
 fc2
     Default ``fc2="triton"``: compacted hidden widths (e.g. 1118, 489) are rarely multiples of 8, which keeps cuBLAS
@@ -29,7 +30,7 @@ import torch
 
 from . import reference
 from ._compat import define_op
-from .masked_ffn import _ACT_NONE, _APPROX_TO_ACT, _autocast_inputs, _check_ffn_inputs, linear_act
+from ._gemm import ACT_NONE, APPROX_TO_ACT, autocast_inputs, check_ffn_inputs, linear_act
 
 DEFAULT_FC2 = "triton"
 _HIDDEN_ROW_ALIGN = 64
@@ -41,9 +42,9 @@ _HIDDEN_ROW_ALIGN = 64
 def _pruned_ffn_impl(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
                      b2: Optional[torch.Tensor], approximate: str, fc2: str) -> torch.Tensor:
     """x: (M, C) contiguous; w1: (F, C); w2: (C, F). Returns (M, C)."""
-    h, _ = linear_act(x, w1, b1, _APPROX_TO_ACT[approximate], row_align=_HIDDEN_ROW_ALIGN)  # (M, F), padded rows
+    h, _ = linear_act(x, w1, b1, APPROX_TO_ACT[approximate], row_align=_HIDDEN_ROW_ALIGN)  # (M, F), padded rows
     if fc2 == "triton":
-        y, _ = linear_act(h, w2, b2, _ACT_NONE)
+        y, _ = linear_act(h, w2, b2, ACT_NONE)
     elif b2 is not None:
         y = torch.addmm(b2, h, w2.t())
     else:
@@ -89,8 +90,8 @@ def pruned_ffn_with_fc2(
     approximate: str = "none", fc2: str = DEFAULT_FC2,
 ) -> torch.Tensor:
     """:func:`pruned_ffn` with the GEMM that runs fc2 chosen: 'triton' or 'cublas' (``torch.addmm``)."""
-    x, w1, b1, w2, b2 = _autocast_inputs(x, w1, b1, w2, b2)
-    _check_ffn_inputs("pruned_ffn", x, w1, b1, w2, b2, approximate)
+    x, w1, b1, w2, b2 = autocast_inputs(x, w1, b1, w2, b2)
+    check_ffn_inputs("pruned_ffn", x, w1, b1, w2, b2, approximate)
     if fc2 not in ("cublas", "triton"):
         raise ValueError(f"fc2 must be 'cublas' or 'triton', got {fc2!r}")
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w1, b1, w2, b2)):

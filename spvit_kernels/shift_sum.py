@@ -11,9 +11,10 @@ Providers (all with the signature of :func:`spvit_kernels.reference.shift_sum`):
   (``csrc/shift_sum.cpp`` CPU kernel, ``csrc/cuda/shift_sum.cu`` CUDA kernel), with a fake (meta) kernel and an
   autograd formula backed by ``torch.ops.spvit.shift_sum_backward``;
 * :func:`shift_sum_triton` -- ``torch.ops.spvit.shift_sum_triton``, a ``torch.library.triton_op`` (visible to
-  ``torch.compile``) with a Triton backward;
-* :func:`deploy_conv_ext` -- the deployed conv layer (§10.4) as projection GEMM (cuBLAS / MKL) -> extension
-  shift-sum with folded bias and ReLU -> output GEMM + bias, prefix tokens passed through.
+  ``torch.compile``) with a Triton backward.
+
+The deployed conv layer built on the extension's shift-sum (``deploy_conv_ext``) is a provider of ``deploy_conv``
+and lives in :mod:`spvit_kernels.deploy_conv`.
 
 Backward of the shift-sum (both providers): with ``g = grad_y * (y > 0 if relu)``,
 ``grad_planes[b, q, t] = g[b, q - offset_t]`` (zero where that is outside the grid) and ``grad_bias = sum_{b,p} g``.
@@ -24,7 +25,6 @@ import functools
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from . import _ext
 from ._compat import HAS_TRITON, autocast_cast, define_op, require_triton_device, wrap_triton
@@ -146,34 +146,6 @@ def _register_ext_op() -> None:
 
 if _ext.has_op("shift_sum"):
     _register_ext_op()
-
-
-def deploy_conv_ext(
-    x_hat: torch.Tensor, w_planes: torch.Tensor, b_fold: torch.Tensor, w_out: torch.Tensor,
-    b_out: Optional[torch.Tensor], grid: Tuple[int, int], num_prefix_tokens: int = 1,
-) -> torch.Tensor:
-    """Deployed conv layer (§10.4): GEMM -> extension shift-sum + b_fold + ReLU -> GEMM + b_out (differentiable).
-
-    Args:
-        x_hat: (B, N, C), N = num_prefix_tokens + H*W.
-        w_planes: (T*d, C) with T = 9 or 1; b_fold: (d,); w_out: (C, d); b_out: (C,) or None.
-        grid: (H, W); num_prefix_tokens: leading tokens (class token) that pass through unchanged.
-    Returns:
-        (B, N, C): ``x_hat[:, :prefix]`` then ``ReLU(shift_sum(x_p W_planes^T) + b_fold) W_out^T + b_out``.
-    """
-    from . import checks
-
-    checks.deploy_conv(x_hat, w_planes, b_fold, w_out, b_out, grid, num_prefix_tokens)
-    d = b_fold.shape[0]
-    t = w_planes.shape[0] // d
-    xp = x_hat[:, num_prefix_tokens:]
-    b, p, _ = xp.shape
-    planes = torch.matmul(xp, w_planes.t()).reshape(b, p, t, d)
-    y = shift_sum_ext(planes, b_fold, grid, relu=True)
-    out_p = F.linear(y, w_out, b_out)
-    if num_prefix_tokens == 0:
-        return out_p
-    return torch.cat([x_hat[:, :num_prefix_tokens].to(out_p.dtype), out_p], dim=1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -334,4 +306,4 @@ def shift_sum_triton(
     return shift_sum_triton_op(planes, bias, hh, ww, bool(relu))
 
 
-__all__ = ["shift_sum_ext", "shift_sum_triton", "deploy_conv_ext", "TAP_OFFSETS"]
+__all__ = ["shift_sum_ext", "shift_sum_triton", "TAP_OFFSETS"]

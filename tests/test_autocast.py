@@ -13,10 +13,10 @@ import torch
 import spvit
 import spvit_kernels as K
 from spvit_kernels import _ext, reference
-from spvit_kernels.deploy_conv import deploy_conv
+from spvit_kernels.deploy_conv import deploy_conv, deploy_conv_ext
 from spvit_kernels.masked_ffn import masked_ffn
 from spvit_kernels.pruned_ffn import pruned_ffn
-from spvit_kernels.shift_sum import deploy_conv_ext, shift_sum_ext, shift_sum_triton
+from spvit_kernels.shift_sum import shift_sum_ext, shift_sum_triton
 from tests.helpers import randomise_bn, randomise_head_probs, tiny_vit
 
 DTYPES = [torch.bfloat16, torch.float16]

@@ -3,8 +3,7 @@ import pytest
 import torch
 
 from spvit_kernels import _ext, reference
-from spvit_kernels.deploy_conv import deploy_conv
-from spvit_kernels.shift_sum import deploy_conv_ext
+from spvit_kernels.deploy_conv import deploy_conv, deploy_conv_ext
 
 needs_ext = pytest.mark.skipif(not _ext.has_op("shift_sum"), reason=f"extension not loaded: {_ext.error()}")
 

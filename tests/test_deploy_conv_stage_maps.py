@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from spvit_kernels import _ext, reference
-from spvit_kernels.deploy_conv import deploy_conv
-from spvit_kernels.shift_sum import deploy_conv_ext
+from spvit_kernels.deploy_conv import deploy_conv, deploy_conv_ext
 
 # Swin-T stage maps at 224 px (56, 28, 14, 7), plus non-square and odd ones
 GRIDS = [(56, 56), (28, 28), (14, 14), (7, 7), (7, 14), (9, 5)]

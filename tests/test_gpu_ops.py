@@ -153,7 +153,7 @@ def test_deploy_conv(model, dtype, taps, provider):
     if provider == "ext" and not _ext.has_op("shift_sum"):
         pytest.fail(f"the extension is not built with CUDA: {_ext.error()}")
     from spvit_kernels.deploy_conv import deploy_conv
-    from spvit_kernels.shift_sum import deploy_conv_ext
+    from spvit_kernels.deploy_conv import deploy_conv_ext
     c, h, _, _ = MODELS[model]
     d = c // h
     n = PREFIX + GRID[0] * GRID[1]
@@ -270,7 +270,7 @@ SWIN_T_MAPS = [((56, 56), 96, 32), ((28, 28), 192, 32), ((14, 14), 384, 32), ((7
 def run_deploy_conv_swin(shape, dtype, taps, provider, batch=BATCH, device="cuda"):
     """Deployed conv on a Swin stage map (no prefix token) vs the reference, forward only."""
     from spvit_kernels.deploy_conv import deploy_conv
-    from spvit_kernels.shift_sum import deploy_conv_ext
+    from spvit_kernels.deploy_conv import deploy_conv_ext
     grid, c, d = shape
     n = grid[0] * grid[1]
     inputs = [torch.randn(batch, n, c, device=device), torch.randn(taps * d, c, device=device) * c ** -0.5,

@@ -120,7 +120,7 @@ def test_good_arguments_pass_and_match_the_reference(op):
 
 def test_extension_provider_rejects_an_empty_folded_bias():
     from spvit_kernels import _ext
-    from spvit_kernels.shift_sum import deploy_conv_ext
+    from spvit_kernels.deploy_conv import deploy_conv_ext
 
     if not _ext.has_op("shift_sum"):
         pytest.skip(f"the extension is not built: {_ext.error()}")

@@ -1,5 +1,6 @@
 """The op contract of spvit_kernels: one name stem per op (file, torch.library op, dispatcher, test, benchmark), loud
 registration failures, and the version-dependent settings read in one place."""
+import ast
 import importlib
 import inspect
 import os
@@ -21,10 +22,52 @@ def test_one_stem_per_op(stem):
     assert module is getattr(spvit_kernels, stem)
     assert callable(getattr(ops, stem)) and callable(getattr(reference, stem))
     assert os.path.exists(os.path.join(ROOT, "tests", f"test_{stem}.py"))
-    assert os.path.exists(os.path.join(ROOT, "bench", f"bench_{stem}.py"))
+    from bench import cases
+    assert stem in cases.OPS, "the op has no benchmark cases in bench/cases.py (run by bench/test_kernels.py)"
     if stem == "shift_sum" and not _ext.has_op("shift_sum"):
         pytest.skip(f"spvit::shift_sum comes from the extension, not built here: {_ext.error()}")
     assert hasattr(torch.ops.spvit, stem), f"torch.ops.spvit.{stem} is not registered"
+
+
+def test_each_op_owns_its_providers():
+    """Every provider of an op lives in the op's own module (``spvit_kernels/<op>.py`` or package)."""
+    from spvit_kernels.backend import _PROVIDERS
+    assert set(_PROVIDERS) == set(STEMS)
+    for stem, providers in _PROVIDERS.items():
+        for backend, spec in providers.items():
+            assert spec.split(":")[0] == f"spvit_kernels.{stem}", (stem, backend, spec)
+
+
+def _op_sources():
+    """(op module name, path) of every file of the op modules."""
+    for stem in STEMS:
+        path = os.path.join(ROOT, "spvit_kernels", stem)
+        if os.path.isdir(path):
+            for name in sorted(os.listdir(path)):
+                if name.endswith(".py"):
+                    yield stem, os.path.join(path, name)
+        else:
+            yield stem, path + ".py"
+
+
+def test_ops_import_no_private_names_of_other_ops():
+    """An op module takes shared code from the private helper modules (``spvit_kernels/_*.py``), never a private name
+    of another op's module."""
+    bad = []
+    for stem, path in _op_sources():
+        with open(path) as f:
+            tree = ast.parse(f.read())
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            mod = (node.module or "").split(".")
+            other = next((m for m in mod if m in STEMS and m != stem), None)
+            if other is None:
+                continue
+            private = [a.name for a in node.names if a.name.startswith("_")]
+            if private:
+                bad.append(f"{os.path.relpath(path, ROOT)} imports {private} from {other}")
+    assert not bad, bad
 
 
 def test_dispatcher_signatures_follow_the_reference():

@@ -10,7 +10,7 @@ import torch
 
 import spvit_kernels
 from spvit_kernels import reference
-from spvit_kernels.masked_ffn import linear_act
+from spvit_kernels._gemm import linear_act
 from spvit_kernels.pruned_ffn import _HIDDEN_ROW_ALIGN, pruned_ffn, pruned_ffn_with_fc2
 
 # (B, N, C, F) with F the compacted hidden width.

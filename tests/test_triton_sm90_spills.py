@@ -12,13 +12,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = r"""
 import json, sys
 import bench.check_triton_compile as ctc
-from bench.check_triton_compile import Case, i32, mf, _compile
+from bench.check_triton_compile import Case, i32, gemm, mf, _compile
 import torch
 ty, m_rows, c, f = "bf16", 64 * 197, 384, 1536
-pinned = mf._blocks(torch.device("cuda"), torch.bfloat16, backward=True)
+pinned = gemm.blocks(torch.device("cuda"), torch.bfloat16, backward=True)
 variants = [(dict(BLOCK_M=pinned["BLOCK_M"], BLOCK_F=pinned["BLOCK_N"], BLOCK_K=pinned["BLOCK_K"],
                   GROUP_M=pinned["GROUP_M"]), pinned["num_warps"], pinned["num_stages"])]
-variants += [(dict(a.kwargs), a.num_warps, a.num_stages) for a in mf._BWD_CONFIGS]
+variants += [(dict(a.kwargs), a.num_warps, a.num_stages) for a in mf.BWD_CONFIGS]
 rows, seen = [], set()
 for tiles, warps, stages in variants:
     if (tuple(sorted(tiles.items())), warps, stages) in seen:

@@ -32,7 +32,7 @@ def _autotuned():
         AUTOTUNED["_deploy_conv_fwd_kernel"] = (len(dc._deploy_conv_fwd_tuned.configs),
                                                 ("BLOCK_M", "BLOCK_K", "BLOCK_N"))
         from spvit_kernels import masked_ffn as mf
-        tuned = getattr(mf, "_AUTOTUNED_KERNELS", {})
+        tuned = mf.AUTOTUNED_KERNELS
         for name, (n_cfg, tiles) in tuned.items():
             AUTOTUNED[name] = (n_cfg, tiles)
     return AUTOTUNED
