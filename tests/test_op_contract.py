@@ -4,6 +4,7 @@ import ast
 import importlib
 import inspect
 import os
+import pydoc
 
 import pytest
 import torch
@@ -82,6 +83,20 @@ def test_dispatcher_signatures_follow_the_reference():
             ours = inspect.signature(fn)
             assert [(p.name, p.kind, p.default) for p in ours.parameters.values()] == \
                 [(p.name, p.kind, p.default) for p in ref.parameters.values()], (stem, backend)
+
+
+@pytest.mark.parametrize("stem", STEMS)
+def test_entry_point_has_the_reference_signature_and_docstring(stem):
+    """``ops.<op>`` shows its real parameters (not ``*args, **kwargs``) and the reference's documentation."""
+    fn, ref = getattr(ops, stem), getattr(reference, stem)
+    assert inspect.signature(fn) == inspect.signature(ref)
+    assert not any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in inspect.signature(fn).parameters.values())
+    assert fn.__doc__.startswith(ref.__doc__.rstrip())
+    shown = pydoc.render_doc(fn, renderer=pydoc.plaintext)  # what help(ops.<op>) prints
+    header = next(line for line in shown.splitlines() if line.startswith(f"{stem}("))
+    for name in inspect.signature(ref).parameters:
+        assert f"{name}: " in header, (stem, name, header)
+    assert ref.__doc__.strip().splitlines()[0] in shown
 
 
 def test_registration_failure_is_loud():
