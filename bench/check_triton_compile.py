@@ -4,9 +4,9 @@ The CPU test-suite runs the kernels under ``TRITON_INTERPRET=1``, which accepts 
 (``tl.dot`` dimensions < 16, mixed ``tl.dot`` operand dtypes, non-power-of-2 ``tl.arange``, too much shared memory,
 ...). This script compiles each kernel with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` --
 the full pipeline down to a cubin by ``ptxas`` -- for the block sizes / constexpr combinations the CUDA launchers
-actually use (taken from the launcher helpers themselves where they exist: ``_tile_block_p``, ``_row_block_p``,
-``_gemm.blocks``, ``shift_sum._blocks``, the ``deploy_conv`` autotune configs) at DeiT-Ti/S/B-like shapes
-and a few other head dims, in fp32 / bf16 / fp16.
+actually use (taken from the launcher helpers themselves where they exist: ``gated_attn_conv.launch.tile_block_p``
+and ``row_block_p``, ``_gemm.blocks``, ``shift_sum._blocks``, the ``deploy_conv`` autotune configs) at DeiT-Ti/S/B-like
+shapes and a few other head dims, in fp32 / bf16 / fp16.
 
 Argument specialisation mimics the JIT launcher: pointers get ``tt.divisibility=16`` (PyTorch allocations are
 16-byte aligned), integer arguments equal to 1 become constexpr 1, and integers divisible by 16 get the divisibility
@@ -55,7 +55,8 @@ from bench.common import write_rows  # noqa: E402
 import importlib  # noqa: E402
 
 dc_mod = importlib.import_module("spvit_kernels.deploy_conv")
-gac = importlib.import_module("spvit_kernels.gated_attn_conv")
+gac = importlib.import_module("spvit_kernels.gated_attn_conv.kernels")
+gac_launch = importlib.import_module("spvit_kernels.gated_attn_conv.launch")
 mf = importlib.import_module("spvit_kernels.masked_ffn")
 gemm = importlib.import_module("spvit_kernels._gemm")
 ss = importlib.import_module("spvit_kernels.shift_sum")
@@ -132,14 +133,14 @@ def _pow2(n: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# gated_attn_conv: every launcher in spvit_kernels/gated_attn_conv.py uses the JIT defaults (4 warps, 3 stages).
+# gated_attn_conv: every launcher in spvit_kernels/gated_attn_conv/launch.py uses the JIT defaults (4 warps, 3 stages).
 # ---------------------------------------------------------------------------------------------------------------------
 def gac_cases(quick: bool) -> List[Case]:
     cases: List[Case] = []
     models = MODELS[:3] if quick else MODELS
     for mname, h, d, _c in models:
         bh, bd = _pow2(h), _pow2(d)
-        bp = gac._tile_block_p(bh, bd)
+        bp = gac_launch.tile_block_p(bh, bd)
         for dt in DTYPES:
             ty = TY[dt]
             u_args = dict(stride_ub=i32(N_TOK * h * d), stride_un=i32(h * d))
@@ -165,7 +166,7 @@ def gac_cases(quick: bool) -> List[Case]:
     dims = sorted({d for _, _, d, _ in models})
     for d in dims:
         bd = _pow2(d)
-        bp = gac._row_block_p(bd)
+        bp = gac_launch.row_block_p(bd)
         for dt in DTYPES:
             ty = TY[dt]
             cases.append(Case(

@@ -150,3 +150,22 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         _compat.require_triton_device("masked_ffn", torch.device("cpu"))
+
+
+def test_gated_op_names_its_inputs_and_outputs():
+    """The named inputs / outputs of ``spvit::gated_attn_conv`` are its schema, argument by argument."""
+    from spvit_kernels.gated_attn_conv.forward import OpInputs, OpOutputs
+    schema = torch.ops.spvit.gated_attn_conv.default._schema
+    assert [a.name for a in schema.arguments] == list(OpInputs._fields)
+    assert len(schema.returns) == len(OpOutputs._fields)
+
+
+def test_kernel_modules_stay_small():
+    """No module of spvit_kernels is over 600 lines."""
+    sizes = {}
+    for folder, _, files in os.walk(os.path.join(ROOT, "spvit_kernels")):
+        for name in files:
+            if name.endswith(".py"):
+                with open(os.path.join(folder, name)) as f:
+                    sizes[os.path.relpath(os.path.join(folder, name), ROOT)] = sum(1 for _ in f)
+    assert sizes and max(sizes.values()) <= 600, {k: v for k, v in sizes.items() if v > 600}
