@@ -1,5 +1,10 @@
 """Per-call choice of the implementation of each op: ``triton``, ``ext`` (C++/CUDA extension) or ``eager``.
 
+This module chooses the provider per device type; torch's dispatcher then routes inside the chosen provider (the
+extension's CPU / CUDA kernels, autograd, fake tensors) and is the override: a kernel registered for ``spvit::<op>``
+and a device type (``torch.library.register_kernel``) replaces what that provider runs there. See
+docs/kernel-design.md.
+
 Selection, in order:
 1. ``with use_backend("eager"): ...`` (a context manager, thread-local) if active;
 2. the environment variable ``SPVIT_BACKEND`` = ``auto`` (default) | ``triton`` | ``ext`` | ``eager``;

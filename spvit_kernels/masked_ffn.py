@@ -7,9 +7,9 @@ Forward
     dtype) and, when a backward will follow, the pre-activation ``z``.
     fc2 (``h W2^T + b2``) is a plain GEMM with a bias epilogue and goes to cuBLAS (``torch.addmm``) by default: in
     search mode the hidden width is the full 4C (1536/3072, aligned), where cuBLAS is expected to match or beat a
-    Triton GEMM. :func:`masked_ffn_with_fc2` can run fc2 on the same Triton kernel instead (no activation, no mask) so
-    the benchmark measures both; no GPU measurement has settled this default yet (``bench/test_kernels.py``, provider
-    ``triton_fc2_triton``).
+    Triton GEMM. :func:`masked_ffn_with_fc2` can run fc2 on the same Triton kernel instead (no activation, no mask);
+    ``bench/test_kernels.py`` measures both (provider ``triton_fc2_triton``). The default is an open question of
+    docs/kernel-design.md.
 
 Saved for backward
     Activations: only ``x`` and the pre-activation ``z`` (one (M, F) tensor, input dtype), plus the weights and the

@@ -10,9 +10,8 @@ fc2
     Default ``fc2="triton"``: compacted hidden widths (e.g. 1118, 489) are rarely multiples of 8, which keeps cuBLAS
     off its fastest (16-byte aligned) kernels, while the Triton kernel masks its tails. The hidden activation is
     written into a buffer whose rows are padded to 64 elements, so its rows stay aligned for either fc2.
-    ``fc2="cublas"`` (``torch.addmm``, via :func:`pruned_ffn_with_fc2`) is kept for the benchmark, which measures
-    both; this default is a reasoned guess until a GPU run of ``bench/test_kernels.py`` (provider
-    ``triton_fc2_cublas``) confirms or flips it.
+    ``fc2="cublas"`` (``torch.addmm``) runs through :func:`pruned_ffn_with_fc2`; ``bench/test_kernels.py`` measures
+    both (provider ``triton_fc2_cublas``). The default is an open question of docs/kernel-design.md.
 
 Autograd
     This op is for inference. Called with grad enabled and any input requiring grad (e.g. fine-tuning a pruned model),

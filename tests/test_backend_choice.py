@@ -52,3 +52,30 @@ def test_op_calls_do_not_read_the_environment(fresh_env):
     for _ in range(3):
         ops.shift_sum(torch.randn(1, 4, 9, 4), torch.randn(4), (2, 2), True)
     assert [k for k in reads if k.startswith(("SPVIT", "TRITON"))] == []
+
+
+def test_backend_chooses_the_provider_and_the_dispatcher_overrides_its_kernel(fresh_env):
+    """backend.py picks the provider per device type; a kernel registered with torch's dispatcher for ``spvit::<op>``
+    and a device type then replaces what that provider runs there (docs/kernel-design.md)."""
+    from spvit_kernels import pruned_ffn as module
+
+    cpu = torch.device("cpu")
+    x, w1, w2 = torch.randn(2, 5, 16), torch.randn(24, 16), torch.randn(16, 24)
+    calls = []
+
+    def override(x, w1, b1, w2, b2, approximate, fc2):
+        calls.append(tuple(x.shape))
+        return torch.full((x.shape[0], w2.shape[0]), 7.0)
+
+    with K.use_backend("triton"), torch.no_grad():
+        assert backend.resolve("pruned_ffn", cpu) is module.pruned_ffn
+        torch.testing.assert_close(ops.pruned_ffn(x, w1, None, w2, None), reference.pruned_ffn(x, w1, None, w2, None),
+                                   atol=1e-4, rtol=1e-4)
+        torch.library.register_kernel("spvit::pruned_ffn", "cpu", override)
+        try:
+            y = ops.pruned_ffn(x, w1, None, w2, None)
+        finally:  # the op's own body on the CPU again
+            torch.library.register_kernel("spvit::pruned_ffn", "cpu", module._pruned_ffn_fwd)
+        assert calls == [(10, 16)] and torch.equal(y, torch.full((2, 5, 16), 7.0))
+        torch.testing.assert_close(ops.pruned_ffn(x, w1, None, w2, None), reference.pruned_ffn(x, w1, None, w2, None),
+                                   atol=1e-4, rtol=1e-4)
