@@ -27,7 +27,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import _ext
-from ._compat import HAS_TRITON, autocast_cast, define_op, require_triton_device, wrap_triton
+from ._compat import HAS_TRITON, define_op, require_triton_device, wrap_triton
 from .reference import TAP_OFFSETS
 
 if HAS_TRITON:

@@ -139,7 +139,8 @@ def test_kernels_run_with_the_new_precision_setting(restore_precision, device):
     if not hasattr(matmul, "fp32_precision"):
         pytest.skip("this torch has no fp32_precision setting")
     matmul.fp32_precision = "ieee"
-    x, w1, w2 = torch.randn(8, 16, device=device), torch.randn(12, 16, device=device), torch.randn(16, 12, device=device)
+    x, w1 = torch.randn(8, 16, device=device), torch.randn(12, 16, device=device)
+    w2 = torch.randn(16, 12, device=device)
     with torch.no_grad():
         y = ops.pruned_ffn(x, w1, None, w2, None) if device.type == "cuda" else \
             spvit_kernels.pruned_ffn.pruned_ffn(x, w1, None, w2, None)
