@@ -5,21 +5,8 @@ Computes, with the signature of :func:`spvit_kernels.reference.deploy_conv`::
     out[:, :prefix] = x_hat[:, :prefix]
     out[:, prefix:] = ReLU(shift_sum(x_p W_planes^T) + b_fold) W_out^T + b_out        (x_p = patch tokens)
 
-Design: implicit-GEMM convolution, one program per tile of BLOCK_M rows of the (batch x patch positions) index
-(a tile may span two images: no half-empty tiles at the end of each image, and batch 1 still fills BLOCK_M rows).
-Because ``shift_sum(x_p W_planes^T)[p] = sum_t x_p[p + offset_t] W_t^T`` (W_t = rows t*d..t*d+d of W_planes), the
-program never forms the plane tensor: for every tap t it gathers the neighbour rows ``x_p[p + offset_t]`` of its
-tile (masked to zero outside the grid) chunk by chunk over C and accumulates ``rows @ W_t^T`` into a
-(BLOCK_M, d) fp32 accumulator with ``tl.dot``. Bias + ReLU are applied in registers; the (BLOCK_M, d) activation
-is cast to the input dtype (as the eager path holds it) and multiplied by ``W_out^T`` in BLOCK_N column chunks,
-with ``b_out`` added in the epilogue, and stored straight into the (B, N, C) output. The prefix (class) token rows
-are copied by the launcher.
-
-Memory traffic (HBM, per layer): read x_hat once (the 9x re-reads of neighbour rows by adjacent tiles and the
-weights, (T*d + d) x C, are served from L2) + write out once, i.e. the minimum of §10.5 (38.7 MB for DeiT-S at
-B = 128 in bf16). The unfused path (GEMM -> planes -> shift-sum -> GEMM) additionally writes and reads the planes
-Q (B, P, T, d) and the activation y (B, P, d): +57.8 + 2 x 3.2 MB in bf16 at that size, which makes the 3x3 layer
-memory-bound (§10.5). FLOPs are the same as the unfused path (T x C x d + d x C MACs per patch).
+The Triton kernel is an implicit-GEMM convolution that never forms the plane tensor (B, P, T, d): it reads x_hat
+once and writes the output once (design and memory traffic: docs/kernel-design.md).
 
 Providers (both with the signature of the reference):
 

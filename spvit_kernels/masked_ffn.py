@@ -5,27 +5,15 @@ Forward
     fc1 runs the GEMM-with-epilogue kernel of :mod:`spvit_kernels._gemm` (:func:`~spvit_kernels._gemm.linear_act`)
     tile by tile, with bias, GELU and the gate mask applied in its epilogue, writing the masked hidden ``h`` (input
     dtype) and, when a backward will follow, the pre-activation ``z``.
-    fc2 (``h W2^T + b2``) is a plain GEMM with a bias epilogue and goes to cuBLAS (``torch.addmm``) by default: in
-    search mode the hidden width is the full 4C (1536/3072, aligned), where cuBLAS is expected to match or beat a
-    Triton GEMM. :func:`masked_ffn_with_fc2` can run fc2 on the same Triton kernel instead (no activation, no mask);
-    ``bench/test_kernels.py`` measures both (provider ``triton_fc2_triton``). The default is an open question of
-    docs/kernel-design.md.
-
-Saved for backward
-    Activations: only ``x`` and the pre-activation ``z`` (one (M, F) tensor, input dtype), plus the weights and the
-    mask. Eager autograd keeps three (M, F) tensors (``z``, ``a = GELU(z)``, ``h``); here ``a``, ``GELU'(z)`` and
-    ``h`` are recomputed from ``z`` in the backward kernel's epilogue, elementwise work that is free next to its GEMM.
-    ``z`` is saved rather than recomputed because recomputing it costs a full extra fc1 GEMM (a third of the
-    backward's FLOPs).
+    fc2 (``h W2^T + b2``) is a plain GEMM with a bias epilogue and goes to cuBLAS (``torch.addmm``) by default;
+    :func:`masked_ffn_with_fc2` can run it on the same Triton kernel instead (no activation, no mask). Which is faster
+    is an open question of docs/kernel-design.md (``bench/test_kernels.py``, provider ``triton_fc2_triton``).
 
 Backward
-    ``_masked_ffn_bwd_kernel`` computes ``dh = dY W2`` tile by tile (tokens x hidden units) and, in the epilogue,
-    reloads ``z`` to form ``a`` and ``GELU'(z)``; it writes ``dz = dh * mask * GELU'(z)`` and the recomputed ``h``
-    (for ``dW2``), and reduces over its token tile both the gate gradient ``sum_t a * dh`` and the fc1 bias gradient
-    ``sum_t dz``. Those per-tile partial sums go to a small fp32 buffer (token tiles x F) that is summed afterwards:
-    deterministic (no atomics) and no extra pass over any (M, F) tensor. Units with mask 0 get their gate gradient
-    like the others (``a`` and ``dh`` do not depend on the mask). The remaining GEMMs (``dx = dz W1``,
-    ``dW1 = dz^T x``, ``dW2 = dY^T h``) have no epilogue work and go to cuBLAS.
+    Saved: ``x`` and the pre-activation ``z`` (plus the weights and the mask). ``_masked_ffn_bwd_kernel`` computes
+    ``dh = dY W2`` and, in its epilogue, ``dz = dh * mask * GELU'(z)``, the recomputed ``h = GELU(z) * mask`` and the
+    per-token-tile sums of the gate gradient ``sum_t GELU(z) * dh`` and of ``db1 = sum_t dz``; ``dx``, ``dW1`` and
+    ``dW2`` go to cuBLAS. Why it is laid out this way: docs/kernel-design.md.
 
 All GEMMs accumulate in fp32; fp32 inputs use exact fp32 dot products unless
 ``torch.backends.cuda.matmul.allow_tf32`` is set (then TF32, as cuBLAS would). Double backward is not supported.
