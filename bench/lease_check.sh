@@ -26,8 +26,8 @@
 # checks the command itself, measures nothing.
 # Environment: LEASE_DEADLINE_S (default 490), LEASE_CAP_A/B/C/D/E (step caps, s), LEASE_BUILD_S (240),
 # LEASE_SKIP="b d" (skip steps), LEASE_PREBUILT (the packed artifacts), LEASE_TESTS_N (xdist workers, default 8 on a
-# GPU), LEASE_TEST_TIMEOUT (per test, s), PYTHON (default python3, else python), LEASE_TEST_STALL=<step letter> (tests
-# of this script: that step waits after its work until its time limit kills it).
+# GPU), LEASE_TEST_TIMEOUT (per test, s), PYTHON (default python3, else python), LEASE_TEST_STALL=<step letter> (for
+# the tests of this script: that step waits after its first measured row until its time limit kills it).
 # Exit status: 0 when every step passed, 1 otherwise, 2 for bad arguments.
 set -u -o pipefail
 
@@ -136,12 +136,7 @@ run_step() {
         echo "# step $letter $name, limit ${lim} s, $(date -Iseconds)"
         echo "# $*"
     } > "$logf"
-    if [ "${LEASE_TEST_STALL:-}" = "$letter" ]; then
-        timeout -k 5 "$lim" bash -c '"$@"; echo "# LEASE_TEST_STALL: waiting for the time limit"; sleep 100000' \
-            stall "$@" >> "$logf" 2>&1
-    else
-        timeout -k 5 "$lim" "$@" >> "$logf" 2>&1
-    fi
+    LEASE_STEP="$letter" timeout -k 5 "$lim" "$@" >> "$logf" 2>&1
     rc=$?
     wall=$(( $(date +%s) - start ))
     case "$rc" in
@@ -161,30 +156,8 @@ run_step() {
 
 # ------------------------------------------------------------------------------------------------------ a: setup
 step_setup() {
-    local pack="${LEASE_PREBUILT:-$REPO/.lease_prebuilt/spvit_gpu_prebuilt.tar.gz}" check_arg=""
-    [ "$SMOKE" = 1 ] && check_arg="--cpu"
-    if [ -f "$pack" ]; then
-        "$PY" -m bench.lease.env_setup unpack "$pack" "$WORK/prebuilt" || echo "prebuilt: could not unpack $pack"
-    else
-        echo "prebuilt: none ($pack not found): the Triton kernels compile on first use"
-    fi
-    if "$PY" -m bench.lease.env_setup ext-check $check_arg; then
-        echo "extension: the one in spvit_kernels/ loads with its kernel"
-    elif [ -f "$WORK/prebuilt/_C.abi3.so" ]; then
-        [ -f spvit_kernels/_C.abi3.so ] && mv -f spvit_kernels/_C.abi3.so "$WORK/_C.abi3.so.before"
-        cp "$WORK/prebuilt/_C.abi3.so" spvit_kernels/_C.abi3.so
-        if "$PY" -m bench.lease.env_setup ext-check $check_arg; then
-            echo "extension: prebuilt"
-        else
-            echo "extension: the prebuilt one does not load with its kernel: build"
-            echo build > "$WORK/need_build"
-        fi
-    else
-        echo build > "$WORK/need_build"
-    fi
-    "$PY" -m bench.lease.env_setup report > "$WORK/env.txt" 2>&1
-    cat "$WORK/env.txt"
-    [ ! -f "$WORK/need_build" ]
+    "$PY" -m bench.lease.env_setup setup "$WORK" "${LEASE_PREBUILT:-$REPO/.lease_prebuilt/spvit_gpu_prebuilt.tar.gz}" \
+        $([ "$SMOKE" = 1 ] && echo --cpu)
 }
 
 build_ext() {

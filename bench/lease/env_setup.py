@@ -5,6 +5,10 @@
                                                        # (--cpu: with its CPU kernel)
     python -m bench.lease.env_setup unpack PACK DEST   # unpack prebuilt artifacts; prints what they hold and
                                                        # writes DEST/lease_env.sh (TRITON_CACHE_DIR, ...)
+    python -m bench.lease.env_setup setup WORK [PACK] [--cpu]
+        # all of step a in one process: unpack PACK into WORK/prebuilt, check the extension (when it does not load
+        # with its kernel and PACK holds one, install that and check again), write WORK/env.txt; exit 0 when the
+        # extension is ready, else 1 with WORK/need_build written
 """
 from __future__ import annotations
 
@@ -101,7 +105,8 @@ def unpack(pack: str, dest: str) -> int:
     env_lines = []
     cache = os.path.join(dest, "triton_cache")
     if os.path.isdir(cache):
-        n = len(os.listdir(cache))
+        from bench.lease.aot import relocate
+        n = relocate(cache)
         try:
             from triton.runtime.cache import triton_key
             here = _short(triton_key())
@@ -116,6 +121,52 @@ def unpack(pack: str, dest: str) -> int:
     return 0
 
 
+def setup(work: str, pack: str, cpu: bool) -> int:
+    prebuilt = os.path.join(work, "prebuilt")
+    if pack and os.path.exists(pack):
+        if unpack(pack, prebuilt) != 0:
+            print(f"prebuilt: could not unpack {pack}")
+    else:
+        print(f"prebuilt: none ({pack or '-'} not found): the Triton kernels compile on first use")
+    sys.stdout.flush()
+    env_path = os.path.join(work, "env.txt")
+    with open(env_path, "w") as f, _redirect(f):
+        report()
+    print(open(env_path).read(), end="")
+    try:
+        ok = ext_check(cpu) == 0
+    except Exception as exc:  # noqa: BLE001 - a broken extension is reported, then replaced or rebuilt
+        print(f"extension check failed: {type(exc).__name__}: {exc}")
+        ok = False
+    target = os.path.join(REPO, "spvit_kernels", "_C.abi3.so")
+    so = os.path.join(prebuilt, "_C.abi3.so")
+    if ok:
+        print("extension: the one in spvit_kernels/ loads with its kernel")
+    elif os.path.exists(so):
+        if os.path.exists(target):
+            shutil.move(target, os.path.join(work, "_C.abi3.so.before"))
+        shutil.copy2(so, target)
+        args = [sys.executable, "-m", "bench.lease.env_setup", "ext-check"] + (["--cpu"] if cpu else [])
+        ok = subprocess.run(args, cwd=REPO).returncode == 0
+        print("extension: prebuilt" if ok else "extension: the prebuilt one does not load with its kernel")
+    if not ok:
+        open(os.path.join(work, "need_build"), "w").write("build\n")
+        print("extension: to be built")
+    return 0 if ok else 1
+
+
+class _redirect:
+    def __init__(self, f):
+        self.f = f
+
+    def __enter__(self):
+        self.old = sys.stdout
+        sys.stdout = self.f
+
+    def __exit__(self, *exc):
+        sys.stdout = self.old
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
@@ -126,6 +177,9 @@ def main(argv=None) -> int:
         return report()
     if cmd == "ext-check":
         return ext_check("--cpu" in rest)
+    if cmd == "setup" and rest:
+        pos = [a for a in rest if not a.startswith("--")]
+        return setup(pos[0], pos[1] if len(pos) > 1 else "", "--cpu" in rest)
     if cmd == "unpack" and len(rest) == 2:
         return unpack(*rest)
     print(__doc__)

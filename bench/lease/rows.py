@@ -24,6 +24,11 @@ def write_row(step: str, row: Dict[str, object], path: Optional[str] = None) -> 
             f.write(line + "\n")
             f.flush()
             os.fsync(f.fileno())
+    stall = os.environ.get("LEASE_TEST_STALL")
+    if stall and stall == os.environ.get("LEASE_STEP"):  # tests of the deadline: wait here until killed
+        print(f"LEASE_TEST_STALL={stall}: waiting for the time limit", flush=True)
+        while True:
+            time.sleep(60)
     return out
 
 
