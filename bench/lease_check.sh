@@ -182,6 +182,7 @@ fi
 if [ -z "${TRITON_CACHE_DIR:-}" ]; then
     export TRITON_CACHE_DIR="$WORK/triton_cache"
 fi
+echo "env TRITON_CACHE_DIR=$TRITON_CACHE_DIR (from step a on)" >> "$WORK/env.txt"
 
 # ------------------------------------------------------------------------------------------------------ b: ops
 PYTEST_COMMON=(-p no:cacheprovider -p bench.lease.triton_probe -rfEs)
@@ -191,7 +192,7 @@ fi
 XDIST=()
 N_WORKERS="${LEASE_TESTS_N:-$([ "$SMOKE" = 1 ] && echo 0 || echo 8)}"
 if [ "$N_WORKERS" != 0 ] && "$PY" -c "import xdist" 2>/dev/null; then
-    XDIST=(-n "$N_WORKERS" --dist loadfile)
+    XDIST=(-n "$N_WORKERS" --dist load)
 fi
 if [ "$SMOKE" = 1 ]; then
     OPS_TESTS=(tests/test_gpu_ops.py "tests/test_shift_sum.py::test_tap_order_matches_reference")

@@ -151,6 +151,8 @@ def main(argv=None) -> int:
         res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
         line = [ln for ln in res.stdout.splitlines() if ln.startswith("aot: ")]
         manifest["aot"] = json.loads(line[-1][5:]) if line else {"error": res.stderr[-2000:]}
+        if not line:
+            print(res.stdout[-3000:], res.stderr[-3000:])
         _say(f"compiled: {manifest['aot'].get('instantiations')} instantiations, {manifest['aot'].get('failed')} "
              f"failed, {manifest['aot'].get('cache_entries')} cache entries in {manifest['aot'].get('seconds')} s")
         aot.relocate(cache)

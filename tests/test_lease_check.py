@@ -63,7 +63,7 @@ def _ext_loads():
 
 def test_smoke_run_end_to_end_with_a_step_killed_by_its_limit(tmp_path):
     out = tmp_path / "out"
-    env = _env(LEASE_TEST_STALL="c", LEASE_CAP_C="60", LEASE_DEADLINE_S="400")
+    env = _env(LEASE_TEST_STALL="c", LEASE_CAP_C="45", LEASE_DEADLINE_S="400")
     rc, text, most = _run_watched(["--smoke", str(out)], env, str(out), timeout=420)
     assert most <= MAX_FILES, f"{most} files in OUT at once"
     files = _files(str(out))

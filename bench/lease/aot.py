@@ -151,33 +151,40 @@ def _warm_args(case):
     return args
 
 
+_CASES: list = []  # read by forked workers (cases hold JIT functions, which do not pickle)
+
+
+def _compile_one(job):
+    """Warm case ``job[0]`` for sm_``job[1]``; returns None, or the error line."""
+    from triton.runtime.driver import driver
+
+    i, cc = job
+    case = _CASES[i]
+    driver.set_active(FakeCudaDriver(cc))
+    try:
+        case.fn.warmup(*_warm_args(case), grid=(1,), num_warps=case.num_warps, num_stages=case.num_stages,
+                       **case.constexprs)
+        return None
+    except Exception as exc:  # noqa: BLE001 - reported, the rest still compiles
+        return f"sm_{cc} {case.kernel_name} {case.label} {case.dtype} {case.config_str()}: " \
+               f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+
+
 def compile_all(cache_dir: str, archs: List[int], groups: List[str], quick: bool, key: Optional[str],
                 jobs: int = 1) -> Dict[str, object]:
     """Warm every case for every arch into ``cache_dir``; returns counts (and the failures)."""
     os.environ.pop("TRITON_INTERPRET", None)
     os.environ["TRITON_CACHE_DIR"] = cache_dir
     sys.path.insert(0, REPO)
-    from triton.runtime.driver import driver
-
     if key:
         use_triton_key(key)
-    cases = _load_cases(groups, quick)
+    _CASES[:] = _load_cases(groups, quick)
+    cases = _CASES
     jobs_list = [(i, cc) for cc in archs for i in range(len(cases))]
     t0 = time.perf_counter()
     failures = []
     done = 0
-
-    def one(job):
-        i, cc = job
-        case = cases[i]
-        driver.set_active(FakeCudaDriver(cc))
-        try:
-            case.fn.warmup(*_warm_args(case), grid=(1,), num_warps=case.num_warps, num_stages=case.num_stages,
-                           **case.constexprs)
-            return None
-        except Exception as exc:  # noqa: BLE001 - reported, the rest still compiles
-            return f"sm_{cc} {case.kernel_name} {case.label} {case.dtype} {case.config_str()}: " \
-                   f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+    one = _compile_one
 
     if jobs > 1:
         import multiprocessing as mp
