@@ -76,13 +76,13 @@ def gpu_code(so: str) -> dict:
         pass
     if not exe:
         return {"cuobjdump": "not found"}
-    out = {}
-    for kind in ("elf", "ptx"):
-        res = subprocess.run([exe, f"--list-{kind}", so], capture_output=True, text=True)
-        out[kind] = [ln.split(":", 1)[-1].strip() for ln in res.stdout.splitlines() if ln.strip()]
-    res = subprocess.run([exe, "--dump-elf", so], capture_output=True, text=True)
-    out["elf_arch"] = sorted({ln.split()[-1] for ln in res.stdout.splitlines() if "EF_CUDA_SM" in ln
-                              or ln.strip().startswith("arch =")})
+    res = subprocess.run([exe, so], capture_output=True, text=True)
+    out, kind = {"cubin": [], "ptx": []}, None
+    for ln in res.stdout.splitlines():  # "Fatbin elf code:" / "Fatbin ptx code:", then "arch = sm_XX"
+        if ln.startswith("Fatbin "):
+            kind = "cubin" if " elf " in ln else "ptx"
+        elif ln.startswith("arch = ") and kind:
+            out[kind].append(ln.split("=", 1)[1].strip().replace("sm_", "compute_" if kind == "ptx" else "sm_"))
     return out
 
 
@@ -142,7 +142,8 @@ def main(argv=None) -> int:
         else:
             tdir, suffix, src = os.path.dirname(triton.__file__), None, "the triton running this script"
         key = aot.triton_key_of(tdir, suffix)
-        manifest.update(triton=triton.__version__, triton_key_source=src, triton_key_short=aot.short(key))
+        manifest.update(triton=triton.__version__, triton_key_source=src, triton_key_short=aot.short(key),
+                        ptxas=aot.ptxas_version(90))
         cache = os.path.join(pack_dir, "triton_cache")
         cmd = [sys.executable, "-m", "bench.lease.aot", "--cache", cache, "--archs", args.archs, "--triton-dir", tdir,
                "--jobs", str(args.jobs)] + (["--ext-suffix", suffix] if suffix else []) + \

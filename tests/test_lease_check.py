@@ -61,9 +61,28 @@ def _ext_loads():
         return False
 
 
+def _fake_pack(tmp_path):
+    """A prebuilt pack as bench/lease_prebuild.py writes it, with one Triton cache entry whose group file names its
+    files by absolute path under the folder where it was made (no extension: the local one is used)."""
+    made = tmp_path / "made" / "triton_cache" / "ENTRY"
+    made.mkdir(parents=True)
+    children = {}
+    for name in ("k.json", "k.cubin", "k.ptx", "k.llir"):
+        (made / name).write_text(name)
+        children[name] = str(made / name)
+    (made / "__grp__k.json").write_text(json.dumps({"child_paths": children}))
+    (tmp_path / "made" / "manifest.json").write_text(json.dumps({"triton_key_short": "0123456789abcdef"}))
+    pack = tmp_path / "pack.tar.gz"
+    with tarfile.open(pack, "w:gz") as tar:
+        for name in ("triton_cache", "manifest.json"):
+            tar.add(tmp_path / "made" / name, arcname=name)
+    shutil.rmtree(tmp_path / "made")
+    return pack
+
+
 def test_smoke_run_end_to_end_with_a_step_killed_by_its_limit(tmp_path):
     out = tmp_path / "out"
-    env = _env(LEASE_TEST_STALL="c", LEASE_CAP_C="45", LEASE_DEADLINE_S="400")
+    env = _env(LEASE_TEST_STALL="c", LEASE_CAP_C="45", LEASE_DEADLINE_S="400", LEASE_PREBUILT=str(_fake_pack(tmp_path)))
     rc, text, most = _run_watched(["--smoke", str(out)], env, str(out), timeout=420)
     assert most <= MAX_FILES, f"{most} files in OUT at once"
     files = _files(str(out))
@@ -93,6 +112,12 @@ def test_smoke_run_end_to_end_with_a_step_killed_by_its_limit(tmp_path):
     assert sorted(by_step) == ["a", "b", "c", "d", "e"], sorted(logs)
     assert "PASSED" in by_step["b"] and "SKIPPED" in by_step["b"]  # -v: every finished test is named
     assert "cases matched the reference" in by_step["d"]
+    # the prebuilt pack: unpacked, its cache relocated and used, its key compared with this triton's
+    assert "prebuilt Triton cache: 1 entries, made for triton key 0123456789abcdef" in by_step["a"], by_step["a"]
+    assert "NO MATCH" in by_step["a"]
+    with tarfile.open(out / "lease_results.tar.gz") as tar:
+        env_txt = tar.extractfile("./env.txt").read().decode()
+    assert "prebuilt/triton_cache (from step a on)" in env_txt
     log_c = by_step["c"]
     assert "LEASE_TEST_STALL=c: waiting for the time limit" in log_c and "exit 124" in log_c, log_c[-2000:]
 
@@ -128,3 +153,32 @@ def test_deadline_and_bad_input(tmp_path):
         res = subprocess.run(["bash", SCRIPT, *args], cwd=REPO, env=_env(), capture_output=True, text=True,
                              timeout=60)
         assert res.returncode == 2 and res.stderr.startswith("lease_check: error:"), (args, res.stderr)
+
+
+def test_moved_triton_cache_is_relocated(tmp_path):
+    from bench.lease.aot import relocate
+
+    made = tmp_path / "elsewhere" / "E1"
+    made.mkdir(parents=True)
+    for name in ("k.json", "k.cubin", "k.ptx", "k.ttir"):
+        (made / name).write_text(name)
+    grp = {"child_paths": {n: str(made / n) for n in ("k.json", "k.cubin", "k.ptx", "k.ttir")}}
+    (made / "__grp__k.json").write_text(json.dumps(grp))
+    moved = tmp_path / "cache"
+    shutil.copytree(tmp_path / "elsewhere", moved)
+    shutil.rmtree(tmp_path / "elsewhere")
+    assert relocate(str(moved)) == 1
+    children = json.loads((moved / "E1" / "__grp__k.json").read_text())["child_paths"]
+    assert children == {"k.json": str(moved / "E1" / "k.json"), "k.cubin": str(moved / "E1" / "k.cubin")}
+    assert sorted(os.listdir(moved / "E1")) == ["__grp__k.json", "k.cubin", "k.json"]
+
+
+def test_triton_key_of_matches_the_installed_triton():
+    triton = pytest.importorskip("triton")
+    from triton.runtime.cache import triton_key
+
+    from bench.lease.aot import short, triton_key_of
+
+    key = triton_key_of(os.path.dirname(triton.__file__))
+    assert key == triton_key()
+    assert len(short(key)) == 16

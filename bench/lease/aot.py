@@ -64,6 +64,15 @@ def short(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
+def ptxas_version(cc: int = 90) -> str:
+    """The version of the ptxas triton uses for sm_<cc> (part of every CUDA cache key), or "-"."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas_version
+        return str(get_ptxas_version(cc)).strip().splitlines()[-1]
+    except Exception:  # noqa: BLE001
+        return "-"
+
+
 def use_triton_key(key: str) -> None:
     """Make this process key its Triton cache with ``key`` instead of its own installation's."""
     from triton.runtime import autotuner, cache

@@ -55,6 +55,8 @@ def report() -> int:
     try:
         from triton.runtime.cache import triton_key
         print(f"triton_key: {_short(triton_key())}")
+        from bench.lease.aot import ptxas_version
+        print(f"ptxas (sm_90): {ptxas_version(90)}")
     except Exception as exc:  # noqa: BLE001
         print(f"triton_key: - ({type(exc).__name__})")
     for k, v in sorted(os.environ.items()):
@@ -115,6 +117,12 @@ def unpack(pack: str, dest: str) -> int:
         made = manifest.get("triton_key_short", "?")
         print(f"prebuilt Triton cache: {n} entries, made for triton key {made}; this triton: {here} "
               f"({'match' if made == here else 'NO MATCH: expect misses'})")
+        try:
+            from bench.lease.aot import ptxas_version
+            ptx_here = ptxas_version(90)
+        except Exception:  # noqa: BLE001
+            ptx_here = "-"
+        print(f"prebuilt Triton cache: ptxas {manifest.get('ptxas', '?')}; here {ptx_here}")
         env_lines.append(f"export TRITON_CACHE_DIR={cache}")
     with open(os.path.join(dest, "lease_env.sh"), "w") as f:
         f.write("\n".join(env_lines) + "\n")
