@@ -104,7 +104,8 @@ left() { echo $(( T_END - $(date +%s) - RESERVE )); }
 # archive: every finished step's log and the work files, then the summaries; written beside and moved into place
 write_outputs() {
     cp "$ROWS" "$WORK/rows.jsonl" 2>/dev/null
-    tar -czf "$OUT_DIR/.lease_results.tar.gz.part" -C "$WORK" --exclude=prebuilt --exclude=triton_cache . 2>/dev/null \
+    tar -czf "$OUT_DIR/.lease_results.tar.gz.part" -C "$WORK" --exclude=prebuilt --exclude=triton_cache \
+        --exclude=_C.abi3.so.before . 2>/dev/null \
         && mv -f "$OUT_DIR/.lease_results.tar.gz.part" "$OUT_DIR/lease_results.tar.gz"
     "$PY" -m bench.lease.summary --work "$WORK" --out "$OUT_DIR" --t0 "$T0" --deadline "$DEADLINE_S" \
         --smoke "$SMOKE" >/dev/null 2>"$WORK/logs/summary.err" || say "summary: FAILED (see logs/summary.err)"

@@ -82,8 +82,10 @@ def _fake_pack(tmp_path):
 
 def test_smoke_run_end_to_end_with_a_step_killed_by_its_limit(tmp_path):
     out = tmp_path / "out"
-    env = _env(LEASE_TEST_STALL="c", LEASE_CAP_C="45", LEASE_DEADLINE_S="400", LEASE_PREBUILT=str(_fake_pack(tmp_path)))
-    rc, text, most = _run_watched(["--smoke", str(out)], env, str(out), timeout=420)
+    # generous caps but c's (a loaded 2-core machine is slow; c is killed at its cap whatever the load)
+    env = _env(LEASE_TEST_STALL="c", LEASE_CAP_C="45", LEASE_CAP_A="120", LEASE_CAP_B="150", LEASE_CAP_D="150",
+               LEASE_CAP_E="300", LEASE_DEADLINE_S="900", LEASE_PREBUILT=str(_fake_pack(tmp_path)))
+    rc, text, most = _run_watched(["--smoke", str(out)], env, str(out), timeout=900)
     assert most <= MAX_FILES, f"{most} files in OUT at once"
     files = _files(str(out))
     assert files == ["lease_results.tar.gz", "rows.jsonl", "summary.json", "summary.md"], files
@@ -125,7 +127,8 @@ def test_smoke_run_end_to_end_with_a_step_killed_by_its_limit(tmp_path):
     printed = [json.loads(line[len("row: "):]) for line in log_c.splitlines() if line.startswith("row: ")]
     assert printed, log_c[-2000:]
     assert all(r in rows for r in printed)  # every row the killed step measured is kept
-    assert [r for r in rows if r["step"] == "step"] == printed
+    assert [r for r in rows if r["step"] in ("plan", "step", "infer")] == printed
+    assert printed[0]["item"] == "plan"  # written before the slow imports: the killed step always has a row
     # the steps after the killed one measured their rows; the summary carries their ratios
     assert any(r.get("item") == "kernel" and "ratio" in r for r in rows)
     assert any(r.get("item") == "infer_b1" and r.get("ratio") for r in summary["ratios"])

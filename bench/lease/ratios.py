@@ -15,20 +15,29 @@ harness, measures nothing. The step and inference functions are reused by ``benc
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import statistics
 import sys
 import time
 from typing import Dict, List, Optional
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from bench import cases  # noqa: E402
-from bench.common import bench_fn, first_call_s, peak_memory_mb, synchronize  # noqa: E402
 from bench.lease.rows import write_row  # noqa: E402
+
+# torch and the benchmark helpers are imported by main() after the plan row is written (a row within a second of the
+# start, before the slow imports); other importers get them by importing this module through load()
+torch = cases = bench_fn = first_call_s = peak_memory_mb = synchronize = None
+
+
+def load() -> None:
+    """Import torch and the benchmark helpers into this module."""
+    global torch, cases, bench_fn, first_call_s, peak_memory_mb, synchronize
+    import torch as _torch
+
+    from bench import cases as _cases
+    from bench.common import bench_fn as _b, first_call_s as _f, peak_memory_mb as _p, synchronize as _s
+    torch, cases, bench_fn, first_call_s, peak_memory_mb, synchronize = _torch, _cases, _b, _f, _p, _s
 
 
 class Deadline:
@@ -48,7 +57,7 @@ def _img_s(batch: int, ms: float) -> float:
     return batch / ms * 1e3
 
 
-def step_ratio(case: cases.E2ECase, device: torch.device, smoke: bool, rounds: int, reps: int, deadline: Deadline,
+def step_ratio(case: "cases.E2ECase", device: "torch.device", smoke: bool, rounds: int, reps: int, deadline: Deadline,
                label: str = "step") -> Dict[str, object]:
     """Fused vs eager supernet training step of ``case``, interleaved; returns the ratio row."""
     import spvit_kernels as K
@@ -103,7 +112,7 @@ def _cuda_graph(fn, x: torch.Tensor):
         return exc
 
 
-def infer_ratio(case: cases.E2ECase, device: torch.device, rounds: int, reps: int, deadline: Deadline,
+def infer_ratio(case: "cases.E2ECase", device: "torch.device", rounds: int, reps: int, deadline: Deadline,
                 label: str = "infer", graph: bool = True) -> Dict[str, object]:
     """Deployed vs eager pruned vs dense inference of ``case``, interleaved; returns the ratio row."""
     models, x, gflops = cases.make_inference(case, device)
@@ -145,17 +154,17 @@ def infer_ratio(case: cases.E2ECase, device: torch.device, rounds: int, reps: in
     return write_row(label, row)
 
 
-def step_case(smoke: bool, model: str = "deit_s") -> cases.E2ECase:
+def step_case(smoke: bool, model: str = "deit_s") -> "cases.E2ECase":
     return cases.E2ECase("step", "smoke_vit", 2, "fp32") if smoke else cases.E2ECase("step", model, 256, "bf16")
 
 
-def infer_case(smoke: bool, batch: Optional[int] = None) -> cases.E2ECase:
+def infer_case(smoke: bool, batch: Optional[int] = None) -> "cases.E2ECase":
     if smoke:
         return cases.E2ECase("infer", "demo_like", batch or 2, "fp32")
     return cases.E2ECase("infer", "spvit_deit_b_l008_t60", batch or 256, "bf16")
 
 
-def device_of(smoke: bool) -> torch.device:
+def device_of(smoke: bool) -> "torch.device":
     if smoke:
         return torch.device("cpu")
     if not torch.cuda.is_available():
@@ -171,15 +180,18 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--budget-s", type=float, default=None, help="start no new round after this many seconds")
     args = ap.parse_args(argv)
+    rounds = args.rounds or (2 if args.smoke else 4)
+    reps = args.reps or (1 if args.smoke else 10)
+    deadline = Deadline(args.budget_s)
+    write_row("plan", {"item": "plan", "items": args.items, "rounds": rounds, "reps": reps,
+                       "budget_s": args.budget_s, "smoke": args.smoke})
+    load()
     try:
         import bench.lease.triton_probe as probe
         probe.install()
     except Exception:  # noqa: BLE001 - counting is optional
         pass
     device = device_of(args.smoke)
-    rounds = args.rounds or (2 if args.smoke else 4)
-    reps = args.reps or (1 if args.smoke else 10)
-    deadline = Deadline(args.budget_s)
     status = 0
     for item in args.items.split(","):
         try:
