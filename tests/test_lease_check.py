@@ -83,7 +83,7 @@ def _fake_pack(tmp_path):
 def test_smoke_run_end_to_end_with_a_step_killed_by_its_limit(tmp_path):
     out = tmp_path / "out"
     # generous caps but c's (a loaded 2-core machine is slow; c is killed at its cap whatever the load)
-    env = _env(LEASE_TEST_STALL="c", LEASE_CAP_C="45", LEASE_CAP_A="120", LEASE_CAP_B="150", LEASE_CAP_D="150",
+    env = _env(LEASE_TEST_STALL="c", LEASE_CAP_C="30", LEASE_CAP_A="120", LEASE_CAP_B="150", LEASE_CAP_D="150",
                LEASE_CAP_E="300", LEASE_DEADLINE_S="900", LEASE_PREBUILT=str(_fake_pack(tmp_path)))
     rc, text, most = _run_watched(["--smoke", str(out)], env, str(out), timeout=900)
     assert most <= MAX_FILES, f"{most} files in OUT at once"
