@@ -57,8 +57,8 @@ def build_ext(stage: str, log: str) -> str:
         env.pop(flag, None)
     lib = os.path.join(stage, "lib")
     with open(log, "w") as f:
-        rc = subprocess.run([sys.executable, "setup.py", "build_ext", "--build-lib", lib, "--build-temp",
-                             os.path.join(stage, "tmp")], cwd=src, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+        cmd = [sys.executable, "setup.py", "build_ext", "--build-lib", lib, "--build-temp", os.path.join(stage, "tmp")]
+        rc = subprocess.run(cmd, cwd=src, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
     so = os.path.join(lib, "spvit_kernels", "_C.abi3.so")
     if rc != 0 or not os.path.exists(so):
         raise SystemExit(f"lease_prebuild: error: the extension build failed (exit {rc}); see {log}")
