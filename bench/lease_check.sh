@@ -22,8 +22,8 @@
 # of the step that is running (moved into the archive when it ends). The archive and the summaries are rewritten
 # after every step, so a kill at any moment leaves all that was done. One status line per step on stdout.
 #
-# --smoke (or LEASE_SMOKE=1): on the CPU with tiny shapes, the Triton kernels under the interpreter (TRITON_INTERPRET=1):
-# checks the command itself, measures nothing.
+# --smoke (or LEASE_SMOKE=1): on the CPU with tiny shapes, the Triton kernels under the interpreter
+# (TRITON_INTERPRET=1): checks the command itself, measures nothing.
 # Environment: LEASE_DEADLINE_S (default 490), LEASE_CAP_A/B/C/D/E (step caps, s), LEASE_BUILD_S (240),
 # LEASE_SKIP="b d" (skip steps), LEASE_PREBUILT (the packed artifacts), LEASE_TESTS_N (xdist workers, default 8 on a
 # GPU), LEASE_TEST_TIMEOUT (per test, s), PYTHON (default python3, else python), LEASE_TEST_STALL=<step letter> (for
@@ -216,8 +216,8 @@ step_sanitize() {
     [ -z "$san" ] && [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOME/bin/compute-sanitizer" ] && \
         san="$CUDA_HOME/bin/compute-sanitizer"
     if [ "$SMOKE" = 1 ] || [ -z "$san" ]; then
-        echo "compute-sanitizer: $([ -z "$san" ] && echo 'not found' || echo 'not used in a smoke run'); the cases run" \
-             "without it (their results are still checked)"
+        echo "compute-sanitizer: $([ -z "$san" ] && echo 'not found' || echo 'not used in a smoke run');" \
+             "the cases run without it (their results are still checked)"
         "$PY" -m bench.lease.sanitize_ops --device "$dev"
         return $?
     fi
