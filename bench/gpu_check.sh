@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One-command GPU check of spvit: build and install, the whole test suite on CUDA, compute-sanitizer (memcheck) over
-# the extension's tests, and the headline benchmark; every log and result goes into one folder.
+# the extension's tests, and the headline benchmark; every log and result goes into one folder. It needs 20-50
+# minutes: for a GPU lent for one short call (about 8 minutes, at most 8 files back) use bench/lease_check.sh
+# (docs/gpu-lease.md).
 #
 #   bash bench/gpu_check.sh [OUT_DIR]        # OUT_DIR, else $OUT, else ./gpu_check_results/<date-time>
 #

@@ -1,0 +1,198 @@
+"""Step a of the lease check: the environment report, the extension check and the prebuilt artifacts.
+
+    python -m bench.lease.env_setup report            # GPU, driver, versions, TRITON_* variables (stdout)
+    python -m bench.lease.env_setup ext-check [--cpu]  # exit 0 when spvit_kernels._C loads with its CUDA kernel
+                                                       # (--cpu: with its CPU kernel)
+    python -m bench.lease.env_setup unpack PACK DEST   # unpack prebuilt artifacts; prints what they hold and
+                                                       # writes DEST/lease_env.sh (TRITON_CACHE_DIR, ...)
+    python -m bench.lease.env_setup setup WORK [PACK] [--cpu]
+        # all of step a in one process: unpack PACK into WORK/prebuilt, check the extension (when it does not load
+        # with its kernel and PACK holds one, install that and check again), write WORK/env.txt; exit 0 when the
+        # extension is ready, else 1 with WORK/need_build written
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, REPO)
+
+
+def report() -> int:
+    print(f"python: {sys.version.split()[0]} ({sys.executable})")
+    for name in ("torch", "triton", "timm", "numpy", "pytest", "xdist", "pytest_timeout", "ninja"):
+        try:
+            mod = importlib.import_module(name)
+            print(f"{name}: {getattr(mod, '__version__', 'installed')}")
+        except Exception as exc:  # noqa: BLE001 - report, the steps say what it breaks
+            print(f"{name}: MISSING ({type(exc).__name__})")
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            res = subprocess.run([smi, "--query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm",
+                                  "--format=csv,noheader"], capture_output=True, text=True, timeout=15)
+            print(f"gpu: {res.stdout.strip() or res.stderr.strip()}")
+        except (OSError, subprocess.SubprocessError) as exc:
+            print(f"gpu: nvidia-smi failed ({exc})")
+    else:
+        print("gpu: nvidia-smi not found")
+    try:
+        import torch
+        cuda = torch.cuda.is_available()
+        print(f"torch.cuda: {torch.version.cuda}; available: {cuda}")
+        if cuda:
+            p = torch.cuda.get_device_properties(0)
+            print(f"device: {p.name}; capability {p.major}.{p.minor}; {p.multi_processor_count} SMs; "
+                  f"{p.total_memory / 2**30:.0f} GiB")
+    except Exception as exc:  # noqa: BLE001
+        print(f"torch.cuda: {exc}")
+    try:
+        from triton.runtime.cache import triton_key
+        print(f"triton_key: {_short(triton_key())}")
+        from bench.lease.aot import ptxas_version
+        print(f"ptxas (sm_90): {ptxas_version(90)}")
+    except Exception as exc:  # noqa: BLE001
+        print(f"triton_key: - ({type(exc).__name__})")
+    for k, v in sorted(os.environ.items()):
+        if k.startswith(("TRITON_", "SPVIT_", "LEASE_", "CUDA_HOME", "PYTORCH_")):
+            print(f"env {k}={v}")
+    print(f"cpus: {os.cpu_count()}")
+    return 0
+
+
+def _short(key: str) -> str:
+    import hashlib
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def ext_check(cpu: bool) -> int:
+    import torch
+
+    from spvit_kernels import _ext
+    ok = _ext.available() and _ext.has_op("shift_sum")
+    key = "CPU" if cpu else "CUDA"
+    kernel = ok and torch._C._dispatch_has_kernel_for_dispatch_key("spvit::shift_sum", key)
+    print(f"spvit_kernels._C: loaded {_ext.available()} {_ext.error() or ''}; {key} kernel: {bool(kernel)}")
+    if not kernel:
+        return 1
+    from spvit_kernels import reference
+    from spvit_kernels.shift_sum import shift_sum_ext
+    dev = "cpu" if cpu else "cuda"
+    x = torch.randn(2, 12, 9, 8, device=dev)
+    torch.testing.assert_close(shift_sum_ext(x, None, (3, 4), True), reference.shift_sum(x, None, (3, 4), True))
+    print(f"shift_sum on {dev} matches the reference")
+    return 0
+
+
+def unpack(pack: str, dest: str) -> int:
+    """Unpack ``pack`` (made by bench/lease_prebuild.py) into ``dest``; print its manifest and whether its Triton cache
+    was made for this triton build; write ``dest/lease_env.sh``."""
+    os.makedirs(dest, exist_ok=True)
+    with tarfile.open(pack) as tar:
+        members = [m for m in tar.getmembers() if m.isfile() or m.isdir()]  # no links, devices
+        for m in members:
+            if m.name.startswith("/") or ".." in m.name.split("/"):
+                print(f"refusing the member {m.name!r} of {pack}")
+                return 1
+        tar.extractall(dest, members=members)
+    man_path = os.path.join(dest, "manifest.json")
+    manifest = json.load(open(man_path)) if os.path.exists(man_path) else {}
+    print(f"prebuilt: {pack}: {json.dumps({k: v for k, v in manifest.items() if k != 'kernels'})}")
+    env_lines = []
+    cache = os.path.join(dest, "triton_cache")
+    if os.path.isdir(cache):
+        from bench.lease.aot import relocate
+        n = relocate(cache)
+        try:
+            from triton.runtime.cache import triton_key
+            here = _short(triton_key())
+        except Exception:  # noqa: BLE001
+            here = "-"
+        made = manifest.get("triton_key_short", "?")
+        print(f"prebuilt Triton cache: {n} entries, made for triton key {made}; this triton: {here} "
+              f"({'match' if made == here else 'NO MATCH: expect misses'})")
+        try:
+            from bench.lease.aot import ptxas_version
+            ptx_here = ptxas_version(90)
+        except Exception:  # noqa: BLE001
+            ptx_here = "-"
+        print(f"prebuilt Triton cache: ptxas {manifest.get('ptxas', '?')}; here {ptx_here}")
+        env_lines.append(f"export TRITON_CACHE_DIR={cache}")
+    with open(os.path.join(dest, "lease_env.sh"), "w") as f:
+        f.write("\n".join(env_lines) + "\n")
+    return 0
+
+
+def setup(work: str, pack: str, cpu: bool) -> int:
+    prebuilt = os.path.join(work, "prebuilt")
+    if pack and os.path.exists(pack):
+        if unpack(pack, prebuilt) != 0:
+            print(f"prebuilt: could not unpack {pack}")
+    else:
+        print(f"prebuilt: none ({pack or '-'} not found): the Triton kernels compile on first use")
+    sys.stdout.flush()
+    env_path = os.path.join(work, "env.txt")
+    with open(env_path, "w") as f, _redirect(f):
+        report()
+    print(open(env_path).read(), end="")
+    try:
+        ok = ext_check(cpu) == 0
+    except Exception as exc:  # noqa: BLE001 - a broken extension is reported, then replaced or rebuilt
+        print(f"extension check failed: {type(exc).__name__}: {exc}")
+        ok = False
+    target = os.path.join(REPO, "spvit_kernels", "_C.abi3.so")
+    so = os.path.join(prebuilt, "_C.abi3.so")
+    if ok:
+        print("extension: the one in spvit_kernels/ loads with its kernel")
+    elif os.path.exists(so):
+        if os.path.exists(target):
+            shutil.move(target, os.path.join(work, "_C.abi3.so.before"))
+        shutil.copy2(so, target)
+        args = [sys.executable, "-m", "bench.lease.env_setup", "ext-check"] + (["--cpu"] if cpu else [])
+        ok = subprocess.run(args, cwd=REPO).returncode == 0
+        print("extension: prebuilt" if ok else "extension: the prebuilt one does not load with its kernel")
+    if not ok:
+        open(os.path.join(work, "need_build"), "w").write("build\n")
+        print("extension: to be built")
+    return 0 if ok else 1
+
+
+class _redirect:
+    def __init__(self, f):
+        self.f = f
+
+    def __enter__(self):
+        self.old = sys.stdout
+        sys.stdout = self.f
+
+    def __exit__(self, *exc):
+        sys.stdout = self.old
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        print(__doc__)
+        return 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "report":
+        return report()
+    if cmd == "ext-check":
+        return ext_check("--cpu" in rest)
+    if cmd == "setup" and rest:
+        pos = [a for a in rest if not a.startswith("--")]
+        return setup(pos[0], pos[1] if len(pos) > 1 else "", "--cpu" in rest)
+    if cmd == "unpack" and len(rest) == 2:
+        return unpack(*rest)
+    print(__doc__)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

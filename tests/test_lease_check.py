@@ -1,0 +1,187 @@
+"""The GPU lease command (bench/lease_check.sh) end to end on the CPU in its smoke mode.
+
+One run covers every step (setup, op tests, ratios, sanitizer cases, fill) with step c made to wait after its first
+measured row until its time limit kills it (LEASE_TEST_STALL): the killed step must still leave its partial log in
+the archive and its rows in rows.jsonl, the later steps must still run, and the output folder must never hold more than
+8 files (watched while the command runs). A second, cheap run checks the deadline arithmetic and bad input.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, "bench", "lease_check.sh")
+MAX_FILES = 8
+
+pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
+                                reason="needs bash and coreutils timeout")
+
+
+def _env(**extra):
+    env = dict(os.environ)
+    for k in list(env):
+        if k.startswith("LEASE_") or k in ("OUT", "TRITON_CACHE_DIR"):
+            env.pop(k)
+    env.pop("TRITON_INTERPRET", None)  # the command sets it itself in smoke mode
+    env.update(PYTHON=sys.executable, **extra)
+    return env
+
+
+def _files(folder):
+    return sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, fs in os.walk(folder) for f in fs)
+
+
+def _run_watched(args, env, out, timeout):
+    """Run the command, polling ``out``; returns (returncode, stdout, the most files seen there at once)."""
+    proc = subprocess.Popen(["bash", SCRIPT, *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    most = 0
+    t_end = time.monotonic() + timeout
+    while proc.poll() is None:
+        if os.path.isdir(out):
+            most = max(most, len(_files(out)))
+        if time.monotonic() > t_end:
+            proc.kill()
+            pytest.fail(f"the lease command ran past {timeout} s: {proc.communicate()[0][-3000:]}")
+        time.sleep(0.2)
+    return proc.returncode, proc.stdout.read(), max(most, len(_files(out)))
+
+
+def _ext_loads():
+    try:
+        from spvit_kernels import _ext
+        return _ext.has_op("shift_sum")
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _fake_pack(tmp_path):
+    """A prebuilt pack as bench/lease_prebuild.py writes it, with one Triton cache entry whose group file names its
+    files by absolute path under the folder where it was made (no extension: the local one is used)."""
+    made = tmp_path / "made" / "triton_cache" / "ENTRY"
+    made.mkdir(parents=True)
+    children = {}
+    for name in ("k.json", "k.cubin", "k.ptx", "k.llir"):
+        (made / name).write_text(name)
+        children[name] = str(made / name)
+    (made / "__grp__k.json").write_text(json.dumps({"child_paths": children}))
+    (tmp_path / "made" / "manifest.json").write_text(json.dumps({"triton_key_short": "0123456789abcdef"}))
+    pack = tmp_path / "pack.tar.gz"
+    with tarfile.open(pack, "w:gz") as tar:
+        for name in ("triton_cache", "manifest.json"):
+            tar.add(tmp_path / "made" / name, arcname=name)
+    shutil.rmtree(tmp_path / "made")
+    return pack
+
+
+def test_smoke_run_end_to_end_with_a_step_killed_by_its_limit(tmp_path):
+    out = tmp_path / "out"
+    # generous caps but c's (a loaded 2-core machine is slow; c is killed at its cap whatever the load)
+    env = _env(LEASE_TEST_STALL="c", LEASE_CAP_C="30", LEASE_CAP_A="120", LEASE_CAP_B="150", LEASE_CAP_D="150",
+               LEASE_CAP_E="300", LEASE_DEADLINE_S="900", LEASE_PREBUILT=str(_fake_pack(tmp_path)))
+    rc, text, most = _run_watched(["--smoke", str(out)], env, str(out), timeout=900)
+    assert most <= MAX_FILES, f"{most} files in OUT at once"
+    files = _files(str(out))
+    assert files == ["lease_results.tar.gz", "rows.jsonl", "summary.json", "summary.md"], files
+    assert rc == 1, text[-3000:]  # step c was killed
+
+    summary = json.loads((out / "summary.json").read_text())
+    status = {s["step"]: s["status"] for s in summary["steps"]}
+    assert list(status) == ["a", "b", "c", "d", "e"], text[-3000:]
+    assert status["c"].startswith("killed (time limit"), status
+    for step in ("b", "d", "e"):
+        assert status[step] == "pass", (step, text[-4000:])
+    assert status["a"] == ("pass" if _ext_loads() else "FAIL"), text[-3000:]
+    assert summary["overall"] == "FAIL" and summary["smoke"] is True
+    # one status line per step on stdout
+    for step, name in (("a", "setup"), ("b", "ops"), ("c", "ratios"), ("d", "sanitize"), ("e", "fill")):
+        assert sum(f"step {step} {name}:" in line for line in text.splitlines()) == 1, text[-3000:]
+
+    with tarfile.open(out / "lease_results.tar.gz") as tar:
+        names = {os.path.normpath(n) for n in tar.getnames()}
+        logs = {n: tar.extractfile(n).read().decode() for n in tar.getnames()
+                if n.endswith(".log") and tar.getmember(n).isfile()}
+    for name in ("env.txt", "steps.tsv", "rows.jsonl", "junit_ops.xml"):
+        assert name in names, names
+    by_step = {os.path.basename(n).split("_")[1]: text_ for n, text_ in logs.items()
+               if os.path.basename(n).startswith("step_")}
+    assert sorted(by_step) == ["a", "b", "c", "d", "e"], sorted(logs)
+    assert "PASSED" in by_step["b"] and "SKIPPED" in by_step["b"]  # -v: every finished test is named
+    assert "cases matched the reference" in by_step["d"]
+    # the prebuilt pack: unpacked, its cache relocated and used, its key compared with this triton's
+    assert "prebuilt Triton cache: 1 entries, made for triton key 0123456789abcdef" in by_step["a"], by_step["a"]
+    assert "NO MATCH" in by_step["a"]
+    with tarfile.open(out / "lease_results.tar.gz") as tar:
+        env_txt = tar.extractfile("./env.txt").read().decode()
+    assert "prebuilt/triton_cache (from step a on)" in env_txt
+    log_c = by_step["c"]
+    assert "LEASE_TEST_STALL=c: waiting for the time limit" in log_c and "exit 124" in log_c, log_c[-2000:]
+
+    rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+    printed = [json.loads(line[len("row: "):]) for line in log_c.splitlines() if line.startswith("row: ")]
+    assert printed, log_c[-2000:]
+    assert all(r in rows for r in printed)  # every row the killed step measured is kept
+    assert [r for r in rows if r["step"] in ("plan", "step", "infer")] == printed
+    assert printed[0]["item"] == "plan"  # written before the slow imports: the killed step always has a row
+    # the steps after the killed one measured their rows; the summary carries their ratios
+    assert any(r.get("item") == "kernel" and "ratio" in r for r in rows)
+    assert any(r.get("item") == "infer_b1" and r.get("ratio") for r in summary["ratios"])
+    assert summary["rows"] == len(rows)
+    md = (out / "summary.md").read_text()
+    assert "killed (time limit" in md and "| e | fill | pass |" in md
+
+
+def test_deadline_and_bad_input(tmp_path):
+    out = tmp_path / "late"
+    rc, text, most = _run_watched(["--smoke", "--deadline", "5", str(out)], _env(), str(out), timeout=120)
+    assert rc == 1 and most <= MAX_FILES
+    summary = json.loads((out / "summary.json").read_text())
+    assert [s["status"] for s in summary["steps"]] == ["not run (deadline)"] * 5, text
+    assert "step a setup: not run, the deadline is reached" in text
+
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "mine.txt").write_text("keep")
+    res = subprocess.run(["bash", SCRIPT, "--smoke", str(taken)], cwd=REPO, env=_env(), capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 2 and "is not empty" in res.stderr
+    assert _files(str(taken)) == ["mine.txt"] and (taken / "mine.txt").read_text() == "keep"
+    for args in (["--deadline", "soon", str(tmp_path / "x")], ["--frobnicate", str(tmp_path / "y")], []):
+        res = subprocess.run(["bash", SCRIPT, *args], cwd=REPO, env=_env(), capture_output=True, text=True,
+                             timeout=60)
+        assert res.returncode == 2 and res.stderr.startswith("lease_check: error:"), (args, res.stderr)
+
+
+def test_moved_triton_cache_is_relocated(tmp_path):
+    from bench.lease.aot import relocate
+
+    made = tmp_path / "elsewhere" / "E1"
+    made.mkdir(parents=True)
+    for name in ("k.json", "k.cubin", "k.ptx", "k.ttir"):
+        (made / name).write_text(name)
+    grp = {"child_paths": {n: str(made / n) for n in ("k.json", "k.cubin", "k.ptx", "k.ttir")}}
+    (made / "__grp__k.json").write_text(json.dumps(grp))
+    moved = tmp_path / "cache"
+    shutil.copytree(tmp_path / "elsewhere", moved)
+    shutil.rmtree(tmp_path / "elsewhere")
+    assert relocate(str(moved)) == 1
+    children = json.loads((moved / "E1" / "__grp__k.json").read_text())["child_paths"]
+    assert children == {"k.json": str(moved / "E1" / "k.json"), "k.cubin": str(moved / "E1" / "k.cubin")}
+    assert sorted(os.listdir(moved / "E1")) == ["__grp__k.json", "k.cubin", "k.json"]
+
+
+def test_triton_key_of_matches_the_installed_triton():
+    triton = pytest.importorskip("triton")
+    from triton.runtime.cache import triton_key
+
+    from bench.lease.aot import short, triton_key_of
+
+    key = triton_key_of(os.path.dirname(triton.__file__))
+    assert key == triton_key()
+    assert len(short(key)) == 16
