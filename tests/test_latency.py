@@ -1,4 +1,4 @@
-"""Hardware-aware search (spvit/latency.py): latency tables, the differentiable latency model, aligned FFN widths,
+"""Hardware-aware search (spvit/latency/): latency tables, the differentiable latency model, aligned FFN widths,
 the CLI. Synthetic tables where measuring is not the point; small ViTs everywhere."""
 import json
 import math
@@ -12,6 +12,7 @@ import torch
 from spvit import cli, latency as L
 from spvit.arch import Architecture, BlockArch
 from spvit.flops import arch_macs
+from spvit.latency import timer
 from spvit.models import supernet
 from spvit.models.convert import signature_of
 
@@ -280,10 +281,10 @@ def test_table_records_allocator_and_compare_warns_on_mismatch(monkeypatch):
     arch = Architecture("vit_tiny_patch16_224", sig, [BlockArch("msa", tuple(range(64)))] * sig.depth)
     dep = deploy(prune(vit, arch))
     table.meta["cpu_malloc"] = "glibc 2.99, steady: mmap threshold 32 MiB, trim threshold 1024 MiB"
-    monkeypatch.setattr(L, "_malloc_state", None)  # as in a process that never fixed the allocator
+    monkeypatch.setattr(timer, "_malloc_state", None)  # as in a process that never fixed the allocator
     with pytest.warns(UserWarning, match="allocator"):
         L.compare(table, dep, steady_malloc=False, min_reps=1, max_reps=1, budget_s=0.0)
-    monkeypatch.setattr(L, "_malloc_state", "glibc 2.36, steady: mmap threshold 32 MiB, trim threshold 1024 MiB")
+    monkeypatch.setattr(timer, "_malloc_state", "glibc 2.36, steady: mmap threshold 32 MiB, trim threshold 1024 MiB")
     import warnings
 
     with warnings.catch_warnings():
@@ -682,3 +683,4 @@ def test_profile_and_compare_on_cpu_fp32(family):
 @pytest.mark.parametrize("family", ["vit", "swin"])
 def test_profile_and_compare_on_cuda_bf16(family):
     check_profile_and_compare(family, "cuda", torch.bfloat16)
+
