@@ -208,6 +208,18 @@ def test_table_round_trip_and_mismatch_errors(tmp_path):
         L.LatencyTable.load(str(tmp_path / "missing.json"))
 
 
+def test_table_family_must_match_its_signature(tmp_path):
+    """The number of blocks comes from the table's family's signature class: a table whose family is unknown, or
+    whose signature is not one of its family, is refused when read (not later, by a model it cannot fit)."""
+    d = synthetic_table(signature_of(small_vit())).to_dict()
+    for family, msg in (("foo", "unknown model family 'foo'"), ("swin", "not that of a swin model")):
+        path = tmp_path / f"{family}.json"
+        path.write_text(json.dumps({**d, "family": family}))
+        with pytest.raises(L.LatencyTableError, match=msg):
+            L.LatencyTable.load(str(path))
+    assert L.LatencyTable.from_dict({k: v for k, v in d.items() if k != "family"}).family == "vit"  # older tables
+
+
 def test_profile_measures_deployed_pieces():
     m = small_vit()
     table = L.profile(m, batch=2, threads=1, min_reps=1, max_reps=2, budget_s=0.0, show=False)

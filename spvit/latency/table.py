@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import torch
 import torch.distributed as tdist
 
-from ..arch import Architecture, ModelSignature
+from ..arch import FAMILIES, Architecture, ModelSignature
 from ..runs import write_json
 from .timer import device_class, dtype_name
 
@@ -44,11 +44,14 @@ class BlockGroup:
         return float(interp(self.ffn_widths, self.ffn_ms, float(width)))
 
 
-def _sig_depth(sig: Dict[str, Any]) -> int:
-    """Number of blocks of a signature dict (ViT: ``depth``; Swin: the sum of ``depths``)."""
-    if "depths" in sig:
-        return int(sum(int(d) for d in sig["depths"]))
-    return int(sig.get("depth", 0))
+def _depth_of(family: str, signature: Dict[str, Any]) -> int:
+    """Number of blocks of the ``family`` model that ``signature`` describes (its signature class's ``depth``)."""
+    if family not in FAMILIES:
+        raise LatencyTableError(f"latency table: unknown model family {family!r}; known: {sorted(FAMILIES)}")
+    try:
+        return int(FAMILIES[family](**signature).depth)
+    except (TypeError, ValueError) as exc:
+        raise LatencyTableError(f"latency table: its signature is not that of a {family} model ({exc})") from None
 
 
 def signature_lists(sig: Dict[str, Any]) -> Dict[str, Any]:
@@ -105,7 +108,7 @@ class LatencyTable:
     meta: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
-        depth = _sig_depth(self.signature)
+        depth = self._depth = _depth_of(self.family, self.signature)
         self._group_of: Dict[int, BlockGroup] = {}
         if isinstance(self.batch, bool) or not isinstance(self.batch, int) or self.batch < 1:
             raise LatencyTableError(f"latency table: batch must be an integer >= 1, got {self.batch!r}")
@@ -136,7 +139,7 @@ class LatencyTable:
     # -- lookup -----------------------------------------------------------------------------------------------------
     @property
     def depth(self) -> int:
-        return _sig_depth(self.signature)
+        return self._depth
 
     def group(self, block: int) -> BlockGroup:
         return self._group_of[block]
