@@ -696,3 +696,69 @@ def test_profile_and_compare_on_cpu_fp32(family):
 def test_profile_and_compare_on_cuda_bf16(family):
     check_profile_and_compare(family, "cuda", torch.bfloat16)
 
+
+# ------------------------------------------------------------------------------------------------ package layout
+LATENCY_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "spvit", "latency")
+LIGHT = ("timer", "table", "objective", "align", "validate")  # what the search needs: no deployment code
+
+
+def _module_imports(name: str):
+    """(module-level, in-function) imports of ``spvit.latency.<name>`` as absolute module names: for ``from X import
+    a, b`` both X and X.a, X.b (the names may be submodules)."""
+    import ast
+
+    path = os.path.join(LATENCY_DIR, name + ".py")
+    tree = ast.parse(open(path, encoding="utf-8").read())
+    pkg = ["spvit", "latency"]
+    top_level = set(map(id, tree.body))
+    outer, inner = set(), set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            mods = {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = ".".join(pkg[:len(pkg) - node.level + 1] + ([node.module] if node.module else [])) \
+                if node.level else node.module
+            mods = {base} | {f"{base}.{a.name}" for a in node.names}
+        else:
+            continue
+        (outer if id(node) in top_level else inner).update(mods)
+    return outer, inner
+
+
+def test_latency_package_split_by_job():
+    """Each module of spvit.latency says its job, stays under 600 lines and imports the package's own modules at
+    module level only; the table, objective, alignment, validation and timer reach no deployment or model code (the
+    search needs none), and family-specific decisions (``is_swin``, comparisons with a family name) live in
+    ``family.py`` alone."""
+    import ast
+
+    names = sorted(f[:-3] for f in os.listdir(LATENCY_DIR) if f.endswith(".py"))
+    assert {"family", "profiling", "pieces", *LIGHT} <= set(names)
+    edges = {}
+    for name in names:
+        text = open(os.path.join(LATENCY_DIR, name + ".py"), encoding="utf-8").read()
+        tree = ast.parse(text)
+        assert ast.get_docstring(tree), f"{name}.py has no module docstring"
+        assert len(text.splitlines()) <= 600, name
+        outer, inner = _module_imports(name)
+        assert not {m for m in inner if m.startswith("spvit")}, (name, inner)
+        edges[name] = outer
+        if name != "family":
+            assert "is_swin" not in text, name
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Compare):
+                    consts = [c.value for c in ast.walk(node) if isinstance(c, ast.Constant)]
+                    assert not {"vit", "swin"} & set(consts), (name, ast.unparse(node))
+    for name in LIGHT:
+        seen, todo = set(), [name]
+        while todo:
+            n = todo.pop()
+            for m in edges[n]:
+                if m.startswith("spvit.latency."):
+                    sub = m.split(".")[2]
+                    if sub in edges and sub not in seen:
+                        seen.add(sub)
+                        todo.append(sub)
+                else:
+                    assert not m.startswith(("spvit.deploy", "spvit.models", "spvit.engine")), (name, n, m)
+        assert not seen & {"profiling", "family", "pieces", "vit_pieces", "swin_pieces"}, (name, seen)
