@@ -39,7 +39,6 @@ class SwinPieces(Pieces):
         self.device, self.dtype, self.batch = device, dtype, batch
         self.images = torch.randn(batch, sig.in_chans, *sig.img_size, device=device, dtype=dtype)
         self.context = int(context)
-        self._Block = DeployedSwinBlock
         c = self.deployed.config
         # (stage, shift) -> block indices, in block order
         self._groups: Dict[Tuple[int, Tuple[int, int]], List[int]] = {}
@@ -56,8 +55,8 @@ class SwinPieces(Pieces):
         """A deployed block shaped as block ``i`` with attention ``kind`` and FFN ``width`` (random weights)."""
         c, s = self.deployed.config, self.signature.block_stage[i]
         b = c["blocks"][i]
-        blk = self._Block(kind, c["stage_dims"][s], c["num_heads"][s], c["resolutions"][s], b["window"], b["shift"],
-                          width, b["approximate"], b["eps1"], b["eps2"], self.deployed._ops)
+        blk = DeployedSwinBlock(kind, c["stage_dims"][s], c["num_heads"][s], c["resolutions"][s], b["window"],
+                                b["shift"], width, b["approximate"], b["eps1"], b["eps2"], self.deployed._ops)
         return randomised(blk, self.device, self.dtype, seed)
 
     def _piece(self, i: int, kind: str, width: int, timed: str) -> Callable:

@@ -11,7 +11,7 @@ from ..arch import Architecture, BlockArch
 from ..deploy import DeployedBlock, deploy
 from ..models.convert import model_name_of, signature_of
 from ..models.pruned import prune
-from .pieces import PieceGroup, Pieces, run_in_context
+from .pieces import PieceGroup, Pieces, randomised, run_in_context
 from .table import ATTN_KINDS
 from .timer import sync
 
@@ -41,19 +41,13 @@ class ViTPieces(Pieces):
         self._block_args = dict(dim=sig.embed_dim, num_heads=sig.num_heads, grid=sig.grid,
                                 approximate=b0["approximate"], eps1=b0["eps1"], eps2=b0["eps2"],
                                 num_prefix_tokens=sig.num_prefix_tokens, ops=self.deployed._ops)
-        self._DeployedBlock = DeployedBlock
         self.context = min(int(context), sig.depth)
 
     def _block(self, kind: str, width: int, seed: int = 0) -> nn.Module:
         a = self._block_args
-        blk = self._DeployedBlock(kind, a["dim"], a["num_heads"], width, a["grid"], a["approximate"], a["eps1"],
-                                  a["eps2"], a["num_prefix_tokens"], a["ops"])
-        blk.to(device=self.device, dtype=self.dtype)
-        g = torch.Generator(device="cpu").manual_seed(seed)
-        with torch.no_grad():
-            for p in blk.parameters():
-                p.copy_(0.02 * torch.randn(p.shape, generator=g))
-        return blk.eval()
+        blk = DeployedBlock(kind, a["dim"], a["num_heads"], width, a["grid"], a["approximate"], a["eps1"], a["eps2"],
+                            a["num_prefix_tokens"], a["ops"])
+        return randomised(blk, self.device, self.dtype, seed)
 
     def _in_context(self, kind: str, width: int, timed: str) -> Callable:
         """A self-timed thunk: runs ``context`` distinct blocks (attention ``kind``, FFN ``width``) in sequence as the
