@@ -30,8 +30,8 @@ def pieces_for(model: nn.Module, device, dtype, batch, model_name=None, context:
 
 
 def timm_kwargs(signature: ModelSignature) -> Dict[str, Any]:
-    """``timm.create_model`` kwargs that rebuild a ViT of ``signature`` (for a deployed file, which has no record of
-    its timm kwargs)."""
+    """``timm.create_model`` kwargs that rebuild the model (ViT / DeiT or Swin) of ``signature`` (for a deployed file,
+    which has no record of its timm kwargs)."""
     s = signature
     if s.family == "swin":
         return {"img_size": s.img_size[0] if s.img_size[0] == s.img_size[1] else tuple(s.img_size),
