@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import append_run, env_info, markdown_table  # noqa: E402
 from spvit import latency as L  # noqa: E402
 from spvit import search  # noqa: E402
-from spvit.arch import Architecture  # noqa: E402
+from spvit.arch import Architecture, ModelSignature  # noqa: E402
 from spvit.config import DemoConfig, SearchConfig, TrainConfig  # noqa: E402
 from spvit.demo import _chosen, _stage, train_teacher  # noqa: E402
 from spvit.deploy import deploy  # noqa: E402
@@ -116,9 +116,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def table_signature(table: L.LatencyTable):
-    from spvit.arch import ModelSignature
-
+def table_signature(table: L.LatencyTable) -> ModelSignature:
     d = dict(table.signature)
     d["grid"] = tuple(d["grid"])
     return ModelSignature(**d)

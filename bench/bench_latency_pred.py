@@ -25,6 +25,7 @@ import statistics
 import sys
 import time
 
+import timm
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -63,8 +64,6 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tag", default="", help="label of the run in the results file")
     args = ap.parse_args(argv)
-    import timm
-
     device = torch.device(args.device)
     dtype = L.DTYPES[args.dtype]
     torch.set_num_threads(args.threads)

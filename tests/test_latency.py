@@ -1,4 +1,4 @@
-"""Hardware-aware search (spvit/latency.py): latency tables, the differentiable latency model, aligned FFN widths,
+"""Hardware-aware search (spvit/latency/): latency tables, the differentiable latency model, aligned FFN widths,
 the CLI. Synthetic tables where measuring is not the point; small ViTs everywhere."""
 import json
 import math
@@ -12,6 +12,7 @@ import torch
 from spvit import cli, latency as L
 from spvit.arch import Architecture, BlockArch
 from spvit.flops import arch_macs
+from spvit.latency import timer
 from spvit.models import supernet
 from spvit.models.convert import signature_of
 
@@ -207,6 +208,18 @@ def test_table_round_trip_and_mismatch_errors(tmp_path):
         L.LatencyTable.load(str(tmp_path / "missing.json"))
 
 
+def test_table_family_must_match_its_signature(tmp_path):
+    """The number of blocks comes from the table's family's signature class: a table whose family is unknown, or
+    whose signature is not one of its family, is refused when read (not later, by a model it cannot fit)."""
+    d = synthetic_table(signature_of(small_vit())).to_dict()
+    for family, msg in (("foo", "unknown model family 'foo'"), ("swin", "not that of a swin model")):
+        path = tmp_path / f"{family}.json"
+        path.write_text(json.dumps({**d, "family": family}))
+        with pytest.raises(L.LatencyTableError, match=msg):
+            L.LatencyTable.load(str(path))
+    assert L.LatencyTable.from_dict({k: v for k, v in d.items() if k != "family"}).family == "vit"  # older tables
+
+
 def test_profile_measures_deployed_pieces():
     m = small_vit()
     table = L.profile(m, batch=2, threads=1, min_reps=1, max_reps=2, budget_s=0.0, show=False)
@@ -280,10 +293,10 @@ def test_table_records_allocator_and_compare_warns_on_mismatch(monkeypatch):
     arch = Architecture("vit_tiny_patch16_224", sig, [BlockArch("msa", tuple(range(64)))] * sig.depth)
     dep = deploy(prune(vit, arch))
     table.meta["cpu_malloc"] = "glibc 2.99, steady: mmap threshold 32 MiB, trim threshold 1024 MiB"
-    monkeypatch.setattr(L, "_malloc_state", None)  # as in a process that never fixed the allocator
+    monkeypatch.setattr(timer, "_malloc_state", None)  # as in a process that never fixed the allocator
     with pytest.warns(UserWarning, match="allocator"):
         L.compare(table, dep, steady_malloc=False, min_reps=1, max_reps=1, budget_s=0.0)
-    monkeypatch.setattr(L, "_malloc_state", "glibc 2.36, steady: mmap threshold 32 MiB, trim threshold 1024 MiB")
+    monkeypatch.setattr(timer, "_malloc_state", "glibc 2.36, steady: mmap threshold 32 MiB, trim threshold 1024 MiB")
     import warnings
 
     with warnings.catch_warnings():
@@ -682,3 +695,70 @@ def test_profile_and_compare_on_cpu_fp32(family):
 @pytest.mark.parametrize("family", ["vit", "swin"])
 def test_profile_and_compare_on_cuda_bf16(family):
     check_profile_and_compare(family, "cuda", torch.bfloat16)
+
+
+# ------------------------------------------------------------------------------------------------ package layout
+LATENCY_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "spvit", "latency")
+LIGHT = ("timer", "table", "objective", "align", "validate")  # what the search needs: no deployment code
+
+
+def _module_imports(name: str):
+    """(module-level, in-function) imports of ``spvit.latency.<name>`` as absolute module names: for ``from X import
+    a, b`` both X and X.a, X.b (the names may be submodules)."""
+    import ast
+
+    path = os.path.join(LATENCY_DIR, name + ".py")
+    tree = ast.parse(open(path, encoding="utf-8").read())
+    pkg = ["spvit", "latency"]
+    top_level = set(map(id, tree.body))
+    outer, inner = set(), set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            mods = {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = ".".join(pkg[:len(pkg) - node.level + 1] + ([node.module] if node.module else [])) \
+                if node.level else node.module
+            mods = {base} | {f"{base}.{a.name}" for a in node.names}
+        else:
+            continue
+        (outer if id(node) in top_level else inner).update(mods)
+    return outer, inner
+
+
+def test_latency_package_split_by_job():
+    """Each module of spvit.latency says its job, stays under 600 lines and imports the package's own modules at
+    module level only; the table, objective, alignment, validation and timer reach no deployment or model code (the
+    search needs none), and family-specific decisions (``is_swin``, comparisons with a family name) live in
+    ``family.py`` alone."""
+    import ast
+
+    names = sorted(f[:-3] for f in os.listdir(LATENCY_DIR) if f.endswith(".py"))
+    assert {"family", "profiling", "pieces", *LIGHT} <= set(names)
+    edges = {}
+    for name in names:
+        text = open(os.path.join(LATENCY_DIR, name + ".py"), encoding="utf-8").read()
+        tree = ast.parse(text)
+        assert ast.get_docstring(tree), f"{name}.py has no module docstring"
+        assert len(text.splitlines()) <= 600, name
+        outer, inner = _module_imports(name)
+        assert not {m for m in inner if m.startswith("spvit")}, (name, inner)
+        edges[name] = outer
+        if name != "family":
+            assert "is_swin" not in text, name
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Compare):
+                    consts = [c.value for c in ast.walk(node) if isinstance(c, ast.Constant)]
+                    assert not {"vit", "swin"} & set(consts), (name, ast.unparse(node))
+    for name in LIGHT:
+        seen, todo = set(), [name]
+        while todo:
+            n = todo.pop()
+            for m in edges[n]:
+                if m.startswith("spvit.latency."):
+                    sub = m.split(".")[2]
+                    if sub in edges and sub not in seen:
+                        seen.add(sub)
+                        todo.append(sub)
+                else:
+                    assert not m.startswith(("spvit.deploy", "spvit.models", "spvit.engine")), (name, n, m)
+        assert not seen & {"profiling", "family", "pieces", "vit_pieces", "swin_pieces"}, (name, seen)
