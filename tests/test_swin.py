@@ -12,22 +12,19 @@ from spvit.arch import Architecture, BlockArch, SwinSignature
 from spvit.models import UnsupportedModelError
 from spvit.models.swin import SwinSearchAttention, swin_signature_of
 from tests.helpers import randomise_bn, tiny_vit
+from tests.helpers import tiny_swin as helpers_tiny_swin
 
 # Swin column j -> offset (dy, dx) (docs/method.md §1.3): centre first, then DeiT's taps 0-3 and 5-8
 SWIN_OFFSETS = [(0, 0), (-1, -1), (0, -1), (1, -1), (-1, 0), (1, 0), (-1, 1), (0, 1), (1, 1)]
 
 
-def tiny_swin(img=56, patch=4, window=7, dim=64, depths=(2, 2), heads=(2, 4), classes=10, **kw):
-    """A small timm SwinTransformer (random weights incl. biases and position tables, eval mode)."""
-    from timm.models.swin_transformer import SwinTransformer
+# The Swin of these tests: 56 px, patch 4, window 7 (stages on 14x14 and 7x7 maps), dim 64, timm's FFN ratio.
+SWIN56 = dict(img_size=56, patch_size=4, window_size=7, embed_dim=64, depths=(2, 2), num_heads=(2, 4), mlp_ratio=4.0,
+              drop_path_rate=0.0)
 
-    m = SwinTransformer(img_size=img, patch_size=patch, window_size=window, embed_dim=dim, depths=depths,
-                        num_heads=heads, num_classes=classes, drop_path_rate=0.0, **kw)
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if n.endswith("bias") or "relative_position" in n:
-                p.normal_(0, 0.1)
-    return m.eval()
+
+def tiny_swin(**kw):
+    return helpers_tiny_swin(rel_pos_std=0.1, **{**SWIN56, **kw})
 
 
 def _randomise(sn, seed=0):
@@ -61,9 +58,9 @@ def test_signature_of_tiny_and_swin_t():
 
 def test_unsupported_swins_are_refused_clearly():
     with pytest.raises(UnsupportedModelError, match="not divisible by the window"):
-        swin_signature_of(tiny_swin(img=64))  # 16x16 stage grid, window 7: timm would pad
+        swin_signature_of(tiny_swin(img_size=64))  # 16x16 stage grid, window 7: timm would pad
     with pytest.raises(UnsupportedModelError, match="head dims"):
-        swin_signature_of(tiny_swin(heads=(2, 2)))
+        swin_signature_of(tiny_swin(num_heads=(2, 2)))
     m = tiny_swin()
     m.layers[0].blocks[1].mlp.act = nn.ReLU()
     with pytest.raises(UnsupportedModelError, match="GELU"):
