@@ -55,6 +55,38 @@ def test_macs_of_the_family_match_the_supernet_readout(family):
     assert spvit.gflops(m) == pytest.approx(sn.dense_gflops(), rel=1e-9)
 
 
+def test_flops_loss_gradient_matches_closed_form(family):
+    """dL/dtheta of an FFN unit and of a block's MSA gate, for the first and the last block, from the family's block
+    costs: L = lambda (T - F/1e9)^2, indicator'(t) = sigmoid'(sigmoid(t) - 1/2) sigmoid'(t) (§2.4, §3.2)."""
+    sn = spvit.supernet(family.model(), theta=0.7)
+    fam = family_of(sn)
+    with torch.no_grad():
+        for a in sn.attns:
+            a.kernel_thresholds.uniform_(-2, 2)
+        for m in sn.mlps:
+            m.ffn_thresholds.uniform_(-2, 2)
+    target, lam = sn.min_gflops() + 0.3 * (sn.dense_gflops() - sn.min_gflops()), 5.0
+    loss = sn.flops_loss(target, lam)
+    loss.backward()
+    f = sn.macs_tensor().detach() / 1e9
+    assert loss.item() == pytest.approx(lam * (target - f.item()) ** 2, rel=1e-5)
+    dldf = -2 * lam * (target - f) / 1e9
+
+    def dind(t):
+        s = torch.sigmoid(t)
+        return torch.sigmoid(s - 0.5) * (1 - torch.sigmoid(s - 0.5)) * s * (1 - s)
+
+    for i in (0, len(sn.attns) - 1):
+        c1, c3, cm, per_unit, _ = fam.block_costs(sn.signature, i)
+        t_ffn = sn.mlps[i].ffn_thresholds
+        torch.testing.assert_close(t_ffn.grad, dldf * per_unit * dind(t_ffn.detach()), rtol=1e-4, atol=1e-12)
+        t = sn.attns[i].kernel_thresholds.detach()
+        g = (t > 0).float()
+        # F = g1*c1 + g1*g3*(c3 - c1) + g1*g3*gm*(cm - c3) + ...: dF/dg_m = g1*g3*(cm - c3)
+        torch.testing.assert_close(sn.attns[i].kernel_thresholds.grad[2], dldf * g[0] * g[1] * (cm - c3) * dind(t[2]),
+                                   rtol=1e-4, atol=1e-12)
+
+
 def test_deploy_does_not_touch_the_model(family):
     pruned = family.pruned().train()
     before = {k: v.clone() for k, v in pruned.state_dict().items()}

@@ -87,6 +87,11 @@ class Family:
         kept FFN units (docs/method.md §3.1)."""
         raise NotImplementedError
 
+    def block_costs(self, signature, i: int) -> Tuple[int, int, int, int, int]:
+        """Per-image MACs (c1, c3, cm, ffn_per_unit, norms) of block ``i``: the 1x1, 3x3 and MSA costs of its
+        attention, one kept FFN unit, its two LayerNorms (docs/method.md §3.1)."""
+        raise NotImplementedError
+
     def __repr__(self) -> str:
         return f"<spvit family {self.name!r} ({self.display_name})>"
 

@@ -11,7 +11,7 @@ from typing import Optional
 
 from ..arch import SwinSignature
 from ..deploy_swin import DeployedSwin, deploy_swin
-from ..flops import swin_macs
+from ..flops import swin_macs, swin_stage_costs
 from ..models.convert import is_swin, swin_signature_of
 from ..models.official_swin import load_official_swin, looks_like_swin_checkpoint
 from ..models.swin import SWIN_ALPHA, SwinPrunedModel, SwinSupernet, prune_swin
@@ -48,6 +48,9 @@ class SwinFamily(Family):
     claims_checkpoint = staticmethod(looks_like_swin_checkpoint)
     load_official = staticmethod(load_official_swin)
     macs = staticmethod(swin_macs)
+
+    def block_costs(self, signature, i: int):
+        return swin_stage_costs(signature, signature.block_stage[i])
 
 
 FAMILY = SwinFamily()

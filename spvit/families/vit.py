@@ -13,7 +13,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from ..arch import ModelSignature
 from ..deploy import DeployedModel, deploy_vit
-from ..flops import vit_macs
+from ..flops import layer_costs, vit_macs
 from ..models.convert import vit_signature_of
 from ..models.official import load_official_vit
 from ..models.pruned import PrunedModel, prune_vit
@@ -52,6 +52,9 @@ class VitFamily(Family):
     deploy = staticmethod(deploy_vit)
     load_official = staticmethod(load_official_vit)
     macs = staticmethod(vit_macs)
+
+    def block_costs(self, signature, i: int):
+        return layer_costs(signature)  # every block alike
 
 
 FAMILY = VitFamily()
