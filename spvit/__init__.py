@@ -15,12 +15,12 @@ from .models import PrunedModel, Supernet, SwinPrunedModel, SwinSupernet, Unsupp
 from .models.official import load_official
 from .deploy import DeployedModel, deploy, load_deployed
 from .export import export_onnx
-from .deploy_swin import DeployedSwin  # importing it registers the Swin deployment with spvit.deploy
-from .models import official_swin as _official_swin  # noqa: F401  registers the Swin reader with load_official
+from .deploy_swin import DeployedSwin
+from .families import family_of
 
 __all__ = ["Architecture", "BlockArch", "ModelSignature", "SwinSignature", "SwinSupernet", "SwinPrunedModel",
            "count_params", "gflops", "PrunedModel", "Supernet",
            "UnsupportedModelError", "prune", "supernet", "load_official", "DeployedModel", "DeployedSwin", "deploy",
-           "load_deployed", "export_onnx", "__version__"]
+           "load_deployed", "export_onnx", "family_of", "__version__"]
 
 

@@ -12,7 +12,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
-from .gates import ATTN_CHOICES
+from .choices import ATTN_CHOICES, AttnChoice
 
 FORMAT_VERSION = 1
 
@@ -148,6 +148,7 @@ class BlockArch:
     def __post_init__(self):
         if self.attn not in ATTN_CHOICES:
             raise ValueError(f"attention choice {self.attn!r} is not one of {ATTN_CHOICES}")
+        object.__setattr__(self, "attn", AttnChoice(self.attn).value)  # the plain string, whatever was given
         keep = []
         for i in self.ffn_keep:
             try:

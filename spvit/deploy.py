@@ -30,7 +30,7 @@ from __future__ import annotations
 import copy
 import os
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -40,6 +40,8 @@ from spvit_kernels import reference as R
 from spvit_kernels.backend import preload as preload_kernels, resolve
 
 from .arch import Architecture
+from .choices import CONV_CHOICES, DEPLOY_KINDS, MSA, SKIP, SKIP_LN
+from .families import family_of
 from .models.convert import UnsupportedModelError, check_images, gelu_approximate
 from .models.pruned import ConvAttention, ExplicitConvAttention, PrunedModel, SkipAttention
 from .models.supernet import Supernet
@@ -49,8 +51,8 @@ from .runs import load_torch_file, save_torch
 FORMAT = "spvit-deployed"
 FORMAT_VERSION = 1
 
-# Attention kinds of a deployed block ("skip_ln" = official fine-tune skip: the block adds LN1(x), quirk Q4).
-DEPLOY_KINDS = ("msa", "3x3", "1x1", "skip", "skip_ln")
+# Attention kinds of a deployed block (DEPLOY_KINDS): the choices, and SKIP_LN = the official fine-tune skip (the
+# block adds LN1(x), quirk Q4).
 
 
 def _tracing() -> bool:
@@ -233,7 +235,32 @@ def _pad_default(model: nn.Module, pad_ffn: Optional[bool]) -> nn.Module:
     return pad_ffns(model, FFN_PAD_MULTIPLE if pad_ffn else 1)
 
 
-class DeployedBlock(nn.Module):
+class ResidualBlock(nn.Module):
+    """What the deployed blocks of every family share: the FFN residual (``ffn_width`` set before ``_init_ffn``) and
+    ``forward = ffn_residual(attn_residual(x))``; a family's block adds ``attn_residual``."""
+
+    def _init_ffn(self, dim: int, approximate: str, eps2: float, ops: _OpChoice) -> None:
+        """``norm2`` and a :class:`CompactFFN`, or for width 0 the constant residual ``ffn_bias``."""
+        if self.ffn_width > 0:
+            self.norm2 = _layer_norm(dim, eps2)
+            self.mlp = CompactFFN(dim, self.ffn_width, approximate, ops)
+        else:
+            self.ffn_bias = nn.Parameter(torch.zeros(dim), requires_grad=False)
+
+    def attn_residual(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def ffn_residual(self, x: torch.Tensor) -> torch.Tensor:
+        """x + FFN(LN2(x))."""
+        if self.ffn_width == 0:
+            return x + self.ffn_bias
+        return x + self.mlp(self.norm2(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ffn_residual(self.attn_residual(x))
+
+
+class DeployedBlock(ResidualBlock):
     """One transformer block of a deployed model.
 
     ``kind`` in DEPLOY_KINDS. ``attn`` is a :class:`FusedAttention`, a :class:`FoldedConv`, ``nn.Identity`` (official
@@ -248,37 +275,25 @@ class DeployedBlock(nn.Module):
         if kind not in DEPLOY_KINDS:
             raise ValueError(f"unknown deployed attention kind {kind!r}; expected one of {DEPLOY_KINDS}")
         self.kind, self.ffn_width = kind, int(ffn_width)
-        if kind != "skip":
+        if kind != SKIP:
             self.norm1 = _layer_norm(dim, eps1)
-        if kind == "msa":
+        if kind == MSA:
             self.attn = FusedAttention(dim, num_heads)
-        elif kind in ("3x3", "1x1"):
+        elif kind in CONV_CHOICES:
             self.attn = FoldedConv(kind, dim, dim // num_heads, grid, num_prefix_tokens, ops)
-        elif kind == "skip_ln":
+        elif kind == SKIP_LN:
             self.attn = nn.Identity()
         # LayerScale of a conv layer (folded everywhere else; a conv passes its class token through unscaled)
         self.ls1 = nn.Parameter(torch.ones(dim), requires_grad=False) if layer_scale else None
-        if self.ffn_width > 0:
-            self.norm2 = _layer_norm(dim, eps2)
-            self.mlp = CompactFFN(dim, self.ffn_width, approximate, ops)
-        else:
-            self.ffn_bias = nn.Parameter(torch.zeros(dim), requires_grad=False)
+        self._init_ffn(dim, approximate, eps2, ops)
 
     def attn_residual(self, x: torch.Tensor) -> torch.Tensor:
         """x + attention(LN1(x)) (x itself for a skip layer)."""
-        if self.kind == "skip":
+        if self.kind == SKIP:
             return x
         a = self.attn(self.norm1(x))
         return x + (a * self.ls1 if self.ls1 is not None else a)
 
-    def ffn_residual(self, x: torch.Tensor) -> torch.Tensor:
-        """x + FFN(LN2(x))."""
-        if self.ffn_width == 0:
-            return x + self.ffn_bias
-        return x + self.mlp(self.norm2(x))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ffn_residual(self.attn_residual(x))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -307,7 +322,12 @@ class DeployedModel(DeployedApi, nn.Module):
         self.signature = architecture.signature
         self.model_name = architecture.model_name
         self._ops = _OpChoice()
-        c = config
+        self._build_trunk(self.config)
+        self.requires_grad_(False)
+        super().train(False)
+
+    def _build_trunk(self, c: Dict[str, Any]) -> None:
+        """The family's modules from the saved trunk description ``c`` (overridden by other families)."""
         dim, heads = c["embed_dim"], c["num_heads"]
         grid = tuple(c["grid"])
         self.num_prefix_tokens = 1
@@ -331,8 +351,6 @@ class DeployedModel(DeployedApi, nn.Module):
         self.norm = _norm_from(c["norm"])
         self.fc_norm = _norm_from(c["fc_norm"])
         self.head = nn.Linear(dim, c["num_classes"]) if c["num_classes"] > 0 else nn.Identity()
-        self.requires_grad_(False)
-        super().train(False)
 
     # -- eval only -------------------------------------------------------------------------------------------------
     def train(self, mode: bool = True) -> "DeployedModel":
@@ -474,7 +492,7 @@ def _block_config_and_state(i: int, blk: nn.Module, kind: str, sig) -> Tuple[Dic
     ref = blk.norm2.weight
     g1, g2 = _layer_scale(blk, "ls1"), _layer_scale(blk, "ls2")
     kind, eps1, eps2 = _norm_state(i, blk, kind, sd, skip_eps=1e-6)
-    if kind == "msa":
+    if kind == MSA:
         if not hasattr(attn, "qkv") or not hasattr(attn, "proj"):
             raise UnsupportedModelError(f"block {i}: MSA layer {type(attn).__name__} has no qkv/proj")
         if abs(getattr(attn, "scale", attn.head_dim ** -0.5) - attn.head_dim ** -0.5) > 1e-12:
@@ -484,14 +502,14 @@ def _block_config_and_state(i: int, blk: nn.Module, kind: str, sig) -> Tuple[Dic
             w_o, b_o = w_o * g1[:, None], b_o * g1
         sd.update({"attn.qkv.weight": _f64(attn.qkv.weight), "attn.qkv.bias": _f64(attn.qkv.bias, ref, 3 * dim),
                    "attn.proj.weight": w_o, "attn.proj.bias": b_o})
-    elif kind in ("3x3", "1x1"):
+    elif kind in CONV_CHOICES:
         _folded_conv_state(i, attn, kind, ref, dim, sd)
         if g1 is not None:  # the class token passes the conv unscaled, so ls1 cannot go into w_out: keep it
             sd["ls1"] = g1
-    elif kind == "skip_ln":
+    elif kind == SKIP_LN:
         if g1 is not None:  # the residual is ls1(LN1(x)): fold gamma into LN1's affine parameters
             sd["norm1.weight"], sd["norm1.bias"] = sd["norm1.weight"] * g1, sd["norm1.bias"] * g1
-    elif kind != "skip":
+    elif kind != SKIP:
         raise ValueError(f"block {i}: unknown attention choice {kind!r}")
 
     width = _ffn_state(blk, ref, dim, sd, g2)
@@ -505,10 +523,10 @@ def _norm_state(i: int, blk: nn.Module, kind: str, sd: Dict[str, torch.Tensor],
     """(kind, eps1, eps2) of a block, its LN1 parameters put into ``sd`` unless the layer is a plain skip; a skip
     layer's kind becomes "skip_ln" when it has the original x + LN1(x) semantics (docs/method.md Q4)."""
     if isinstance(blk.attn, SkipAttention):
-        kind = "skip_ln" if blk.attn.official else "skip"
-    eps1 = _ln_eps(blk.norm1, f"block {i} norm1") if kind != "skip" else skip_eps
+        kind = SKIP_LN if blk.attn.official else SKIP
+    eps1 = _ln_eps(blk.norm1, f"block {i} norm1") if kind != SKIP else skip_eps
     eps2 = _ln_eps(blk.norm2, f"block {i} norm2")
-    if kind != "skip":
+    if kind != SKIP:
         sd["norm1.weight"], sd["norm1.bias"] = _f64(blk.norm1.weight), _f64(blk.norm1.bias)
     return kind, eps1, eps2
 
@@ -570,19 +588,6 @@ def _trunk_config(vit: nn.Module, sig) -> Dict[str, Any]:
     }
 
 
-# Other model families register their deployment here (spvit/deploy_swin.py does, for Swin): (accepts(model) -> bool,
-# deploy_fn(model, dtype, device)), and the deployed class for a file whose config has ``"family": name``.
-DEPLOYERS: List[Tuple[Callable[[nn.Module], bool], Callable[..., "DeployedModel"]]] = []
-DEPLOYED_CLASSES: Dict[str, type] = {}
-
-
-def _other_family(model: nn.Module) -> Optional[Callable[..., "DeployedModel"]]:
-    for accepts, fn in DEPLOYERS:
-        if accepts(model):
-            return fn
-    return None
-
-
 def deploy(model: nn.Module, dtype: Optional[torch.dtype] = None,
            device: Optional[Union[str, torch.device]] = None, pad_ffn: Optional[bool] = None) -> DeployedModel:
     """The inference model of a fine-tuned SPViT model (the input is not modified).
@@ -602,31 +607,29 @@ def deploy(model: nn.Module, dtype: Optional[torch.dtype] = None,
     Raises:
         TypeError: for a Supernet (still in search mode) or anything that is not a PrunedModel.
     """
-    family_deploy = _other_family(model)
-    if family_deploy is not None:
-        return _pad_default(family_deploy(model, dtype=dtype, device=device), pad_ffn)
     if isinstance(model, Supernet):
         raise TypeError("this model is a Supernet, still in search mode; read out the architecture "
                         "(arch = supernet.architecture()) and prune first (spvit.prune(model, arch)), then fine-tune "
                         "and deploy the PrunedModel")
-    if not isinstance(model, PrunedModel):
+    family = family_of(model)
+    if not isinstance(model, family.pruned_class):
         raise TypeError(f"deploy expects a PrunedModel (spvit.prune / spvit.load_official); got "
                         f"{type(model).__name__}")
+    return _pad_default(family.deploy(model, dtype=dtype, device=device), pad_ffn)
+
+
+def deploy_vit(model: PrunedModel, dtype: Optional[torch.dtype] = None,
+               device: Optional[Union[str, torch.device]] = None) -> DeployedModel:
+    """The inference model of a fine-tuned ViT/DeiT (the ViT family's ``deploy``; see :func:`deploy`)."""
     vit, arch, sig = model.vit, model.architecture, model.signature
-    src_param = next(model.parameters())
-    dtype = dtype or src_param.dtype
-    device = torch.device(device) if device is not None else src_param.device
-    if not dtype.is_floating_point:
-        raise ValueError(f"dtype must be a floating point type, got {dtype}")
+    dtype, device = deploy_target(model, dtype, device)
     config = _trunk_config(vit, sig)
     state: Dict[str, torch.Tensor] = {}
     blocks: List[Dict] = []
     with torch.no_grad():
         for i, (blk, b) in enumerate(zip(vit.blocks, arch.blocks)):
             cfg, sd = _block_config_and_state(i, blk, b.attn, sig)
-            if cfg["ffn_width"] != b.ffn_width:
-                raise ValueError(f"block {i}: FFN width {cfg['ffn_width']} differs from the architecture's "
-                                 f"{b.ffn_width}")
+            check_ffn_width(i, cfg, b)
             blocks.append(cfg)
             state.update({f"blocks.{i}.{k}": v for k, v in sd.items()})
         config["blocks"] = blocks
@@ -636,15 +639,43 @@ def deploy(model: nn.Module, dtype: Optional[torch.dtype] = None,
         if vit.pos_embed is not None:
             state["pos_embed"] = vit.pos_embed.detach()
         config["data_cfg"] = data_cfg_of(model)  # timm's data settings (resolve_data_config(model=deployed))
-        out = DeployedModel(config, Architecture.from_dict(arch.to_dict()))
-        own = out.state_dict()
-        missing = [k for k in own if k not in state]
-        extra = [k for k in state if k not in own]
-        if missing or extra:  # a programming error, not a user error
-            raise RuntimeError(f"deploy: state mismatch; missing {missing[:5]}, unexpected {extra[:5]}")
-        out.to(device=device, dtype=dtype)
-        out.load_state_dict(state)  # copy_ rounds the float64 values once, to ``dtype``
-    return _pad_default(out, pad_ffn)
+        return assemble(DeployedModel, config, arch, state, dtype, device)
+
+
+def deploy_target(model: nn.Module, dtype: Optional[torch.dtype],
+                  device: Optional[Union[str, torch.device]]) -> Tuple[torch.dtype, torch.device]:
+    """(dtype, device) of a deployed model: those given, else the pruned model's.
+
+    Raises:
+        ValueError: a dtype that is not a floating point type.
+    """
+    src_param = next(model.parameters())
+    dtype = dtype or src_param.dtype
+    device = torch.device(device) if device is not None else src_param.device
+    if not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating point type, got {dtype}")
+    return dtype, device
+
+
+def check_ffn_width(i: int, cfg: Dict[str, Any], block) -> None:
+    """The FFN width read from pruned block ``i`` must be the architecture's (``block``: its BlockArch)."""
+    if cfg["ffn_width"] != block.ffn_width:
+        raise ValueError(f"block {i}: FFN width {cfg['ffn_width']} differs from the architecture's "
+                         f"{block.ffn_width}")
+
+
+def assemble(cls: type, config: Dict[str, Any], arch: Architecture, state: Dict[str, torch.Tensor],
+             dtype: torch.dtype, device: torch.device) -> DeployedModel:
+    """The deployed model ``cls(config, arch)`` holding the float64 ``state``, rounded once to ``dtype``."""
+    out = cls(config, Architecture.from_dict(arch.to_dict()))
+    own = out.state_dict()
+    missing = [k for k in own if k not in state]
+    extra = [k for k in state if k not in own]
+    if missing or extra:  # a programming error, not a user error
+        raise RuntimeError(f"deploy: state mismatch; missing {missing[:5]}, unexpected {extra[:5]}")
+    out.to(device=device, dtype=dtype)
+    out.load_state_dict(state)  # copy_ rounds the float64 values once, to ``dtype``
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -697,8 +728,9 @@ def from_file_dict(obj: Any, path: str = "<dict>", device=None, dtype: Optional[
             raise ValueError(f"{path}: missing {key!r} (written by spvit {obj.get('spvit_version', '?')})")
     try:
         arch = Architecture.from_dict(obj["architecture"])
-        family = obj["config"].get("family") if isinstance(obj["config"], dict) else None
-        model = DEPLOYED_CLASSES.get(family, DeployedModel)(obj["config"], arch)
+        if not isinstance(obj["config"], dict):
+            raise TypeError(f"config is a {type(obj['config']).__name__}, not a dict")
+        model = family_of(obj["config"]).deployed_class(obj["config"], arch)
     except (KeyError, TypeError) as exc:
         raise ValueError(f"{path}: malformed model description ({type(exc).__name__}: {exc})") from exc
     sd = obj["state_dict"]
@@ -763,7 +795,7 @@ def deploy_checkpoint(checkpoint: str, out: Optional[str] = None, model: Optiona
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             pruned = load_official(checkpoint, model, **create_kwargs)
-        if not isinstance(pruned, PrunedModel) and _other_family(pruned) is None:
+        if not isinstance(pruned, family_of(pruned).pruned_class):
             raise TypeError(f"{checkpoint} is a search (supernet) checkpoint, still in search mode; read out the "
                             "architecture, prune and fine-tune it before deploying")
         deployed = deploy(pruned, dtype=dtype, device=device)
@@ -798,6 +830,6 @@ def _pruned_from_ours(obj: Dict, path: str, model_name: Optional[str]) -> Pruned
     return pruned
 
 
-__all__ = ["DEPLOYERS", "DEPLOYED_CLASSES", "DeployedModel", "DeployedBlock", "FusedAttention", "FoldedConv",
+__all__ = ["DeployedModel", "DeployedBlock", "FusedAttention", "FoldedConv",
            "CompactFFN", "pad_ffns", "deploy", "load_deployed", "save_deployed", "deploy_checkpoint", "from_file_dict",
            "FORMAT", "FORMAT_VERSION"]

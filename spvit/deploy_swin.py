@@ -17,18 +17,16 @@ format written by ``save`` and read by :func:`spvit.load_deployed`, ``spvit.expo
 """
 from __future__ import annotations
 
-import copy
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from spvit_kernels.backend import preload as preload_kernels
 
-from .arch import Architecture
-from .deploy import (DEPLOYED_CLASSES, DEPLOYERS, CompactFFN, DeployedModel, FoldedConv, _f64, _ffn_state,
-                     _folded_conv_state, _layer_norm, _norm_desc, _norm_from, _norm_state, _OpChoice)
+from .choices import CONV_CHOICES, DEPLOY_KINDS, MSA, SKIP, SKIP_LN
+from .deploy import (DeployedModel, FoldedConv, ResidualBlock, _f64, _ffn_state, _folded_conv_state, _layer_norm,
+                     _norm_desc, _norm_from, _norm_state, _OpChoice, assemble, check_ffn_width, deploy_target)
 from .models.convert import UnsupportedModelError, check_images, gelu_approximate
 from .models.swin import SwinPrunedModel
 
@@ -67,7 +65,7 @@ class WindowFusedAttention(nn.Module):
         return F.linear(o.transpose(1, 2).reshape(bw, n, c), self.proj.weight, self.proj.bias)
 
 
-class DeployedSwinBlock(nn.Module):
+class DeployedSwinBlock(ResidualBlock):
     """One Swin block of a deployed model on row-major tokens (B, H*W, C) of an (H, W) stage map.
 
     ``kind``: msa (window attention with ``window`` / ``shift``), 3x3 / 1x1 (:class:`~spvit.deploy.FoldedConv` over
@@ -78,26 +76,22 @@ class DeployedSwinBlock(nn.Module):
     def __init__(self, kind: str, dim: int, num_heads: int, resolution, window, shift, ffn_width: int,
                  approximate: str, eps1: float, eps2: float, ops: _OpChoice):
         super().__init__()
-        if kind not in ("msa", "3x3", "1x1", "skip", "skip_ln"):
-            raise ValueError(f"unknown deployed attention kind {kind!r}")
+        if kind not in DEPLOY_KINDS:
+            raise ValueError(f"unknown deployed attention kind {kind!r}; expected one of {DEPLOY_KINDS}")
         self.kind, self.ffn_width = kind, int(ffn_width)
         self.resolution = tuple(int(r) for r in resolution)
         self.window, self.shift = tuple(int(w) for w in window), tuple(int(s) for s in shift)
         hh, ww = self.resolution
-        if kind == "msa" and (hh % self.window[0] or ww % self.window[1]):
+        if kind == MSA and (hh % self.window[0] or ww % self.window[1]):
             raise UnsupportedModelError(f"stage map {hh}x{ww} is not a multiple of the window {self.window}")
-        if kind != "skip":
+        if kind != SKIP:
             self.norm1 = _layer_norm(dim, eps1)
-        if kind == "msa":
+        if kind == MSA:
             n_win = (hh // self.window[0]) * (ww // self.window[1]) if any(self.shift) else 1
             self.attn = WindowFusedAttention(dim, num_heads, self.window[0] * self.window[1], n_win)
-        elif kind in ("3x3", "1x1"):
+        elif kind in CONV_CHOICES:
             self.attn = FoldedConv(kind, dim, dim // num_heads, self.resolution, 0, ops)
-        if self.ffn_width > 0:
-            self.norm2 = _layer_norm(dim, eps2)
-            self.mlp = CompactFFN(dim, self.ffn_width, approximate, ops)
-        else:
-            self.ffn_bias = nn.Parameter(torch.zeros(dim), requires_grad=False)
+        self._init_ffn(dim, approximate, eps2, ops)
 
     def _window_attention(self, x: torch.Tensor) -> torch.Tensor:
         b, _, c = x.shape
@@ -114,22 +108,15 @@ class DeployedSwinBlock(nn.Module):
 
     def attn_residual(self, x: torch.Tensor) -> torch.Tensor:
         """x + attention(LN1(x)) (x itself for a skip layer)."""
-        if self.kind == "skip":
+        if self.kind == SKIP:
             return x
         xn = self.norm1(x)
-        if self.kind == "skip_ln":
+        if self.kind == SKIP_LN:
             return x + xn
-        if self.kind == "msa":
+        if self.kind == MSA:
             return x + self._window_attention(xn)
         return x + self.attn(xn)
 
-    def ffn_residual(self, x: torch.Tensor) -> torch.Tensor:
-        if self.ffn_width == 0:
-            return x + self.ffn_bias
-        return x + self.mlp(self.norm2(x))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ffn_residual(self.attn_residual(x))
 
 
 class DeployedSwinStage(nn.Module):
@@ -172,15 +159,8 @@ class DeployedSwin(DeployedModel):
     global_pools = ("avg",)  # reset_classifier: the deployed Swin head pools by the mean
     output_fmt = "NHWC"  # forward_features: (B, H', W', C')
 
-    def __init__(self, config: Dict[str, Any], architecture: Architecture):
-        nn.Module.__init__(self)  # a different trunk: DeployedModel's ViT constructor is not run
-        preload_kernels()  # providers imported now, not inside a first traced call
-        self.config = copy.deepcopy(config)
-        self.architecture = architecture
-        self.signature = architecture.signature
-        self.model_name = architecture.model_name
-        self._ops = _OpChoice()
-        c = config
+    def _build_trunk(self, c: Dict[str, Any]) -> None:
+        """Patch embedding, stages (PatchMerging + blocks), final norm and head from the trunk description."""
         from timm.layers import PatchEmbed
 
         pe_norm = c.get("patch_norm")
@@ -202,8 +182,6 @@ class DeployedSwin(DeployedModel):
         self.layers = nn.ModuleList(stages)
         self.norm = _norm_from(c["norm"])
         self.head = nn.Linear(c["stage_dims"][-1], c["num_classes"]) if c["num_classes"] > 0 else nn.Identity()
-        self.requires_grad_(False)
-        nn.Module.train(self, False)
 
     @property
     def num_features(self) -> int:
@@ -273,7 +251,7 @@ def _swin_block(i: int, blk: nn.Module, kind: str, dim: int) -> Tuple[Dict, Dict
     window = tuple(int(w) for w in blk.window_size)
     shift = tuple(int(s) for s in blk.shift_size)
     kind, eps1, eps2 = _norm_state(i, blk, kind, sd, skip_eps=1e-5)
-    if kind == "msa":
+    if kind == MSA:
         if not hasattr(attn, "qkv") or not hasattr(attn, "relative_position_bias_table"):
             raise UnsupportedModelError(f"block {i}: MSA layer {type(attn).__name__} is not timm's WindowAttention")
         head_dim = dim // attn.num_heads
@@ -289,9 +267,9 @@ def _swin_block(i: int, blk: nn.Module, kind: str, dim: int) -> Tuple[Dict, Dict
         sd.update({"attn.qkv.weight": _f64(attn.qkv.weight), "attn.qkv.bias": _f64(attn.qkv.bias, ref, 3 * dim),
                    "attn.proj.weight": _f64(attn.proj.weight), "attn.proj.bias": _f64(attn.proj.bias, ref, dim),
                    "attn.attn_bias": bias})
-    elif kind in ("3x3", "1x1"):
+    elif kind in CONV_CHOICES:
         _folded_conv_state(i, attn, kind, ref, dim, sd)
-    elif kind not in ("skip", "skip_ln"):
+    elif kind not in (SKIP, SKIP_LN):
         raise ValueError(f"block {i}: unknown attention choice {kind!r}")
     width = _ffn_state(blk, ref, dim, sd)
     cfg = {"kind": kind, "ffn_width": width, "approximate": gelu_approximate(mlp.act), "eps1": eps1, "eps2": eps2,
@@ -327,7 +305,7 @@ def _swin_trunk_config(swin: nn.Module, sig) -> Dict[str, Any]:
     }
 
 
-def deploy_swin(model: nn.Module, dtype: Optional[torch.dtype] = None,
+def deploy_swin(model: SwinPrunedModel, dtype: Optional[torch.dtype] = None,
                 device: Optional[Union[str, torch.device]] = None) -> DeployedSwin:
     """The inference model of a fine-tuned SPViT Swin (``spvit.deploy`` dispatches here; the input is not modified).
 
@@ -341,11 +319,7 @@ def deploy_swin(model: nn.Module, dtype: Optional[torch.dtype] = None,
         a :class:`DeployedSwin` equal to ``model.eval()`` up to rounding.
     """
     swin, arch, sig = model.swin, model.architecture, model.signature
-    src_param = next(model.parameters())
-    dtype = dtype or src_param.dtype
-    device = torch.device(device) if device is not None else src_param.device
-    if not dtype.is_floating_point:
-        raise ValueError(f"dtype must be a floating point type, got {dtype}")
+    dtype, device = deploy_target(model, dtype, device)
     config = _swin_trunk_config(swin, sig)
     state: Dict[str, torch.Tensor] = {}
     blocks: List[Dict] = []
@@ -356,9 +330,7 @@ def deploy_swin(model: nn.Module, dtype: Optional[torch.dtype] = None,
             for j, blk in enumerate(stage.blocks):
                 b = arch.blocks[i]
                 cfg, sd = _swin_block(i, blk, b.attn, dim)
-                if cfg["ffn_width"] != b.ffn_width:
-                    raise ValueError(f"block {i}: FFN width {cfg['ffn_width']} differs from the architecture's "
-                                     f"{b.ffn_width}")
+                check_ffn_width(i, cfg, b)
                 blocks.append(cfg)
                 state.update({f"layers.{s}.blocks.{j}.{k}": v for k, v in sd.items()})
                 i += 1
@@ -369,19 +341,7 @@ def deploy_swin(model: nn.Module, dtype: Optional[torch.dtype] = None,
         state.update({f"patch_embed.{k}": v.detach() for k, v in swin.patch_embed.state_dict().items()})
         state.update({f"norm.{k}": v.detach() for k, v in swin.norm.state_dict().items()})
         state.update({f"head.{k}": v.detach() for k, v in swin.head.fc.state_dict().items()})
-        out = DeployedSwin(config, Architecture.from_dict(arch.to_dict()))
-        own = out.state_dict()
-        missing = [k for k in own if k not in state]
-        extra = [k for k in state if k not in own]
-        if missing or extra:  # a programming error, not a user error
-            raise RuntimeError(f"deploy: state mismatch; missing {missing[:5]}, unexpected {extra[:5]}")
-        out.to(device=device, dtype=dtype)
-        out.load_state_dict(state)  # copy_ rounds the float64 values once, to ``dtype``
-    return out
+        return assemble(DeployedSwin, config, arch, state, dtype, device)
 
-
-# spvit.deploy / spvit.load_deployed dispatch here (this module is imported by the package's __init__)
-DEPLOYERS.append((lambda m: isinstance(m, SwinPrunedModel), deploy_swin))
-DEPLOYED_CLASSES["swin"] = DeployedSwin
 
 __all__ = ["DeployedSwin", "DeployedSwinBlock", "DeployedSwinStage", "WindowFusedAttention", "deploy_swin"]

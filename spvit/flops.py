@@ -19,9 +19,12 @@ from typing import Sequence, Union
 import torch
 
 from .arch import Architecture, ModelSignature, SwinSignature
+from .choices import AttnChoice
+from .families import family_of
 
 Number = Union[float, torch.Tensor]
-_E = {"msa": (1, 1, 1), "3x3": (1, 1, 0), "1x1": (1, 0, 0), "skip": (0, 0, 0)}
+# cumulative gates (e1, e3, em) of each choice
+_E = {AttnChoice.MSA: (1, 1, 1), AttnChoice.CONV3: (1, 1, 0), AttnChoice.CONV1: (1, 0, 0), AttnChoice.SKIP: (0, 0, 0)}
 
 
 def layer_costs(sig: ModelSignature):
@@ -101,8 +104,7 @@ def swin_macs(sig: SwinSignature, attn_gates: Sequence, ffn_kept: Sequence[Numbe
 
 def model_macs(sig, attn_gates: Sequence, ffn_kept: Sequence[Number]) -> Number:
     """MACs per image for a signature of either family."""
-    fn = swin_macs if isinstance(sig, SwinSignature) else vit_macs
-    return fn(sig, attn_gates, ffn_kept)
+    return family_of(sig).macs(sig, attn_gates, ffn_kept)
 
 
 def arch_macs(arch: Architecture) -> int:

@@ -14,6 +14,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from .choices import ATTN_CHOICES, AttnChoice
+
 EPS = torch.finfo(torch.float32).eps  # the clamp of §2.1 (float32 machine epsilon)
 
 
@@ -53,24 +55,24 @@ def cumulative(s: torch.Tensor) -> torch.Tensor:
     return torch.cumprod(s, dim=-1)
 
 
-ATTN_CHOICES = ("msa", "3x3", "1x1", "skip")
 
 
 def choice_of(e: torch.Tensor) -> str:
     """Name of the candidate picked by cumulative gates (e1, e3, em) (values 0/1)."""
     e1, e3, em = (float(v) for v in e.detach().cpu())
     if em > 0.5:
-        return "msa"
+        return AttnChoice.MSA.value
     if e3 > 0.5:
-        return "3x3"
+        return AttnChoice.CONV3.value
     if e1 > 0.5:
-        return "1x1"
-    return "skip"
+        return AttnChoice.CONV1.value
+    return AttnChoice.SKIP.value
 
 
 def logits_for_choice(choice: str, magnitude: float = 1.5) -> torch.Tensor:
     """Gate logits (theta1, theta3, theta_m) whose eval decision is ``choice``."""
-    pattern = {"msa": (1, 1, 1), "3x3": (1, 1, -1), "1x1": (1, -1, -1), "skip": (-1, -1, -1)}
+    pattern = {AttnChoice.MSA: (1, 1, 1), AttnChoice.CONV3: (1, 1, -1), AttnChoice.CONV1: (1, -1, -1),
+               AttnChoice.SKIP: (-1, -1, -1)}
     if choice not in pattern:
         raise ValueError(f"unknown attention choice {choice!r}; expected one of {ATTN_CHOICES}")
     return torch.tensor(pattern[choice], dtype=torch.float32) * abs(magnitude)

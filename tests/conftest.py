@@ -34,3 +34,12 @@ def seed():
 def device(request):
     """Device the kernels are tested on: CUDA when present, else CPU (Triton kernels under the interpreter)."""
     return torch.device(request.param)
+
+
+@pytest.fixture(params=["vit", "swin"])
+def family(request):
+    """A model family as seen by the generic tests (tests/helpers.py: a tiny timm model, an architecture with every
+    attention choice, images)."""
+    from .helpers import FAMILIES
+
+    return FAMILIES[request.param]

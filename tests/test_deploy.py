@@ -9,45 +9,26 @@ import torch
 import spvit
 import spvit_kernels as K
 from spvit.arch import Architecture
-from spvit.deploy import FORMAT_VERSION, DeployedModel, deploy, deploy_checkpoint, load_deployed, save_deployed
+from spvit.deploy import FORMAT_VERSION, deploy, deploy_checkpoint, load_deployed
 from spvit.models.convert import model_name_of, signature_of
 from spvit_kernels import reference as R
+from tests.helpers import FAMILIES, randomise_conv_state
 
 # (dtype, atol, rtol) of a deployed model against its pruned model (fp32: rounding of the folded weights only).
 FP32_TOL = (torch.float32, 1e-5, 1e-5)
 BACKENDS = ["eager", "auto", "triton"]
 # every attention choice; FFN widths uneven, odd, full (64) and 0
-CHOICES = ["3x3", "msa", "1x1", "skip"]
-KEEP = [range(0, 64, 2), [], [1, 2, 5], range(63)]
+CHOICES, KEEP = FAMILIES["vit"].choices, FAMILIES["vit"].keep
 
 
 def tiny_vit(layer_scale=False, **kw):
     """img 32, patch 8 (4x4 grid), dim 32, depth 4, heads 2, FFN 64, 10 classes; random biases (eval mode)."""
-    from timm.models.vision_transformer import VisionTransformer
-
-    m = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=10,
-                          mlp_ratio=2.0, init_values=0.7 if layer_scale else None, **kw)
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if n.endswith("bias"):
-                p.normal_(0, 0.1)
-            elif n.endswith("gamma"):
-                p.uniform_(0.5, 1.5)
-    return m.eval()
+    return FAMILIES["vit"].model(layer_scale=layer_scale, **kw)
 
 
 def randomise(model):
     """Non-trivial BatchNorm statistics and head mixing, so that folding matters."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.1)
-            if hasattr(m, "head_probs"):
-                m.head_probs.add_(0.02 * torch.randn_like(m.head_probs))
-    return model
+    return randomise_conv_state(model, 0.02)
 
 
 def mixed_pruned(layer_scale=False, choices=CHOICES, keep=KEEP, official_skip=False):
@@ -98,19 +79,6 @@ def test_official_skip_semantics_and_all_msa():
         torch.testing.assert_close(deploy(spvit.prune(vit, arch))(x), vit(x), atol=1e-5, rtol=1e-5)
 
 
-def test_deploy_does_not_touch_the_model():
-    pruned = mixed_pruned().train()
-    before = {k: v.clone() for k, v in pruned.state_dict().items()}
-    deployed = deploy(pruned)
-    assert pruned.training and not deployed.training
-    for k, v in pruned.state_dict().items():
-        assert torch.equal(v, before[k]), k
-    assert not any(p.requires_grad for p in deployed.parameters())
-    x = images()
-    with torch.no_grad():  # a model in training mode is deployed as its eval-mode self
-        torch.testing.assert_close(deployed(x), pruned.eval()(x), atol=1e-5, rtol=1e-5)
-
-
 @pytest.mark.parametrize("backend", ["eager", "triton"])
 def test_bf16_error_at_most_twice_eager(backend, device):
     pruned = mixed_pruned(True).to(device)
@@ -124,24 +92,6 @@ def test_bf16_error_at_most_twice_eager(backend, device):
             out = deployed(x)  # fp32 images are cast to the model's dtype
     assert out.dtype == torch.bfloat16
     assert max_err(out, ref) <= 2 * eager_err + 1e-3, (max_err(out, ref), eager_err)
-
-
-def test_save_load_round_trip(tmp_path):
-    pruned = mixed_pruned(True, official_skip=True)
-    deployed = deploy(pruned)
-    path = str(tmp_path / "m.pt")
-    save_deployed(deployed, path)  # = deployed.save(path)
-    obj = torch.load(path, weights_only=True)  # plain data only
-    assert obj["format"] == "spvit-deployed" and obj["format_version"] == FORMAT_VERSION
-    assert obj["spvit_version"] == spvit.__version__
-    loaded = load_deployed(path)
-    assert isinstance(loaded, DeployedModel) and not loaded.training
-    assert loaded.architecture == deployed.architecture
-    x = images()
-    with torch.no_grad():
-        assert torch.equal(loaded(x), deployed(x))
-    half = load_deployed(path, dtype=torch.bfloat16)
-    assert half.dtype == torch.bfloat16
 
 
 def test_errors(tmp_path):

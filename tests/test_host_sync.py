@@ -8,7 +8,7 @@ from torch.overrides import TorchFunctionMode
 import spvit
 import spvit_kernels as K
 from spvit.deploy import deploy
-from tests.helpers import tiny_vit
+from tests.helpers import tiny_swin, tiny_vit
 
 HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__")
 
@@ -37,15 +37,13 @@ def _training_step_reads(sn, x, y):
 
 @pytest.mark.parametrize("family", ["vit", "swin"])
 def test_supernet_step_reads_the_host_at_most_once_whatever_the_depth(family):
-    from tests.test_swin import tiny_swin
-
     counts = {}
     for depth in (2, 4):
         if family == "vit":
             model, img = tiny_vit(img=32, patch=8, dim=32, depth=depth, heads=2, mlp_ratio=1.5), 32
         else:
-            model, img = tiny_swin(img=28, patch=2, window=7, dim=16, depths=(depth // 2, depth // 2),
-                                   heads=(1, 2)), 28
+            model, img = tiny_swin(img_size=28, patch_size=2, window_size=7, embed_dim=16, mlp_ratio=4.0,
+                                   depths=(depth // 2, depth // 2), num_heads=(1, 2)), 28
         sn = spvit.supernet(model)
         x, y = torch.randn(2, 3, img, img), torch.randint(0, 10, (2,))
         counts[depth] = _training_step_reads(sn, x, y)

@@ -16,44 +16,20 @@ import spvit
 from spvit.arch import Architecture, BlockArch
 from spvit.models.convert import model_name_of, signature_of
 from spvit.models.official_swin import read_ffn_indicators
+from tests.helpers import FAMILIES, SWIN_CFG, randomise_conv_state, tiny_swin
 
 ALPHA = 100.0
-CFG = dict(img_size=32, patch_size=2, embed_dim=32, depths=(2, 2, 2), num_heads=(2, 4, 8), window_size=4,
-           mlp_ratio=2.0, num_classes=10)
+CFG = SWIN_CFG
 # every choice: stage 1 [msa, 3x3 (shifted block: full-map conv)], stage 2 [1x1, msa (shifted)], stage 3 [skip, msa]
-CHOICES = ["msa", "3x3", "1x1", "msa", "skip", "msa"]
-KEEP = [range(0, 64, 2), [1, 2, 5], [], range(128), range(10), range(0, 256, 3)]
+CHOICES, KEEP = FAMILIES["swin"].choices, FAMILIES["swin"].keep
 # Swin column j of head_probs -> (dy, dx) of the 3x3 tap (centre first; docs/method.md §1.3)
 SWIN_TAPS = [(0, 0), (-1, -1), (0, -1), (1, -1), (-1, 0), (1, 0), (-1, 1), (0, 1), (1, 1)]
 DATA = os.path.join(os.path.dirname(__file__), "data")
 
 
-def tiny_swin(**kw):
-    """A small timm Swin (32 px, patch 2: stages 16x16, 8x8, 4x4; window 4; head dim 16), random biases, eval."""
-    from timm.models.swin_transformer import SwinTransformer
-
-    m = SwinTransformer(**{**CFG, **kw})
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if n.endswith("bias"):
-                p.normal_(0, 0.1)
-            elif n.endswith("relative_position_bias_table"):
-                p.normal_(0, 0.5)
-    return m.eval()
-
-
 def randomise(model):
     """Non-trivial BN statistics and head mixing (alpha 100: logits spread of order 100 to matter)."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.1)
-            if hasattr(m, "head_probs"):
-                m.head_probs.add_(60 * torch.randn_like(m.head_probs))
-    return model
+    return randomise_conv_state(model, 60.0)
 
 
 def swin_pruned(choices=CHOICES, keep=KEEP, official_skip=True):

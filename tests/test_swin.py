@@ -12,22 +12,19 @@ from spvit.arch import Architecture, BlockArch, SwinSignature
 from spvit.models import UnsupportedModelError
 from spvit.models.swin import SwinSearchAttention, swin_signature_of
 from tests.helpers import randomise_bn, tiny_vit
+from tests.helpers import tiny_swin as helpers_tiny_swin
 
 # Swin column j -> offset (dy, dx) (docs/method.md §1.3): centre first, then DeiT's taps 0-3 and 5-8
 SWIN_OFFSETS = [(0, 0), (-1, -1), (0, -1), (1, -1), (-1, 0), (1, 0), (-1, 1), (0, 1), (1, 1)]
 
 
-def tiny_swin(img=56, patch=4, window=7, dim=64, depths=(2, 2), heads=(2, 4), classes=10, **kw):
-    """A small timm SwinTransformer (random weights incl. biases and position tables, eval mode)."""
-    from timm.models.swin_transformer import SwinTransformer
+# The Swin of these tests: 56 px, patch 4, window 7 (stages on 14x14 and 7x7 maps), dim 64, timm's FFN ratio.
+SWIN56 = dict(img_size=56, patch_size=4, window_size=7, embed_dim=64, depths=(2, 2), num_heads=(2, 4), mlp_ratio=4.0,
+              drop_path_rate=0.0)
 
-    m = SwinTransformer(img_size=img, patch_size=patch, window_size=window, embed_dim=dim, depths=depths,
-                        num_heads=heads, num_classes=classes, drop_path_rate=0.0, **kw)
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if n.endswith("bias") or "relative_position" in n:
-                p.normal_(0, 0.1)
-    return m.eval()
+
+def tiny_swin(**kw):
+    return helpers_tiny_swin(rel_pos_std=0.1, **{**SWIN56, **kw})
 
 
 def _randomise(sn, seed=0):
@@ -61,9 +58,9 @@ def test_signature_of_tiny_and_swin_t():
 
 def test_unsupported_swins_are_refused_clearly():
     with pytest.raises(UnsupportedModelError, match="not divisible by the window"):
-        swin_signature_of(tiny_swin(img=64))  # 16x16 stage grid, window 7: timm would pad
+        swin_signature_of(tiny_swin(img_size=64))  # 16x16 stage grid, window 7: timm would pad
     with pytest.raises(UnsupportedModelError, match="head dims"):
-        swin_signature_of(tiny_swin(heads=(2, 2)))
+        swin_signature_of(tiny_swin(num_heads=(2, 2)))
     m = tiny_swin()
     m.layers[0].blocks[1].mlp.act = nn.ReLU()
     with pytest.raises(UnsupportedModelError, match="GELU"):
@@ -358,36 +355,6 @@ def test_registered_swin_pretrained_needs_a_file_and_other_class_counts_work(tmp
         m = timm.create_model("spvit_swin_small_patch4_window7_224", num_classes=10)
     assert m.num_classes == 10 and m.pretrained_cfg["num_classes"] == 10
     assert m.architecture.stages[2][12].attn == "skip" and m.architecture.stages[2][13].attn == "1x1"
-
-
-def test_swin_flops_loss_gradient_matches_closed_form():
-    from spvit.flops import swin_stage_costs
-    sn = spvit.supernet(tiny_swin(), theta=0.7)
-    with torch.no_grad():
-        for a in sn.attns:
-            a.kernel_thresholds_full.uniform_(-2, 2)
-        for m in sn.mlps:
-            m.ffn_thresholds.uniform_(-2, 2)
-    target, lam = sn.min_gflops() + 0.3 * (sn.dense_gflops() - sn.min_gflops()), 5.0
-    loss = sn.flops_loss(target, lam)
-    loss.backward()
-    f = sn.macs_tensor().detach() / 1e9
-    assert loss.item() == pytest.approx(lam * (target - f.item()) ** 2, rel=1e-5)
-    dldf = -2 * lam * (target - f) / 1e9
-
-    def dind(t):  # d(indicator)/d(theta), §2.4
-        s = torch.sigmoid(t)
-        return torch.sigmoid(s - 0.5) * (1 - torch.sigmoid(s - 0.5)) * s * (1 - s)
-
-    for i, s in ((1, 0), (3, 1)):  # a block of each stage
-        c1, c3, cm, per_unit, _ = swin_stage_costs(sn.signature, s)
-        torch.testing.assert_close(sn.mlps[i].ffn_thresholds.grad, dldf * per_unit * dind(sn.mlps[i].ffn_thresholds),
-                                   rtol=1e-4, atol=1e-12)
-        t = sn.attns[i].kernel_thresholds_full.detach()
-        g = (t > 0).float()
-        # F = g1*c1 + g1*g3*(c3 - c1) + g1*g3*gm*(cm - c3) + ...: dF/dg_m = g1*g3*(cm - c3)
-        torch.testing.assert_close(sn.attns[i].kernel_thresholds_full.grad[2],
-                                   dldf * g[0] * g[1] * (cm - c3) * dind(t[2]), rtol=1e-4, atol=1e-12)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from typing import Optional
 import torch.nn as nn
 
 from ..arch import ModelSignature, SwinSignature
+from ..families import family_of
 
 
 class UnsupportedModelError(ValueError):
@@ -48,8 +49,15 @@ def signature_of(model: nn.Module, check_blocks: bool = True) -> ModelSignature:
     Raises:
         UnsupportedModelError: naming why the model cannot be converted.
     """
-    if is_swin(model):
-        return swin_signature_of(model, check_blocks)
+    return family_of(model).signature_of(model, check_blocks)
+
+
+def vit_signature_of(model: nn.Module, check_blocks: bool = True) -> ModelSignature:
+    """Signature of a timm VisionTransformer (or of a Supernet / PrunedModel wrapping one): the ViT family's.
+
+    Raises:
+        UnsupportedModelError: naming why the model cannot be converted.
+    """
     vit = getattr(model, "vit", model)
     VisionTransformer, Block, Attention, Mlp = _timm_classes()
     if not isinstance(vit, VisionTransformer):

@@ -17,12 +17,14 @@ from __future__ import annotations
 import os
 import re
 import warnings
-from typing import Callable, Dict, List, NamedTuple, Optional, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 
 from ..arch import Architecture, BlockArch
+from ..choices import AttnChoice
+from ..families import families, family_of
 from .convert import model_name_of, signature_of
 from .pruned import ExplicitConvAttention, prune
 from .supernet import Supernet
@@ -74,20 +76,6 @@ def _load_strict(module: nn.Module, sd: Dict[str, torch.Tensor], path: str, what
     module.load_state_dict(sd, strict=True)
 
 
-class FamilyLoader(NamedTuple):
-    """How :func:`load_official` reads the checkpoints of another model family (registered by its module)."""
-
-    name: str  # e.g. "Swin"
-    example: str  # a timm model name of the family, for error messages
-    accepts: Callable[[nn.Module], bool]  # is this base model of the family?
-    claims: Callable[[Dict[str, torch.Tensor]], bool]  # does this state dict look like one of the family's?
-    load: Callable[..., nn.Module]  # load(sd, base, name, path, alpha) -> supernet or pruned model
-
-
-# spvit/models/official_swin.py registers the Swin loader (it is imported by the package's __init__)
-FAMILY_LOADERS: List[FamilyLoader] = []
-
-
 def load_official(path: str, model: Union[str, nn.Module], alpha: Optional[float] = None, **create_kwargs):
     """Load an original SPViT (DeiT or Swin) checkpoint as our equivalent model, with identical outputs.
 
@@ -121,13 +109,19 @@ def load_official(path: str, model: Union[str, nn.Module], alpha: Optional[float
     sd = _read_state_dict(path)
     base = _base_model(model, sd, **create_kwargs)
     name = model if isinstance(model, str) else model_name_of(base)
-    for family in FAMILY_LOADERS:
-        if family.accepts(base):
-            return family.load(sd, base, name, path, alpha)
-    for family in FAMILY_LOADERS:
-        if family.claims(sd):
-            raise ValueError(f"{path} is an SPViT {family.name} checkpoint but {name} is not a {family.name} model; "
-                             f"give the timm model it was trained from (e.g. {family.example})")
+    family = family_of(base)
+    for other in families():
+        if other is not family and other.claims_checkpoint(sd):
+            raise ValueError(f"{path} is an SPViT {other.display_name} checkpoint but {name} is not a "
+                             f"{other.display_name} model; give the timm model it was trained from (e.g. "
+                             f"{other.example_model})")
+    return family.load_official(sd, base, name, path, alpha)
+
+
+def load_official_vit(sd: Dict[str, torch.Tensor], base: nn.Module, name: str, path: str,
+                      alpha: Optional[float] = None):
+    """The body of :func:`load_official` for a ViT/DeiT model (the ViT family's ``load_official``; ``sd`` already
+    read and unwrapped; alpha default 0.01, hard-coded in the original DeiT code)."""
     alpha = 1e-2 if alpha is None else alpha
     sig = signature_of(base)
     depth_in_ckpt = 1 + max((int(m.group(1)) for k in sd for m in [re.match(r"blocks\.(\d+)\.", k)] if m), default=-1)
@@ -141,20 +135,30 @@ def load_official(path: str, model: Union[str, nn.Module], alpha: Optional[float
     return _load_finetune(sd, base, sig, name, alpha, path)
 
 
+def choice_from_keys(sd: Dict[str, torch.Tensor], prefix: str, where: str, ignore: Tuple[str, ...] = ()) -> str:
+    """Attention choice of a block of an original fine-tune state dict from its attention keys (``prefix``: the
+    block's ``attn.``): ``qk`` MSA, ``bn_3x3`` / ``bn_1x1`` a conv, ``bconv`` a stored conv (3x3 or 1x1 by its kernel),
+    nothing a skip layer. Keys ending in ``ignore`` do not count.
+
+    Raises:
+        ValueError: other attention keys (``where`` names the block).
+    """
+    if prefix + "qk.weight" in sd:
+        return AttnChoice.MSA.value
+    if prefix + "bn_3x3.weight" in sd:
+        return AttnChoice.CONV3.value
+    if prefix + "bn_1x1.weight" in sd:
+        return AttnChoice.CONV1.value
+    if prefix + "bconv.0.weight" in sd:
+        return (AttnChoice.CONV3 if sd[prefix + "bconv.0.weight"].shape[-1] == 3 else AttnChoice.CONV1).value
+    own = [k for k in sd if k.startswith(prefix) and not (ignore and k.endswith(ignore))]
+    if own:
+        raise ValueError(f"{where}: unrecognised attention keys " + ", ".join(own)[:300])
+    return AttnChoice.SKIP.value
+
+
 def _block_choice(sd, i: int) -> str:
-    p = f"blocks.{i}.attn."
-    if p + "qk.weight" in sd:
-        return "msa"
-    if p + "bn_3x3.weight" in sd:
-        return "3x3"
-    if p + "bn_1x1.weight" in sd:
-        return "1x1"
-    if p + "bconv.0.weight" in sd:
-        k = sd[p + "bconv.0.weight"].shape[-1]
-        return "3x3" if k == 3 else "1x1"
-    if any(k.startswith(p) for k in sd):
-        raise ValueError(f"block {i}: unrecognised attention keys " + ", ".join(k for k in sd if k.startswith(p))[:300])
-    return "skip"
+    return choice_from_keys(sd, f"blocks.{i}.attn.", f"block {i}")
 
 
 def _load_finetune(sd, base, sig, name, alpha, path):
@@ -171,7 +175,7 @@ def _load_finetune(sd, base, sig, name, alpha, path):
         blocks.append(BlockArch(choice, tuple(range(width))))
         explicit.append(f"blocks.{i}.attn.bconv.0.weight" in sd)
     arch = Architecture(name, sig, blocks, meta={"source": os.path.basename(path)})
-    has_skip = "skip" in arch.attn_choices
+    has_skip = AttnChoice.SKIP in arch.attn_choices
     if has_skip:
         warnings.warn(f"{path} has skip layers: reproducing the original fine-tune semantics x + LN1(x) (quirk Q4)",
                       stacklevel=2)
@@ -184,11 +188,11 @@ def _load_finetune(sd, base, sig, name, alpha, path):
     mapped = {}
     for k, v in sd.items():
         m = re.match(r"blocks\.(\d+)\.attn\.(qk|v)\.(weight|bias)$", k)
-        if m and blocks[int(m.group(1))].attn == "msa":
+        if m and blocks[int(m.group(1))].attn == AttnChoice.MSA:
             continue  # fused below
         mapped[f"vit.{k}"] = v
     for i, b in enumerate(blocks):
-        if b.attn == "msa":
+        if b.attn == AttnChoice.MSA:
             for t in ("weight", "bias"):
                 qk, v = sd.get(f"blocks.{i}.attn.qk.{t}"), sd.get(f"blocks.{i}.attn.v.{t}")
                 if qk is not None and v is not None:

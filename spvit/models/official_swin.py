@@ -34,14 +34,13 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from spvit_kernels import reference as R
 
 from ..arch import Architecture, BlockArch
+from ..choices import AttnChoice
 from .convert import is_swin
-from .official import FAMILY_LOADERS, FamilyLoader, _base_model, _load_strict, _read_state_dict
+from .official import _base_model, choice_from_keys, _load_strict, _read_state_dict
 from .official import load_official as _load_official
-from .pruned import ConvAttention
-from .supernet import _bn_state
+from .pruned import ExplicitConvAttention
 
 _BLOCK = re.compile(r"layers\.(\d+)\.blocks\.(\d+)\.")
 _DROPPED_BUFFERS = ("relative_position_index", "attn_mask")
@@ -117,56 +116,18 @@ def stage_depths_of(sd: Dict[str, torch.Tensor]) -> Tuple[int, ...]:
 
 def block_choice(sd: Dict[str, torch.Tensor], s: int, j: int) -> str:
     """Attention choice of block (s, j) of an original fine-tune state dict: msa / 3x3 / 1x1 / skip."""
-    p = f"layers.{s}.blocks.{j}.attn."
-    if p + "qk.weight" in sd:
-        return "msa"
-    if p + "bn_3x3.weight" in sd:
-        return "3x3"
-    if p + "bn_1x1.weight" in sd:
-        return "1x1"
-    if p + "bconv.0.weight" in sd:
-        return "3x3" if sd[p + "bconv.0.weight"].shape[-1] == 3 else "1x1"
-    own = [k for k in sd if k.startswith(p) and not k.endswith(_DROPPED_BUFFERS)]
-    if own:
-        raise ValueError(f"stage {s} block {j}: unrecognised attention keys " + ", ".join(own)[:300])
-    return "skip"
+    return choice_from_keys(sd, f"layers.{s}.blocks.{j}.attn.", f"stage {s} block {j}", _DROPPED_BUFFERS)
 
 
-class SwinExplicitConvAttention(ConvAttention):
-    """A parameter-optimised (``bconv``) conv layer of a Swin fine-tune checkpoint, on the full stage map.
-
-    The same computation as :class:`~spvit.models.pruned.ExplicitConvAttention` (conv C->d, BN, ReLU, 1x1 conv
-    d->C; docs/method.md §6) without prefix tokens. It derives from :class:`ConvAttention` only so that Swin blocks
-    treat it as a conv layer (run on the whole (H, W) map, as the original's ``UnifiedWindowAttentionParamOpt`` does
-    for 3x3 layers; for 1x1 layers windows and full map agree); it has none of ConvAttention's shared weights.
-    forward(x_hat: (B, H*W, C)) -> (B, H*W, C).
+class SwinExplicitConvAttention(ExplicitConvAttention):
+    """A parameter-optimised (``bconv``) conv layer of a Swin fine-tune checkpoint: an
+    :class:`~spvit.models.pruned.ExplicitConvAttention` (conv C->d, BN, ReLU, 1x1 conv d->C; docs/method.md §6)
+    without prefix tokens, on the full stage map (as the original's ``UnifiedWindowAttentionParamOpt`` runs 3x3
+    layers; for 1x1 layers windows and full map agree). forward(x_hat: (B, H*W, C)) -> (B, H*W, C).
     """
 
     def __init__(self, kind: str, dim: int, head_dim: int, grid):
-        nn.Module.__init__(self)
-        k = 3 if kind == "3x3" else 1
-        self.kind, self.dim, self.head_dim, self.num_heads = kind, dim, head_dim, dim // head_dim
-        self.grid, self.num_prefix_tokens, self.alpha, self.tap_order = tuple(grid), 0, None, "deit"
-        self.bconv = nn.Sequential(nn.Conv2d(dim, head_dim, k, padding=k // 2), nn.BatchNorm2d(head_dim), nn.ReLU(),
-                                   nn.Conv2d(head_dim, dim, 1))
-
-    @property
-    def bn_name(self) -> str:
-        return "bconv.1"
-
-    @property
-    def bn(self) -> nn.BatchNorm2d:
-        return self.bconv[1]
-
-    def conv_params(self):
-        """(taps (T, d, C) in the kernels' tap order, tap_bias (d,), out_map (C, d)) of the stored convolution."""
-        c0, c3 = self.bconv[0], self.bconv[3]
-        return R.conv_weight_to_taps(c0.weight), c0.bias, c3.weight[:, :, 0, 0]
-
-    def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False, **kwargs) -> torch.Tensor:
-        taps, tap_bias, out_map = self.conv_params()
-        return R.conv_attention(x, taps, tap_bias, out_map, self.bconv[3].bias, _bn_state(self.bn), self.grid,
-                                self.training, 0)
+        super().__init__(kind, dim, head_dim, grid, num_prefix_tokens=0)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -257,7 +218,7 @@ def _load_finetune(sd, base, name, path, alpha):
                 explicit.append(len(where))
             where.append((s, j))
     arch = Architecture(name, sig, blocks, meta={"source": os.path.basename(path)})
-    has_skip = "skip" in arch.attn_choices
+    has_skip = AttnChoice.SKIP in arch.attn_choices
     if has_skip:
         warnings.warn(f"{path} has skip layers: reproducing the original fine-tune semantics x + LN1(x) (quirk Q4)",
                       stacklevel=4)
@@ -272,7 +233,7 @@ def _load_finetune(sd, base, name, path, alpha):
         dim = sig.stage_dims[s]
         blk.attn = SwinExplicitConvAttention(blocks[i].attn, dim, sig.head_dim, sig.stage_grid(s))
     mapped = original_to_timm_keys(sd)
-    mapped = fuse_msa_qkv(mapped, [w for w, b in zip(where, blocks) if b.attn == "msa"])
+    mapped = fuse_msa_qkv(mapped, [w for w, b in zip(where, blocks) if b.attn == AttnChoice.MSA])
     for s, j in where:  # an original 3x3 layer of a qkv_bias=False model has no value bias; ours has a zero one
         p = f"layers.{s}.blocks.{j}.attn.v."
         if p + "weight" in mapped and p + "bias" not in mapped:
@@ -338,9 +299,6 @@ def read_ffn_indicators(path: str, model: Union[str, nn.Module], **create_kwargs
             kept.append(tuple(int(i) for i in torch.nonzero(v > 0.5).flatten().tolist()))
     return kept
 
-
-FAMILY_LOADERS.append(FamilyLoader("Swin", "swin_tiny_patch4_window7_224", is_swin, looks_like_swin_checkpoint,
-                                    load_official_swin))
 
 __all__ = ["load_official", "original_to_timm_keys", "timm_to_original_keys", "fuse_msa_qkv", "stage_depths_of",
            "block_choice",

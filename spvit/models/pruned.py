@@ -10,7 +10,7 @@ timm ``Mlp`` compacted to the kept units.
 import copy
 import dataclasses
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -18,8 +18,10 @@ import torch.nn as nn
 from spvit_kernels import reference as R
 
 from ..arch import Architecture
+from ..choices import CONV_CHOICES, AttnChoice
+from ..families import family_of
 from . import timm_api as T
-from .convert import SWIN_TO_DEIT, check_images, model_name_of, signature_of
+from .convert import SWIN_TO_DEIT, model_name_of, signature_of
 from .supernet import GatedMlp, SearchAttention, Supernet, _bn_state
 
 
@@ -68,7 +70,7 @@ class ConvAttention(_ConvLayer):
 
     @property
     def bn_name(self) -> str:
-        return "bn_3x3" if self.kind == "3x3" else "bn_1x1"
+        return "bn_3x3" if self.kind == AttnChoice.CONV3 else "bn_1x1"
 
     @property
     def bn(self) -> nn.BatchNorm2d:
@@ -111,7 +113,7 @@ class ExplicitConvAttention(_ConvLayer):
 
     def __init__(self, kind: str, dim: int, head_dim: int, grid, num_prefix_tokens: int = 1):
         super().__init__()
-        k = 3 if kind == "3x3" else 1
+        k = 3 if kind == AttnChoice.CONV3 else 1
         self.kind, self.dim, self.head_dim = kind, dim, head_dim
         self.grid, self.num_prefix_tokens = tuple(grid), num_prefix_tokens
         self.bconv = nn.Sequential(nn.Conv2d(dim, head_dim, k, padding=k // 2), nn.BatchNorm2d(head_dim), nn.ReLU(),
@@ -246,7 +248,66 @@ def wrapped_pretrained_cfg(base: nn.Module, prefix: str, signature, first_conv: 
     return cfg
 
 
-class PrunedModel(nn.Module):
+class PrunedApi(T.WrappedVitApi):
+    """What the pruned models of every family share: the record of the architecture, timm's pretrained cfg and the
+    timm model API of :class:`~spvit.models.timm_api.WrappedVitApi` on the wrapped timm model (``timm_attr``).
+
+    A family's pruned model is ``class X(PrunedApi, nn.Module)`` with its own ``forward`` / ``forward_features`` /
+    ``forward_head`` (TorchScript needs the wrapped model by its attribute name) and ``prune_intermediate_layers``.
+    """
+
+    classifier_name = "head"  # the head's module name inside the timm model (timm's pretrained cfg "classifier")
+
+    def __init__(self, net: nn.Module, architecture: Architecture, alpha: float):
+        super().__init__()
+        setattr(self, self.timm_attr, net)
+        self.architecture = architecture
+        self.signature = architecture.signature
+        self.input_chw: Tuple[int, int, int] = (int(self.signature.in_chans), *map(int, self.signature.img_size))
+        self.model_name = architecture.model_name
+        self.alpha = alpha
+        self.pretrained_cfg = wrapped_pretrained_cfg(net, self.timm_attr + ".", self.signature, "patch_embed.proj",
+                                                     self.classifier_name)
+
+    # -- timm attributes (num_classes / num_features / head_hidden_size / in_chans / feature_info: WrappedVitApi) ----
+    @property
+    def default_cfg(self) -> Dict[str, Any]:
+        return self.pretrained_cfg
+
+    @default_cfg.setter
+    def default_cfg(self, cfg: Dict[str, Any]) -> None:
+        self.pretrained_cfg = cfg
+
+    @property
+    def arch(self) -> Architecture:
+        """The same as ``architecture``."""
+        return self.architecture
+
+    @property
+    def global_pool(self) -> str:
+        return self._timm().global_pool
+
+    def _check_images(self, x: torch.Tensor) -> None:
+        if torch.jit.is_scripting():
+            T.check_images_scripted(x, self.input_chw[0], self.input_chw[1], self.input_chw[2])
+        elif not T.is_tracing():  # fx: shapes are symbolic
+            self._check_input(x)
+
+    # -- head ------------------------------------------------------------------------------------------------------
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """A fresh head for ``num_classes`` (0: none, forward returns pooled features; Swin with ``global_pool=''``:
+        the unpooled map); the pruned trunk is kept.
+
+        The architecture's signature follows the new class count, so checkpoints of the result rebuild it.
+        """
+        super().reset_classifier(num_classes, global_pool)
+        self.architecture = Architecture(self.architecture.model_name, self.signature, list(self.architecture.blocks),
+                                         meta=dict(self.architecture.meta))
+        if isinstance(self.pretrained_cfg, dict) and "num_classes" in self.pretrained_cfg:
+            self.pretrained_cfg = dict(self.pretrained_cfg, num_classes=num_classes)
+
+
+class PrunedModel(PrunedApi, nn.Module):
     """A searched SPViT architecture as a trainable model (fine-tune phase), with timm's model API.
 
     The timm methods (``forward_features``, ``forward_head``, ``forward_intermediates``, ``reset_classifier``,
@@ -266,60 +327,13 @@ class PrunedModel(nn.Module):
     form (spvit.models.timm_api), and the image-shape check is skipped while fx traces.
     """
 
-    __jit_unused_properties__ = ["default_cfg", "num_classes", "num_features", "head_hidden_size", "in_chans",
-                                 "global_pool", "feature_info"]
+    __jit_unused_properties__ = ["default_cfg", "arch", "num_classes", "num_features", "head_hidden_size",
+                                 "in_chans", "global_pool", "feature_info"]
 
     def __init__(self, vit: nn.Module, architecture: Architecture, alpha: float = 1e-2):
-        super().__init__()
-        self.vit = vit
-        self.architecture = architecture
-        self.signature = architecture.signature
-        self.input_chw: Tuple[int, int, int] = (int(self.signature.in_chans), *map(int, self.signature.img_size))
-        self.model_name = architecture.model_name
-        self.alpha = alpha
-        self.pretrained_cfg = wrapped_pretrained_cfg(vit, "vit.", self.signature, "patch_embed.proj", "head")
-
-    # -- timm attributes -------------------------------------------------------------------------------------------
-    @property
-    def default_cfg(self) -> Dict[str, Any]:
-        return self.pretrained_cfg
-
-    @default_cfg.setter
-    def default_cfg(self, cfg: Dict[str, Any]) -> None:
-        self.pretrained_cfg = cfg
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.vit.num_classes)
-
-    @property
-    def num_features(self) -> int:
-        return int(self.vit.num_features)
-
-    @property
-    def head_hidden_size(self) -> int:
-        return int(getattr(self.vit, "head_hidden_size", self.vit.num_features))
-
-    @property
-    def in_chans(self) -> int:
-        return int(self.signature.in_chans)
-
-    @property
-    def global_pool(self) -> str:
-        return self.vit.global_pool
-
-    @property
-    def feature_info(self) -> List[Dict[str, Any]]:
-        """timm's feature info of the blocks (``module`` names prefixed ``vit.``)."""
-        return [dict(f, module="vit." + f["module"]) for f in getattr(self.vit, "feature_info", [])]
+        super().__init__(vit, architecture, alpha)
 
     # -- forward ---------------------------------------------------------------------------------------------------
-    def _check_images(self, x: torch.Tensor) -> None:
-        if torch.jit.is_scripting():
-            T.check_images_scripted(x, self.input_chw[0], self.input_chw[1], self.input_chw[2])
-        elif not T.is_tracing():  # fx: shapes are symbolic
-            check_images(x, self.signature)
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """images (B, in_chans, H, W) -> token features (B, N, C) after the final norm, before pooling and head."""
         self._check_images(x)
@@ -362,48 +376,18 @@ class PrunedModel(nn.Module):
         self.signature = sig
         return take
 
-    # -- head ------------------------------------------------------------------------------------------------------
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.vit.get_classifier()
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """A fresh head for ``num_classes`` (0: none, forward returns pooled features); the pruned trunk is kept.
-
-        The architecture's signature follows the new class count, so checkpoints of the result rebuild it.
-        """
-        if not isinstance(num_classes, int) or num_classes < 0:
-            raise ValueError(f"num_classes must be a non-negative integer, got {num_classes!r}")
-        self.vit.reset_classifier(num_classes, global_pool)
-        sig = dataclasses.replace(self.architecture.signature, num_classes=num_classes)
-        self.architecture = Architecture(self.architecture.model_name, sig, list(self.architecture.blocks),
-                                         meta=dict(self.architecture.meta))
-        self.signature = sig
-        if isinstance(self.pretrained_cfg, dict) and "num_classes" in self.pretrained_cfg:
-            self.pretrained_cfg = dict(self.pretrained_cfg, num_classes=num_classes)
+    # get_classifier / reset_classifier: PrunedApi
 
     # -- training --------------------------------------------------------------------------------------------------
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Activation checkpointing of the blocks (as timm's ViT). In training mode a conv layer's BatchNorm then
-        updates its running statistics twice per step (forward and recomputation), as any checkpointed BatchNorm."""
-        self.vit.set_grad_checkpointing(enable)
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> Set[str]:
-        """Parameter names kept out of weight decay (position embedding, class / register / distillation tokens)."""
-        return {"vit." + n for n in self.vit.no_weight_decay()}
+    # set_grad_checkpointing (as timm's ViT; in training mode a conv layer's BatchNorm then updates its running
+    # statistics twice per step, forward and recomputation) / no_weight_decay (position embedding, class / register /
+    # distillation tokens): WrappedVitApi
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
         """Parameter groups for timm's layer decay: the stem, one group per block, the final norm; head last."""
         return dict(stem=r"^vit\.(?:cls_token|reg_token|pos_embed|patch_embed|norm_pre)",
                     blocks=[(r"^vit\.blocks\.(\d+)", None), (r"^vit\.norm", (99999,))])
-
-
-# Other model families register (matches(model), build(model, arch, carry_weights=, alpha=, official_skip=)) here;
-# Swin does in spvit/models/swin.py.
-PRUNE_BUILDERS: List[Tuple[Callable, Callable]] = []
 
 
 def prune(model: Union[nn.Module, Supernet], arch: Architecture, carry_weights: Optional[bool] = None,
@@ -430,9 +414,12 @@ def prune(model: Union[nn.Module, Supernet], arch: Architecture, carry_weights: 
     if not isinstance(arch, Architecture):
         raise TypeError(f"prune: arch must be an spvit.Architecture (e.g. spvit.Architecture.load(path)), got "
                         f"{type(arch).__name__}")
-    for matches, build in PRUNE_BUILDERS:
-        if matches(model):
-            return build(model, arch, carry_weights=carry_weights, alpha=alpha, official_skip=official_skip)
+    return family_of(model).prune(model, arch, carry_weights=carry_weights, alpha=alpha, official_skip=official_skip)
+
+
+def prune_vit(model: Union[nn.Module, Supernet], arch: Architecture, carry_weights: Optional[bool] = None,
+              alpha: Optional[float] = None, official_skip: bool = False) -> PrunedModel:
+    """The fine-tune model of a ViT/DeiT architecture (see :func:`prune`; the ViT family's ``prune``)."""
     sig = signature_of(model)
     arch.check_compatible(sig, model_name_of(getattr(model, "vit", model)))
     is_sn = isinstance(model, Supernet)
@@ -441,16 +428,16 @@ def prune(model: Union[nn.Module, Supernet], arch: Architecture, carry_weights: 
     src = model.vit if is_sn else model
     vit = copy.deepcopy(src)
     for blk, b in zip(vit.blocks, arch.blocks):
-        if b.attn == "msa":
+        if b.attn == AttnChoice.MSA:
             blk.attn = _msa_from(blk.attn, sig)
-        elif b.attn in ("3x3", "1x1"):
+        elif b.attn in CONV_CHOICES:
             blk.attn = _conv_from(blk.attn, b.attn, sig, alpha, carry and is_sn)
         else:
             blk.attn = SkipAttention(official=official_skip)
         blk.mlp = _compact_mlp(blk.mlp, b.ffn_keep)
     name = model.model_name if is_sn else model_name_of(model)
     pruned_arch = Architecture(name, sig, list(arch.blocks), meta=dict(arch.meta))
-    if official_skip and "skip" in arch.attn_choices:
+    if official_skip and AttnChoice.SKIP in arch.attn_choices:
         warnings.warn("skip layers use the original fine-tune semantics x + LN1(x) (quirk Q4), not the identity",
-                      stacklevel=2)
+                      stacklevel=3)
     return PrunedModel(vit, pruned_arch, alpha=alpha)

@@ -14,27 +14,30 @@ import warnings
 from typing import Any, Dict, List, Optional, Tuple
 
 from ..arch import Architecture, BlockArch
+from ..choices import AttnChoice
+from ..families import family_of
 from .convert import signature_of
+
+_M, _S, _1, _3 = (c.value for c in (AttnChoice.MSA, AttnChoice.SKIP, AttnChoice.CONV1, AttnChoice.CONV3))
 
 # name -> (timm base model, MSA choice per block, kept FFN units per block); from the configs and indicator files.
 SHIPPED: Dict[str, Tuple[str, List[str], List[int]]] = {
     "spvit_deit_tiny_patch16_224": (
-        "deit_tiny_patch16_224", ["1x1", "1x1"] + ["msa"] * 10,
+        "deit_tiny_patch16_224", [_1, _1] + [_M] * 10,
         [744, 758, 764, 767, 766, 764, 756, 659, 633, 473, 179, 145]),
     "spvit_deit_small_patch16_224": (
-        "deit_small_patch16_224", ["1x1"] + ["msa"] * 11,
+        "deit_small_patch16_224", [_1] + [_M] * 11,
         [1304, 1399, 1344, 1214, 1251, 1183, 1140, 925, 742, 391, 104, 103]),
     "spvit_deit_base_patch16_224": (  # bs_l008_t60, the published SPViT-DeiT-B
-        "deit_base_patch16_224", ["1x1"] * 3 + ["3x3"] * 2 + ["msa"] * 7,
+        "deit_base_patch16_224", [_1] * 3 + [_3] * 2 + [_M] * 7,
         [1118, 489, 1050, 1345, 1336, 1326, 1431, 1564, 1606, 1702, 1290, 190]),
     "spvit_deit_base_l006_t100_patch16_224": (
-        "deit_base_patch16_224", ["1x1"] * 3 + ["3x3"] + ["msa"] * 8,
+        "deit_base_patch16_224", [_1] * 3 + [_3] + [_M] * 8,
         [1253, 610, 1343, 1912, 2354, 2306, 2483, 2753, 2869, 2860, 2443, 934]),
 }
 
 # Swin (docs/method.md §8.3): name -> (timm base model, MSA choice per block nested per stage, kept FFN units per
 # block nested per stage); from the original fine-tune configs and FFN indicator files. No 3x3 layer in any.
-_M, _S, _1 = "msa", "skip", "1x1"
 SHIPPED_SWIN: Dict[str, Tuple[str, List[List[str]], List[List[int]]]] = {
     "spvit_swin_tiny_patch4_window7_224": (  # tn_l28_t32
         "swin_tiny_patch4_window7_224", [[_1, _S], [_1, _S], [_M] * 6, [_M] * 2],
@@ -130,24 +133,12 @@ def _load_release(name: str, path: str, num_classes: Optional[int], create_kwarg
     import os
 
     from .official import load_official
-    from .pruned import PrunedModel
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{name}: checkpoint file not found: {path}")
     base_name, attn, widths = shipped_entry(name)
-    if name in SHIPPED_SWIN:
-        try:
-            from .official_swin import load_official as load_official_swin
-        except ImportError:
-            raise ValueError(f"{name}: reading original Swin checkpoints is not available in this spvit") from None
-        from .swin import SwinPrunedModel
-
-        model = load_official_swin(path, base_name, **create_kwargs)
-        pruned_types = (SwinPrunedModel,)
-    else:
-        model = load_official(path, base_name, **create_kwargs)
-        pruned_types = (PrunedModel,)
-    if not isinstance(model, pruned_types):
+    model = load_official(path, base_name, **create_kwargs)
+    if not isinstance(model, family_of(model).pruned_class):
         raise ValueError(f"{name}: {path} is a search (supernet) checkpoint, not a fine-tuned {name}")
     arch = model.architecture
     if arch.attn_choices != attn or arch.ffn_widths != widths:
@@ -191,7 +182,7 @@ def _factory(name: str):
             # spvit.prune(base, arch).
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="skip layers use the original fine-tune semantics")
-                model = prune(base, arch, official_skip="skip" in arch.attn_choices)
+                model = prune(base, arch, official_skip=AttnChoice.SKIP in arch.attn_choices)
         cfg["num_classes"] = model.num_classes
         model.pretrained_cfg = cfg
         if features_only:  # block (ViT) or stage (Swin) outputs through forward_intermediates, as timm's own

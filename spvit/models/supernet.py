@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -14,9 +14,11 @@ import spvit_kernels as K
 from spvit_kernels.reference import BNState
 
 from .. import gates as G
-from ..arch import Architecture, BlockArch, ModelSignature
-from ..flops import dense_macs, min_macs, vit_macs
-from .convert import check_images, gelu_approximate, model_name_of, signature_of
+from ..arch import Architecture, BlockArch
+from ..choices import AttnChoice
+from ..families import family_of
+from ..flops import dense_macs, min_macs, model_macs
+from .convert import gelu_approximate, model_name_of, signature_of
 from .timm_api import WrappedVitApi
 
 
@@ -25,7 +27,37 @@ def _bn_state(bn: nn.BatchNorm2d) -> BNState:
                    bn.eps)
 
 
-class SearchAttention(nn.Module):
+class GatedChoice:
+    """The gates of a single-path search layer from its logits ``kernel_thresholds`` (theta1, theta3, theta_m)."""
+
+    def gates(self) -> torch.Tensor:
+        """Cumulative gates (e1, e3, em): sampled in training, thresholded in eval."""
+        theta = self.kernel_thresholds
+        s = G.sample_gate(theta) if self.training else G.eval_gate(theta)
+        return G.cumulative(s)
+
+    def decision(self) -> str:
+        """The attention choice the eval-mode gates pick."""
+        return G.choice_of(G.cumulative(G.eval_gate(self.kernel_thresholds)))
+
+
+def split_qkv(m: nn.Module, attn: nn.Module) -> None:
+    """Copy a timm attention's fused ``qkv`` and ``proj`` into a search layer's ``qk`` / ``v`` / ``proj``
+    (docs/method.md §1.1); a ``v`` bias the timm layer lacks is zero."""
+    dim = attn.qkv.in_features
+    with torch.no_grad():
+        m.qk.weight.copy_(attn.qkv.weight[: 2 * dim])
+        m.v.weight.copy_(attn.qkv.weight[2 * dim:])
+        if attn.qkv.bias is not None:
+            m.qk.bias.copy_(attn.qkv.bias[: 2 * dim])
+            m.v.bias.copy_(attn.qkv.bias[2 * dim:])
+        elif m.v.bias is not None:
+            m.v.bias.zero_()
+        m.proj.weight.copy_(attn.proj.weight)
+        m.proj.bias.copy_(attn.proj.bias)
+
+
+class SearchAttention(GatedChoice, nn.Module):
     """Single-path attention layer (docs/method.md §1): MSA, 3x3 conv, 1x1 conv and skip from one parameter set.
 
     Parameters (official names): ``qk`` (C -> 2C), ``v`` (C -> C), ``proj`` (C -> C), ``head_probs`` (h, 9),
@@ -59,21 +91,8 @@ class SearchAttention(nn.Module):
         m = cls(dim, attn.num_heads, grid, qkv_bias=attn.qkv.bias is not None, theta=theta, alpha=alpha,
                 proj_drop=attn.proj_drop.p)
         m.to(device=attn.qkv.weight.device, dtype=attn.qkv.weight.dtype)
-        with torch.no_grad():
-            m.qk.weight.copy_(attn.qkv.weight[: 2 * dim])
-            m.v.weight.copy_(attn.qkv.weight[2 * dim:])
-            if attn.qkv.bias is not None:
-                m.qk.bias.copy_(attn.qkv.bias[: 2 * dim])
-                m.v.bias.copy_(attn.qkv.bias[2 * dim:])
-            m.proj.weight.copy_(attn.proj.weight)
-            m.proj.bias.copy_(attn.proj.bias)
+        split_qkv(m, attn)
         return m
-
-    def gates(self) -> torch.Tensor:
-        """Cumulative gates (e1, e3, em): sampled in training, thresholded in eval."""
-        theta = self.kernel_thresholds
-        s = G.sample_gate(theta) if self.training else G.eval_gate(theta)
-        return G.cumulative(s)
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
                 **kwargs) -> torch.Tensor:
@@ -92,8 +111,6 @@ class SearchAttention(nn.Module):
             self.bn_3x3.num_batches_tracked += 1
         return self.proj_drop(out)
 
-    def decision(self) -> str:
-        return G.choice_of(G.cumulative(G.eval_gate(self.kernel_thresholds)))
 
 
 class GatedMlp(nn.Module):
@@ -168,31 +185,43 @@ class Supernet(WrappedVitApi, nn.Module):
     :class:`spvit.models.timm_api.WrappedVitApi`; gate logits are kept out of weight decay.
     """
 
-    def __init__(self, model: nn.Module, theta: float = 1.5, alpha: float = 1e-2, model_name: Optional[str] = None):
+    default_alpha = 1e-2  # head-mixing temperature of the original DeiT code
+
+    def __init__(self, model: nn.Module, theta: float = 1.5, alpha: Optional[float] = None,
+                 model_name: Optional[str] = None):
         super().__init__()
-        self.signature: ModelSignature = signature_of(model)
+        self.signature = signature_of(model)
         self.model_name = model_name or model_name_of(model)
         self.theta0 = float(theta)
-        self.alpha = float(alpha)
-        vit = copy.deepcopy(model)
-        for blk in vit.blocks:
-            blk.attn = SearchAttention.from_timm(blk.attn, self.signature.grid, theta, alpha)
+        self.alpha = float(self.default_alpha if alpha is None else alpha)
+        net = copy.deepcopy(model)
+        for blk in self._blocks_of(net):
+            blk.attn = self._search_attention(blk.attn, theta, self.alpha)
             blk.mlp = GatedMlp.from_timm(blk.mlp, theta)
-        self.vit = vit
+        setattr(self, self.timm_attr, net)
+
+    # -- the family's parts (overridden by the Swin supernet) ------------------------------------------------------
+    def _blocks_of(self, net: nn.Module) -> List[nn.Module]:
+        """The transformer blocks of the wrapped timm model, in block order."""
+        return list(net.blocks)
+
+    def _search_attention(self, attn: nn.Module, theta: float, alpha: float) -> nn.Module:
+        """The single-path search layer replacing a block's timm attention (weights shared)."""
+        return SearchAttention.from_timm(attn, self.signature.grid, theta, alpha)
 
     # -- modules -------------------------------------------------------------------------------------------------
     @property
     def attns(self) -> List[SearchAttention]:
-        return [b.attn for b in self.vit.blocks]
+        return [b.attn for b in self._blocks_of(self._timm())]
 
     @property
     def mlps(self) -> List[GatedMlp]:
-        return [b.mlp for b in self.vit.blocks]
+        return [b.mlp for b in self._blocks_of(self._timm())]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_images(x, self.signature)
+        self._check_input(x)
         with self.sampled_gates():
-            return self.vit(x)
+            return self._timm()(x)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         with self.sampled_gates():
@@ -239,7 +268,7 @@ class Supernet(WrappedVitApi, nn.Module):
         """Differentiable MACs per image through the complexity indicators (§2.4, §3)."""
         e = [G.cumulative(G.complexity_indicator(a.kernel_thresholds)) for a in self.attns]
         k = [G.complexity_indicator(m.ffn_thresholds).sum() for m in self.mlps]
-        return vit_macs(self.signature, e, k)
+        return model_macs(self.signature, e, k)
 
     def gflops(self) -> float:
         """GFLOPs of the current eval-mode decisions."""
@@ -285,17 +314,12 @@ class Supernet(WrappedVitApi, nn.Module):
         rows = []
         for i, (a, m) in enumerate(zip(self.attns, self.mlps)):
             p = torch.sigmoid(a.kernel_thresholds.detach().float()).tolist()
-            probs = {"msa": p[0] * p[1] * p[2], "3x3": p[0] * p[1] * (1 - p[2]), "1x1": p[0] * (1 - p[1]),
-                     "skip": 1 - p[0]}
+            probs = {AttnChoice.MSA.value: p[0] * p[1] * p[2], AttnChoice.CONV3.value: p[0] * p[1] * (1 - p[2]),
+                     AttnChoice.CONV1.value: p[0] * (1 - p[1]), AttnChoice.SKIP.value: 1 - p[0]}
             rows.append({"block": i, "attn": a.decision(), "sigmoid": p, "p_choice": probs,
                          "ffn_kept": int(m.kept().numel()), "ffn_total": m.full_hidden,
                          "ffn_mean_p": float(torch.sigmoid(m.ffn_thresholds.detach().float()).mean())})
         return rows
-
-
-# Other model families register (matches(model), build(model, theta=, alpha=, model_name=)) here; Swin does in
-# spvit/models/swin.py.
-SUPERNET_BUILDERS: List[Tuple[Callable, Callable]] = []
 
 
 MAX_THETA = 50.0  # |initial gate logit|: sigmoid(50) is 1 to double precision; beyond, the gates cannot learn
@@ -323,7 +347,4 @@ def supernet(model: nn.Module, theta: float = 1.5, alpha: Optional[float] = None
         alpha: head-mixing temperature; default the family's (0.01 for DeiT, 100 for Swin, docs/method.md §1.2).
     """
     check_theta_alpha(theta, alpha)
-    for matches, build in SUPERNET_BUILDERS:
-        if matches(model):
-            return build(model, theta=theta, alpha=alpha, model_name=model_name)
-    return Supernet(model, theta=theta, alpha=1e-2 if alpha is None else alpha, model_name=model_name)
+    return family_of(model).supernet(model, theta=theta, alpha=alpha, model_name=model_name)

@@ -1,7 +1,8 @@
 """SPViT for timm's Swin Transformer (docs/method.md §7): search mode and fine-tune (pruned) mode.
 
-The Swin signature and its checks live in :mod:`spvit.models.convert` (:func:`swin_signature_of`); this module
-registers the Swin builders with :func:`spvit.supernet` and :func:`spvit.prune`.
+The Swin signature and its checks live in :mod:`spvit.models.convert` (:func:`swin_signature_of`); the Swin family
+(:mod:`spvit.families.swin`) hands :func:`spvit.supernet` and :func:`spvit.prune` to :func:`supernet_swin` and
+:func:`prune_swin`.
 
 Search (:class:`SwinSupernet`): every block's ``attn`` becomes a :class:`SwinSearchAttention` that runs all
 candidates per window (MSA with the relative position bias and, in shifted blocks, the shift mask; the 1x1 per token;
@@ -18,20 +19,19 @@ stage map (the 3x3 zero-padded at the image border, as the original fine-tune co
 import copy
 import dataclasses
 import warnings
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 import torch.nn as nn
 
 import spvit_kernels as K
 
-from .. import gates as G
-from ..arch import Architecture, SwinSignature
-from ..flops import swin_macs
+from ..arch import Architecture
+from ..choices import CONV_CHOICES, AttnChoice
 from .convert import SWIN_TO_DEIT, _pair, check_swin_images, is_swin, model_name_of, swin_signature_of
 from . import timm_api as T
-from .pruned import PRUNE_BUILDERS, ConvAttention, SkipAttention, _compact_mlp, wrapped_pretrained_cfg
-from .supernet import SUPERNET_BUILDERS, GatedMlp, Supernet, _bn_state, take_gates
+from .pruned import ConvAttention, PrunedApi, SkipAttention, _compact_mlp
+from .supernet import GatedChoice, GatedMlp, Supernet, _bn_state, split_qkv, take_gates
 
 SWIN_ALPHA = 100.0  # head-mixing temperature of every original Swin config (EXTRA.alpha, docs/method.md §7.3)
 
@@ -51,7 +51,7 @@ def _stage_blocks(swin: nn.Module):
 # ----------------------------------------------------------------------------------------------------------------------
 # Search mode
 # ----------------------------------------------------------------------------------------------------------------------
-class SwinSearchAttention(nn.Module):
+class SwinSearchAttention(GatedChoice, nn.Module):
     """Single-path window attention of a Swin block (docs/method.md §7.2): MSA, 3x3, 1x1 and skip per window.
 
     Parameters (the original's names): ``qk`` (C -> 2C), ``v`` (C -> C, with bias), ``proj`` (C -> C),
@@ -91,16 +91,8 @@ class SwinSearchAttention(nn.Module):
         m = cls(dim, attn.num_heads, window, qkv_bias=attn.qkv.bias is not None, theta=theta, alpha=alpha,
                 proj_drop=attn.proj_drop.p)
         m.to(device=attn.qkv.weight.device, dtype=attn.qkv.weight.dtype)
+        split_qkv(m, attn)
         with torch.no_grad():
-            m.qk.weight.copy_(attn.qkv.weight[: 2 * dim])
-            m.v.weight.copy_(attn.qkv.weight[2 * dim:])
-            if attn.qkv.bias is not None:
-                m.qk.bias.copy_(attn.qkv.bias[: 2 * dim])
-                m.v.bias.copy_(attn.qkv.bias[2 * dim:])
-            else:
-                m.v.bias.zero_()
-            m.proj.weight.copy_(attn.proj.weight)
-            m.proj.bias.copy_(attn.proj.bias)
             m.relative_position_bias_table.copy_(attn.relative_position_bias_table)
         return m
 
@@ -109,11 +101,6 @@ class SwinSearchAttention(nn.Module):
         n = self.window * self.window
         b = self.relative_position_bias_table[self.relative_position_index.reshape(-1)].reshape(n, n, -1)
         return b.permute(2, 0, 1).unsqueeze(0)
-
-    def gates(self) -> torch.Tensor:
-        theta = self.kernel_thresholds_full
-        s = G.sample_gate(theta) if self.training else G.eval_gate(theta)
-        return G.cumulative(s)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         n = self.window * self.window
@@ -134,9 +121,6 @@ class SwinSearchAttention(nn.Module):
             self.bn_1x1.num_batches_tracked += 1
             self.bn_3x3.num_batches_tracked += 1
         return self.proj_drop(out)
-
-    def decision(self) -> str:
-        return G.choice_of(G.cumulative(G.eval_gate(self.kernel_thresholds_full)))
 
     @property
     def kernel_thresholds(self) -> nn.Parameter:
@@ -166,45 +150,16 @@ class SwinSupernet(Supernet):
     timm_attr = "swin"  # WrappedVitApi: the timm model is ``self.swin``
     output_fmt = "NHWC"
 
-    def __init__(self, model: nn.Module, theta: float = 1.5, alpha: float = SWIN_ALPHA,
-                 model_name: Optional[str] = None):
-        nn.Module.__init__(self)
-        self.signature: SwinSignature = swin_signature_of(model)
-        self.model_name = model_name or model_name_of(model)
-        self.theta0 = float(theta)
-        self.alpha = float(alpha)
-        swin = copy.deepcopy(model)
-        for _, _, blk in _stage_blocks(swin):
-            blk.attn = SwinSearchAttention.from_timm(blk.attn, theta, alpha)
-            blk.mlp = GatedMlp.from_timm(blk.mlp, theta)
-        self.swin = swin
+    default_alpha = SWIN_ALPHA
 
-    @property
-    def attns(self) -> List[SwinSearchAttention]:
-        return [blk.attn for _, _, blk in _stage_blocks(self.swin)]
+    def _blocks_of(self, net: nn.Module) -> List[nn.Module]:
+        return [blk for _, _, blk in _stage_blocks(net)]
 
-    @property
-    def mlps(self) -> List[GatedMlp]:
-        return [blk.mlp for _, _, blk in _stage_blocks(self.swin)]
-
-    @property
-    def feature_info(self) -> List[Dict[str, Any]]:
-        """timm's feature info of the stages (``module`` names prefixed ``swin.``)."""
-        return [dict(f, module="swin." + f["module"]) for f in getattr(self.swin, "feature_info", [])]
+    def _search_attention(self, attn: nn.Module, theta: float, alpha: float) -> nn.Module:
+        return SwinSearchAttention.from_timm(attn, theta, alpha)
 
     def _check_input(self, x: torch.Tensor) -> None:
         check_swin_images(x, self.signature)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_swin_images(x, self.signature)
-        with self.sampled_gates():
-            return self.swin(x)
-
-    def macs_tensor(self) -> torch.Tensor:
-        """Differentiable MACs per image through the complexity indicators (§2.4, §7.5)."""
-        e = [G.cumulative(G.complexity_indicator(a.kernel_thresholds_full)) for a in self.attns]
-        k = [G.complexity_indicator(m.ffn_thresholds).sum() for m in self.mlps]
-        return swin_macs(self.signature, e, k)
 
     def gate_summary(self) -> List[Dict]:
         rows = super().gate_summary()
@@ -247,7 +202,9 @@ class SwinPrunedBlock(nn.Module):
 
     @property
     def kind(self) -> str:
-        return getattr(self.attn, "kind", None) or ("skip" if isinstance(self.attn, SkipAttention) else "msa")
+        if getattr(self.attn, "kind", None):
+            return self.attn.kind
+        return (AttnChoice.SKIP if isinstance(self.attn, SkipAttention) else AttnChoice.MSA).value
 
     def _windowed(self, x: torch.Tensor) -> torch.Tensor:
         """Window MSA of the normalised map x (B, H, W, C): roll, partition, attention, reverse, roll back. Sizes
@@ -329,7 +286,7 @@ def _swin_conv_from(attn: nn.Module, kind: str, dim: int, heads: int, grid, alph
     return new
 
 
-class SwinPrunedModel(T.WrappedVitApi, nn.Module):
+class SwinPrunedModel(PrunedApi, nn.Module):
     """A searched SPViT architecture of a Swin Transformer as a trainable model (fine-tune phase, §7.4), with timm's
     model API for a Swin.
 
@@ -350,52 +307,19 @@ class SwinPrunedModel(T.WrappedVitApi, nn.Module):
     __jit_unused_properties__ = ["default_cfg", "arch", "num_classes", "num_features", "head_hidden_size",
                                  "in_chans", "global_pool", "feature_info", "blocks"]
     timm_attr = "swin"
+    classifier_name = "head.fc"
     output_fmt = "NHWC"
 
     def __init__(self, swin: nn.Module, architecture: Architecture, alpha: float = SWIN_ALPHA):
-        super().__init__()
-        self.swin = swin
-        self.architecture = architecture
-        self.signature: SwinSignature = architecture.signature
-        self.input_chw: Tuple[int, int, int] = (int(self.signature.in_chans), *map(int, self.signature.img_size))
-        self.model_name = architecture.model_name
-        self.alpha = alpha
-        self.pretrained_cfg = wrapped_pretrained_cfg(swin, "swin.", self.signature, "patch_embed.proj", "head.fc")
+        super().__init__(swin, architecture, alpha)
 
-    # -- timm attributes (num_classes / num_features / head_hidden_size / in_chans: WrappedVitApi) ------------------
-    @property
-    def default_cfg(self) -> Dict[str, Any]:
-        return self.pretrained_cfg
-
-    @default_cfg.setter
-    def default_cfg(self, cfg: Dict[str, Any]) -> None:
-        self.pretrained_cfg = cfg
-
-    @property
-    def arch(self) -> Architecture:
-        """The same as ``architecture``."""
-        return self.architecture
-
-    @property
-    def global_pool(self) -> str:
-        return self.swin.global_pool
-
-    @property
-    def feature_info(self) -> List[Dict[str, Any]]:
-        """timm's feature info of the stages (channels, stride; ``module`` names prefixed ``swin.``)."""
-        return [dict(f, module="swin." + f["module"]) for f in getattr(self.swin, "feature_info", [])]
+    # timm attributes: PrunedApi and WrappedVitApi
 
     @property
     def blocks(self) -> List[SwinPrunedBlock]:
         return [blk for _, _, blk in _stage_blocks(self.swin)]
 
     # -- forward ---------------------------------------------------------------------------------------------------
-    def _check_images(self, x: torch.Tensor) -> None:
-        if torch.jit.is_scripting():
-            T.check_images_scripted(x, self.input_chw[0], self.input_chw[1], self.input_chw[2])
-        elif not T.is_tracing():  # fx: shapes are symbolic
-            check_swin_images(x, self.signature)
-
     def _check_input(self, x: torch.Tensor) -> None:
         check_swin_images(x, self.signature)
 
@@ -442,16 +366,6 @@ class SwinPrunedModel(T.WrappedVitApi, nn.Module):
         self.signature = sig
         return take
 
-    # -- head ------------------------------------------------------------------------------------------------------
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """A fresh head for ``num_classes`` (0: none, forward returns the pooled features; with ``global_pool=''``
-        the unpooled map); the pruned trunk is kept and the architecture's signature follows the class count."""
-        super().reset_classifier(num_classes, global_pool)
-        self.architecture = Architecture(self.model_name, self.signature, list(self.architecture.blocks),
-                                         meta=dict(self.architecture.meta))
-        if isinstance(self.pretrained_cfg, dict):
-            self.pretrained_cfg = dict(self.pretrained_cfg, num_classes=num_classes)
-
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
         """Parameter groups for timm's layer decay (timm's Swin groups, prefixed): the stem, one group per block
@@ -482,24 +396,20 @@ def prune_swin(model: nn.Module, arch: Architecture, carry_weights: Optional[boo
         for j, blk in enumerate(list(stage.blocks)):
             b = arch.blocks[i]
             i += 1
-            if b.attn == "msa":
+            if b.attn == AttnChoice.MSA:
                 attn = _window_msa_from(blk.attn, heads, sig.stage_window(s))
-            elif b.attn in ("3x3", "1x1"):
+            elif b.attn in CONV_CHOICES:
                 attn = _swin_conv_from(blk.attn, b.attn, dim, heads, grid, alpha, carry and is_sn)
             else:
                 attn = SkipAttention(official=official_skip)
             stage.blocks[j] = SwinPrunedBlock(blk, attn, _compact_mlp(blk.mlp, b.ffn_keep))
     name = model.model_name if is_sn else model_name_of(model)
     pruned_arch = Architecture(name, sig, list(arch.blocks), meta=dict(arch.meta))
-    if official_skip and "skip" in arch.attn_choices:
+    if official_skip and AttnChoice.SKIP in arch.attn_choices:
         warnings.warn("skip layers use the original fine-tune semantics x + LN1(x) (docs/method.md Q4), not the "
-                      "identity", stacklevel=2)
+                      "identity", stacklevel=3)
     return SwinPrunedModel(swin, pruned_arch, alpha=alpha)
 
-
-# spvit.supernet / spvit.prune dispatch Swin models here
-SUPERNET_BUILDERS.append((is_swin, supernet_swin))
-PRUNE_BUILDERS.append((is_swin, prune_swin))
 
 __all__ = ["SWIN_ALPHA", "SWIN_TO_DEIT", "SwinSearchAttention", "SwinSupernet", "SwinPrunedBlock", "SwinPrunedModel",
            "swin_signature_of", "check_swin_images", "is_swin", "supernet_swin", "prune_swin"]

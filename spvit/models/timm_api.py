@@ -164,7 +164,7 @@ class WrappedVitApi:
     are kept out of weight decay, as the method's architecture optimiser (docs/method.md §4.3). Subclasses may
     override ``_check_input``."""
 
-    __jit_unused_properties__ = ["num_classes", "num_features", "head_hidden_size", "in_chans"]
+    __jit_unused_properties__ = ["num_classes", "num_features", "head_hidden_size", "in_chans", "feature_info"]
     timm_attr = "vit"
 
     def _timm(self) -> nn.Module:
@@ -186,6 +186,13 @@ class WrappedVitApi:
     @property
     def in_chans(self) -> int:
         return int(self.signature.in_chans)
+
+    @property
+    def feature_info(self) -> List[Dict[str, Any]]:
+        """timm's feature info of the wrapped model (blocks of a ViT, stages of a Swin; ``module`` names prefixed
+        ``<timm_attr>.``)."""
+        prefix = self.timm_attr + "."
+        return [dict(f, module=prefix + f["module"]) for f in getattr(self._timm(), "feature_info", [])]
 
     def _check_input(self, x: torch.Tensor) -> None:
         from .convert import check_images
