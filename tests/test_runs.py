@@ -401,7 +401,7 @@ def test_pretrained_file_of_another_image_size_is_resampled(tmp_path):
     import timm
     import torch.nn.functional as F
 
-    from spvit import engine
+    from spvit import hub
 
     kw = {"patch_size": 2, "in_chans": 1, "embed_dim": 32, "depth": 2, "num_heads": 2}
     small = timm.create_model("spvit_demo_vit", num_classes=10, img_size=8, **kw)
@@ -409,7 +409,7 @@ def test_pretrained_file_of_another_image_size_is_resampled(tmp_path):
         small.pos_embed.normal_()
     torch.save(small.state_dict(), tmp_path / "w8.pth")
     big = timm.create_model("spvit_demo_vit", num_classes=10, img_size=16, **kw)
-    engine.load_local_weights(big, str(tmp_path / "w8.pth"))
+    hub.load_local_weights(big, str(tmp_path / "w8.pth"))
     grid = small.pos_embed[:, 1:].reshape(1, 4, 4, 32).permute(0, 3, 1, 2)
     ref = F.interpolate(grid, size=(8, 8), mode="bicubic", antialias=True, align_corners=False)
     ref = ref.permute(0, 2, 3, 1).reshape(1, 64, 32)
