@@ -30,11 +30,11 @@ from . import config as C
 from . import distributed as D
 from . import engine as E
 from . import latency as L
+from .checkpoints import load_finetuned
 from .cli_parser import EXIT_BAD_INPUT, EXIT_IO, build_parser
 from .data import DataConfig, DataError, build_datasets, build_loaders
 from .deploy import deploy_checkpoint
 from .export import check_onnx_dtype, export_for_format
-from .finetune import model_from_checkpoint
 from .flops import count_params, gflops
 from .models import UnsupportedModelError
 from .runs import RunError
@@ -122,15 +122,6 @@ def cmd_compress(args) -> int:
               f"{a['dense_gflops']:.4g} -> {a['compressed_gflops']:.4g} GFLOPs, val acc {a['dense_val_acc']:.2f} -> "
               f"{a['compressed_val_acc']:.2f}; report: {os.path.join(args.out, 'report.md')}")
     return 0
-
-
-def load_finetuned(path: str):
-    """A fine-tuned pruned model (eval mode) and its checkpoint, from a ``best.pth`` / ``checkpoint.pth`` of a
-    fine-tune run (loaded with ``weights_only=True``)."""
-    ck = runs.load_torch_file(path, "checkpoint")
-    if not isinstance(ck, dict) or not isinstance(ck.get("arch"), dict) or "model" not in ck:
-        raise RunError(f"{path} is not a checkpoint of `spvit finetune` (no architecture inside)")
-    return model_from_checkpoint(ck, path).eval(), ck
 
 
 def cmd_eval(args) -> int:

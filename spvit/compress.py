@@ -53,6 +53,7 @@ from . import finetune, hub, interrupts, optim, runs, search
 from . import latency as L
 from ._version import __version__
 from .arch import Architecture
+from .checkpoints import model_meta
 from .compress_plan import (CONFIG_NAME, EXECUTION_ONLY, LAMBDA_REL, MEASURE_FILE, STAGES, STAGES_FILE, TABLE_FILE,
                             CompressConfig, Plan, check_data, chosen_model, device_of, input_size, paper_family,
                             preflight, probe_model)
@@ -111,7 +112,7 @@ def train_dense(cfg: TrainConfig) -> None:
         fit(model=D.wrap_ddp(model, dist), schedules=[sched], epochs=cfg.epochs,
               loss_fn=lambda im, lo, y: (task(lo, y), {}), train_loader=st.train_loader, train_sampler=st.sampler,
               val_loader=st.val_loader, dist=dist, out=out, dtype=optim.amp_dtype(cfg.amp, dist.device),
-              best_meta={"model_name": cfg.model, "model_kwargs": cfg.model_kwargs, "num_classes": st.num_classes},
+              best_meta=model_meta(cfg.model, cfg.model_kwargs, st.num_classes),
               show=cfg.progress, desc="teacher", tensorboard=cfg.tensorboard, resume=cfg.resume,
               stop_after_epoch=cfg.stop_after_epoch)
 

@@ -15,11 +15,11 @@ from . import distributed as D
 from . import hub
 from . import latency as L
 from . import runs
+from .checkpoints import model_from_checkpoint
 from .config import (BaseConfig, ConfigError, FinetuneConfig, SearchConfig, TrainConfig, _finite, _int_at_least,
                      check_device, find_config, flag, load_yaml)
 from .data import build_datasets
 from .engine import data_config
-from .finetune import model_from_checkpoint
 from .models import supernet
 from .runs import RunError
 

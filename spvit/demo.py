@@ -18,9 +18,10 @@ from typing import Dict, Union
 import torch
 from torch.utils.data import DataLoader
 
-from . import compress, finetune, hub, runs
+from . import compress, hub, runs
 from . import distributed as D
 from . import engine as E
+from .checkpoints import model_from_checkpoint
 from .compress_plan import CompressConfig
 from .config import DemoConfig, TrainConfig
 from .config import save as save_config
@@ -57,7 +58,7 @@ def train_teacher(cfg: TrainConfig):
 
 def _chosen(path: str) -> torch.nn.Module:
     """The model a stage selected on validation (its ``best.pth``)."""
-    return finetune.model_from_checkpoint(runs.load_torch_file(path), path).eval()
+    return model_from_checkpoint(runs.load_torch_file(path), path).eval()
 
 
 def test_accuracy(model: torch.nn.Module, size: int, dist: D.DistInfo) -> float:

@@ -24,6 +24,7 @@ from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
 from . import interrupts, runs
+from .checkpoints import load_state
 from .config import TrainConfig
 from .config import save as save_config
 from .config import without_run_control
@@ -322,17 +323,6 @@ def run_folder(cfg: TrainConfig, dist: DistInfo) -> Iterator[str]:
 def save_run_config(cfg, out: str, dist: DistInfo, name: str = "config.yaml") -> None:
     if dist.main:
         save_config(without_run_control(cfg), os.path.join(out, name))
-
-
-def load_state(module: nn.Module, state: Dict, path: str, what: str) -> None:
-    """``module.load_state_dict(state)`` with a mismatch reported as one :class:`RunError` line."""
-    try:
-        module.load_state_dict(state)
-    except (RuntimeError, KeyError, TypeError, AttributeError) as exc:
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-        detail = next((ln for ln in lines if ln.startswith("size mismatch")), lines[-1] if lines else str(exc))
-        raise RunError(f"{what} {path} does not fit the model ({detail[:300]}); it was made for another model, "
-                       f"architecture or image size") from None
 
 
 def read_checkpoint(path: str) -> Dict:

@@ -21,6 +21,7 @@ from . import hub
 from . import optim
 from . import runs
 from .arch import Architecture
+from .checkpoints import load_state, model_from_checkpoint, model_meta
 from .config import FinetuneConfig
 from .distill import DistillationLoss
 from .flops import count_params, gflops
@@ -111,7 +112,7 @@ def build_pruned(arch: Architecture, model_name: str, num_classes: int, pretrain
             except ValueError as exc:
                 raise RunError(f"the model built for the fine-tune does not fit the architecture: {exc}") from None
             try:
-                E.load_state(sn, state, init, "--init checkpoint")
+                load_state(sn, state, init, "--init checkpoint")
             except RunError:
                 why = _init_mismatch(init, ck, model_name, model_kwargs)
                 if why:
@@ -123,26 +124,6 @@ def build_pruned(arch: Architecture, model_name: str, num_classes: int, pretrain
     except ValueError as exc:
         raise RunError(f"architecture {getattr(arch, 'model_name', '?')} does not fit model {model_name}: {exc}") \
             from None
-
-
-def model_from_checkpoint(ck: Dict, path: str, what: str = "checkpoint") -> nn.Module:
-    """The model a checkpoint of a run describes (a pruned model when it records an architecture, else the dense
-    timm model), with its weights."""
-    if not isinstance(ck, dict) or not isinstance(ck.get("model"), dict) or not ck.get("model_name"):
-        raise RunError(f"{what} {path} is not a checkpoint of an spvit run (no model name and weights inside)")
-    kwargs, ncls = ck.get("model_kwargs") or {}, ck.get("num_classes")
-    if isinstance(ck.get("arch"), dict):
-        try:
-            arch = Architecture.from_dict(ck["arch"])
-        except (ValueError, TypeError, KeyError) as exc:
-            raise RunError(f"{what} {path}: malformed architecture record ({exc})") from None
-        model = build_pruned(arch, ck["model_name"], ncls or arch.signature.num_classes, None, 0.0, kwargs, "none")
-    else:
-        if not ncls:
-            raise RunError(f"{what} {path} does not record its number of classes")
-        model = hub.build_timm_model(ck["model_name"], ncls, None, 0.0, kwargs)
-    E.load_state(model, ck["model"], path, what)
-    return model
 
 
 def build_teacher(cfg: FinetuneConfig, num_classes: int, dist: Optional[D.DistInfo] = None) -> nn.Module:
@@ -236,8 +217,7 @@ def run(cfg: Union[FinetuneConfig, Dict], source: Optional[nn.Module] = None,
         gf = gflops(model)
         D.log(f"fine-tune {cfg.model}: {gf:.4g} GFLOPs, {count_params(model) / 1e6:.3f} M params, lr {lr:.3g}, "
               f"distillation {cfg.distillation}, {dist.world} process(es) on {dist.device}", dist)
-        meta = {"model_name": cfg.model, "model_kwargs": kwargs, "num_classes": st.num_classes,
-                "arch": arch.to_dict()}
+        meta = model_meta(cfg.model, kwargs, st.num_classes, arch)
         res = E.fit(model=ddp, schedules=schedules, epochs=cfg.epochs, loss_fn=loss_fn, train_loader=st.train_loader,
                     train_sampler=st.sampler, val_loader=st.val_loader, dist=dist, out=out, mixup=st.mixup,
                     dtype=dtype, scaler=scaler, clip_grad=cfg.clip_grad, ema=ema, resume=cfg.resume,

@@ -20,6 +20,7 @@ from . import engine as E
 from . import hub
 from . import optim
 from . import runs
+from .checkpoints import model_meta
 from .config import SearchConfig
 from .models import Supernet, supernet
 from .runs import RunError
@@ -177,7 +178,7 @@ def run(cfg: Union[SearchConfig, Dict], supernet_module: Optional[nn.Module] = N
                     out=out, mixup=st.mixup, dtype=dtype, scaler=scaler, clip_grad=cfg.clip_grad, resume=cfg.resume,
                     stop_after_epoch=cfg.stop_after_epoch, after_epoch=after_epoch, write_epoch=write_epoch,
                     postfix=lambda: {"GFLOPs": f"{sn.gflops():.4g}", **postfix_ms()},
-                    best_meta={"model_name": cfg.model, "model_kwargs": kwargs, "num_classes": st.num_classes},
+                    best_meta=model_meta(cfg.model, kwargs, st.num_classes),
                     show=cfg.progress, desc="search", tensorboard=cfg.tensorboard,
                     resume_hint=f"spvit search --out {out} --resume", epoch_notes=gates_line, cfg=cfg)
     final = read_out()

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from spvit import cli, compress, compress_plan, engine, finetune, runs
+from spvit import checkpoints, cli, compress, compress_plan, engine, finetune, runs
 from spvit.config import ConfigError
 from spvit.distributed import DistInfo
 from spvit.data import DataConfig, build_datasets
@@ -72,7 +72,7 @@ def test_every_stage_with_a_speedup_target(full):
     _, val = build_datasets("digits", DataConfig(input_size=8), need_train=False)
     loader = torch.utils.data.DataLoader(val, batch_size=50)
     for path, key in (("teacher/best.pth", "dense_val_acc"), ("finetune/best.pth", "compressed_val_acc")):
-        model = finetune.model_from_checkpoint(runs.load_torch_file(str(out / path)), path).eval()
+        model = checkpoints.model_from_checkpoint(runs.load_torch_file(str(out / path)), path).eval()
         assert engine.evaluate(model, loader, DistInfo(), show=False)["acc1"] == pytest.approx(a[key])
     arch = json.load(open(out / "finetune" / "arch.json"))
     assert [b["attn"] for b in s["blocks"]] == [b["attn"] for b in arch["blocks"]]
@@ -81,7 +81,7 @@ def test_every_stage_with_a_speedup_target(full):
     from spvit import load_deployed
 
     dep = load_deployed(str(out / "deploy" / "deployed.pth"))
-    pruned = finetune.model_from_checkpoint(runs.load_torch_file(str(out / "finetune/best.pth")), "ft").eval()
+    pruned = checkpoints.model_from_checkpoint(runs.load_torch_file(str(out / "finetune/best.pth")), "ft").eval()
     x = torch.randn(4, 1, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(dep(x), pruned(x), rtol=1e-4, atol=1e-4)
