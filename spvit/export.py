@@ -23,6 +23,7 @@ import warnings
 from typing import Optional, Union
 
 import torch
+from spvit_kernels import use_backend
 
 from .deploy import DeployedModel
 from .runs import RunIOError, temp_name
@@ -42,8 +43,6 @@ def reference_ops(model):
 
     Restores the model's ``kernels_when_tracing`` setting on exit.
     """
-    from spvit_kernels import use_backend
-
     prev = model.kernels_when_tracing
     model.kernels_when_tracing = False
     try:

@@ -18,8 +18,8 @@ import torch.nn as nn
 from . import distributed as D
 from . import engine as E
 from . import hub
-from . import optim
-from . import runs
+from . import latency as L
+from . import optim, runs
 from .checkpoints import model_meta
 from .config import SearchConfig
 from .models import Supernet, supernet
@@ -86,8 +86,6 @@ def run(cfg: Union[SearchConfig, Dict], supernet_module: Optional[nn.Module] = N
                          f"use a divisor of the FFN width such as 64, or 0 (off)")
     lat = None
     if cfg.latency_table:  # hardware-aware: a latency target replaces the FLOPs target (docs/method.md §11.4)
-        from . import latency as L
-
         try:
             table = L.load_table(cfg.latency_table, dist)
             lat = L.LatencyObjective(table, sn, L.resolve_target(table, cfg.target_speedup, cfg.target_latency_ms))
@@ -133,9 +131,7 @@ def run(cfg: Union[SearchConfig, Dict], supernet_module: Optional[nn.Module] = N
         def read_out():
             if lat is None and not cfg.ffn_align:
                 return sn.architecture()
-            from .latency import align_architecture
-
-            return align_architecture(sn, cfg.ffn_align, lat.table if lat is not None else None)
+            return L.align_architecture(sn, cfg.ffn_align, lat.table if lat is not None else None)
 
         def after_epoch(epoch: int, m: Dict) -> Dict:
             rows = sn.gate_summary()
