@@ -29,8 +29,9 @@ before the first file is written.
 
 Recipes (``--recipe``): ``paper`` takes the original configuration of the model family (``configs/``: epochs,
 learning rates, lambda, data recipe); ``quick`` the same with :data:`~spvit.compress_plan.QUICK_FRACTION` of every
-epoch count (at least one), for a first look; ``none`` the package's defaults. Settings for every training stage (``train``) and per stage
-(``teacher``, ``search``, ``finetune``) override the recipe, from ``--config file.yaml`` or the command line.
+epoch count (at least one), for a first look; ``none`` the package's defaults. Settings for every training stage
+(``train``) and per stage (``teacher``, ``search``, ``finetune``) override the recipe, from ``--config file.yaml`` or
+the command line.
 """
 from __future__ import annotations
 
@@ -66,6 +67,7 @@ from .flops import count_params, gflops
 from .models import supernet
 from .plots import plot_compress
 from .runs import RunError
+from .timing import time_fn
 
 MISS_TOLERANCE = 0.10  # a measured speedup (or FLOPs) further than this from the request is reported plainly
 
@@ -136,7 +138,8 @@ def measure_latency(deployed, dense, batch: int, rounds: int, budget_s: float, s
     with torch.inference_mode():
         for r in range(rounds):  # which model goes first alternates too: neither gains from the other's warm-up
             order = (deployed, dense) if r % 2 == 0 else (dense, deployed)
-            t = [L.time_ms(lambda m=m: m(x), dev, 3, 50, budget_s, clock=clock)[key] for m in order]
+            t = [time_fn(lambda m=m: m(x), dev, 2, 3, budget_s=budget_s, max_reps=50, clock=clock)[key]
+                 for m in order]
             c, d = (t[0], t[1]) if r % 2 == 0 else (t[1], t[0])
             comp.append(c)
             dns.append(d)

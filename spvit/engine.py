@@ -487,7 +487,8 @@ def fit(*, model: nn.Module, schedules: List[Schedule], epochs: int, loss_fn: Ca
     except (RunError, DataError, OSError, interrupts.Interrupted, KeyboardInterrupt):  # reported as they are
         raise
     except Exception as exc:  # a failure of the training machinery, not of the user's input
-        if os.environ.get("SPVIT_TRACEBACK") == "1" or interrupts.peer_lost(exc):  # a dead torchrun peer: said by the CLI
+        # a dead torchrun peer is said by the CLI
+        if os.environ.get("SPVIT_TRACEBACK") == "1" or interrupts.peer_lost(exc):
             raise
         ck = (f"the last checkpoint is after epoch {saved + 1}/{epochs}" if saved is not None else
               "no checkpoint was written yet")

@@ -177,5 +177,5 @@ def export_for_format(args: argparse.Namespace, deployed, out_dir: str) -> Optio
     return path
 
 
-__all__ = ["export_onnx", "check_onnx_dtype", "reference_ops", "dynamo_exporter_available", "add_format_argument", "export_for_format",
-           "INPUT_NAME", "OUTPUT_NAME", "FORMATS"]
+__all__ = ["export_onnx", "check_onnx_dtype", "reference_ops", "dynamo_exporter_available", "add_format_argument",
+           "export_for_format", "INPUT_NAME", "OUTPUT_NAME", "FORMATS"]
