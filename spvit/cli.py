@@ -164,11 +164,11 @@ def cmd_deploy(args) -> int:
     if os.path.isdir(args.out) and any(os.scandir(args.out)):
         if not args.overwrite:
             raise RunError(f"{args.out} exists and is not empty; pass --overwrite (replaces only "
-                             f"{', '.join(DEPLOY_FILES)}) or choose another --out")
+                           f"{', '.join(DEPLOY_FILES)}) or choose another --out")
         others = sorted(e.name for e in os.scandir(args.out) if e.name not in DEPLOY_FILES)
         if others:
             raise RunError(f"--overwrite refused: {args.out} holds files spvit deploy did not write "
-                             f"({', '.join(others[:3])}); choose another --out")
+                           f"({', '.join(others[:3])}); choose another --out")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     if getattr(args, "format", "torch") == "onnx":
         try:
@@ -279,12 +279,12 @@ def cmd_bench(args) -> int:
     gib = args.batch_size * sig.in_chans * sig.img_size[0] * sig.img_size[1] * 4 / 2**30
     if gib > BENCH_MAX_INPUT_GIB:
         raise RunError(f"--batch-size {args.batch_size}: the input batch alone would take {gib:.3g} GiB "
-                         f"(limit {BENCH_MAX_INPUT_GIB} GiB); use a smaller batch")
+                       f"(limit {BENCH_MAX_INPUT_GIB} GiB); use a smaller batch")
     try:
         x = torch.randn(args.batch_size, sig.in_chans, *sig.img_size, device=dist.device)
     except (RuntimeError, MemoryError) as exc:  # out of memory on the device
         raise RunError(f"--batch-size {args.batch_size} does not fit in memory on {dist.device} "
-                         f"({_one_line(exc)[:120]}); use a smaller batch") from None
+                       f"({_one_line(exc)[:120]}); use a smaller batch") from None
     for name, m in (("dense", dense), ("pruned", model)):
         m.to(dist.device)
         with torch.no_grad():

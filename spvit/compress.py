@@ -112,11 +112,11 @@ def train_dense(cfg: TrainConfig) -> None:
         sched = optim.Schedule(opt, cfg.lr, cfg.min_lr, cfg.schedule_length, cfg.warmup_epochs, cfg.warmup_lr)
         task = optim.task_loss_fn(cfg.smoothing, False)
         fit(model=D.wrap_ddp(model, dist), schedules=[sched], epochs=cfg.epochs,
-              loss_fn=lambda im, lo, y: (task(lo, y), {}), train_loader=st.train_loader, train_sampler=st.sampler,
-              val_loader=st.val_loader, dist=dist, out=out, dtype=optim.amp_dtype(cfg.amp, dist.device),
-              best_meta=model_meta(cfg.model, cfg.model_kwargs, st.num_classes),
-              show=cfg.progress, desc="teacher", tensorboard=cfg.tensorboard, resume=cfg.resume,
-              stop_after_epoch=cfg.stop_after_epoch)
+            loss_fn=lambda im, lo, y: (task(lo, y), {}), train_loader=st.train_loader, train_sampler=st.sampler,
+            val_loader=st.val_loader, dist=dist, out=out, dtype=optim.amp_dtype(cfg.amp, dist.device),
+            best_meta=model_meta(cfg.model, cfg.model_kwargs, st.num_classes),
+            show=cfg.progress, desc="teacher", tensorboard=cfg.tensorboard, resume=cfg.resume,
+            stop_after_epoch=cfg.stop_after_epoch)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -257,11 +257,11 @@ def run(cfg: CompressConfig, resume: bool = False, stop_after: Optional[str] = N
     except interrupts.Interrupted as exc:  # a stage's own hint names its folder: the whole run continues from the top
         cmd = "spvit demo" if cfg.report_style == "demo" else "spvit compress"
         raise interrupts.Interrupted(f"{exc}; or continue the whole run: {cmd} --out {shlex.quote(out)} --resume",
-                               exc.signum) from None
+                                     exc.signum) from None
     except KeyboardInterrupt:  # outside a training loop (profile, deploy, measure, report): redo that stage
         cmd = "spvit demo" if cfg.report_style == "demo" else "spvit compress"
         raise interrupts.Interrupted(f"interrupted in stage {stage}; continue with: {cmd} --out {shlex.quote(out)} "
-                               f"--resume", signal.SIGINT) from None
+                                     f"--resume", signal.SIGINT) from None
     finally:
         lock.release()
         torch.set_num_threads(threads_before)

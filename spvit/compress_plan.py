@@ -200,7 +200,7 @@ def dense_of(cfg: CompressConfig) -> Dense:
         ck = runs.load_torch_file(cfg.model, "--model checkpoint")
         if not isinstance(ck, dict) or not ck.get("model_name") or not isinstance(ck.get("model"), dict):
             raise RunError(f"--model {cfg.model} is not a checkpoint of an spvit run (no model name and weights "
-                             f"inside); give a timm name, with --pretrained for a local weights file")
+                           f"inside); give a timm name, with --pretrained for a local weights file")
         if isinstance(ck.get("arch"), dict):
             raise RunError(f"--model {cfg.model} holds an already pruned model; give the dense model")
         return Dense(ck["model_name"], dict(ck.get("model_kwargs") or {}), "none", cfg.model)

@@ -477,7 +477,7 @@ def fit(*, model: nn.Module, schedules: List[Schedule], epochs: int, loss_fn: Ca
         else:
             how = f"the last checkpoint is after epoch {saved + 1}/{epochs}"
         raise interrupts.Interrupted(f"interrupted ({exc}) in {desc} epoch {epoch + 1}/{epochs}; {how}",
-                              exc.signum) from None
+                                     exc.signum) from None
     except Diverged as exc:  # epochs are counted from 1 in messages, as in the epoch lines
         kept = (f"the last good checkpoint (after epoch {saved + 1}/{epochs}) is kept: continue from it with "
                 f"`{resume_hint or '--resume'} --allow-changes` and a smaller value" if saved is not None else

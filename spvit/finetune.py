@@ -50,7 +50,7 @@ def load_arch(path: Optional[str], model_name: Optional[str] = None,
                 m = load_official(path, model_name, **({"num_classes": num_classes} if num_classes else {}))
         except (ValueError, OSError) as exc:
             raise RunError(str(exc) if not isinstance(exc, OSError) or not exc.strerror else
-                             f"--arch {path}: cannot read it ({exc.strerror})") from None
+                           f"--arch {path}: cannot read it ({exc.strerror})") from None
         return m.architecture() if callable(m.architecture) else m.architecture
     try:
         return Architecture.load(path)
@@ -102,7 +102,7 @@ def build_pruned(arch: Architecture, model_name: str, num_classes: int, pretrain
     a :class:`RunError`)."""
     if source is None:
         source = hub.build_timm_model(model_name, num_classes, pretrained if init == "pretrained" else None, drop_path,
-                                    model_kwargs, dist)
+                                      model_kwargs, dist)
         if init not in ("pretrained", "none", None):
             ck = runs.load_torch_file(init, "--init checkpoint")
             state = runs.state_dict_of(ck, init, "--init checkpoint")
@@ -145,15 +145,15 @@ def build_teacher(cfg: FinetuneConfig, num_classes: int, dist: Optional[D.DistIn
         except RunError as exc:
             if "Python objects" in str(exc):
                 raise RunError(f"{exc}. A whole pickled model is loaded only with {TEACHER_CODE_FLAG} (it runs "
-                                 f"code from the file: only for files you trust)") from None
+                               f"code from the file: only for files you trust)") from None
             raise
         if not isinstance(ck, dict) or not ck.get("model_name"):
             raise RunError(f"--teacher file {name} is not a checkpoint of an spvit run; for plain weights give the "
-                             f"timm name: --teacher <model> --teacher-weights {name}")
+                           f"timm name: --teacher <model> --teacher-weights {name}")
         teacher = model_from_checkpoint(ck, name, "--teacher file")
     else:
         teacher = hub.build_timm_model(name, num_classes, cfg.teacher_weights, 0.0, cfg.teacher_kwargs, dist,
-                                     weights_flag="--teacher-weights")
+                                       weights_flag="--teacher-weights")
     out_dim = getattr(teacher, "num_classes", None)
     if out_dim is not None and out_dim != num_classes:
         raise RunError(f"the teacher predicts {out_dim} classes, the dataset has {num_classes}")
@@ -208,7 +208,7 @@ def run(cfg: Union[FinetuneConfig, Dict], source: Optional[nn.Module] = None,
         opt = torch.optim.AdamW(optim.decay_groups(model, cfg.weight_decay), lr=lr, betas=tuple(cfg.opt_betas),
                                 eps=cfg.opt_eps)
         schedules = [optim.Schedule(opt, lr, min_lr, cfg.schedule_length, cfg.warmup_epochs, cfg.warmup_lr * f,
-                                per_step=cfg.sched_per_step)]
+                                    per_step=cfg.sched_per_step)]
         scaler = torch.amp.GradScaler(dist.device.type) if dtype == torch.float16 else None
         ema = optim.ModelEma(model, cfg.model_ema_decay) if cfg.model_ema else None
         # a skip block leaves norm1 unused; the original Swin code does not broadcast buffers (§7.6)

@@ -32,7 +32,7 @@ def build_supernet(cfg: SearchConfig, num_classes: int, model_kwargs: Dict, dist
                    pretrained: Optional[str] = None) -> Supernet:
     """The supernet of ``cfg.model`` (weights from ``pretrained``, default ``cfg.pretrained``)."""
     base = hub.build_timm_model(cfg.model, num_classes, cfg.pretrained if pretrained is None else pretrained,
-                              cfg.drop_path, model_kwargs, dist)
+                                cfg.drop_path, model_kwargs, dist)
     try:
         return supernet(base, theta=cfg.theta, alpha=cfg.alpha, model_name=cfg.model)
     except ValueError as exc:
@@ -83,7 +83,7 @@ def run(cfg: Union[SearchConfig, Dict], supernet_module: Optional[nn.Module] = N
     widest = max(sn.signature.block_mlp_hidden)
     if cfg.ffn_align > widest:
         raise RunError(f"--ffn-align {cfg.ffn_align} is wider than the widest FFN of {cfg.model} ({widest} units); "
-                         f"use a divisor of the FFN width such as 64, or 0 (off)")
+                       f"use a divisor of the FFN width such as 64, or 0 (off)")
     lat = None
     if cfg.latency_table:  # hardware-aware: a latency target replaces the FLOPs target (docs/method.md §11.4)
         try:
@@ -111,9 +111,9 @@ def run(cfg: Union[SearchConfig, Dict], supernet_module: Optional[nn.Module] = N
         arc_min = (cfg.arc_min_lr if cfg.arc_min_lr is not None else cfg.min_lr) * f
         per_step = cfg.sched_per_step
         schedules = [optim.Schedule(opt_w, lr, min_lr, cfg.schedule_length, cfg.warmup_epochs, cfg.warmup_lr * f,
-                                per_step=per_step),
+                                    per_step=per_step),
                      optim.Schedule(opt_a, arc_lr, arc_min, cfg.arc_sched_epochs or cfg.schedule_length, 0,
-                                per_step=per_step)]
+                                    per_step=per_step)]
         dtype = optim.amp_dtype(cfg.amp, dist.device)
         scaler = torch.amp.GradScaler(dist.device.type) if dtype == torch.float16 else None
         model = D.wrap_ddp(sn, dist, find_unused=True, broadcast_buffers=sn.signature.family != "swin")
