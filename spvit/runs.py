@@ -163,8 +163,13 @@ def load_torch_file(path: str, what: str = "checkpoint") -> Any:
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         msg = str(exc)
-        if "Unsupported operand" in msg:  # not pickle data at all (text, JSON, NumPy, random bytes)
-            raise RunError(f"{what} {path} is not a PyTorch checkpoint (not pickle data)") from None
+        if "Unsupported operand" in msg:
+            protocol = _pickle_protocol(path)
+            if protocol is not None:  # pickle.dump's framed protocols, which the safe loader does not read
+                raise RunError(f"{what} {path} is a plain pickle file (protocol {protocol}), not one written by "
+                               f"torch.save; it may hold Python objects and is not loaded, since unpickling them can "
+                               f"run code") from None
+            raise RunError(f"{what} {path} is not a PyTorch checkpoint (not pickle data)") from None  # text, bytes
         if "Unsupported global" in msg or "GLOBAL" in msg or "weights_only" in msg and "load key" not in msg:
             raise RunError(f"{what} {path} holds Python objects other than tensors, numbers, strings, lists and "
                            f"dicts; it is not loaded, since unpickling them can run code") from None
@@ -175,6 +180,16 @@ def load_torch_file(path: str, what: str = "checkpoint") -> Any:
             first = "not pickle data"
         raise RunError(f"{what} {path} is not a readable PyTorch checkpoint (truncated, or not a checkpoint "
                        f"file: {first})") from None
+
+
+def _pickle_protocol(path: str) -> Optional[int]:
+    """The protocol of a file that starts like a pickle of protocol 2 or later, else None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError:
+        return None
+    return head[1] if len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= pickle.HIGHEST_PROTOCOL else None
 
 
 def state_dict_of(obj: Any, path: str, what: str = "weights file") -> Dict[str, torch.Tensor]:
