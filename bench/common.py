@@ -4,9 +4,10 @@ bench/check_triton_compile.py): environment facts, a plain timer, CSV/JSON/Markd
 The kernel and end-to-end microbenchmarks do not use this module: they are pytest-benchmark tests
 (bench/test_kernels.py, bench/test_e2e.py; timing in bench/conftest.py).
 
-Timing (:func:`bench_fn`): ``warmup`` untimed calls, then ``rep`` timed calls; on CUDA each call is bracketed by CUDA
-events with the device synchronised before the first and after the last (``flush_l2=True`` overwrites a 256 MiB
-buffer before each timed call); on CPU ``time.perf_counter``. :func:`first_call_s` times a first (compiling) call
+Timing (:func:`bench_fn`, through the package's one timer :func:`spvit.timing.time_fn`): ``warmup`` untimed calls,
+then ``rep`` timed calls; on CUDA each call is bracketed by CUDA events with the device synchronised before the first
+and after the last (``flush_l2=True`` overwrites a 256 MiB buffer before each timed call); on CPU
+``time.perf_counter``. :func:`first_call_s` times a first (compiling) call
 apart. Every row carries :func:`env_info`: device, torch/triton/timm/CUDA versions, driver, date and a run id.
 """
 from __future__ import annotations
@@ -17,16 +18,16 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import time
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import torch
 
+from spvit.timing import time_fn
+
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 RUN_ID = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-_L2_FLUSH_BYTES = 256 * 2**20
 _cache: Dict[Any, Any] = {}
 
 
@@ -87,60 +88,12 @@ def synchronize(device: torch.device) -> None:
 
 
 # -------------------------------------------------------------------------------------------------------------- timing
-def _stats(times_ms: List[float]) -> Dict[str, float]:
-    times = sorted(times_ms)
-    q = statistics.quantiles(times, n=10, method="inclusive") if len(times) >= 2 else times * 9
-    return {"ms": statistics.median(times), "ms_p20": q[1], "ms_p80": q[7], "ms_min": times[0],
-            "reps": len(times)}
-
-
-def _l2_buffer(device: torch.device) -> torch.Tensor:
-    key = ("l2", str(device))
-    if key not in _cache:
-        _cache[key] = torch.empty(_L2_FLUSH_BYTES, dtype=torch.uint8, device=device)
-    return _cache[key]
-
-
-def _check_counts(warmup: int, rep: int) -> None:
-    if warmup < 0 or rep < 1:
-        raise ValueError(f"need warmup >= 0 and rep >= 1, got warmup={warmup}, rep={rep}")
-
-
 def bench_fn(fn: Callable[[], object], device: torch.device, warmup: int = 3, rep: int = 10,
              flush_l2: bool = False) -> Dict[str, float]:
-    """Time ``fn``: ``warmup`` untimed calls, then ``rep`` timed calls (ms; median, 20/80 % quantiles, min).
-
-    Args:
-        fn: the call to time (no arguments).
-        device: where it runs; CUDA calls are timed with CUDA events, CPU calls with ``time.perf_counter``.
-        warmup: untimed calls first (the first call of a compiled callable belongs here, or to :func:`first_call_s`).
-        rep: timed calls.
-        flush_l2: CUDA only: overwrite a 256 MiB buffer before each timed call (not timed).
-    Returns:
-        dict with ``ms`` (median), ``ms_p20``, ``ms_p80``, ``ms_min`` and ``reps``.
-    """
-    _check_counts(warmup, rep)
-    for _ in range(warmup):
-        fn()
-    times: List[float] = []
-    if device.type == "cuda":
-        flush = _l2_buffer(device) if flush_l2 else None
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(rep)]
-        torch.cuda.synchronize(device)
-        for start, end in events:
-            if flush is not None:
-                flush.zero_()
-            start.record()
-            fn()
-            end.record()
-        torch.cuda.synchronize(device)
-        times = [start.elapsed_time(end) for start, end in events]
-    else:
-        for _ in range(rep):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return _stats(times)
+    """Time ``fn`` with :func:`spvit.timing.time_fn`: ``warmup`` untimed calls, then ``rep`` timed calls, on CUDA
+    bracketed by CUDA events (``flush_l2``: overwrite a 256 MiB buffer before each call). Returns ``ms`` (median),
+    ``ms_p20``, ``ms_p80``, ``ms_min`` and ``reps``."""
+    return time_fn(fn, device, warmup, rep, cuda_events=True, flush_l2=flush_l2)
 
 
 def first_call_s(fn: Callable[[], object], device: torch.device) -> float:

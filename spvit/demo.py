@@ -18,14 +18,18 @@ from typing import Dict, Union
 import torch
 from torch.utils.data import DataLoader
 
+from . import compress, hub, runs
+from . import distributed as D
 from . import engine as E
-from . import finetune, runs
+from .checkpoints import model_from_checkpoint
+from .compress_plan import CompressConfig
 from .config import DemoConfig, TrainConfig
 from .config import save as save_config
 from .data import DigitsDataset
 from .models import supernet
 from .models.registry import DEMO_MODEL
 from .plots import plot_demo
+from .runs import RunError
 
 
 def _common(o: DemoConfig) -> Dict:
@@ -48,29 +52,25 @@ def _stage(cls, o: DemoConfig, name: str, **over):
 def train_teacher(cfg: TrainConfig):
     """Dense training of the demo ViT (no pruning, no distillation); the model selected on validation is in
     ``best.pth``."""
-    from .compress import train_dense
-
-    train_dense(cfg)
-    return E.init_distributed(cfg.device)
+    compress.train_dense(cfg)
+    return D.init_distributed(cfg.device)
 
 
 def _chosen(path: str) -> torch.nn.Module:
     """The model a stage selected on validation (its ``best.pth``)."""
-    return finetune.model_from_checkpoint(runs.load_torch_file(path), path).eval()
+    return model_from_checkpoint(runs.load_torch_file(path), path).eval()
 
 
-def test_accuracy(model: torch.nn.Module, size: int, dist: E.DistInfo) -> float:
+def test_accuracy(model: torch.nn.Module, size: int, dist: D.DistInfo) -> float:
     """Top-1 (%) on the digits test split (used once per model, for the report)."""
     loader = DataLoader(DigitsDataset("test", size=size), batch_size=256)
     return E.evaluate(model, loader, dist, show=False)["acc1"]
 
 
 def compress_config(o: DemoConfig):
-    """The demo as a :class:`spvit.compress.CompressConfig`: the digits, a dense teacher trained first, a FLOPs
+    """The demo as a :class:`spvit.compress_plan.CompressConfig`: the digits, a dense teacher trained first, a FLOPs
     target of ``target_fraction`` of the teacher's, each stage with the demo's settings."""
-    from .compress import CompressConfig
-
-    probe = supernet(E.build_timm_model(DEMO_MODEL, 10, None, 0.0, o.model_kwargs), model_name=DEMO_MODEL)
+    probe = supernet(hub.build_timm_model(DEMO_MODEL, 10, None, 0.0, o.model_kwargs), model_name=DEMO_MODEL)
     dense = probe.dense_gflops()
     train = {k: v for k, v in _common(o).items()
              if k not in ("model", "model_kwargs", "data", "device", "seed", "progress")}
@@ -109,25 +109,23 @@ def summary_hook(summary: Dict, ctx: Dict) -> Dict:
     try:
         plot_demo(cfg.out, summary)
     except ImportError:
-        E.log("(matplotlib not installed: plots skipped)")
+        D.log("(matplotlib not installed: plots skipped)")
     return summary
 
 
 def run(opts: Union[DemoConfig, Dict]) -> Dict:
     """Run the demo (``spvit compress`` on the digits, :func:`compress_config`); returns the summary (also written
     to ``out/summary.json``)."""
-    from . import compress
-
     o = DemoConfig.from_dict(opts) if isinstance(opts, dict) else opts
     o = o.validate()
     runs.check_out(o.out, o.overwrite)
     try:  # before any training: the target must be reachable
         ccfg = compress_config(o)
     except ValueError as exc:
-        raise E.RunError(f"--target-fraction {o.target_fraction:g}: {exc}") from None
+        raise RunError(f"--target-fraction {o.target_fraction:g}: {exc}") from None
     summary = compress.run(ccfg, hook=summary_hook, on_open=lambda out: save_config(o, os.path.join(out, "demo.yaml")))
-    E.log(format_table(summary))
-    E.log(f"run folder: {o.out}")
+    D.log(format_table(summary))
+    D.log(f"run folder: {o.out}")
     return summary
 
 

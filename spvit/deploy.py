@@ -40,6 +40,7 @@ from spvit_kernels import reference as R
 from spvit_kernels.backend import preload as preload_kernels, resolve
 
 from .arch import Architecture
+from .checkpoints import model_from_checkpoint
 from .choices import CONV_CHOICES, DEPLOY_KINDS, MSA, SKIP, SKIP_LN
 from .families import family_of
 from .models.convert import UnsupportedModelError, check_images, gelu_approximate
@@ -805,29 +806,7 @@ def deploy_checkpoint(checkpoint: str, out: Optional[str] = None, model: Optiona
 
 
 def _pruned_from_ours(obj: Dict, path: str, model_name: Optional[str]) -> PrunedModel:
-    import timm
-
-    from .models.pruned import prune
-
-    try:
-        arch = Architecture.from_dict(obj["arch"])
-    except ValueError as exc:
-        raise ValueError(f"{path}: {exc}") from exc
-    name = model_name or obj.get("model_name") or arch.model_name
-    kwargs = dict(obj.get("model_kwargs") or {})
-    kwargs.setdefault("num_classes", obj.get("num_classes", arch.signature.num_classes))
-    try:
-        base = timm.create_model(name, pretrained=False, **kwargs)
-    except RuntimeError as exc:
-        raise ValueError(f"{path}: cannot build timm model {name!r}: {exc}") from exc
-    pruned = prune(base, arch)
-    sd = obj["model"]
-    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
-    res = pruned.load_state_dict(sd, strict=False)
-    if res.missing_keys or res.unexpected_keys:
-        raise ValueError(f"{path}: weights do not match the pruned {name} of its architecture; missing "
-                         f"{res.missing_keys[:5]}, unexpected {res.unexpected_keys[:5]}")
-    return pruned
+    return model_from_checkpoint(obj, path, model_name=model_name)
 
 
 __all__ = ["DeployedModel", "DeployedBlock", "FusedAttention", "FoldedConv",

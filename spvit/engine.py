@@ -1,123 +1,58 @@
-"""Shared training machinery of search, fine-tune and the demo: processes (DDP), data and loaders, models by name,
-optimiser groups, schedules, the epoch loop with evaluation, exact resume and crash-consistent outputs.
+"""A run of search, fine-tune or the demo's teacher training: its setup (process group, data, loaders, seeds), its
+folder (opened on rank 0, every rank told of a failure) and the epoch loop with evaluation, exact resume and
+crash-consistent outputs.
 
-Multi-GPU is plain DDP under ``torchrun`` (env vars RANK / WORLD_SIZE / LOCAL_RANK); nccl on CUDA, gloo on CPU.
-The run folder, checkpoints and logs are written through :mod:`spvit.runs`; the configuration is a typed
+The processes are :mod:`spvit.distributed`, the optimisers and schedules :mod:`spvit.optim`, the models by name
+:mod:`spvit.hub`; files are written through :mod:`spvit.runs` and the configuration is a typed
 :class:`spvit.config.TrainConfig`. This module imports neither search, fine-tune nor the demo.
 """
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import os
 import random
-import socket
 import sys
 import time
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional
 
 import numpy as np
 import torch
-import torch.distributed as tdist
 import torch.nn as nn
 from torch.utils.data import Subset
+from tqdm.auto import tqdm
 
-from . import runs
+from . import interrupts, runs
+from .checkpoints import load_state
 from .config import TrainConfig
 from .config import save as save_config
 from .config import without_run_control
 from .data import DataConfig, DataError, build_datasets, build_loaders, build_mixup, check_data_config
-from .distill import soft_target_cross_entropy
-from .runs import CHECKPOINT, RunError, rng_state, set_rng_state
+from .distributed import (DistInfo, all_reduce_sum, barrier, broadcast_ok, gather_rng_states, init_distributed, log,
+                          unwrap)
+from .optim import ModelEma, Schedule, autocast, set_lr
+from .runs import CHECKPOINT, RunError, set_rng_state
 
-__all__ = ["RunError", "CHECKPOINT", "DistInfo", "init_distributed", "setup", "fit", "evaluate", "build_timm_model"]
+__all__ = ["Setup", "setup", "run_folder", "fit", "evaluate", "TrainingError"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Distributed
+# Setup: data, loaders, seeds
 
 
 @dataclass
-class DistInfo:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+class Setup:
+    """What a run trains on: the process group, the datasets and loaders, Mixup and the number of classes."""
 
-    @property
-    def enabled(self) -> bool:
-        return self.world > 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: str = "auto") -> DistInfo:
-    """Set up from torchrun's environment (single process without it). ``device``: auto, cpu, cuda or cuda:N."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RunError("--device cuda was asked for but no CUDA GPU is visible")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device.startswith("cuda"):
-        dev = torch.device("cuda", local_rank if world > 1 or device == "cuda" else int(device.split(":")[1]))
-        torch.cuda.set_device(dev)
-    else:
-        dev = torch.device("cpu")
-    if world > 1 and not tdist.is_initialized():
-        tdist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-    return DistInfo(rank, world, local_rank, dev)
-
-
-def barrier(dist: DistInfo) -> None:
-    if dist.enabled:
-        tdist.barrier()
-
-
-def all_reduce_sum(values: List[float], dist: DistInfo) -> List[float]:
-    """Sum floats over ranks (float64 on CPU for gloo, on the device for nccl)."""
-    if not dist.enabled:
-        return values
-    dev = dist.device if dist.device.type == "cuda" else torch.device("cpu")
-    t = torch.tensor(values, dtype=torch.float64, device=dev)
-    tdist.all_reduce(t)
-    return t.tolist()
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def wrap_ddp(model: nn.Module, dist: DistInfo, find_unused: bool = False, broadcast_buffers: bool = True) -> nn.Module:
-    """DDP (when distributed). ``broadcast_buffers``: rank 0's buffers (BN statistics) are sent to every rank at each
-    forward, as in the original DeiT code; its Swin code does not (docs/method.md §7.6)."""
-    if not dist.enabled:
-        return model
-    ids = [dist.device.index] if dist.device.type == "cuda" else None
-    with warnings.catch_warnings():  # newer torch renames the argument (same meaning): no notice for the user
-        warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
-        return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused,
-                                                   broadcast_buffers=broadcast_buffers)
-
-
-def broadcast_ok(ok: bool, dist: DistInfo) -> bool:
-    """True on every rank when ``ok`` is true on every rank (a failure on one rank reaches all of them)."""
-    if not dist.enabled:
-        return ok
-    t = torch.tensor([0.0 if ok else 1.0], dtype=torch.float64,
-                     device=dist.device if dist.device.type == "cuda" else torch.device("cpu"))
-    tdist.all_reduce(t)
-    return t.item() == 0.0
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Seeds
+    dist: DistInfo
+    train_set: object
+    val_set: object
+    train_loader: object
+    sampler: object
+    val_loader: object
+    mixup: object
+    num_classes: int
 
 
 def seed_everything(seed: int) -> None:
@@ -126,78 +61,82 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def data_config(cfg: TrainConfig, input_size: int) -> DataConfig:
+    keys = DataConfig.__dataclass_fields__.keys()
+    values = {k: getattr(cfg, k) for k in keys if hasattr(cfg, k)}
+    values["input_size"] = input_size
+    return DataConfig(**values)
+
+
+# image-folder augmentation settings that the digits set does not use (Mixup, CutMix and smoothing do apply)
+IMAGE_AUGMENTATION = ("aa", "color_jitter", "reprob", "remode", "recount", "train_interpolation", "crop_pct")
+
+
+def ignored_augmentation(cfg: TrainConfig) -> List[str]:
+    """The image-folder augmentation settings of ``cfg`` changed from their defaults (unused with the digits)."""
+    defaults = type(cfg)()
+    return [f"{k}={getattr(cfg, k)!r}" for k in IMAGE_AUGMENTATION
+            if hasattr(cfg, k) and getattr(cfg, k) != getattr(defaults, k)]
+
+
+def check_channels(st: "Setup", in_chans: int) -> None:
+    """Raise :class:`DataError` unless the images of the data have the model's channel count (one sample)."""
+    sample = st.val_set[0][0]
+    if sample.dim() != 3 or sample.shape[0] != in_chans:
+        have = sample.shape[0] if sample.dim() == 3 else f"shape {tuple(sample.shape)}"
+        raise DataError(f"the model takes {in_chans}-channel images, the data gives {have} channel(s) (an image "
+                        f"folder is read as RGB, the digits as 1 channel); set in_chans in --model-kwargs to match")
+
+
+def setup(cfg: TrainConfig, input_size: int, need_train: bool = True) -> Setup:
+    """Process group, data and loaders, seeds (nothing is written)."""
+    dist = init_distributed(cfg.device)
+    if not cfg.data:
+        raise RunError("--data is required (an ImageNet-layout folder, or 'digits' for the embedded demo set)")
+    dcfg = data_config(cfg, input_size)
+    if cfg.data == "digits":
+        if cfg.digits_augment and cfg.digits_shift >= input_size:
+            raise DataError(f"digits_shift {cfg.digits_shift} must be smaller than the image size ({input_size})")
+        ignored = ignored_augmentation(cfg)
+        if ignored and need_train:
+            log(f"note: --data digits uses its own augmentation (random shifts, digits_shift); ignored: "
+                f"{', '.join(ignored)}", dist)
+    else:
+        check_data_config(dcfg)
+    train_set, val_set = build_datasets(cfg.data, dcfg, need_train=need_train)
+    if cfg.data == "digits" and train_set is not None:
+        train_set.augment = bool(cfg.digits_augment)
+        train_set.max_shift = int(cfg.digits_shift)
+    num_classes = val_set.num_classes
+    if cfg.num_classes is not None and cfg.num_classes != num_classes:
+        raise DataError(f"--num-classes {cfg.num_classes} disagrees with the dataset, which has {num_classes} "
+                        f"classes; leave --num-classes out to take it from the data")
+    if cfg.train_limit and train_set is not None:
+        train_set = Subset(train_set, range(min(cfg.train_limit, len(train_set))))
+    if cfg.val_limit:
+        val_set = Subset(val_set, range(min(cfg.val_limit, len(val_set))))
+    seed_everything(cfg.seed + dist.rank)
+    bs = cfg.batch_size
+    if train_set is not None and len(train_set) < bs * dist.world:
+        raise RunError(f"the training set has {len(train_set)} images, fewer than one global batch "
+                       f"({bs} x {dist.world}); lower --batch-size")
+    train_loader, sampler, val_loader = build_loaders(
+        train_set, val_set, bs, dist.world, dist.rank, repeated_aug=cfg.repeated_aug and train_set is not None,
+        num_workers=cfg.num_workers, pin_memory=cfg.pin_mem and dist.device.type == "cuda", seed=cfg.seed,
+        eval_batch_size=cfg.eval_batch_size)
+    mixup = build_mixup(dcfg, num_classes) if train_set is not None else None
+    for loader in (train_loader, val_loader):
+        interrupts.quiet_workers(loader)
+    return Setup(dist, train_set, val_set, train_loader, sampler, val_loader, mixup, num_classes)
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# Optimisers and schedules
-
-
-NO_DECAY_NAMES = ("pos_embed", "cls_token", "relative_position_bias_table", "absolute_pos_embed")
-
-
-def decay_groups(model: nn.Module, weight_decay: float, skip_names=NO_DECAY_NAMES) -> List[Dict]:
-    """DeiT's two groups over the non-architecture parameters: >= 2-D (not pos_embed / cls_token) get weight decay,
-    1-D parameters and biases do not. ``head_probs`` (2-D) is a weight with decay (docs/method.md §4.3, Q22). Swin's
-    relative position bias tables (and absolute position embedding) are not decayed either (§7.6); ViT/DeiT models
-    have no parameters of those names."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad or "thresholds" in name:
-            continue
-        if p.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in skip_names:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
-
-
-def cosine_lr(t: int, base: float, floor: float, t_initial: int, warmup_t: int = 0, warmup_lr: float = 1e-6) -> float:
-    """timm's per-epoch CosineLRScheduler value at epoch ``t`` (no restarts, warm-up not as prefix)."""
-    if t < warmup_t:
-        return warmup_lr + t * (base - warmup_lr) / warmup_t
-    if t >= t_initial:
-        return floor
-    return floor + 0.5 * (base - floor) * (1 + math.cos(math.pi * t / t_initial))
-
-
-def epoch_lr(epoch: int, base: float, floor: float, t_initial: int, warmup_t: int = 0,
-             warmup_lr: float = 1e-6) -> float:
-    """The lr epoch ``epoch`` runs at in DeiT's loop: the scheduler is stepped with the finished epoch index, so epoch
-    e uses the schedule value at max(e - 1, 0) (docs/method.md §4.4)."""
-    t = max(epoch - 1, 0)
-    return cosine_lr(t, base, floor, t_initial, warmup_t, warmup_lr)
-
-
-def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
-    for g in opt.param_groups:
-        g["lr"] = lr
-
-
-class ModelEma:
-    """Exponential moving average of a model's parameters and buffers (kept on the model's device)."""
-
-    def __init__(self, model: nn.Module, decay: float = 0.99996):
-        self.module = copy.deepcopy(model).eval()
-        self.decay = decay
-        for p in self.module.parameters():
-            p.requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        for e, m in zip(self.module.state_dict().values(), model.state_dict().values()):
-            if e.dtype.is_floating_point:
-                e.mul_(self.decay).add_(m.detach(), alpha=1 - self.decay)
-            else:
-                e.copy_(m)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Progress and precision
+# The epoch loop shared by search, fine-tune and the demo's teacher training
 
 
 def progress(iterable, total: int, desc: str, enabled: bool):
     """A tqdm bar on the main rank (quiet elsewhere, when stderr is not wanted, or when stderr is not a terminal: a
     log file then gets the one line per epoch of :func:`fit` and no carriage-return bar text)."""
-    from tqdm.auto import tqdm
-
     enabled = enabled and _stderr_is_terminal()
     return tqdm(iterable, total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True,
                 file=sys.stderr, mininterval=0.5)
@@ -218,27 +157,6 @@ def format_duration(seconds: float) -> str:
     if s >= 60:
         return f"{s // 60}m{s % 60:02d}s"
     return f"{s}s"
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Precision
-
-
-def amp_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
-    """``auto``: bf16 on CUDA, fp32 on CPU; ``bf16``, ``fp16`` or ``none`` explicitly."""
-    if amp == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None, "fp32": None}[amp]
-
-
-def autocast(device: torch.device, dtype: Optional[torch.dtype]):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Loops
 
 
 @torch.no_grad()
@@ -377,179 +295,6 @@ def _failure_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {' '.join(lines)[:300]}" if lines else type(exc).__name__
 
 
-def gather_rng_states(dist: DistInfo) -> List[Dict]:
-    """Every rank's RNG state (so a resumed DDP run continues each rank's random stream)."""
-    s = rng_state()
-    if not dist.enabled:
-        return [s]
-    out: List = [None] * dist.world
-    tdist.all_gather_object(out, s)
-    return out
-
-
-def log(msg: str, dist: Optional[DistInfo] = None) -> None:
-    if dist is None or dist.main:
-        print(msg, flush=True)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Data, loaders and the loss of the task
-
-
-@dataclass
-class Setup:
-    """What a run trains on: the process group, the datasets and loaders, Mixup and the number of classes."""
-
-    dist: DistInfo
-    train_set: object
-    val_set: object
-    train_loader: object
-    sampler: object
-    val_loader: object
-    mixup: object
-    num_classes: int
-
-
-def data_config(cfg: TrainConfig, input_size: int) -> DataConfig:
-    keys = DataConfig.__dataclass_fields__.keys()
-    values = {k: getattr(cfg, k) for k in keys if hasattr(cfg, k)}
-    values["input_size"] = input_size
-    return DataConfig(**values)
-
-
-def timm_default_size(model_name: Optional[str]) -> int:
-    """The input size a timm model is built for (224 when unknown)."""
-    import timm
-
-    try:
-        pc = timm.models.get_pretrained_cfg(model_name) if model_name else None
-        size = getattr(pc, "input_size", None) if pc is not None else None
-        if size:
-            return int(size[-1])
-        if model_name and timm.is_model(model_name):  # no pretrained config (e.g. spvit_demo_vit): build it, empty
-            with torch.device("meta"):
-                m = timm.create_model(model_name, pretrained=False)
-            img = getattr(getattr(m, "patch_embed", None), "img_size", None)
-            if img:
-                return int(img[0])
-    except Exception:  # an unknown name is reported when the model is built
-        pass
-    return 224
-
-
-def model_input_size(cfg: TrainConfig, arch_size: Optional[int] = None) -> int:
-    """The one image size of a run: ``--input-size``, else ``model_kwargs.img_size``, else the architecture's,
-    else the timm model's default. A disagreement with the architecture is an error."""
-    size = cfg.input_size or cfg.model_kwargs.get("img_size") or arch_size or timm_default_size(cfg.model)
-    if arch_size is not None and size != arch_size:
-        raise RunError(f"image size {size} differs from the architecture's ({arch_size}, from the grid it was "
-                       f"searched on); fine-tune at --input-size {arch_size}")
-    return int(size)
-
-
-def model_kwargs_for(cfg: TrainConfig, size: int) -> Dict:
-    """``model_kwargs`` with ``img_size`` set when the run's size is not the model's default."""
-    kw = dict(cfg.model_kwargs or {})
-    if "img_size" not in kw and size != timm_default_size(cfg.model):
-        kw["img_size"] = size
-    return kw
-
-
-# image-folder augmentation settings that the digits set does not use (Mixup, CutMix and smoothing do apply)
-IMAGE_AUGMENTATION = ("aa", "color_jitter", "reprob", "remode", "recount", "train_interpolation", "crop_pct")
-
-
-def ignored_augmentation(cfg: TrainConfig) -> List[str]:
-    """The image-folder augmentation settings of ``cfg`` changed from their defaults (unused with the digits)."""
-    defaults = type(cfg)()
-    return [f"{k}={getattr(cfg, k)!r}" for k in IMAGE_AUGMENTATION
-            if hasattr(cfg, k) and getattr(cfg, k) != getattr(defaults, k)]
-
-
-def check_channels(st: "Setup", in_chans: int) -> None:
-    """Raise :class:`DataError` unless the images of the data have the model's channel count (one sample)."""
-    sample = st.val_set[0][0]
-    if sample.dim() != 3 or sample.shape[0] != in_chans:
-        have = sample.shape[0] if sample.dim() == 3 else f"shape {tuple(sample.shape)}"
-        raise DataError(f"the model takes {in_chans}-channel images, the data gives {have} channel(s) (an image "
-                        f"folder is read as RGB, the digits as 1 channel); set in_chans in --model-kwargs to match")
-
-
-def setup(cfg: TrainConfig, input_size: int, need_train: bool = True) -> Setup:
-    """Process group, data and loaders, seeds (nothing is written)."""
-    dist = init_distributed(cfg.device)
-    if not cfg.data:
-        raise RunError("--data is required (an ImageNet-layout folder, or 'digits' for the embedded demo set)")
-    dcfg = data_config(cfg, input_size)
-    if cfg.data == "digits":
-        if cfg.digits_augment and cfg.digits_shift >= input_size:
-            raise DataError(f"digits_shift {cfg.digits_shift} must be smaller than the image size ({input_size})")
-        ignored = ignored_augmentation(cfg)
-        if ignored and need_train:
-            log(f"note: --data digits uses its own augmentation (random shifts, digits_shift); ignored: "
-                f"{', '.join(ignored)}", dist)
-    else:
-        check_data_config(dcfg)
-    train_set, val_set = build_datasets(cfg.data, dcfg, need_train=need_train)
-    if cfg.data == "digits" and train_set is not None:
-        train_set.augment = bool(cfg.digits_augment)
-        train_set.max_shift = int(cfg.digits_shift)
-    num_classes = val_set.num_classes
-    if cfg.num_classes is not None and cfg.num_classes != num_classes:
-        raise DataError(f"--num-classes {cfg.num_classes} disagrees with the dataset, which has {num_classes} "
-                        f"classes; leave --num-classes out to take it from the data")
-    if cfg.train_limit and train_set is not None:
-        train_set = Subset(train_set, range(min(cfg.train_limit, len(train_set))))
-    if cfg.val_limit:
-        val_set = Subset(val_set, range(min(cfg.val_limit, len(val_set))))
-    seed_everything(cfg.seed + dist.rank)
-    bs = cfg.batch_size
-    if train_set is not None and len(train_set) < bs * dist.world:
-        raise RunError(f"the training set has {len(train_set)} images, fewer than one global batch "
-                       f"({bs} x {dist.world}); lower --batch-size")
-    train_loader, sampler, val_loader = build_loaders(
-        train_set, val_set, bs, dist.world, dist.rank, repeated_aug=cfg.repeated_aug and train_set is not None,
-        num_workers=cfg.num_workers, pin_memory=cfg.pin_mem and dist.device.type == "cuda", seed=cfg.seed,
-        eval_batch_size=cfg.eval_batch_size)
-    mixup = build_mixup(dcfg, num_classes) if train_set is not None else None
-    for loader in (train_loader, val_loader):
-        runs.quiet_workers(loader)
-    return Setup(dist, train_set, val_set, train_loader, sampler, val_loader, mixup, num_classes)
-
-
-def effective_lr(cfg: TrainConfig, dist: DistInfo) -> float:
-    """DeiT's linear scaling: lr x global batch / 512 (when ``scale_lr``)."""
-    return cfg.lr * cfg.batch_size * dist.world / 512.0 if cfg.scale_lr else cfg.lr
-
-
-def other_lr_scale(cfg: TrainConfig, dist: DistInfo) -> float:
-    """Factor of the other learning rates (floors, warm-up, architecture lr): global batch / 512 with
-    ``scale_all_lrs`` (Swin's recipe, docs/method.md §7.6), else 1 (DeiT's)."""
-    if getattr(cfg, "scale_all_lrs", False) and cfg.scale_lr:
-        return cfg.batch_size * dist.world / 512.0
-    return 1.0
-
-
-def lr_floor(lr: float, min_lr: float, name: str, dist: Optional[DistInfo] = None) -> float:
-    """The schedule's floor: ``min_lr``, but never above the (scaled) lr, so the lr never rises during a run."""
-    if min_lr > lr:
-        log(f"note: {name} {min_lr:g} is above the scaled lr {lr:.4g}; the lr stays at {lr:.4g}", dist)
-        return lr
-    return min_lr
-
-
-def task_loss_fn(smoothing: float, mixup_on: bool) -> Callable:
-    """Soft-target CE against Mixup targets; label-smoothed CE without Mixup."""
-    ce = nn.CrossEntropyLoss(label_smoothing=smoothing)
-
-    def fn(logits, target):
-        if mixup_on or target.dim() == 2:
-            return soft_target_cross_entropy(logits.float(), target)
-        return ce(logits.float(), target)
-
-    return fn
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The run folder of a (possibly distributed) run
 
@@ -580,50 +325,6 @@ def save_run_config(cfg, out: str, dist: DistInfo, name: str = "config.yaml") ->
         save_config(without_run_control(cfg), os.path.join(out, name))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The epoch loop shared by search, fine-tune and the demo's teacher training
-
-
-@dataclass
-class Schedule:
-    """One optimiser with its cosine schedule (timm semantics): per epoch (DeiT, docs/method.md §4.4) or, with
-    ``per_step``, per iteration (Swin, §7.6)."""
-
-    opt: torch.optim.Optimizer
-    base_lr: float
-    min_lr: float
-    t_initial: int
-    warmup_t: int = 0
-    warmup_lr: float = 1e-6
-    per_step: bool = False
-
-    def lr(self, epoch: int) -> float:
-        """The lr at the start of ``epoch``."""
-        return self.lr_at(epoch, 0, 1)
-
-    def lr_at(self, epoch: int, step: int, steps_per_epoch: int) -> float:
-        """The lr of iteration ``step`` (0-based) of ``epoch``. Per epoch: the value of §4.4 for the whole epoch.
-        Per iteration: the schedule runs in iterations (t_initial and warm-up times ``steps_per_epoch``) and, as the
-        original Swin loop updates it after each step, iteration i uses the value at max(i - 1, 0)."""
-        if not self.per_step:
-            return epoch_lr(epoch, self.base_lr, self.min_lr, self.t_initial, self.warmup_t, self.warmup_lr)
-        n = max(int(steps_per_epoch), 1)
-        i = epoch * n + step
-        return cosine_lr(max(i - 1, 0), self.base_lr, self.min_lr, self.t_initial * n, self.warmup_t * n,
-                         self.warmup_lr)
-
-
-def load_state(module: nn.Module, state: Dict, path: str, what: str) -> None:
-    """``module.load_state_dict(state)`` with a mismatch reported as one :class:`RunError` line."""
-    try:
-        module.load_state_dict(state)
-    except (RuntimeError, KeyError, TypeError, AttributeError) as exc:
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-        detail = next((ln for ln in lines if ln.startswith("size mismatch")), lines[-1] if lines else str(exc))
-        raise RunError(f"{what} {path} does not fit the model ({detail[:300]}); it was made for another model, "
-                       f"architecture or image size") from None
-
-
 def read_checkpoint(path: str) -> Dict:
     """A resumable checkpoint of a run (safe load; the keys a resume needs are checked)."""
     ck = runs.load_torch_file(path, "checkpoint")
@@ -651,7 +352,7 @@ def fit(*, model: nn.Module, schedules: List[Schedule], epochs: int, loss_fn: Ca
     ``after_epoch(epoch, metrics)`` may add metrics; ``write_epoch(epoch, metrics)`` writes per-epoch files (rank 0).
     Per epoch, on rank 0: ``write_epoch``, the ``metrics.csv`` row, ``best.pth``, then the checkpoint, each written
     atomically; a resume trims the logs to the checkpoint's epoch. SIGINT / SIGTERM stop the run (deferred while
-    files are written) with :class:`spvit.runs.Interrupted`, whose message says how to continue.
+    files are written) with :class:`spvit.interrupts.Interrupted`, whose message says how to continue.
     ``epoch_notes(epoch, metrics)`` may return lines printed under the epoch's line. A NaN / inf loss is a
     :class:`RunError` naming the setting of ``cfg`` that most likely caused it (the last checkpoint is kept); any
     other unexpected exception of the loop is a :class:`TrainingError` (one line naming it).
@@ -696,7 +397,7 @@ def fit(*, model: nn.Module, schedules: List[Schedule], epochs: int, loss_fn: Ca
     epoch = start
     t_run, done = time.perf_counter(), 0
     try:
-        with runs.StopSignals() as sig:
+        with interrupts.StopSignals() as sig:
             for epoch in range(start, epochs):
                 runs.CURRENT_EPOCH = epoch
                 n_steps = len(train_loader)
@@ -767,7 +468,7 @@ def fit(*, model: nn.Module, schedules: List[Schedule], epochs: int, loss_fn: Ca
                         f"continue with {resume_hint or '--resume'}", dist)
                     stopped = True
                     break
-    except runs.Interrupted as exc:
+    except interrupts.Interrupted as exc:
         if saved is None:
             how = ("no checkpoint was written yet, so there is nothing to resume: start the run again "
                    "(with --overwrite for the same --out)")
@@ -775,18 +476,19 @@ def fit(*, model: nn.Module, schedules: List[Schedule], epochs: int, loss_fn: Ca
             how = f"the last checkpoint is after epoch {saved + 1}/{epochs}; continue with `{resume_hint}`"
         else:
             how = f"the last checkpoint is after epoch {saved + 1}/{epochs}"
-        raise runs.Interrupted(f"interrupted ({exc}) in {desc} epoch {epoch + 1}/{epochs}; {how}",
-                              exc.signum) from None
+        raise interrupts.Interrupted(f"interrupted ({exc}) in {desc} epoch {epoch + 1}/{epochs}; {how}",
+                                     exc.signum) from None
     except Diverged as exc:  # epochs are counted from 1 in messages, as in the epoch lines
         kept = (f"the last good checkpoint (after epoch {saved + 1}/{epochs}) is kept: continue from it with "
                 f"`{resume_hint or '--resume'} --allow-changes` and a smaller value" if saved is not None else
                 "no checkpoint was written yet: start again with a smaller value (--overwrite for the same --out)")
         raise RunError(f"{desc} diverged: the loss became {exc.value} in epoch {exc.epoch + 1}/{epochs} (step "
                        f"{exc.step + 1}); likely cause: {likely_divergence_cause(cfg)}; {kept}") from None
-    except (RunError, DataError, OSError, runs.Interrupted, KeyboardInterrupt):  # reported as they are
+    except (RunError, DataError, OSError, interrupts.Interrupted, KeyboardInterrupt):  # reported as they are
         raise
     except Exception as exc:  # a failure of the training machinery, not of the user's input
-        if os.environ.get("SPVIT_TRACEBACK") == "1" or runs.peer_lost(exc):  # a dead torchrun peer: said by the CLI
+        # a dead torchrun peer is said by the CLI
+        if os.environ.get("SPVIT_TRACEBACK") == "1" or interrupts.peer_lost(exc):
             raise
         ck = (f"the last checkpoint is after epoch {saved + 1}/{epochs}" if saved is not None else
               "no checkpoint was written yet")
@@ -800,122 +502,3 @@ def fit(*, model: nn.Module, schedules: List[Schedule], epochs: int, loss_fn: Ca
         last = {"epoch": epochs - 1}
         log(f"{ckpt_path} already covers all {epochs} epochs; nothing left to run", dist)
     return {"last": last, "best_acc1": best, "stopped": stopped}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Models (timm by name; weights from the timm hub or a local file)
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """False when the hub is declared offline (HF_HUB_OFFLINE) or cannot be reached within ``timeout`` seconds."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no"):
-        return False
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-@contextlib.contextmanager
-def _hub_offline_mode(offline: bool) -> Iterator[None]:
-    """Make huggingface_hub use its local cache only (no retries) while ``offline``."""
-    if not offline:
-        yield
-        return
-    try:
-        from huggingface_hub import constants
-    except ImportError:
-        yield
-        return
-    old = constants.HF_HUB_OFFLINE
-    constants.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        constants.HF_HUB_OFFLINE = old
-
-
-def check_model_name(name: Optional[str], flag: str = "--model") -> None:
-    """Raise :class:`RunError` for a model name timm does not know (spvit's models are registered with timm), with
-    the closest known names."""
-    import difflib
-
-    import timm
-
-    from . import models  # noqa: F401  (registers the spvit_* models)
-
-    if not name or timm.is_model(name):
-        return
-    close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
-    hint = f"; did you mean {', '.join(close)}?" if close else " (timm.list_models() lists the known names)"
-    raise RunError(f"{flag} {name}: unknown timm model{hint}")
-
-
-def build_timm_model(name: str, num_classes: int, pretrained: Optional[str] = None, drop_path: float = 0.0,
-                     model_kwargs: Optional[Dict] = None, dist: Optional[DistInfo] = None,
-                     weights_flag: str = "--pretrained") -> nn.Module:
-    """A timm model by name. ``pretrained``: None / "none" (random init), "timm" (the timm hub: needs network or
-    the local hub cache; an offline machine fails at once, naming the alternatives), or a local checkpoint path (a
-    classifier head of another size is left at its fresh init)."""
-    import timm
-
-    if model_kwargs is not None and not isinstance(model_kwargs, dict):
-        raise RunError(f"model kwargs must be a JSON object (a mapping), got {model_kwargs!r}")
-    hub = pretrained == "timm"
-    check_model_name(name, "--teacher" if weights_flag == "--teacher-weights" else "--model")
-    offline = hub and not _hub_reachable()
-    try:
-        with _hub_offline_mode(offline):
-            model = timm.create_model(name, pretrained=hub, num_classes=num_classes, drop_path_rate=drop_path,
-                                      **(model_kwargs or {}))
-    except RuntimeError as exc:
-        if "Unknown model" in str(exc):
-            check_model_name(name)
-            raise RunError(f"unknown timm model {name!r}") from None
-        if not hub:
-            raise RunError(f"cannot build {name} with {model_kwargs}: {str(exc).splitlines()[0][:200]}") from None
-        raise _hub_error(name, exc, offline, weights_flag) from None
-    except (TypeError, AssertionError, ValueError, ZeroDivisionError, KeyError, IndexError) as exc:
-        detail = str(exc).splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise RunError(f"cannot build {name} with model kwargs {model_kwargs}: {detail}") from None
-    except Exception as exc:  # hub / network errors of every kind
-        if not hub:
-            raise
-        raise _hub_error(name, exc, offline, weights_flag) from None
-    if pretrained not in (None, "", "none", "timm"):
-        load_local_weights(model, pretrained, dist, weights_flag)
-    return model
-
-
-def _hub_error(name: str, exc: BaseException, offline: bool, weights_flag: str) -> RunError:
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-    where = "the hub is not reachable and they are not in the local cache" if offline else first
-    return RunError(f"{weights_flag} timm: cannot get the pretrained weights of {name} ({where}); use "
-                    f"{weights_flag} none (random init) or {weights_flag} <file> (a local checkpoint)")
-
-
-def load_local_weights(model: nn.Module, path: str, dist: Optional[DistInfo] = None,
-                       what: str = "--pretrained") -> None:
-    """Load a local checkpoint into a timm model (safe load), non-strict for a differently sized head; report what
-    was skipped."""
-    state = dict(runs.state_dict_of(runs.load_torch_file(path, f"{what} file"), path, f"{what} file"))
-    own = model.state_dict()
-    pe = state.get("pos_embed")
-    if pe is not None and "pos_embed" in own and pe.shape != own["pos_embed"].shape and pe.dim() == 3:
-        from timm.layers import resample_abs_pos_embed  # weights of another image size: resample the grid
-
-        npt = 0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens", 1)
-        state["pos_embed"] = resample_abs_pos_embed(pe, new_size=list(model.patch_embed.grid_size),
-                                                    num_prefix_tokens=npt)
-    skipped = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-    state = {k: v for k, v in state.items() if k not in skipped}
-    res = model.load_state_dict(state, strict=False)
-    missing = [k for k in res.missing_keys if k not in skipped]
-    if len(missing) > len(own) // 2:
-        raise RunError(f"{what} file {path} does not fit the model: {len(missing)} of {len(own)} weights missing "
-                       f"(e.g. {missing[:3]})")
-    msg = f"loaded {path}"
-    if skipped or missing:
-        msg += f" (left at init: {len(skipped) + len(missing)} tensors, e.g. {(skipped + missing)[:3]})"
-    log(msg, dist)

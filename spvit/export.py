@@ -23,6 +23,7 @@ import warnings
 from typing import Optional, Union
 
 import torch
+from spvit_kernels import use_backend
 
 from .deploy import DeployedModel
 from .runs import RunIOError, temp_name
@@ -42,8 +43,6 @@ def reference_ops(model):
 
     Restores the model's ``kernels_when_tracing`` setting on exit.
     """
-    from spvit_kernels import use_backend
-
     prev = model.kernels_when_tracing
     model.kernels_when_tracing = False
     try:
@@ -178,5 +177,5 @@ def export_for_format(args: argparse.Namespace, deployed, out_dir: str) -> Optio
     return path
 
 
-__all__ = ["export_onnx", "check_onnx_dtype", "reference_ops", "dynamo_exporter_available", "add_format_argument", "export_for_format",
-           "INPUT_NAME", "OUTPUT_NAME", "FORMATS"]
+__all__ = ["export_onnx", "check_onnx_dtype", "reference_ops", "dynamo_exporter_available", "add_format_argument",
+           "export_for_format", "INPUT_NAME", "OUTPUT_NAME", "FORMATS"]

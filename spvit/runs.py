@@ -1,6 +1,6 @@
 """Run folders and the files in them: the marker, the lock, ``--overwrite``, atomic writes, safe loading of user
-files, checkpoints that load with ``torch.load(weights_only=True)``, crash-consistent logs and clean stops on
-SIGINT / SIGTERM / SIGHUP.
+files, checkpoints that load with ``torch.load(weights_only=True)`` and crash-consistent logs (stopping a run on a
+signal is :mod:`spvit.interrupts`).
 
 A run folder is one that holds the marker file :data:`MARKER` (written by the package when it creates the folder).
 ``--overwrite`` only ever removes what the package writes (:data:`OWNED`) and only in a run folder; a folder the
@@ -27,14 +27,13 @@ import os
 import pickle
 import random
 import shutil
-import signal
 import socket
 import stat
 import sys
 import time
 import uuid
 import warnings
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -61,14 +60,6 @@ class RunError(ValueError):
 
 class RunIOError(OSError):
     """A write failed (e.g. the disk is full); the previous files are intact. The CLI prints one line, exit 1."""
-
-
-class Interrupted(Exception):
-    """SIGINT / SIGTERM arrived; the run stopped at a safe point (the message says how to continue)."""
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.signum = signum
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -172,8 +163,13 @@ def load_torch_file(path: str, what: str = "checkpoint") -> Any:
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         msg = str(exc)
-        if "Unsupported operand" in msg:  # not pickle data at all (text, JSON, NumPy, random bytes)
-            raise RunError(f"{what} {path} is not a PyTorch checkpoint (not pickle data)") from None
+        if "Unsupported operand" in msg:
+            protocol = _pickle_protocol(path)
+            if protocol is not None:  # pickle.dump's framed protocols, which the safe loader does not read
+                raise RunError(f"{what} {path} is a plain pickle file (protocol {protocol}), not one written by "
+                               f"torch.save; it may hold Python objects and is not loaded, since unpickling them can "
+                               f"run code") from None
+            raise RunError(f"{what} {path} is not a PyTorch checkpoint (not pickle data)") from None  # text, bytes
         if "Unsupported global" in msg or "GLOBAL" in msg or "weights_only" in msg and "load key" not in msg:
             raise RunError(f"{what} {path} holds Python objects other than tensors, numbers, strings, lists and "
                            f"dicts; it is not loaded, since unpickling them can run code") from None
@@ -184,6 +180,16 @@ def load_torch_file(path: str, what: str = "checkpoint") -> Any:
             first = "not pickle data"
         raise RunError(f"{what} {path} is not a readable PyTorch checkpoint (truncated, or not a checkpoint "
                        f"file: {first})") from None
+
+
+def _pickle_protocol(path: str) -> Optional[int]:
+    """The protocol of a file that starts like a pickle of protocol 2 or later, else None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError:
+        return None
+    return head[1] if len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= pickle.HIGHEST_PROTOCOL else None
 
 
 def state_dict_of(obj: Any, path: str, what: str = "weights file") -> Dict[str, torch.Tensor]:
@@ -527,114 +533,3 @@ def trim_logs(out: str, last_epoch: int, names=("metrics.csv", "gates.jsonl")) -
             kept = [ln for ln in lines if json.loads(ln).get("epoch", -1) <= last_epoch]
             if len(kept) != len(lines):
                 write_text(path, "".join(ln + "\n" for ln in kept))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Signals
-
-
-STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
-TRAINING_BEGAN = False  # set once a training loop has entered StopSignals (names what a later stop means)
-
-
-def _in_child(owner_pid: int) -> bool:
-    """Whether this is a process forked after the handler was installed (a DataLoader worker): it leaves the signal
-    to the main process, which stops the workers and prints the one line."""
-    return os.getpid() != owner_pid
-
-
-def install_stop_handlers() -> None:
-    """For the ``spvit`` command, outside the training loop: SIGINT, SIGTERM and SIGHUP raise :class:`Interrupted`
-    (the ``finally`` blocks release the lock, the CLI prints one line, exit 128 + the signal's number)."""
-    import threading
-
-    global TRAINING_BEGAN
-    TRAINING_BEGAN = False
-    if threading.current_thread() is not threading.main_thread():
-        return
-    pid = os.getpid()
-
-    def handle(signum, frame):
-        if _in_child(pid):
-            return
-        name = signal.Signals(signum).name
-        if TRAINING_BEGAN:
-            raise Interrupted(f"interrupted ({name}) outside the training loop; every file written is complete",
-                              signum)
-        raise Interrupted(f"interrupted ({name}) before training began; nothing was saved to resume", signum)
-
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, handle)
-
-
-def _quiet_worker(previous: Optional[Callable[[int], None]], worker_id: int) -> None:
-    for sig in STOP_SIGNALS:  # torch's worker handler would die by a SIGTERM sent to the whole process group
-        signal.signal(sig, signal.SIG_IGN)
-    if previous is not None:
-        previous(worker_id)
-
-
-def quiet_workers(loader: Any) -> None:
-    """Let the worker processes of a ``DataLoader`` ignore SIGINT / SIGTERM / SIGHUP (Ctrl-C and a scheduler's
-    SIGTERM reach the whole process group): the main process stops the run, shuts the workers down and prints the one
-    line, instead of each worker printing a traceback and the main process reporting a dead worker."""
-    import functools
-
-    if loader is not None and getattr(loader, "num_workers", 0):
-        loader.worker_init_fn = functools.partial(_quiet_worker, loader.worker_init_fn)
-
-
-class StopSignals:
-    """SIGINT / SIGTERM / SIGHUP handling for a run: outside :meth:`critical` a signal stops the run at once (the work
-    since the last checkpoint is dropped); inside (while files are written) it is deferred to the end of the section.
-    Processes forked inside (DataLoader workers) ignore the signals: the main process stops them. Restores the
-    previous handlers on exit. A no-op outside the main thread."""
-
-    def __init__(self):
-        self.pending: Optional[int] = None
-        self.depth = 0
-        self.old: Dict[int, Any] = {}
-        self.pid = os.getpid()
-
-    def __enter__(self) -> "StopSignals":
-        import threading
-
-        global TRAINING_BEGAN
-        TRAINING_BEGAN = True
-        if threading.current_thread() is threading.main_thread():
-            for sig in STOP_SIGNALS:
-                self.old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, h in self.old.items():
-            signal.signal(sig, h)
-
-    def _handle(self, signum, frame) -> None:
-        if _in_child(self.pid):
-            return
-        if self.depth > 0:
-            self.pending = signum
-            return
-        raise Interrupted(signal.Signals(signum).name, signum)
-
-    @contextlib.contextmanager
-    def critical(self) -> Iterator[None]:
-        self.depth += 1
-        try:
-            yield
-        finally:
-            self.depth -= 1
-        if self.depth == 0 and self.pending is not None:
-            signum, self.pending = self.pending, None
-            raise Interrupted(signal.Signals(signum).name, signum)
-
-
-PEER_LOST = ("connection closed by peer", "connection reset by peer", "broken pipe", "connection refused",
-             "nccl communicator was aborted", "socket timeout")
-
-
-def peer_lost(exc: BaseException) -> bool:
-    """True for the error a torchrun rank sees when another rank of its job died (its connection closed)."""
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    return world >= 2 and any(s in str(exc).lower() for s in PEER_LOST)

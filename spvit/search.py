@@ -15,23 +15,28 @@ from typing import Dict, Optional, Union
 import torch
 import torch.nn as nn
 
+from . import distributed as D
 from . import engine as E
-from . import runs
+from . import hub
+from . import latency as L
+from . import optim, runs
+from .checkpoints import model_meta
 from .config import SearchConfig
 from .models import Supernet, supernet
+from .runs import RunError
 
 DEFAULTS = SearchConfig()
 
 
-def build_supernet(cfg: SearchConfig, num_classes: int, model_kwargs: Dict, dist: Optional[E.DistInfo] = None,
+def build_supernet(cfg: SearchConfig, num_classes: int, model_kwargs: Dict, dist: Optional[D.DistInfo] = None,
                    pretrained: Optional[str] = None) -> Supernet:
     """The supernet of ``cfg.model`` (weights from ``pretrained``, default ``cfg.pretrained``)."""
-    base = E.build_timm_model(cfg.model, num_classes, cfg.pretrained if pretrained is None else pretrained,
-                              cfg.drop_path, model_kwargs, dist)
+    base = hub.build_timm_model(cfg.model, num_classes, cfg.pretrained if pretrained is None else pretrained,
+                                cfg.drop_path, model_kwargs, dist)
     try:
         return supernet(base, theta=cfg.theta, alpha=cfg.alpha, model_name=cfg.model)
     except ValueError as exc:
-        raise E.RunError(str(exc)) from None
+        raise RunError(str(exc)) from None
 
 
 OFF_TARGET = 0.15  # a final architecture further than this (relative) from its target gets a warning
@@ -65,9 +70,9 @@ def run(cfg: Union[SearchConfig, Dict], supernet_module: Optional[nn.Module] = N
         cfg = SearchConfig.from_dict(cfg)
     cfg = cfg.validate()
     runs.check_out(cfg.out, cfg.overwrite, cfg.resume)
-    size = E.model_input_size(cfg, supernet_module.signature.img_size[0] if supernet_module is not None else None)
-    kwargs = E.model_kwargs_for(cfg, size)
-    E.check_model_name(cfg.model)  # before the data: an unknown name is not a batch-size problem
+    size = hub.model_input_size(cfg, supernet_module.signature.img_size[0] if supernet_module is not None else None)
+    kwargs = hub.model_kwargs_for(cfg, size)
+    hub.check_model_name(cfg.model)  # before the data: an unknown name is not a batch-size problem
     st = E.setup(cfg, size)
     dist = st.dist
     if supernet_module is not None:
@@ -77,44 +82,42 @@ def run(cfg: Union[SearchConfig, Dict], supernet_module: Optional[nn.Module] = N
     E.check_channels(st, sn.signature.in_chans)
     widest = max(sn.signature.block_mlp_hidden)
     if cfg.ffn_align > widest:
-        raise E.RunError(f"--ffn-align {cfg.ffn_align} is wider than the widest FFN of {cfg.model} ({widest} units); "
-                         f"use a divisor of the FFN width such as 64, or 0 (off)")
+        raise RunError(f"--ffn-align {cfg.ffn_align} is wider than the widest FFN of {cfg.model} ({widest} units); "
+                       f"use a divisor of the FFN width such as 64, or 0 (off)")
     lat = None
     if cfg.latency_table:  # hardware-aware: a latency target replaces the FLOPs target (docs/method.md §11.4)
-        from . import latency as L
-
         try:
             table = L.load_table(cfg.latency_table, dist)
             lat = L.LatencyObjective(table, sn, L.resolve_target(table, cfg.target_speedup, cfg.target_latency_ms))
         except (ValueError, OSError) as exc:
-            raise E.RunError(f"--latency-table: {exc}") from None
+            raise RunError(f"--latency-table: {exc}") from None
     else:
         try:
             sn.check_target(cfg.target_gflops)  # the one check of the target's bounds
         except ValueError as exc:
-            raise E.RunError(f"--target-gflops: {exc}") from None
-    lr = E.effective_lr(cfg, dist)
-    f = E.other_lr_scale(cfg, dist)
-    min_lr = E.lr_floor(lr, cfg.min_lr * f, "--min-lr", dist)
+            raise RunError(f"--target-gflops: {exc}") from None
+    lr = optim.effective_lr(cfg, dist)
+    f = optim.other_lr_scale(cfg, dist)
+    min_lr = optim.lr_floor(lr, cfg.min_lr * f, "--min-lr", dist)
     arc_lr = cfg.arc_lr * f
     with E.run_folder(cfg, dist) as out:
         E.save_run_config(cfg, out, dist)
         sn.to(dist.device)
         betas = tuple(cfg.opt_betas)
-        opt_w = torch.optim.AdamW(E.decay_groups(sn, cfg.weight_decay), lr=lr, betas=betas, eps=cfg.opt_eps)
+        opt_w = torch.optim.AdamW(optim.decay_groups(sn, cfg.weight_decay), lr=lr, betas=betas, eps=cfg.opt_eps)
         opt_a = torch.optim.AdamW(sn.arch_parameters(), lr=arc_lr, betas=betas, eps=cfg.opt_eps,
                                   weight_decay=0.0)
         # The original create_scheduler ignores its min_lr argument: args.min_lr for both (docs/method.md Q10).
         arc_min = (cfg.arc_min_lr if cfg.arc_min_lr is not None else cfg.min_lr) * f
         per_step = cfg.sched_per_step
-        schedules = [E.Schedule(opt_w, lr, min_lr, cfg.schedule_length, cfg.warmup_epochs, cfg.warmup_lr * f,
-                                per_step=per_step),
-                     E.Schedule(opt_a, arc_lr, arc_min, cfg.arc_sched_epochs or cfg.schedule_length, 0,
-                                per_step=per_step)]
-        dtype = E.amp_dtype(cfg.amp, dist.device)
+        schedules = [optim.Schedule(opt_w, lr, min_lr, cfg.schedule_length, cfg.warmup_epochs, cfg.warmup_lr * f,
+                                    per_step=per_step),
+                     optim.Schedule(opt_a, arc_lr, arc_min, cfg.arc_sched_epochs or cfg.schedule_length, 0,
+                                    per_step=per_step)]
+        dtype = optim.amp_dtype(cfg.amp, dist.device)
         scaler = torch.amp.GradScaler(dist.device.type) if dtype == torch.float16 else None
-        model = E.wrap_ddp(sn, dist, find_unused=True, broadcast_buffers=sn.signature.family != "swin")
-        task = E.task_loss_fn(cfg.smoothing, st.mixup is not None)
+        model = D.wrap_ddp(sn, dist, find_unused=True, broadcast_buffers=sn.signature.family != "swin")
+        task = optim.task_loss_fn(cfg.smoothing, st.mixup is not None)
         target, lam = cfg.target_gflops, cfg.loss_lambda
 
         def loss_fn(images, logits, y):
@@ -128,9 +131,7 @@ def run(cfg: Union[SearchConfig, Dict], supernet_module: Optional[nn.Module] = N
         def read_out():
             if lat is None and not cfg.ffn_align:
                 return sn.architecture()
-            from .latency import align_architecture
-
-            return align_architecture(sn, cfg.ffn_align, lat.table if lat is not None else None)
+            return L.align_architecture(sn, cfg.ffn_align, lat.table if lat is not None else None)
 
         def after_epoch(epoch: int, m: Dict) -> Dict:
             rows = sn.gate_summary()
@@ -166,14 +167,14 @@ def run(cfg: Union[SearchConfig, Dict], supernet_module: Optional[nn.Module] = N
             return {"ms": f"{float(lat.predicted_ms().detach()):.4g}"} if lat is not None else {}
 
         goal = lat.describe() if lat is not None else f"target {target:g}"
-        E.log(f"search {cfg.model}: dense {sn.dense_gflops():.4g} GFLOPs, {goal}, lambda {lam:g}, "
+        D.log(f"search {cfg.model}: dense {sn.dense_gflops():.4g} GFLOPs, {goal}, lambda {lam:g}, "
               f"lr {lr:.3g}, arc_lr {arc_lr:.3g}, {dist.world} process(es) on {dist.device}", dist)
         res = E.fit(model=model, schedules=schedules, epochs=cfg.epochs, loss_fn=loss_fn,
                     train_loader=st.train_loader, train_sampler=st.sampler, val_loader=st.val_loader, dist=dist,
                     out=out, mixup=st.mixup, dtype=dtype, scaler=scaler, clip_grad=cfg.clip_grad, resume=cfg.resume,
                     stop_after_epoch=cfg.stop_after_epoch, after_epoch=after_epoch, write_epoch=write_epoch,
                     postfix=lambda: {"GFLOPs": f"{sn.gflops():.4g}", **postfix_ms()},
-                    best_meta={"model_name": cfg.model, "model_kwargs": kwargs, "num_classes": st.num_classes},
+                    best_meta=model_meta(cfg.model, kwargs, st.num_classes),
                     show=cfg.progress, desc="search", tensorboard=cfg.tensorboard,
                     resume_hint=f"spvit search --out {out} --resume", epoch_notes=gates_line, cfg=cfg)
     final = read_out()

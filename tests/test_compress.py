@@ -10,7 +10,9 @@ import sys
 import pytest
 import torch
 
-from spvit import cli, compress, engine, finetune, runs
+from spvit import checkpoints, cli, compress, compress_plan, engine, finetune, runs
+from spvit.config import ConfigError
+from spvit.distributed import DistInfo
 from spvit.data import DataConfig, build_datasets
 from .pipeline_helpers import TINY_MODEL, repo_root
 
@@ -32,7 +34,7 @@ def tiny(out, **over):
 @pytest.fixture(scope="module")
 def full(tmp_path_factory):
     out = tmp_path_factory.mktemp("compress") / "run"
-    s = compress.run(compress.CompressConfig.from_dict(tiny(out)))
+    s = compress.run(compress_plan.CompressConfig.from_dict(tiny(out)))
     return out, s
 
 
@@ -42,7 +44,7 @@ def test_every_stage_with_a_speedup_target(full):
               "search/checkpoint.pth", "finetune/best.pth", "finetune/arch.json", "deploy/deployed.pth",
               "deploy/arch.json", "measure.json", "report.md", "summary.json"):
         assert os.path.isfile(out / f), f
-    assert json.load(open(out / "stages.json"))["done"] == list(compress.STAGES)
+    assert json.load(open(out / "stages.json"))["done"] == list(compress_plan.STAGES)
     assert s == json.load(open(out / "summary.json"))
     # the search ran against the table profiled in this run, FFN widths aligned to its grid step
     table = json.load(open(out / "latency.json"))
@@ -51,7 +53,7 @@ def test_every_stage_with_a_speedup_target(full):
     scfg = yaml.safe_load(open(out / "search" / "config.yaml"))
     assert scfg["latency_table"] == str(out / "latency.json") and scfg["target_speedup"] == 1.3
     dense_gflops = s["achieved"]["dense_gflops"]  # no original lambda for this model: lambda_rel / dense GFLOPs^2
-    assert scfg["loss_lambda"] == pytest.approx(compress.LAMBDA_REL / dense_gflops ** 2)
+    assert scfg["loss_lambda"] == pytest.approx(compress_plan.LAMBDA_REL / dense_gflops ** 2)
     assert scfg["ffn_align"] == s["ffn_align"] == table["meta"]["ffn_step"]
     fcfg = yaml.safe_load(open(out / "finetune" / "config.yaml"))
     assert fcfg["teacher"] == str(out / "teacher" / "best.pth") and fcfg["distillation"] == "hard"
@@ -70,8 +72,8 @@ def test_every_stage_with_a_speedup_target(full):
     _, val = build_datasets("digits", DataConfig(input_size=8), need_train=False)
     loader = torch.utils.data.DataLoader(val, batch_size=50)
     for path, key in (("teacher/best.pth", "dense_val_acc"), ("finetune/best.pth", "compressed_val_acc")):
-        model = finetune.model_from_checkpoint(runs.load_torch_file(str(out / path)), path).eval()
-        assert engine.evaluate(model, loader, engine.DistInfo(), show=False)["acc1"] == pytest.approx(a[key])
+        model = checkpoints.model_from_checkpoint(runs.load_torch_file(str(out / path)), path).eval()
+        assert engine.evaluate(model, loader, DistInfo(), show=False)["acc1"] == pytest.approx(a[key])
     arch = json.load(open(out / "finetune" / "arch.json"))
     assert [b["attn"] for b in s["blocks"]] == [b["attn"] for b in arch["blocks"]]
     assert a["compressed_gflops"] <= a["dense_gflops"]
@@ -79,7 +81,7 @@ def test_every_stage_with_a_speedup_target(full):
     from spvit import load_deployed
 
     dep = load_deployed(str(out / "deploy" / "deployed.pth"))
-    pruned = finetune.model_from_checkpoint(runs.load_torch_file(str(out / "finetune/best.pth")), "ft").eval()
+    pruned = checkpoints.model_from_checkpoint(runs.load_torch_file(str(out / "finetune/best.pth")), "ft").eval()
     x = torch.randn(4, 1, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(dep(x), pruned(x), rtol=1e-4, atol=1e-4)
@@ -123,9 +125,9 @@ def test_kill_in_each_stage_then_resume(tmp_path):
                            capture_output=True, text=True, timeout=300)
         assert p.returncode == 137, (point, p.stderr[-2000:])
         done = json.load(open(out / "stages.json"))["done"]
-        assert done == list(compress.STAGES[:compress.STAGES.index(stage)]), (point, done)
+        assert done == list(compress_plan.STAGES[:compress_plan.STAGES.index(stage)]), (point, done)
     s = compress.cli_run({"out": str(out), "resume": True}, None)
-    assert json.load(open(out / "stages.json"))["done"] == list(compress.STAGES)
+    assert json.load(open(out / "stages.json"))["done"] == list(compress_plan.STAGES)
     assert s == json.load(open(out / "summary.json")) and math.isfinite(s["achieved"]["measured_speedup"])
     for stage in ("teacher", "search", "finetune"):  # resumed from their checkpoints: no epoch lost or repeated
         assert [int(r["epoch"]) for r in _rows(out / stage / "metrics.csv")] == [0, 1], stage
@@ -167,23 +169,23 @@ def test_unreachable_target_and_bad_input_refused_before_anything_is_written(tmp
 
 
 def test_recipes():
-    paper = compress.recipe_settings("paper", "deit_small_patch16_224")
+    paper = compress_plan.recipe_settings("paper", "deit_small_patch16_224")
     assert paper["search"]["epochs"] == 21 and paper["search"]["loss_lambda"] == 3.0
     assert paper["search"]["sched_epochs"] == 300 and paper["finetune"]["epochs"] == 200
     assert paper["finetune"]["distillation"] == "hard" and "teacher" not in paper["finetune"]
     assert "target_gflops" not in paper["search"] and "out" not in paper["search"]
-    quick = compress.recipe_settings("quick", "deit_small_patch16_224")
-    f = compress.QUICK_FRACTION
+    quick = compress_plan.recipe_settings("quick", "deit_small_patch16_224")
+    f = compress_plan.QUICK_FRACTION
     assert quick["search"]["epochs"] == max(1, round(21 * f)) and quick["finetune"]["epochs"] == round(200 * f)
     assert quick["search"]["sched_epochs"] == round(300 * f) and quick["search"]["lr"] == paper["search"]["lr"]
-    assert compress.recipe_settings("paper", "swin_tiny_patch4_window7_224")["search"]["arc_sched_epochs"] == 150
-    assert compress.recipe_settings("none", "anything") == {"search": {}, "finetune": {}}
-    with pytest.raises(compress.ConfigError, match="no original configuration"):
-        compress.recipe_settings("paper", "resnet50")
+    assert compress_plan.recipe_settings("paper", "swin_tiny_patch4_window7_224")["search"]["arc_sched_epochs"] == 150
+    assert compress_plan.recipe_settings("none", "anything") == {"search": {}, "finetune": {}}
+    with pytest.raises(ConfigError, match="no original configuration"):
+        compress_plan.recipe_settings("paper", "resnet50")
 
 
 def test_verdict_says_plainly_when_the_speedup_misses():
-    cfg = compress.CompressConfig(model="m", data="digits", out="x", target_speedup=2.0)
+    cfg = compress_plan.CompressConfig(model="m", data="digits", out="x", target_speedup=2.0)
 
     def m(speedup, pred, lo, hi):
         return {"latency": {"speedup": speedup, "predicted_speedup": pred, "speedup_min": lo, "speedup_max": hi,
@@ -195,7 +197,7 @@ def test_verdict_says_plainly_when_the_speedup_misses():
     v = compress.verdict(cfg, m(1.5, 1.5, 1.4, 1.6), None)
     assert "search ended away from its target" in v and "moved too little" in v
     assert "overshot" in compress.verdict(cfg, m(3.0, 3.1, 2.8, 3.2), None)
-    g = compress.CompressConfig(model="m", data="digits", out="x", target_gflops=2.0)
+    g = compress_plan.CompressConfig(model="m", data="digits", out="x", target_gflops=2.0)
     assert compress.verdict(g, m(1, 1, 1, 1), None).startswith("The compressed model has 1 GFLOPs, -50%")
 
 

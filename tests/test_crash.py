@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from spvit import cli, engine, runs, search
+from spvit import cli, engine, interrupts, runs, search
 from .pipeline_helpers import repo_root, tiny_search_cfg
 
 DRIVER = """
@@ -124,7 +124,7 @@ def _signal_at(monkeypatch, target, attr, epoch, signum):
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_signal_before_the_first_checkpoint_does_not_advise_resume(signum, tmp_path, capsys, monkeypatch):
     _signal_at(monkeypatch, engine, "evaluate", 0, signum)
-    with pytest.raises(runs.Interrupted) as info:
+    with pytest.raises(interrupts.Interrupted) as info:
         search.run(_cfg(tmp_path / "run"))
     msg = str(info.value)
     assert "nothing to resume" in msg and "--resume" not in msg and info.value.signum == signum
@@ -133,7 +133,7 @@ def test_signal_before_the_first_checkpoint_does_not_advise_resume(signum, tmp_p
 
 def test_signal_mid_run_says_how_to_resume_and_resume_works(tmp_path, monkeypatch, reference):
     _signal_at(monkeypatch, engine, "evaluate", 1, signal.SIGTERM)
-    with pytest.raises(runs.Interrupted) as info:
+    with pytest.raises(interrupts.Interrupted) as info:
         search.run(_cfg(tmp_path / "run"))
     assert "last checkpoint is after epoch 1/" in str(info.value) and "--resume" in str(info.value)
     monkeypatch.undo()
@@ -143,7 +143,7 @@ def test_signal_mid_run_says_how_to_resume_and_resume_works(tmp_path, monkeypatc
 
 def test_signal_while_writing_is_deferred_until_the_checkpoint_is_complete(tmp_path, monkeypatch, reference):
     _signal_at(monkeypatch, runs, "log_epoch_row", 1, signal.SIGINT)
-    with pytest.raises(runs.Interrupted) as info:
+    with pytest.raises(interrupts.Interrupted) as info:
         search.run(_cfg(tmp_path / "run"))
     assert "last checkpoint is after epoch 2/" in str(info.value)
     assert torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)["epoch"] == 1

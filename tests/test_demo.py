@@ -35,15 +35,16 @@ def test_demo_smoke(tmp_path, capsys):
     assert os.path.exists(out / "search" / "arch.json") and os.path.exists(out / "demo.yaml")
     assert (summary["train_images"], summary["val_images"], summary["test_images"]) == (128, 180, 360)
     # honest numbers: the table's accuracies are the test accuracies of the checkpoints chosen on validation
-    from spvit import engine, finetune, runs
+    from spvit import checkpoints, engine, runs
+    from spvit.distributed import DistInfo
     from spvit.data import DigitsDataset
     from torch.utils.data import DataLoader
 
     test = DataLoader(DigitsDataset("test", size=8), batch_size=100)
     for stage, key in (("teacher", "teacher_acc"), ("finetune", "pruned_acc")):
         ck = runs.load_torch_file(str(out / stage / "best.pth"))
-        model = finetune.model_from_checkpoint(ck, stage).eval()
-        assert engine.evaluate(model, test, engine.DistInfo(), show=False)["acc1"] == pytest.approx(summary[key],
+        model = checkpoints.model_from_checkpoint(ck, stage).eval()
+        assert engine.evaluate(model, test, DistInfo(), show=False)["acc1"] == pytest.approx(summary[key],
                                                                                                     abs=1e-3)
         rows = list(csv.DictReader(open(out / stage / "metrics.csv")))
         assert ck["epoch"] == int(max(rows, key=lambda r: float(r["val_acc1"]))["epoch"])  # first best on validation

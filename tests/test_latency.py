@@ -433,8 +433,8 @@ def test_cli_bench_predicted_vs_measured(tmp_path, capsys):
 
 DDP_DRIVER = """
 import json, os, sys
-from spvit import engine as E, latency as L
-dist = E.init_distributed("cpu")
+from spvit import distributed, latency as L
+dist = distributed.init_distributed("cpu")
 path = sys.argv[1] if dist.rank == 0 else "/nonexistent/only-rank-0-reads.json"
 try:
     res = L.load_table(path, dist).to_dict()

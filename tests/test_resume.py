@@ -6,9 +6,9 @@ import os
 import pytest
 import torch
 
-from spvit import engine as E
 from spvit import runs
 from spvit import finetune, search
+from spvit.runs import RunError
 from .pipeline_helpers import tiny_cfg, tiny_search_cfg
 
 
@@ -40,7 +40,7 @@ def test_search_resume_is_bit_identical(tmp_path):
     assert search.run(part)["stopped"]
     assert _weights(tmp_path / "split" / "checkpoint.pth")["epoch"] == 0
     # the interrupted folder is not overwritten by accident
-    with pytest.raises(E.RunError, match="already exists"):
+    with pytest.raises(RunError, match="already exists"):
         search.run(tiny_search_cfg(tmp_path / "split", **over))
     res = search.run(tiny_search_cfg(tmp_path / "split", resume=True, **over))
     assert not res["stopped"]
@@ -61,7 +61,7 @@ def test_finetune_resume_with_ema_is_bit_identical(tmp_path):
 
 
 def test_resume_without_checkpoint_is_an_error(tmp_path):
-    with pytest.raises(E.RunError, match="no checkpoint.pth"):
+    with pytest.raises(RunError, match="no checkpoint.pth"):
         search.run(tiny_search_cfg(tmp_path / "nothing", resume=True))
 
 

@@ -401,7 +401,7 @@ def test_pretrained_file_of_another_image_size_is_resampled(tmp_path):
     import timm
     import torch.nn.functional as F
 
-    from spvit import engine
+    from spvit import hub
 
     kw = {"patch_size": 2, "in_chans": 1, "embed_dim": 32, "depth": 2, "num_heads": 2}
     small = timm.create_model("spvit_demo_vit", num_classes=10, img_size=8, **kw)
@@ -409,7 +409,7 @@ def test_pretrained_file_of_another_image_size_is_resampled(tmp_path):
         small.pos_embed.normal_()
     torch.save(small.state_dict(), tmp_path / "w8.pth")
     big = timm.create_model("spvit_demo_vit", num_classes=10, img_size=16, **kw)
-    engine.load_local_weights(big, str(tmp_path / "w8.pth"))
+    hub.load_local_weights(big, str(tmp_path / "w8.pth"))
     grid = small.pos_embed[:, 1:].reshape(1, 4, 4, 32).permute(0, 3, 1, 2)
     ref = F.interpolate(grid, size=(8, 8), mode="bicubic", antialias=True, align_corners=False)
     ref = ref.permute(0, 2, 3, 1).reshape(1, 64, 32)
@@ -426,3 +426,41 @@ def test_resume_from_a_truncated_checkpoint(tmp_path, capsys):
     rc, err = _rc(["search", "--out", out, "--resume", "--epochs", "2", "--allow-changes"], capsys)
     assert rc == 2 and _one_error_line(err) and "truncated" in err, err
     assert (out / "best.pth").exists() and (out / "metrics.csv").exists()  # nothing else was touched
+
+
+def test_every_reader_of_a_finetune_checkpoint_builds_the_same_model(tmp_path):
+    """eval / bench (load_finetuned), deploy (deploy_checkpoint) and the teacher read one format, in one place."""
+    import timm
+
+    from spvit import checkpoints, prune, supernet
+    from spvit.deploy import deploy_checkpoint
+    from .pipeline_helpers import TINY_MODEL
+
+    torch.manual_seed(0)
+    dense = timm.create_model("spvit_demo_vit", num_classes=10, **TINY_MODEL)
+    arch = supernet(dense, model_name="spvit_demo_vit").architecture()
+    pruned = prune(dense, arch).eval()
+    with torch.no_grad():
+        for p in pruned.parameters():
+            p.normal_(0, 0.2)
+    meta = checkpoints.model_meta("spvit_demo_vit", TINY_MODEL, 10, arch)
+    path = str(tmp_path / "best.pth")
+    runs.save_torch({"model": pruned.state_dict(), **meta}, path)
+    # the weights as a DDP-wrapped model names them: read alike
+    ddp_path = str(tmp_path / "ddp.pth")
+    runs.save_torch({"model": {f"module.{k}": v for k, v in pruned.state_dict().items()}, **meta}, ddp_path)
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        want = pruned(x)
+        for p in (path, ddp_path):
+            model, ck = checkpoints.load_finetuned(p)
+            assert ck["model_name"] == "spvit_demo_vit"
+            torch.testing.assert_close(model(x), want)
+            torch.testing.assert_close(deploy_checkpoint(p)(x), want, atol=1e-4, rtol=1e-4)
+    bad = str(tmp_path / "bad.pth")
+    state = pruned.state_dict()
+    state.pop(next(iter(state)))
+    runs.save_torch({"model": state, **meta}, bad)
+    for read in (checkpoints.load_finetuned, deploy_checkpoint):
+        with pytest.raises(runs.RunError, match="bad.pth does not fit the model"):
+            read(bad)

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import spvit
-from spvit import engine as E
-from spvit import finetune, search
+from spvit import finetune, optim, search
 from spvit.config import SearchConfig
 from spvit.distill import DistillationLoss
+from spvit.distributed import DistInfo
 from .pipeline_helpers import dense_gflops, tiny_cfg, tiny_search_cfg
 
 
@@ -38,8 +38,8 @@ def test_search_writes_everything_and_meets_pressure(tmp_path):
 
 def test_two_optimisers_split_parameters(tmp_path):
     cfg = tiny_search_cfg(tmp_path / "s", epochs=1)
-    sn = search.build_supernet(SearchConfig.from_dict(cfg), 10, cfg["model_kwargs"], E.DistInfo())
-    groups = E.decay_groups(sn, 0.05)
+    sn = search.build_supernet(SearchConfig.from_dict(cfg), 10, cfg["model_kwargs"], DistInfo())
+    groups = optim.decay_groups(sn, 0.05)
     arch = sn.arch_parameters()
     names = {id(p): n for n, p in sn.named_parameters()}
     assert arch and all("thresholds" in names[id(p)] for p in arch)
@@ -96,16 +96,16 @@ def test_distillation_losses():
 
 def test_lr_schedule_matches_deit_semantics():
     # search configs: weight lr constant at the floor, arc lr decays < 1% over 21 epochs (docs/method.md §4.4)
-    assert E.epoch_lr(20, 1e-4, 1e-4, 300) == pytest.approx(1e-4)
-    assert E.epoch_lr(0, 1e-3, 1e-4, 300) == E.epoch_lr(1, 1e-3, 1e-4, 300) == pytest.approx(1e-3)
-    assert E.epoch_lr(20, 1e-3, 1e-4, 300) == pytest.approx(0.990e-3, rel=2e-3)
-    assert E.epoch_lr(131, 1e-4, 1e-5, 130) == pytest.approx(1e-5)
+    assert optim.epoch_lr(20, 1e-4, 1e-4, 300) == pytest.approx(1e-4)
+    assert optim.epoch_lr(0, 1e-3, 1e-4, 300) == optim.epoch_lr(1, 1e-3, 1e-4, 300) == pytest.approx(1e-3)
+    assert optim.epoch_lr(20, 1e-3, 1e-4, 300) == pytest.approx(0.990e-3, rel=2e-3)
+    assert optim.epoch_lr(131, 1e-4, 1e-5, 130) == pytest.approx(1e-5)
 
 
 def test_lr_never_rises_when_the_scaled_lr_is_below_min_lr():
     # a small batch scales lr 5e-5 x 64/512 below min_lr 1e-4: the floor is capped at the scaled lr
     lr = 5e-5 * 64 / 512
-    floor = E.lr_floor(lr, 1e-4, "--min-lr")
-    values = [E.epoch_lr(e, lr, floor, 300) for e in range(30)]
+    floor = optim.lr_floor(lr, 1e-4, "--min-lr")
+    values = [optim.epoch_lr(e, lr, floor, 300) for e in range(30)]
     assert floor == lr and all(b <= a for a, b in zip(values, values[1:]))
-    assert E.lr_floor(1e-3, 1e-5, "--min-lr") == 1e-5
+    assert optim.lr_floor(1e-3, 1e-5, "--min-lr") == 1e-5

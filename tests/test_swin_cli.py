@@ -8,7 +8,8 @@ import torch
 import yaml
 
 import spvit
-from spvit import cli, engine as E
+from spvit import cli, optim
+from spvit.distributed import DistInfo
 from .pipeline_helpers import repo_root
 
 # a tiny Swin on the 16x16 digits: 8x8 patch grid, window 4 (stage 1: 4 windows, shifted odd block), 2 stages
@@ -66,14 +67,14 @@ def test_swin_configs_resolve_to_the_original_recipe(name):
 def test_swin_recipe_lr_scaling_and_decay_groups():
     from spvit.config import SearchConfig
 
-    dist = E.DistInfo(rank=0, world=8)
+    dist = DistInfo(rank=0, world=8)
     cfg = SearchConfig(batch_size=92, scale_all_lrs=True)
-    assert E.effective_lr(cfg, dist) == pytest.approx(5e-5 * 736 / 512)
-    assert E.other_lr_scale(cfg, dist) == pytest.approx(736 / 512)
-    assert E.other_lr_scale(SearchConfig(batch_size=128), dist) == 1.0  # DeiT: arc lr, floors not scaled
+    assert optim.effective_lr(cfg, dist) == pytest.approx(5e-5 * 736 / 512)
+    assert optim.other_lr_scale(cfg, dist) == pytest.approx(736 / 512)
+    assert optim.other_lr_scale(SearchConfig(batch_size=128), dist) == 1.0  # DeiT: arc lr, floors not scaled
     from tests.test_swin import tiny_swin
     sn = spvit.supernet(tiny_swin())
-    groups = E.decay_groups(sn, 0.05)
+    groups = optim.decay_groups(sn, 0.05)
     decayed = {id(p) for p in groups[1]["params"]}
     names = {n for n, p in sn.named_parameters() if id(p) in decayed}
     assert not any("relative_position_bias_table" in n or "thresholds" in n for n in names)
@@ -164,7 +165,7 @@ def test_per_iteration_schedule_follows_the_iteration_cosine():
     import math
 
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
-    s = E.Schedule(opt, 1e-3, 1e-5, t_initial=3, warmup_t=1, warmup_lr=1e-6, per_step=True)
+    s = optim.Schedule(opt, 1e-3, 1e-5, t_initial=3, warmup_t=1, warmup_lr=1e-6, per_step=True)
     n = 4  # iterations per epoch: warm-up 4 iterations, cosine over 12
     for epoch in range(4):
         for step in range(n):
@@ -172,7 +173,7 @@ def test_per_iteration_schedule_follows_the_iteration_cosine():
             want = (1e-6 + t * (1e-3 - 1e-6) / 4 if t < 4 else
                     1e-5 if t >= 12 else 1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * t / 12)))
             assert s.lr_at(epoch, step, n) == pytest.approx(want)
-    per_epoch = E.Schedule(opt, 1e-3, 1e-5, t_initial=3)
+    per_epoch = optim.Schedule(opt, 1e-3, 1e-5, t_initial=3)
     assert [per_epoch.lr_at(2, k, n) for k in range(n)] == [per_epoch.lr(2)] * n  # DeiT: constant within an epoch
 
 
