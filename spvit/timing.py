@@ -19,7 +19,8 @@ L2_FLUSH_BYTES = 256 * 2**20
 _l2_buffers: Dict[str, torch.Tensor] = {}
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA); nothing on a CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -76,7 +77,7 @@ def time_fn(fn: Callable[..., object], device: torch.device, warmup: int = 3, re
     flush = _l2_buffer(device) if flush_l2 and device.type == "cuda" else None
     for _ in range(warmup):
         fn(now) if self_timed else fn()
-    _sync(device)
+    sync(device)
     if events:
         marks = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(rep)]
         for start, end in marks:
@@ -85,7 +86,7 @@ def time_fn(fn: Callable[..., object], device: torch.device, warmup: int = 3, re
             start.record()
             fn()
             end.record()
-        _sync(device)
+        sync(device)
         return stats([start.elapsed_time(end) for start, end in marks])
     limit = max_reps if max_reps is not None else (rep if budget_s <= 0 else None)
     times: List[float] = []
@@ -93,13 +94,13 @@ def time_fn(fn: Callable[..., object], device: torch.device, warmup: int = 3, re
     while (limit is None or len(times) < limit) and (len(times) < rep or spent < budget_s):
         if flush is not None:
             flush.zero_()
-            _sync(device)
+            sync(device)
         t0 = now()
         if self_timed:  # a piece timed inside its context: fn returns the seconds of the piece alone
             dt = fn(now)
         else:
             fn()
-            _sync(device)
+            sync(device)
             dt = now() - t0
         spent += now() - t0  # the budget counts all the work done, context included
         times.append(dt * 1e3)

@@ -25,7 +25,9 @@ ONE_CASE = "shift_sum-tiny-T9-b2-fp32-fwd-eager"
 
 
 def _pytest_bench(*args, timeout=240):
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    # a test of an xdist worker: the child pytest is no xdist worker (pytest-benchmark disables itself in those)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    env["PYTHONPATH"] = ROOT
     env.pop("SPVIT_BENCH_SMOKE", None)
     env.pop("TRITON_INTERPRET", None)  # the bench conftest sets it for smoke runs
     return subprocess.run([sys.executable, "-m", "pytest", os.path.join(ROOT, "bench"), "-p", "no:cacheprovider",

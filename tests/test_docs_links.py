@@ -11,9 +11,6 @@ LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 FENCE = re.compile(r"^```.*?^```", flags=re.S | re.M)
 # pages that the manual links to and that other branches of the repository add; until they are there, a link to one
 # of them is reported as a skip (by name) rather than a failure
-PAGES_ADDED_ELSEWHERE = {"docs/families.md", "docs/open-questions.md", "docs/kernel-design.md", "docs/gpu-lease.md"}
-
-
 def _pages():
     return ["README.md"] + sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))
 
@@ -61,10 +58,7 @@ def test_link_pattern():
 @pytest.mark.parametrize("page", _pages())
 def test_local_links_resolve(page):
     missing = [(t, p) for t, p in links(page) if not os.path.exists(os.path.join(ROOT, p))]
-    broken = [t for t, p in missing if p not in PAGES_ADDED_ELSEWHERE]
-    assert not broken, f"{page}: links to files that do not exist: {broken}"
-    if missing:
-        pytest.skip(f"{page}: links to pages not in this tree yet: {sorted({p for _, p in missing})}")
+    assert not missing, f"{page}: links to files that do not exist: {[t for t, _ in missing]}"
 
 
 @pytest.mark.parametrize("page", _pages())

@@ -8,7 +8,8 @@ from typing import Any, Callable, Dict
 import torch.nn as nn
 
 from ..arch import ModelSignature
-from ..models.convert import UnsupportedModelError, is_swin
+from ..families import family_of as model_family
+from ..models.convert import UnsupportedModelError
 from .pieces import Pieces
 from .swin_pieces import SwinPieces
 from .vit_pieces import ViTPieces
@@ -17,8 +18,8 @@ PIECES: Dict[str, Callable[..., Pieces]] = {"vit": ViTPieces, "swin": SwinPieces
 
 
 def family_of(model: nn.Module) -> str:
-    """The family name of ``model`` (a timm model, or a Supernet / PrunedModel that says its ``spvit_family``)."""
-    return getattr(model, "spvit_family", None) or ("swin" if is_swin(model) else "vit")
+    """The family name of ``model`` (a timm model, or a Supernet / PrunedModel of one), from the family lookup."""
+    return model_family(model).name
 
 
 def pieces_for(model: nn.Module, device, dtype, batch, model_name=None, context: int = 4) -> Pieces:

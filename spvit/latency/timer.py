@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import os
 import platform
-import time
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, Optional, Sequence, Union
 
 import torch
+
+from ..timing import CLOCKS, sync, time_fn  # noqa: F401 (CLOCKS, sync: re-exported)
 
 STATS = {"median": "ms", "min": "ms_min"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -56,13 +57,6 @@ def device_name(device: Union[str, torch.device]) -> str:
     return name or platform.processor() or platform.machine() or "cpu"
 
 
-def sync(device: torch.device) -> None:
-    """Wait for the device's queued work (CUDA); nothing on a CPU."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-CLOCKS = ("wall", "cpu")
 
 # glibc malloc, by default, serves blocks above a *dynamic* threshold (128 KiB at start, raised to the size of the
 # largest such block freed so far, up to 32 MiB) with fresh mmap()ed memory and gives it back on free, and trims the
@@ -131,31 +125,7 @@ def time_ms(fn: Callable[[], object], device: torch.device, min_reps: int = 5, m
     seconds to count (a piece timed inside a longer run, see :class:`ViTPieces`); the budget counts the whole calls.
     Returns ``ms`` (median), ``ms_min``, ``reps``.
     """
-    if clock not in CLOCKS:
-        raise ValueError(f"clock must be one of {CLOCKS}, got {clock!r}")
-    if clock == "cpu" and device.type != "cpu":
-        raise ValueError("clock='cpu' (process CPU time) measures CPU work only; use clock='wall' on a GPU")
-    now = time.perf_counter if clock == "wall" else time.process_time
-    self_timed = getattr(fn, "self_timed", False)
-    for _ in range(warmup):
-        fn(now) if self_timed else fn()
-    sync(device)
-    times: List[float] = []
-    spent = 0.0
-    while len(times) < max_reps and (len(times) < min_reps or spent < budget_s):
-        t0 = now()
-        if self_timed:  # a piece timed inside its context: fn returns the seconds of the piece alone
-            dt = fn(now)
-        else:
-            fn()
-            sync(device)
-            dt = now() - t0
-        spent += now() - t0  # the budget counts all the work done, context included
-        times.append(dt * 1e3)
-    times.sort()
-    n = len(times)
-    med = times[n // 2] if n % 2 else 0.5 * (times[n // 2 - 1] + times[n // 2])
-    return {"ms": med, "ms_min": times[0], "reps": n}
+    return time_fn(fn, device, warmup, min_reps, budget_s=budget_s, max_reps=max_reps, clock=clock)
 
 
 def median(v: Sequence[float]) -> float:
