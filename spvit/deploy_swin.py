@@ -25,8 +25,8 @@ import torch.nn.functional as F
 
 
 from .choices import CONV_CHOICES, DEPLOY_KINDS, MSA, SKIP, SKIP_LN
-from .deploy import (DeployedModel, FoldedConv, ResidualBlock, _f64, _ffn_state, _folded_conv_state, _layer_norm,
-                     _norm_desc, _norm_from, _norm_state, _OpChoice, assemble, check_ffn_width, deploy_target)
+from .deploy import _f64, _ffn_state, _folded_conv_state, _norm_state, assemble, check_ffn_width, deploy_target
+from .deployed import DeployedModel, FoldedConv, ResidualBlock, _layer_norm, _norm_desc, _norm_from, _OpChoice
 from .models.convert import UnsupportedModelError, check_images, gelu_approximate
 from .models.swin import SwinPrunedModel
 

@@ -20,7 +20,7 @@ KNOWN_LAYER_EXCEPTIONS = {
 # split and the op contract); no other module may.
 KNOWN_FUNCTION_IMPORTS = {
     "spvit.arch": "writing an architecture file through spvit.runs",
-    "spvit.deploy": "the version string and the original-checkpoint reader, loaded per call",
+    "spvit.deploy": "the original-checkpoint reader (which builds on deploy), loaded per call",
     "spvit.flops": "the signature of a timm model, read per call",
     "spvit.models.official_swin": "the Swin supernet and pruning, loaded per call",
     "spvit.models.pruned": "the GELU form of a timm model, read per call",
@@ -77,7 +77,8 @@ def _imports(name, path, mods):
 # gates and FLOPs; the pipeline (training, search, latency, runs, CLI helpers) builds on it.
 # The base layer: the package's utilities that import no module of spvit (versions, safe file writes, timers).
 BASE_MODULES = ("spvit._version", "spvit.runs", "spvit.interrupts", "spvit.timing")
-MODEL_MODULES = ("spvit.choices", "spvit.arch", "spvit.gates", "spvit.flops", "spvit.deploy", "spvit.deploy_swin")
+MODEL_MODULES = ("spvit.choices", "spvit.arch", "spvit.gates", "spvit.flops", "spvit.deploy", "spvit.deployed",
+                 "spvit.deploy_swin")
 
 
 def layer(module):
