@@ -43,7 +43,8 @@ def _planes(batch, grid, taps, d, dt, misaligned, device):
 
 def run(device: torch.device, only_backward: bool = False) -> int:
     from spvit_kernels import _ext, reference
-    from spvit_kernels.shift_sum import deploy_conv_ext, shift_sum_ext
+    from spvit_kernels.deploy_conv import deploy_conv_ext
+    from spvit_kernels.shift_sum import shift_sum_ext
 
     if not _ext.has_op("shift_sum"):
         print(f"the extension is not loaded: {_ext.error()}")
