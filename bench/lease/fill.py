@@ -14,7 +14,6 @@ import argparse
 import os
 import statistics
 import sys
-import traceback
 
 import torch
 
@@ -26,7 +25,7 @@ from bench.lease import ratios  # noqa: E402
 from bench.lease.ratios import Deadline, device_of, infer_case, infer_ratio, step_case, step_ratio  # noqa: E402
 
 ratios.load()
-from bench.lease.rows import write_row  # noqa: E402
+from bench.lease.rows import run_each, write_row  # noqa: E402
 
 PARTS = ("kernels", "step_b", "infer_b1", "compiled")
 SMOKE_PARTS = ("kernels", "infer_b1", "compiled")  # step_b runs the code of step c's step item
@@ -126,33 +125,26 @@ def main(argv=None) -> int:
     device = device_of(args.smoke)
     deadline = Deadline(args.budget_s)
     reps, rounds = (1, 1) if args.smoke else (10, 2)
-    status = 0
     parts = args.parts.split(",") if args.parts else (SMOKE_PARTS if args.smoke else PARTS)
-    for part in parts:
+
+    def run_one(part: str) -> None:
         if part not in PARTS:
             raise SystemExit(f"unknown part {part!r}; expected some of {PARTS}")
         if deadline.over(margin=5):
             write_row(part, {"item": part, "skipped": "time limit"})
-            continue
-        try:
-            if part == "kernels":
-                kernels(device, args.smoke, reps, rounds, deadline)
-            elif part == "step_b":
-                step_ratio(step_case(args.smoke, "deit_b"), device, args.smoke, 1 if args.smoke else 2, reps,
-                           deadline, label="step_b")
-            elif part == "infer_b1":
-                infer_ratio(infer_case(args.smoke, batch=1), device, 1 if args.smoke else 2, reps if args.smoke
-                            else 50, deadline, label="infer_b1")
-            else:
-                compiled(device, args.smoke, reps, deadline,
-                         args.compile_estimate_s or (20.0 if args.smoke else 120.0))
-        except Exception as exc:  # noqa: BLE001 - the next part still runs
-            status = 1
-            write_row(part, {"item": part, "error": f"{type(exc).__name__}: {exc}"[:500]})
-            traceback.print_exc()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    return status
+        elif part == "kernels":
+            kernels(device, args.smoke, reps, rounds, deadline)
+        elif part == "step_b":
+            step_ratio(step_case(args.smoke, "deit_b"), device, args.smoke, 1 if args.smoke else 2, reps,
+                       deadline, label="step_b")
+        elif part == "infer_b1":
+            infer_ratio(infer_case(args.smoke, batch=1), device, 1 if args.smoke else 2, reps if args.smoke
+                        else 50, deadline, label="infer_b1")
+        else:
+            compiled(device, args.smoke, reps, deadline,
+                     args.compile_estimate_s or (20.0 if args.smoke else 120.0))
+
+    return run_each(parts, run_one, device.type == "cuda")
 
 
 if __name__ == "__main__":

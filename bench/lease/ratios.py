@@ -23,7 +23,7 @@ from typing import Dict, List, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from bench.lease.rows import write_row  # noqa: E402
+from bench.lease.rows import run_each, write_row  # noqa: E402
 
 # torch and the benchmark helpers are imported by main() after the plan row is written (a row within a second of the
 # start, before the slow imports); other importers get them by importing this module through load()
@@ -196,23 +196,15 @@ def main(argv=None) -> int:
     except Exception:  # noqa: BLE001 - counting is optional
         pass
     device = device_of(args.smoke)
-    status = 0
-    for item in args.items.split(","):
-        try:
-            if item == "step":
-                step_ratio(step_case(args.smoke), device, args.smoke, rounds, reps, deadline)
-            elif item == "infer":
-                infer_ratio(infer_case(args.smoke), device, rounds, reps, deadline)
-            else:
-                raise SystemExit(f"unknown item {item!r}")
-        except Exception as exc:  # noqa: BLE001 - the next item still runs
-            status = 1
-            write_row(item, {"item": item, "error": f"{type(exc).__name__}: {exc}"[:500]})
-            import traceback
-            traceback.print_exc()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    return status
+    def run_one(item: str) -> None:
+        if item == "step":
+            step_ratio(step_case(args.smoke), device, args.smoke, rounds, reps, deadline)
+        elif item == "infer":
+            infer_ratio(infer_case(args.smoke), device, rounds, reps, deadline)
+        else:
+            raise SystemExit(f"unknown item {item!r}")
+
+    return run_each(args.items.split(","), run_one, device.type == "cuda")
 
 
 if __name__ == "__main__":

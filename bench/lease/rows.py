@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Dict, Optional
+import traceback
+from typing import Callable, Dict, Iterable, Optional
 
 
 def rows_path() -> Optional[str]:
@@ -44,3 +45,21 @@ def read_rows(path: str):
             except ValueError:
                 continue
     return rows
+
+
+def run_each(items: Iterable[str], run_one: Callable[[str], None], on_cuda: bool) -> int:
+    """Runs ``run_one(item)`` for every item; an item that raises becomes a row with its error (its traceback goes to
+    stderr) and the next item still runs. Frees the CUDA cache after each item when ``on_cuda``. Returns 1 when an
+    item failed, else 0."""
+    status = 0
+    for item in items:
+        try:
+            run_one(item)
+        except Exception as exc:  # noqa: BLE001 - the next item still runs
+            status = 1
+            write_row(item, {"item": item, "error": f"{type(exc).__name__}: {exc}"[:500]})
+            traceback.print_exc()
+        if on_cuda:
+            import torch
+            torch.cuda.empty_cache()
+    return status
