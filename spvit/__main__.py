@@ -1,6 +1,6 @@
 """``python -m spvit`` = the ``spvit`` command."""
 import sys
 
-from .cli import main
+from .cli_entry import main
 
 sys.exit(main())

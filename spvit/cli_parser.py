@@ -6,10 +6,8 @@ import argparse
 import json
 from typing import Dict
 
-from . import config as C
 from ._version import __version__
-from .compress_plan import QUICK_FRACTION, STAGES
-from .export import add_format_argument
+from .options import DEVICE_HELP, FORMATS, QUICK_FRACTION, STAGES
 
 EXIT_BAD_INPUT = 2
 EXIT_IO = 1
@@ -78,7 +76,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--allow-changes", action="store_true", default=S,
                    help="with --resume: accept settings that differ from the saved config (saved anew)")
     g.add_argument("--stop-after-epoch", type=int, default=S, help="end after this epoch (resume later)")
-    g.add_argument("--device", default=S, help=C.DEVICE_HELP + "; one process per GPU under torchrun")
+    g.add_argument("--device", default=S, help=DEVICE_HELP + "; one process per GPU under torchrun")
     g.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default=S,
                    help="auto: bf16 autocast on GPU, fp32 on CPU")
     g.add_argument("--seed", type=int, default=S, help="random seed (each rank adds its rank)")
@@ -176,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", default=S, help="weights of --model: 'timm', 'none' or a local file")
     p.add_argument("--data", default=S, help="ImageNet-layout folder (its val/) or 'digits' (its test split)")
     p.add_argument("--batch-size", type=int, default=S, help="images per batch")
-    p.add_argument("--device", default=S, help=C.DEVICE_HELP)
+    p.add_argument("--device", default=S, help=DEVICE_HELP)
     p.add_argument("--input-size", type=int, default=S, help="image side (default: the model's)")
     p.add_argument("--num-workers", type=int, default=S, help="data loader processes")
 
@@ -189,13 +187,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="replace deployed.pth / arch.json / model.pt2 / model.onnx in --out")
     p.add_argument("--no-export", dest="export", action="store_false", help="skip torch.export")
-    add_format_argument(p)
+    p.add_argument("--format", choices=FORMATS, default="torch",
+                   help="torch: deployed.pth (+ torch.export program); onnx: also model.onnx (standard ONNX "
+                        "operators, dynamic batch, for onnxruntime)")
 
     p = sub.add_parser("bench", help="inference time of a fine-tuned checkpoint vs its dense model (eager PyTorch)")
     p.add_argument("--checkpoint", required=True, help="best.pth / checkpoint.pth of a fine-tune run")
     p.add_argument("--batch-size", type=int, default=None, help="images per batch (>= 1; default 64, or the latency "
                    "table's)")
-    p.add_argument("--device", default="auto", help=C.DEVICE_HELP)
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--iters", type=int, default=20, help="timed batches per model (>= 1)")
     p.add_argument("--latency-table", default=None, help="latency table (`spvit profile`): print predicted vs measured "
                    "latency of the deployed model and its dense model on the table's device, dtype and batch")
@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "hardware-aware search)")
     p.add_argument("--model", required=True, help="timm model name, e.g. deit_small_patch16_224")
     p.add_argument("--model-kwargs", type=_json_dict, default={}, help="JSON object of extra timm.create_model kwargs")
-    p.add_argument("--device", default="cpu", help=C.DEVICE_HELP)
+    p.add_argument("--device", default="cpu", help=DEVICE_HELP)
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="weights and compute dtype")
     p.add_argument("--batch", type=int, default=1, help="images per batch (>= 1)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads while measuring (default: torch's)")

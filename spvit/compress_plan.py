@@ -21,10 +21,9 @@ from .config import (BaseConfig, ConfigError, FinetuneConfig, SearchConfig, Trai
 from .data import build_datasets
 from .engine import data_config
 from .models import supernet
+from .options import QUICK_FRACTION, STAGES
 from .runs import RunError
 
-STAGES = ("teacher", "profile", "search", "finetune", "deploy", "measure", "report")
-QUICK_FRACTION = 0.05  # --recipe quick: this fraction of the paper recipe's epochs (at least 1 per stage)
 # lambda of the FLOPs / latency loss for a model without an original configuration: lambda_rel / dense_gflops^2
 # (DeiT-S's lambda 3 at 4.59 GFLOPs is lambda_rel ~ 63)
 LAMBDA_REL = 60.0

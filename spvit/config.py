@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from .data import DataConfig
+from .options import DEVICE_HELP
 from .runs import RunError, write_text
 
 _DATA = DataConfig()  # the data recipe's defaults live in spvit.data.DataConfig alone
 
 MAX_IMAGE_SIZE = 4096  # image side in pixels: a 16-pixel-patch ViT has 65,536 tokens there
-DEVICE_HELP = "auto (CUDA when visible, else CPU), cpu, cuda or cuda:N"
 # Settings that do not change what a run computes: --resume accepts new values for them.
 EXECUTION_ONLY = ("out", "resume", "overwrite", "allow_changes", "progress", "num_workers", "pin_mem", "tensorboard",
                   "stop_after_epoch", "config_file", "eval_batch_size")

@@ -26,6 +26,7 @@ import torch
 from spvit_kernels import use_backend
 
 from .deploy import DeployedModel
+from .options import FORMATS
 from .runs import RunIOError, temp_name
 
 INPUT_NAME = "images"
@@ -158,16 +159,6 @@ def _disk_error(exc: BaseException) -> bool:
 # ----------------------------------------------------------------------------------------------------------------------
 # `spvit deploy --format onnx`
 # ----------------------------------------------------------------------------------------------------------------------
-FORMATS = ("torch", "onnx")
-
-
-def add_format_argument(parser: argparse.ArgumentParser) -> None:
-    """Add ``--format {torch,onnx}`` to the ``spvit deploy`` parser."""
-    parser.add_argument("--format", choices=FORMATS, default="torch",
-                        help="torch: deployed.pth (+ torch.export program); onnx: also model.onnx (standard ONNX "
-                             "operators, dynamic batch, for onnxruntime)")
-
-
 def export_for_format(args: argparse.Namespace, deployed, out_dir: str) -> Optional[str]:
     """``spvit deploy``: write ``out_dir/model.onnx`` when ``--format onnx`` was given; returns its path (or None)."""
     if getattr(args, "format", "torch") != "onnx":
@@ -177,5 +168,5 @@ def export_for_format(args: argparse.Namespace, deployed, out_dir: str) -> Optio
     return path
 
 
-__all__ = ["export_onnx", "check_onnx_dtype", "reference_ops", "dynamo_exporter_available", "add_format_argument",
-           "export_for_format", "INPUT_NAME", "OUTPUT_NAME", "FORMATS"]
+__all__ = ["export_onnx", "check_onnx_dtype", "reference_ops", "dynamo_exporter_available", "export_for_format",
+           "INPUT_NAME", "OUTPUT_NAME", "FORMATS"]

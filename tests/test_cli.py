@@ -136,3 +136,21 @@ def test_entry_points_as_a_user_runs_them(tmp_path):
     p = subprocess.run([sys.executable, "-m", "spvit", "search", "--data", str(tmp_path / "missing"), "--out",
                         str(tmp_path / "o")], capture_output=True, text=True, env=env)
     assert p.returncode == 2 and p.stderr.strip().startswith("spvit: error:") and len(p.stderr.splitlines()) == 1
+
+
+def test_version_and_help_import_neither_torch_nor_timm(tmp_path):
+    """`spvit --version` and `spvit <command> --help` are answered by the parser alone: with a `torch` and a `timm`
+    that fail on import first on the path, they still work (and a command that runs does import them)."""
+    for name in ("torch", "timm"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text(f"raise ImportError('{name} imported')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), repo_root()])}
+    for argv, expect in ((["--version"], "spvit 0."), (["-h"], "compress"), (["deploy", "--help"], "--format"),
+                         (["compress", "--recipe", "quick", "-h"], "--stop-after")):
+        p = subprocess.run([sys.executable, "-m", "spvit", *argv], capture_output=True, text=True, env=env)
+        assert p.returncode == 0 and expect in p.stdout, (argv, p.stdout[-300:], p.stderr[-600:])
+    p = subprocess.run([sys.executable, "-m", "spvit"], capture_output=True, text=True, env=env)
+    assert p.returncode == 2 and p.stderr.startswith("spvit: error:") and "COMMAND" in p.stderr, p.stderr
+    p = subprocess.run([sys.executable, "-m", "spvit", "eval", "--data", "digits"], capture_output=True, text=True,
+                       env=env)
+    assert p.returncode != 0 and "torch imported" in p.stderr, p.stderr[-600:]

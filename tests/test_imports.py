@@ -19,6 +19,7 @@ KNOWN_LAYER_EXCEPTIONS = {
 # Modules that still import their own package inside functions (being restructured with the families, the latency
 # split and the op contract); no other module may.
 KNOWN_FUNCTION_IMPORTS = {
+    "spvit.cli_entry": "a command's modules (torch, timm) are imported only when it runs: --version and --help are fast",
     "spvit.arch": "writing an architecture file through spvit.runs",
     "spvit.deploy": "the original-checkpoint reader (which builds on deploy), loaded per call",
     "spvit.flops": "the signature of a timm model, read per call",
@@ -76,7 +77,7 @@ def _imports(name, path, mods):
 # The models layer: what a model of each phase is (search, pruned, deployed), its families, its architecture record,
 # gates and FLOPs; the pipeline (training, search, latency, runs, CLI helpers) builds on it.
 # The base layer: the package's utilities that import no module of spvit (versions, safe file writes, timers).
-BASE_MODULES = ("spvit._version", "spvit.runs", "spvit.interrupts", "spvit.timing")
+BASE_MODULES = ("spvit._version", "spvit.options", "spvit.runs", "spvit.interrupts", "spvit.timing")
 MODEL_MODULES = ("spvit.choices", "spvit.arch", "spvit.gates", "spvit.flops", "spvit.deploy", "spvit.deployed",
                  "spvit.deploy_swin")
 

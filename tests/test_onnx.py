@@ -94,18 +94,17 @@ def test_dynamo_without_onnxscript_is_a_clear_error(deployed, tmp_path, monkeypa
 
 def test_deploy_format_hook(deployed, tmp_path, capsys):
     """The `spvit deploy --format onnx` pieces: the argument, and the export into the output folder."""
-    import argparse
+    from spvit.cli_parser import build_parser
+    from spvit.export import export_for_format
 
-    from spvit.export import add_format_argument, export_for_format
-
-    parser = argparse.ArgumentParser()
-    add_format_argument(parser)
-    assert parser.parse_args([]).format == "torch"
+    base = ["deploy", "--checkpoint", "best.pth", "--out", "o"]
+    parser = build_parser()
+    assert parser.parse_args(base).format == "torch"
     with pytest.raises(SystemExit):
-        parser.parse_args(["--format", "tflite"])
-    assert export_for_format(parser.parse_args([]), deployed, str(tmp_path)) is None
+        parser.parse_args([*base, "--format", "tflite"])
+    assert export_for_format(parser.parse_args(base), deployed, str(tmp_path)) is None
     assert not os.listdir(tmp_path)
-    path = export_for_format(parser.parse_args(["--format", "onnx"]), deployed, str(tmp_path))
+    path = export_for_format(parser.parse_args([*base, "--format", "onnx"]), deployed, str(tmp_path))
     assert path == str(tmp_path / "model.onnx") and "model.onnx" in capsys.readouterr().out
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
