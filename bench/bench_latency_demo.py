@@ -31,7 +31,7 @@ from spvit import latency as L  # noqa: E402
 from spvit import search  # noqa: E402
 from spvit.arch import Architecture, ModelSignature  # noqa: E402
 from spvit.config import DemoConfig, SearchConfig, TrainConfig  # noqa: E402
-from spvit.demo import _chosen, _stage, train_teacher  # noqa: E402
+from spvit.demo import chosen_model, stage_config, train_teacher  # noqa: E402
 from spvit.deploy import deploy  # noqa: E402
 from spvit.flops import gflops  # noqa: E402
 from spvit.models import prune, supernet  # noqa: E402
@@ -61,8 +61,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     teacher_ckpt = os.path.join(args.out, "teacher", "best.pth")
     if not os.path.exists(teacher_ckpt):
-        train_teacher(_stage(TrainConfig, o, "teacher", epochs=args.teacher_epochs, lr=o.teacher_lr, min_lr=1e-5))
-    teacher = _chosen(teacher_ckpt)
+        train_teacher(stage_config(TrainConfig, o, "teacher", epochs=args.teacher_epochs, lr=o.teacher_lr, min_lr=1e-5))
+    teacher = chosen_model(teacher_ckpt)
     table_path = os.path.join(args.out, "lut.json")
     table = L.profile(teacher, batch=args.batch, threads=args.threads, clock=args.clock, rounds=args.rounds,
                       budget_s=args.budget, model_name=DEMO_MODEL, show=False, context=args.context,
@@ -73,11 +73,12 @@ def main(argv=None) -> int:
                                  num_classes=10)
     rows = []
     for s in args.speedups:
-        sn = supernet(_chosen(teacher_ckpt), theta=1.5, alpha=1e-2, model_name=DEMO_MODEL)
+        sn = supernet(chosen_model(teacher_ckpt), theta=1.5, alpha=1e-2, model_name=DEMO_MODEL)
         dense_g = sn.dense_gflops()
-        scfg = _stage(SearchConfig, o, f"search_s{s:g}", epochs=args.search_epochs, sched_epochs=args.search_epochs,
-                      lr=o.search_lr, min_lr=o.search_lr, arc_lr=o.arc_lr, loss_lambda=o.lambda_rel / dense_g ** 2,
-                      latency_table=table_path, target_speedup=s, ffn_align=args.ffn_align, overwrite=True)
+        scfg = stage_config(SearchConfig, o, f"search_s{s:g}", epochs=args.search_epochs,
+                            sched_epochs=args.search_epochs, lr=o.search_lr, min_lr=o.search_lr, arc_lr=o.arc_lr,
+                            loss_lambda=o.lambda_rel / dense_g ** 2, latency_table=table_path, target_speedup=s,
+                            ffn_align=args.ffn_align, overwrite=True)
         res = search.run(scfg, supernet_module=sn)
         arch = Architecture.load(res["arch"])
         deployed = deploy(prune(res["supernet"].cpu(), arch), dtype=torch.float32, device="cpu")

@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import append_run, env_info, markdown_table  # noqa: E402
 from spvit import latency as L  # noqa: E402
 from spvit.arch import Architecture, BlockArch  # noqa: E402
+from spvit.choices import ATTN_CHOICES  # noqa: E402
 from spvit.deploy import deploy  # noqa: E402
 from spvit.flops import arch_macs  # noqa: E402
 from spvit.models import prune  # noqa: E402
@@ -41,7 +42,7 @@ from spvit.models.registry import SHIPPED, SHIPPED_SWIN, shipped_architecture  #
 
 
 def random_arch(name: str, sig, rng: random.Random) -> Architecture:
-    blocks = [BlockArch(rng.choice(L.ATTN_KINDS), tuple(range(rng.randint(0, hidden))))
+    blocks = [BlockArch(rng.choice(ATTN_CHOICES), tuple(range(rng.randint(0, hidden))))
               for hidden in sig.block_mlp_hidden]
     return Architecture(name, sig, blocks)
 

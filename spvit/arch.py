@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from .choices import ATTN_CHOICES, AttnChoice
+from .runs import write_json
 
 FORMAT_VERSION = 1
 
@@ -272,8 +273,6 @@ class Architecture:
 
     def save(self, path: str) -> None:
         """Write JSON atomically (a unique temporary file, fsynced, then renamed; nothing is left on failure)."""
-        from .runs import write_json
-
         write_json(self.to_dict(), os.fspath(path))
 
     @classmethod

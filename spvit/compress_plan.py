@@ -21,7 +21,7 @@ from .config import (BaseConfig, ConfigError, FinetuneConfig, SearchConfig, Trai
 from .data import build_datasets
 from .engine import data_config
 from .models import supernet
-from .options import QUICK_FRACTION, STAGES
+from .options import QUICK_FRACTION, STAGES  # noqa: F401 (STAGES: re-exported)
 from .runs import RunError
 
 # lambda of the FLOPs / latency loss for a model without an original configuration: lambda_rel / dense_gflops^2

@@ -42,7 +42,7 @@ def _common(o: DemoConfig) -> Dict:
                 train_limit=o.train_limit)
 
 
-def _stage(cls, o: DemoConfig, name: str, **over):
+def stage_config(cls, o: DemoConfig, name: str, **over):
     """The full config of one stage (saved in its sub-folder)."""
     common = dict(_common(o), out=os.path.join(o.out, name))
     common.update(over)
@@ -56,7 +56,7 @@ def train_teacher(cfg: TrainConfig):
     return D.init_distributed(cfg.device)
 
 
-def _chosen(path: str) -> torch.nn.Module:
+def chosen_model(path: str) -> torch.nn.Module:
     """The model a stage selected on validation (its ``best.pth``)."""
     return model_from_checkpoint(runs.load_torch_file(path), path).eval()
 
@@ -88,7 +88,7 @@ def compress_config(o: DemoConfig):
 def summary_hook(summary: Dict, ctx: Dict) -> Dict:
     """The demo's figures on top of the compress summary: test accuracy (once) of the teacher and of the pruned
     model chosen on validation, the FLOPs cut, the splits; and ``demo.png``."""
-    cfg, m, arch = ctx["plan"].cfg, ctx["measure"], ctx["arch"]
+    cfg, m = ctx["plan"].cfg, ctx["measure"]
     size = int(cfg.model_kwargs["img_size"])
     splits = DigitsDataset.split_indices(1797)
     limit = cfg.train.get("train_limit")

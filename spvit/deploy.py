@@ -44,6 +44,7 @@ from .deployed import (FORMAT, FORMAT_VERSION, CompactFFN, DeployedBlock, Deploy
                        _norm_desc, _pad_default, pad_ffns)
 from .families import family_of
 from .models.convert import UnsupportedModelError, gelu_approximate
+from .models.official import load_official
 from .models.pruned import ConvAttention, ExplicitConvAttention, PrunedModel, SkipAttention
 from .models.supernet import Supernet
 from .models.timm_api import data_cfg_of
@@ -395,8 +396,6 @@ def deploy_checkpoint(checkpoint: str, out: Optional[str] = None, model: Optiona
             raise ValueError(f"{checkpoint} has no SPViT architecture record; if it is an original SPViT fine-tune "
                              "checkpoint, give the timm model it was trained from (model= / --model, e.g. "
                              "deit_small_patch16_224 or swin_tiny_patch4_window7_224)")
-        from .models.official import load_official
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             pruned = load_official(checkpoint, model, **create_kwargs)

@@ -335,6 +335,14 @@ def read_checkpoint(path: str) -> Dict:
     return ck
 
 
+def _lr_hook(schedules: List[Schedule], epoch: int, n_steps: int) -> Callable[[int], None]:
+    """Sets every per-step schedule's learning rate before step ``step`` of ``epoch``."""
+    def hook(step: int) -> None:
+        for s in schedules:
+            set_lr(s.opt, s.lr_at(epoch, step, n_steps))
+    return hook
+
+
 def fit(*, model: nn.Module, schedules: List[Schedule], epochs: int, loss_fn: Callable, train_loader, train_sampler,
         val_loader, dist: DistInfo, out: str, mixup=None, dtype: Optional[torch.dtype] = None,
         scaler: Optional[torch.amp.GradScaler] = None, clip_grad: Optional[float] = None,
@@ -407,11 +415,7 @@ def fit(*, model: nn.Module, schedules: List[Schedule], epochs: int, loss_fn: Ca
                     train_sampler.set_epoch(epoch)
                 t0 = time.perf_counter()
                 m = {"epoch": epoch, **{f"lr{i}": s.lr_at(epoch, 0, n_steps) for i, s in enumerate(schedules)}}
-                hook = None
-                if any(s.per_step for s in schedules):
-                    def hook(step, epoch=epoch, n=n_steps):
-                        for s in schedules:
-                            set_lr(s.opt, s.lr_at(epoch, step, n))
+                hook = _lr_hook(schedules, epoch, n_steps) if any(s.per_step for s in schedules) else None
                 m.update(train_one_epoch(model, train_loader, [s.opt for s in schedules], loss_fn, dist, epoch,
                                          mixup=mixup, dtype=dtype, scaler=scaler, clip_grad=clip_grad, ema=ema,
                                          postfix=postfix, show=show, desc=desc, lr_hook=hook))

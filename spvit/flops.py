@@ -124,8 +124,6 @@ def min_macs(sig) -> int:
 def gflops(model) -> float:
     """GFLOPs (MACs / 1e9, the paper's unit) of a timm ViT or Swin, a Supernet (its eval decisions), a pruned or
     deployed model (anything with an ``architecture`` attribute), or an :class:`Architecture`."""
-    from .models.convert import signature_of
-
     if isinstance(model, Architecture):
         return arch_macs(model) / 1e9
     if callable(getattr(model, "macs_tensor", None)):  # a Supernet (not imported: it imports this module)
@@ -133,7 +131,7 @@ def gflops(model) -> float:
     arch = getattr(model, "architecture", None)
     if isinstance(arch, Architecture):
         return arch_macs(arch) / 1e9
-    return dense_macs(signature_of(model)) / 1e9
+    return dense_macs(family_of(model).signature_of(model)) / 1e9
 
 
 def count_params(model: torch.nn.Module, trainable_only: bool = False) -> int:

@@ -21,6 +21,7 @@ from . import hub
 from . import latency as L
 from . import optim, runs
 from .checkpoints import model_meta
+from .choices import ATTN_CHOICES
 from .config import SearchConfig
 from .models import Supernet, supernet
 from .runs import RunError
@@ -143,7 +144,7 @@ def run(cfg: Union[SearchConfig, Dict], supernet_module: Optional[nn.Module] = N
                 if lat is not None:
                     extra.update({"pred_ms": arch.meta["predicted_ms"], "pred_speedup": arch.meta["predicted_speedup"]})
             return {"gflops": sn.gflops(), **extra,
-                    **{f"n_{c}": choices.count(c) for c in ("msa", "3x3", "1x1", "skip")},
+                    **{f"n_{c}": choices.count(c) for c in ATTN_CHOICES},
                     "ffn_kept_frac": sum(r["ffn_kept"] for r in rows) / max(sum(r["ffn_total"] for r in rows), 1)}
 
         def write_epoch(epoch: int, m: Dict) -> None:

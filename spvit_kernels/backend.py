@@ -28,7 +28,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from . import reference
+from . import _ext, decompositions, reference
 
 BACKENDS = ("auto", "triton", "ext", "eager")
 
@@ -117,8 +117,6 @@ def preload() -> None:
     for op, providers in _PROVIDERS.items():
         for backend in providers:
             available(op, backend)
-    from . import decompositions
-
     decompositions.register()  # the ONNX exporter then lowers the ops to standard operators by itself
 
 
@@ -147,7 +145,6 @@ def available(op: str, backend: str) -> bool:
     if backend == "triton" and not triton_available():
         return False
     if backend == "ext":
-        from . import _ext
         if not _ext.has_op(_EXT_OP.get(op, op)):
             return False
     return _load(spec) is not None

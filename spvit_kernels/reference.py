@@ -281,7 +281,6 @@ def gated_attn_conv(
     out = None  # sum of the live candidates' terms (in the matmuls' dtype, e.g. the autocast dtype)
     b, n, c = x_hat.shape
     xp = x_hat[:, num_prefix_tokens:]
-    p = xp.shape[1]
     if live[1] or live[2]:
         m = head_mix(head_probs, alpha)
         u = xp @ w_v.t()  # (B, P, h*d), shared by both convs (§1.2)

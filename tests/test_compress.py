@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from spvit import checkpoints, cli, compress, compress_plan, engine, finetune, runs
+from spvit import checkpoints, cli, compress, compress_plan, engine, runs
 from spvit.config import ConfigError
 from spvit.distributed import DistInfo
 from spvit.data import DataConfig, build_datasets

@@ -96,8 +96,8 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, capsys, monkeypatch):
               "loss_lambda", "arc_lr", "min_lr", "lr", "mixup", "cutmix"):
         argv += [f"--{k.replace('_', '-')}", str(cfg[k])]
     y = tmp_path / "rest.yaml"
-    y.write_text(f"train_limit: 48\nval_limit: 16\ntensorboard: false\nrepeated_aug: false\nscale_lr: false\n"
-                 f"progress: false\n")
+    y.write_text("train_limit: 48\nval_limit: 16\ntensorboard: false\nrepeated_aug: false\nscale_lr: false\n"
+                 "progress: false\n")
     rc = cli.main(["search", "--config", str(y), *argv[1:]])
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if ln.strip()]

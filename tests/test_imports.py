@@ -16,18 +16,9 @@ KNOWN_LAYER_EXCEPTIONS = {
     ("spvit.deploy", "spvit.checkpoints"): "deploy_checkpoint reads a fine-tune run's checkpoint (the pipeline's format)",
 }
 
-# Modules that still import their own package inside functions (being restructured with the families, the latency
-# split and the op contract); no other module may.
+# Modules that import their own package inside a function, each with its reason; no other module may.
 KNOWN_FUNCTION_IMPORTS = {
-    "spvit.cli_entry": "a command's modules (torch, timm) are imported only when it runs: --version and --help are fast",
-    "spvit.arch": "writing an architecture file through spvit.runs",
-    "spvit.deploy": "the original-checkpoint reader (which builds on deploy), loaded per call",
-    "spvit.flops": "the signature of a timm model, read per call",
-    "spvit.models.official_swin": "the Swin supernet and pruning, loaded per call",
-    "spvit.models.pruned": "the GELU form of a timm model, read per call",
-    "spvit.models.registry": "the original-checkpoint readers of both families, loaded per model",
-    "spvit.models.timm_api": "image checks and the architecture record, loaded per call",
-    "spvit_kernels.backend": "the ONNX decompositions and the extension, loaded on first use",
+    "spvit.cli_entry": "a command's modules (torch, timm) are imported only when it runs (--version, --help: at once)",
 }
 
 

@@ -11,6 +11,7 @@ import torch
 
 from spvit import cli, latency as L
 from spvit.arch import Architecture, BlockArch
+from spvit.choices import ATTN_CHOICES
 from spvit.flops import arch_macs
 from spvit.latency import timer
 from spvit.models import supernet
@@ -227,7 +228,7 @@ def test_profile_measures_deployed_pieces():
     assert len(table.groups) == 1 and table.groups[0].blocks == list(range(sig.depth))  # same shapes: measured once
     g = table.groups[0]
     assert g.ffn_widths[0] == 0 and g.ffn_widths[-1] == sig.mlp_hidden
-    assert set(g.attn_ms) == set(L.ATTN_KINDS) and all(v >= 0 for v in g.attn_ms.values())
+    assert set(g.attn_ms) == set(ATTN_CHOICES) and all(v >= 0 for v in g.attn_ms.values())
     assert table.device["class"] == "cpu" and table.dtype == "fp32" and table.batch == 2
     for k in ("torch", "triton", "dense_measured_ms", "clock", "stat"):
         assert k in table.meta
@@ -496,7 +497,7 @@ def test_swin_profile_groups_and_round_trip(tmp_path):
     assert "measured once, shared" in table.groups[2].shape["note"]
     for g, hidden in zip(table.groups, (64, 64, 128)):
         assert g.ffn_widths[0] == 0 and g.ffn_widths[-1] == hidden and len(g.ffn_widths) == 17  # step hidden / 16
-        assert set(g.attn_ms) == set(L.ATTN_KINDS) and all(v >= 0 for v in g.attn_ms.values())
+        assert set(g.attn_ms) == set(ATTN_CHOICES) and all(v >= 0 for v in g.attn_ms.values())
     assert set(table.fixed_ms) == {"embed", "merge1", "head"}
     assert table.dense_ms() > table.min_ms() > 0 and table.meta["ffn_step"] == [4, 4, 8]
     table.check_model(sig)

@@ -4,9 +4,7 @@
 or read through a symbolic link; a full disk while deploying is one line naming the file (exit 1); an interrupted
 creation of a run folder leaves a folder the same command accepts; signals print one line."""
 import errno
-import json
 import os
-import pickle
 import shutil
 import signal
 import subprocess

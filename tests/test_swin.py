@@ -1,6 +1,4 @@
 """Swin Transformer: signature, search-mode layer against independent eager formulations, supernet vs timm."""
-import json
-
 import pytest
 import torch
 import torch.nn as nn
@@ -105,7 +103,7 @@ def test_all_msa_supernet_equals_timm():
     m = tiny_swin()
     sn = spvit.supernet(m).eval()
     assert sn.alpha == 100 and spvit.supernet(tiny_vit()).alpha == 0.01
-    assert type(sn.attns[1]).__name__ == "SwinSearchAttention" and sn.swin.layers[0].blocks[1].shift_size == (3, 3)
+    assert type(sn.attns[1]) is SwinSearchAttention and sn.swin.layers[0].blocks[1].shift_size == (3, 3)
     x = torch.randn(2, 3, 56, 56)
     with torch.no_grad():
         torch.testing.assert_close(sn(x), m(x), rtol=1e-5, atol=1e-5)

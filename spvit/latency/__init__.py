@@ -37,14 +37,14 @@ The modules, by job:
 The table, the objective and the alignment do not import the deployment code; profiling and the pieces do.
 """
 from .align import align_architecture, aligned_count, aligned_keep
-from .family import PIECES, pieces_for, timm_kwargs
+from .family import timm_kwargs
 from .objective import LatencyObjective, block_indicators, predicted_ms_tensor, resolve_target
-from .pieces import PieceGroup, Pieces
-from .profiling import default_ffn_step, dense_deployed, profile
+from .pieces import Pieces
+from .profiling import dense_deployed, profile
 from .swin_pieces import SwinPieces
-from .table import ATTN_KINDS, FORMAT, FORMAT_VERSION, BlockGroup, LatencyTable, LatencyTableError, interp, load_table
-from .timer import (CLOCKS, DTYPES, M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, STATS, STEADY_MMAP_BYTES, STEADY_TRIM_BYTES,
-                    device_class, device_name, dtype_name, malloc_state, set_steady_malloc, time_ms)
+from .table import BlockGroup, LatencyTable, LatencyTableError, interp, load_table
+from .timer import (CLOCKS, DTYPES, STATS, device_class, device_name, dtype_name, malloc_state, set_steady_malloc,
+                    time_ms)
 from .validate import compare, measure_model
 from .vit_pieces import ViTPieces
 
@@ -52,4 +52,5 @@ __all__ = ["LatencyTable", "BlockGroup", "LatencyTableError", "LatencyObjective"
            "SwinPieces",
            "profile", "load_table", "predicted_ms_tensor", "block_indicators", "resolve_target", "aligned_count",
            "aligned_keep", "align_architecture", "compare", "measure_model", "dense_deployed", "device_class",
-           "time_ms", "interp", "set_steady_malloc", "malloc_state"]
+           "time_ms", "interp", "set_steady_malloc", "malloc_state", "timm_kwargs", "CLOCKS", "DTYPES", "STATS",
+           "device_name", "dtype_name"]

@@ -15,13 +15,14 @@ from spvit_kernels.backend import backend_of
 
 from .._version import __version__
 from ..arch import Architecture, BlockArch, ModelSignature
+from ..choices import ATTN_CHOICES
 from ..deploy import deploy
 from ..engine import progress
 from ..flops import dense_macs
 from ..models.pruned import prune
 from .family import pieces_for
 from .pieces import ffn_grid
-from .table import ATTN_KINDS, BlockGroup, LatencyTable, signature_lists
+from .table import BlockGroup, LatencyTable, signature_lists
 from .timer import (DTYPES, STATS, device_class, device_name, dtype_name, malloc_state, median, set_steady_malloc,
                     time_ms)
 
@@ -110,7 +111,7 @@ def profile(model: Union[nn.Module, str], device: Union[str, torch.device] = "cp
         for k, make in fixed.items():
             jobs.append(("fixed", k, make))
         for gi, pg in enumerate(pgroups):
-            for kind in ATTN_KINDS:
+            for kind in ATTN_CHOICES:
                 jobs.append((f"attn{gi}", kind, pg.attn[kind]))
             for w in ffn_grid(pg.hidden, steps[gi]):
                 jobs.append((f"ffn{gi}", w, (lambda p, w_: (lambda: p.ffn(w_)))(pg, w)))
@@ -128,7 +129,7 @@ def profile(model: Union[nn.Module, str], device: Union[str, torch.device] = "cp
         groups = []
         for gi, pg in enumerate(pgroups):
             widths = ffn_grid(pg.hidden, steps[gi])
-            groups.append(BlockGroup(pg.blocks, {k: res[(f"attn{gi}", k)] for k in ATTN_KINDS}, widths,
+            groups.append(BlockGroup(pg.blocks, {k: res[(f"attn{gi}", k)] for k in ATTN_CHOICES}, widths,
                                      [res[(f"ffn{gi}", w)] for w in widths], pg.shape))
         sig_d = signature_lists(asdict(sig))
         dev = {"name": device_name(device), "class": device_class(device), "threads": torch.get_num_threads(),

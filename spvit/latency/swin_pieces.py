@@ -8,11 +8,12 @@ import torch
 import torch.nn as nn
 
 from ..arch import Architecture, BlockArch
+from ..choices import ATTN_CHOICES
 from ..deploy_swin import DeployedSwinBlock, deploy_swin
 from ..models.convert import model_name_of, swin_signature_of
 from ..models.swin import prune_swin
 from .pieces import PieceGroup, Pieces, randomised, run_in_context
-from .table import ATTN_KINDS, block_list
+from .table import block_list
 
 
 class SwinPieces(Pieces):
@@ -87,7 +88,7 @@ class SwinPieces(Pieces):
         out = []
         for (s, shift), blocks in self._groups.items():
             i, full = blocks[0], sig.mlp_hidden[s]
-            attn = {k: (lambda k_, i_, f_: (lambda: self._piece(i_, k_, f_, "attn")))(k, i, full) for k in ATTN_KINDS}
+            attn = {k: (lambda k_, i_, f_: (lambda: self._piece(i_, k_, f_, "attn")))(k, i, full) for k in ATTN_CHOICES}
             ffn = (lambda i_: (lambda w: self._piece(i_, "msa" if self.context else "skip", w, "ffn")))(i)
             label = f"stage {s}, " + (f"shift {shift[0]}x{shift[1]}" if any(shift) else "no shift")
             h, w = c["resolutions"][s]

@@ -12,12 +12,12 @@ import torch
 import torch.distributed as tdist
 
 from ..arch import FAMILIES, Architecture, ModelSignature
+from ..choices import ATTN_CHOICES
 from ..runs import write_json
 from .timer import device_class, dtype_name
 
 FORMAT = "spvit-latency-table"
 FORMAT_VERSION = 1
-ATTN_KINDS = ("msa", "3x3", "1x1", "skip")
 
 
 class LatencyTableError(ValueError):
@@ -125,7 +125,7 @@ class LatencyTable:
                     len(g.ffn_widths) < 1 or g.ffn_widths[0] != 0:
                 raise LatencyTableError("latency table: FFN widths must be ascending, start at 0 and have one "
                                         "time each")
-            missing = [k for k in ATTN_KINDS if k not in g.attn_ms]
+            missing = [k for k in ATTN_CHOICES if k not in g.attn_ms]
             if missing:
                 raise LatencyTableError(f"latency table: no attention entry for {missing}")
             for b in g.blocks:
@@ -250,7 +250,7 @@ class LatencyTable:
         for g in self.groups:
             where = f" [{g.shape['label']}]" if g.shape.get("label") else ""
             lines.append(f"  blocks {block_list(g.blocks)}{where} (measured once, shared): " +
-                         ", ".join(f"{k} {g.attn_ms[k]:.3f}" for k in ATTN_KINDS) +
+                         ", ".join(f"{k} {g.attn_ms[k]:.3f}" for k in ATTN_CHOICES) +
                          f" ms; FFN {g.ffn_ms[0]:.3f} ms at width 0 .. {g.ffn_ms[-1]:.3f} ms at "
                          f"{g.ffn_widths[-1]} ({len(g.ffn_widths)} widths)")
         lines.append(f"  predicted dense {self.dense_ms():.3f} ms, everything pruned {self.min_ms():.3f} ms")

@@ -8,11 +8,11 @@ import torch
 import torch.nn as nn
 
 from ..arch import Architecture, BlockArch
+from ..choices import ATTN_CHOICES
 from ..deploy import DeployedBlock, deploy
 from ..models.convert import model_name_of, signature_of
 from ..models.pruned import prune
 from .pieces import PieceGroup, Pieces, randomised, run_in_context
-from .table import ATTN_KINDS
 from .timer import sync
 
 
@@ -91,7 +91,7 @@ class ViTPieces(Pieces):
         sig, x = self.signature, self.tokens
         full = sig.mlp_hidden
         attn: Dict[str, Callable[[], Callable]] = {}
-        for kind in ATTN_KINDS:
+        for kind in ATTN_CHOICES:
             if self.context:
                 attn[kind] = (lambda k: (lambda: self._in_context(k, full, "attn")))(kind)
             else:

@@ -37,10 +37,11 @@ import torch.nn as nn
 
 from ..arch import Architecture, BlockArch
 from ..choices import AttnChoice
-from .convert import is_swin
+from .convert import is_swin, signature_of
 from .official import _base_model, choice_from_keys, _load_strict, _read_state_dict
 from .official import load_official as _load_official
-from .pruned import ExplicitConvAttention
+from .pruned import ExplicitConvAttention, prune
+from .swin import SwinSupernet
 
 _BLOCK = re.compile(r"layers\.(\d+)\.blocks\.(\d+)\.")
 _DROPPED_BUFFERS = ("relative_position_index", "attn_mask")
@@ -185,8 +186,6 @@ def load_official_swin(sd: Dict[str, torch.Tensor], base: nn.Module, name: str, 
     alpha = 100.0 if alpha is None else alpha
     _check_model(sd, base, name, path)
     if any(k.endswith("kernel_thresholds_full") for k in sd):
-        from .swin import SwinSupernet
-
         sn = SwinSupernet(base, alpha=alpha, model_name=name)
         own = {k: v for k, v in original_to_timm_keys(sd).items() if not k.endswith("assigned_indicator_index")}
         _strict(sn, {f"swin.{k}": v for k, v in own.items()}, path, f"an SPViT Swin supernet of {name}")
@@ -195,9 +194,6 @@ def load_official_swin(sd: Dict[str, torch.Tensor], base: nn.Module, name: str, 
 
 
 def _load_finetune(sd, base, name, path, alpha):
-    from .convert import signature_of
-    from .pruned import prune
-
     sig = signature_of(base)
     blocks: List[BlockArch] = []
     where: List[Tuple[int, int]] = []

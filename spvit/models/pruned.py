@@ -21,7 +21,7 @@ from ..arch import Architecture
 from ..choices import CONV_CHOICES, AttnChoice
 from ..families import family_of
 from . import timm_api as T
-from .convert import SWIN_TO_DEIT, model_name_of, signature_of
+from .convert import SWIN_TO_DEIT, gelu_approximate, model_name_of, signature_of
 from .supernet import GatedMlp, SearchAttention, Supernet, _bn_state
 
 
@@ -164,7 +164,6 @@ def _compact_mlp(mlp: nn.Module, keep) -> nn.Module:
         dim, act_approx, drop = mlp.fc1.in_features, mlp.approximate, mlp.drop
     else:
         dim, drop = mlp.fc1.in_features, mlp.drop1.p
-        from .convert import gelu_approximate
         act_approx = gelu_approximate(mlp.act)
     idx = torch.as_tensor(list(keep), dtype=torch.long, device=mlp.fc1.weight.device)
     bias = mlp.fc1.bias is not None

@@ -10,13 +10,19 @@ timm pretrained cfg (input size, mean/std, the evaluation crop, the release file
 """
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Any, Dict, List, Optional, Tuple
+
+import timm
 
 from ..arch import Architecture, BlockArch
 from ..choices import AttnChoice
 from ..families import family_of
 from .convert import signature_of
+from .official import load_official
+from .pruned import prune
+from .timm_api import features_only_model, split_feature_kwargs
 
 _M, _S, _1, _3 = (c.value for c in (AttnChoice.MSA, AttnChoice.SKIP, AttnChoice.CONV1, AttnChoice.CONV3))
 
@@ -70,8 +76,6 @@ def shipped_entry(name: str) -> Tuple[str, List[str], List[int]]:
 def shipped_architecture(name: str, base_model=None, **create_kwargs) -> Architecture:
     """The published architecture ``name`` (FFN units indexed 0..width-1: the original files store only the kept
     weights' count per layer in the fine-tune checkpoints)."""
-    import timm
-
     base_name, attn, widths = shipped_entry(name)
     base = base_model if base_model is not None else timm.create_model(base_name, pretrained=False, **create_kwargs)
     return Architecture(base_name, signature_of(base), [BlockArch(a, tuple(range(w))) for a, w in zip(attn, widths)],
@@ -130,10 +134,6 @@ def _deit_default_cfgs() -> Dict[str, Any]:
 
 def _load_release(name: str, path: str, num_classes: Optional[int], create_kwargs: Dict[str, Any]):
     """The PrunedModel of a released checkpoint ``path`` of architecture ``name`` (checked against the registry)."""
-    import os
-
-    from .official import load_official
-
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{name}: checkpoint file not found: {path}")
     base_name, attn, widths = shipped_entry(name)
@@ -151,12 +151,6 @@ def _load_release(name: str, path: str, num_classes: Optional[int], create_kwarg
 
 def _factory(name: str):
     def build(pretrained: bool = False, **kwargs):
-        import timm
-
-        from .pruned import prune
-
-        from .timm_api import features_only_model, split_feature_kwargs
-
         swin = name in SHIPPED_SWIN
         features_only = kwargs.pop("features_only", False)
         feature_kwargs = split_feature_kwargs(kwargs, stride=32 if swin else 16) if features_only else {}

@@ -31,7 +31,7 @@ from ..choices import CONV_CHOICES, AttnChoice
 from .convert import SWIN_TO_DEIT, _pair, check_swin_images, is_swin, model_name_of, swin_signature_of
 from . import timm_api as T
 from .pruned import ConvAttention, PrunedApi, SkipAttention, _compact_mlp
-from .supernet import GatedChoice, GatedMlp, Supernet, _bn_state, split_qkv, take_gates
+from .supernet import GatedChoice, Supernet, _bn_state, split_qkv, take_gates
 
 SWIN_ALPHA = 100.0  # head-mixing temperature of every original Swin config (EXTRA.alpha, docs/method.md §7.3)
 

@@ -16,6 +16,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..arch import Architecture
+from .convert import check_images
+
 
 def is_tracing() -> bool:
     """True while torch.fx symbolically traces (never called from TorchScript: callers test is_scripting first)."""
@@ -195,8 +198,6 @@ class WrappedVitApi:
         return [dict(f, module=prefix + f["module"]) for f in getattr(self._timm(), "feature_info", [])]
 
     def _check_input(self, x: torch.Tensor) -> None:
-        from .convert import check_images
-
         check_images(x, self.signature)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -319,8 +320,6 @@ class DeployedApi:
         self.head = head.train(False)
         self.config["num_classes"] = num_classes
         sig = dataclasses.replace(self.signature, num_classes=num_classes)
-        from ..arch import Architecture
-
         self.architecture = Architecture(self.architecture.model_name, sig, list(self.architecture.blocks),
                                          meta=dict(self.architecture.meta))
         self.signature = sig

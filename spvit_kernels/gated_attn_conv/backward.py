@@ -190,7 +190,7 @@ def _backward_impl(ctx, grad_out):
                 db_o = gsum_patch.to(b_o.dtype)
             # BN affine and the coefficients of dy = a*dz + b*xn + cst
             sum_dz, sum_dzxn = sums[0], sums[1]
-            mean, rstd, gamma = chan[0], chan[1], chan[2]
+            rstd, gamma = chan[1], chan[2]
             w_meta, b_meta = (bn_meta[2], bn_meta[3]) if kind == "3x3" else (bn_meta[0], bn_meta[1])
             if w_meta is not None:
                 dbn[kind][0] = sum_dzxn.to(w_meta[1])
