@@ -29,6 +29,7 @@ from .deploy import _f64, _ffn_state, _folded_conv_state, _norm_state, assemble,
 from .deployed import DeployedModel, FoldedConv, ResidualBlock, _layer_norm, _norm_desc, _norm_from, _OpChoice
 from .models.convert import UnsupportedModelError, check_images, gelu_approximate
 from .models.swin import SwinPrunedModel
+from .models.timm_api import data_cfg_of
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -341,6 +342,7 @@ def deploy_swin(model: SwinPrunedModel, dtype: Optional[torch.dtype] = None,
         state.update({f"patch_embed.{k}": v.detach() for k, v in swin.patch_embed.state_dict().items()})
         state.update({f"norm.{k}": v.detach() for k, v in swin.norm.state_dict().items()})
         state.update({f"head.{k}": v.detach() for k, v in swin.head.fc.state_dict().items()})
+        config["data_cfg"] = data_cfg_of(model)  # timm's data settings (resolve_data_config(model=deployed))
         return assemble(DeployedSwin, config, arch, state, dtype, device)
 
 

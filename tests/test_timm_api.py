@@ -17,6 +17,7 @@ from spvit.models.registry import RELEASE_FILES, SHIPPED
 from spvit.models.pruned import ExplicitConvAttention
 from spvit.models.timm_api import WrappedVitApi
 
+from .helpers import FAMILIES
 from .test_deploy import CHOICES, images, mixed_pruned, randomise, tiny_vit
 
 REGISTERED = sorted(SHIPPED)
@@ -33,35 +34,81 @@ def by_hand(pruned, x):
     return outs, vit.norm(t)
 
 
-def test_features_head_and_intermediates_match_the_modules():
-    m = mixed_pruned(layer_scale=True)
-    x = images(2)
+class FamilyApi:
+    """What the generic timm-API tests check of a family's tiny pruned model (tests/helpers.py FAMILIES)."""
+
+    def __init__(self, by_hand, pool, to_nchw, width, taps, head):
+        self.by_hand = by_hand  # (outputs of every feature tap, normalised final features), from the modules
+        self.pool, self.to_nchw = pool, to_nchw  # the head's pooling; a tap's output as forward_intermediates gives it
+        self.width, self.taps, self.head = width, taps, head  # num_features; feature_info (module, chs, reduction)
+
+
+def _swin_by_hand(m, x):
+    """Stage outputs (B, H, W, C) and the normalised final map, from the modules directly."""
+    t = m.swin.patch_embed(x)
+    stages = []
+    for stage in m.swin.layers:
+        t = stage.downsample(t)
+        for blk in stage.blocks:
+            t = blk(t)
+        stages.append(t)
+    return stages, m.swin.norm(t)
+
+
+API = {
+    # 4 blocks on a 4x4 grid (patch 8), a class token; token pooling
+    "vit": FamilyApi(by_hand, lambda f: f[:, 0], lambda t: t[:, 1:].reshape(t.shape[0], 4, 4, -1).permute(0, 3, 1, 2),
+                     32, [(f"vit.blocks.{i}", 32, 8) for i in range(4)], lambda m: m.vit.head),
+    # 3 stages on 16x16, 8x8, 4x4 maps (NHWC); average pooling
+    "swin": FamilyApi(_swin_by_hand, lambda f: f.mean(dim=(1, 2)), lambda t: t.permute(0, 3, 1, 2), 128,
+                      [(f"swin.layers.{i}", 32 * 2 ** i, 2 ** (i + 1)) for i in range(3)], lambda m: m.swin.head.fc),
+}
+
+
+def test_features_head_and_intermediates_match_the_modules(family):
+    api = API[family.name]
+    m = family.pruned(**family.richest)
+    x = family.images(2)
     with torch.no_grad():
-        blocks, feats = by_hand(m, x)
+        taps, feats = api.by_hand(m, x)
         torch.testing.assert_close(m.forward_features(x), feats)
-        torch.testing.assert_close(m.forward_head(feats, pre_logits=True), feats[:, 0])  # token pool, no fc_norm
+        torch.testing.assert_close(m.forward_head(feats, pre_logits=True), api.pool(feats))  # no fc_norm
         torch.testing.assert_close(m.forward_head(m.forward_features(x)), m(x))
         final, inter = m.forward_intermediates(x)
         torch.testing.assert_close(final, feats)
-        assert len(inter) == len(CHOICES)
-        for got, ref in zip(inter, blocks):  # NCHW, class token split off
-            torch.testing.assert_close(got, ref[:, 1:].reshape(2, 4, 4, -1).permute(0, 3, 1, 2))
-        last = m.forward_intermediates(x, indices=[1, 3], output_fmt="NLC", intermediates_only=True)
-        torch.testing.assert_close(last[0], blocks[1][:, 1:])
-        torch.testing.assert_close(last[1], blocks[3][:, 1:])
+        assert len(inter) == len(taps) == len(api.taps)
+        for got, ref in zip(inter, taps):  # NCHW (ViT: class token split off)
+            torch.testing.assert_close(got, api.to_nchw(ref))
+        last = m.forward_intermediates(x, indices=[1], intermediates_only=True)
+        assert len(last) == 1
+        torch.testing.assert_close(last[0], api.to_nchw(taps[1]))
     with pytest.raises(ValueError, match="expected images"):
         m.forward_features(torch.randn(2, 3, 48, 48))
-    assert m.num_features == m.head_hidden_size == 32 and m.num_classes == 10 and m.in_chans == 3
-    assert [f["module"] for f in m.feature_info] == [f"vit.blocks.{i}" for i in range(4)]
+    assert m.num_features == m.head_hidden_size == api.width and m.num_classes == 10 and m.in_chans == 3
+    assert [(f["module"], f["num_chs"], f["reduction"]) for f in m.feature_info] == api.taps
 
 
-def test_reset_classifier_keeps_the_pruned_trunk():
-    m = mixed_pruned()
+def test_vit_intermediates_as_tokens():
+    """ViT only: the NLC output format of forward_intermediates, several indices."""
+    m = FAMILIES["vit"].pruned(layer_scale=True)
     x = images(2)
-    trunk = {k: v.clone() for k, v in m.state_dict().items() if not k.startswith("vit.head.")}
+    with torch.no_grad():
+        blocks, _ = by_hand(m, x)
+        last = m.forward_intermediates(x, indices=[1, 3], output_fmt="NLC", intermediates_only=True)
+    torch.testing.assert_close(last[0], blocks[1][:, 1:])
+    torch.testing.assert_close(last[1], blocks[3][:, 1:])
+
+
+def test_reset_classifier_keeps_the_pruned_trunk(family):
+    api = API[family.name]
+    m = family.pruned()
+    x = family.images(2)
+    head = next(name + "." for name, mod in m.named_modules() if mod is api.head(m))  # "vit.head.", "swin.head.fc."
+    trunk = {k: v.clone() for k, v in m.state_dict().items() if not k.startswith(head)}
+    assert len(trunk) == len(m.state_dict()) - 2
     arch = m.architecture
     m.reset_classifier(5)
-    assert m.get_classifier() is m.vit.head and m.vit.head.out_features == 5
+    assert m.get_classifier() is api.head(m) and api.head(m).out_features == 5
     assert m.num_classes == 5 and m.architecture.signature.num_classes == 5 and m.pretrained_cfg["num_classes"] == 5
     assert m.architecture.attn_choices == arch.attn_choices and m.architecture.ffn_widths == arch.ffn_widths
     for k, v in m.state_dict().items():
@@ -71,9 +118,11 @@ def test_reset_classifier_keeps_the_pruned_trunk():
         out = m.eval()(x)
         assert out.shape == (2, 5)
         torch.testing.assert_close(deploy(m)(x), out, atol=1e-5, rtol=1e-5)  # still deploys
+        _, feats = api.by_hand(m, x)
         m.reset_classifier(0)
-        _, feats = by_hand(m, x)
-        torch.testing.assert_close(m(x), feats[:, 0])  # no head: pooled features
+        torch.testing.assert_close(m(x), api.pool(feats))  # no head: pooled features
+        m.reset_classifier(0, "")
+        torch.testing.assert_close(m(x), feats)  # no pooling either: every token / the NHWC map
     with pytest.raises(ValueError, match="num_classes"):
         m.reset_classifier(-1)
 
@@ -400,43 +449,6 @@ def _swin_pruned(official_skip=False):
     return swin_pruned(official_skip=official_skip)  # 32 px, stages 16/8/4; msa, 3x3, 1x1, shifted msa, skip, msa
 
 
-def _swin_by_hand(m, x):
-    """Stage outputs (B, H, W, C) and the normalised final map, from the modules directly."""
-    t = m.swin.patch_embed(x)
-    stages = []
-    for stage in m.swin.layers:
-        t = stage.downsample(t)
-        for blk in stage.blocks:
-            t = blk(t)
-        stages.append(t)
-    return stages, m.swin.norm(t)
-
-
-def test_swin_features_head_and_intermediates_match_the_modules():
-    m = _swin_pruned()
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        stages, feats = _swin_by_hand(m, x)
-        assert feats.shape == (2, 4, 4, 128) and m.output_fmt == "NHWC"
-        torch.testing.assert_close(m.forward_features(x), feats)
-        torch.testing.assert_close(m.forward_head(feats, pre_logits=True), feats.mean(dim=(1, 2)))
-        torch.testing.assert_close(m.forward_head(m.forward_features(x)), m(x))
-        final, inter = m.forward_intermediates(x)
-        torch.testing.assert_close(final, feats)
-        assert len(inter) == 3
-        for got, ref in zip(inter, stages):  # NCHW stage maps, as timm's Swin
-            torch.testing.assert_close(got, ref.permute(0, 3, 1, 2))
-        last = m.forward_intermediates(x, indices=[1], norm=True, intermediates_only=True)
-        assert len(last) == 1
-        torch.testing.assert_close(last[0], stages[1].permute(0, 3, 1, 2))
-    with pytest.raises(ValueError, match="expected images"):
-        m.forward_features(torch.randn(2, 3, 48, 48))
-    assert m.num_features == m.head_hidden_size == 128 and m.num_classes == 10 and m.in_chans == 3
-    assert [f["module"] for f in m.feature_info] == [f"swin.layers.{i}" for i in range(3)]
-    assert [f["num_chs"] for f in m.feature_info] == [32, 64, 128]
-    assert [f["reduction"] for f in m.feature_info] == [2, 4, 8]
-
-
 @pytest.mark.parametrize("official_skip", [False, True])
 def test_swin_torchscript_and_fx_match_eager(official_skip):
     """Scripted and fx-traced Swin models (3x3 and 1x1 layers in their conv2d form, shifted-window MSA with sizes
@@ -498,31 +510,6 @@ def test_swin_features_only():
     assert m.feature_info.channels() == [96, 192, 384, 768] and m.feature_info.reduction() == [4, 8, 16, 32]
     with pytest.raises(ValueError, match="output_stride"):
         timm.create_model(name, features_only=True, output_stride=16)
-
-
-def test_swin_reset_classifier_keeps_the_pruned_trunk():
-    m = _swin_pruned()
-    x = torch.randn(2, 3, 32, 32)
-    trunk = {k: v.clone() for k, v in m.state_dict().items() if not k.startswith("swin.head.")}
-    arch = m.architecture
-    m.reset_classifier(5)
-    assert m.get_classifier() is m.swin.head.fc and m.swin.head.fc.out_features == 5
-    assert m.num_classes == 5 and m.architecture.signature.num_classes == 5 and m.pretrained_cfg["num_classes"] == 5
-    assert m.architecture.attn_choices == arch.attn_choices and m.architecture.ffn_widths == arch.ffn_widths
-    for k, v in m.state_dict().items():
-        if k in trunk:
-            assert torch.equal(v, trunk[k]), k
-    with torch.no_grad():
-        out = m.eval()(x)
-        assert out.shape == (2, 5)
-        torch.testing.assert_close(deploy(m)(x), out, atol=1e-5, rtol=1e-5)  # still deploys
-        _, feats = _swin_by_hand(m, x)
-        m.reset_classifier(0)
-        torch.testing.assert_close(m(x), feats.mean(dim=(1, 2)))  # no head: pooled features
-        m.reset_classifier(0, "")
-        torch.testing.assert_close(m(x), feats)  # no pooling either: the NHWC map
-    with pytest.raises(ValueError, match="num_classes"):
-        m.reset_classifier(-1)
 
 
 def test_swin_optimizer_groups_and_registrations():
