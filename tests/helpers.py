@@ -25,12 +25,14 @@ SWIN_CFG = dict(img_size=32, patch_size=2, embed_dim=32, depths=(2, 2, 2), num_h
                 mlp_ratio=2.0, num_classes=10)
 
 
-def tiny_swin(rel_pos_std=0.5, **kw):
+def tiny_swin(rel_pos_std=0.5, timm_name=None, **kw):
     """A small timm SwinTransformer (``SWIN_CFG`` updated by ``kw``; random biases and relative position tables,
-    eval mode)."""
+    eval mode); with ``timm_name``, made by ``timm.create_model(timm_name, ...)`` (its name and pretrained cfg)."""
+    import timm
     from timm.models.swin_transformer import SwinTransformer
 
-    m = SwinTransformer(**{**SWIN_CFG, **kw})
+    cfg = {**SWIN_CFG, **kw}
+    m = SwinTransformer(**cfg) if timm_name is None else timm.create_model(timm_name, pretrained=False, **cfg)
     with torch.no_grad():
         for n, p in m.named_parameters():
             if n.endswith("bias"):

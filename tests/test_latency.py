@@ -17,6 +17,8 @@ from spvit.latency import timer
 from spvit.models import supernet
 from spvit.models.convert import signature_of
 
+from . import helpers
+
 KW = dict(img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=3, num_heads=2, mlp_ratio=2.0, num_classes=5)
 
 
@@ -473,7 +475,7 @@ def test_table_read_on_rank0_and_broadcast(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------------------ Swin
-SWIN_KW = dict(img_size=16, patch_size=2, window_size=4, embed_dim=16, depths=(2, 2), num_heads=(1, 2),
+SWIN_KW = dict(img_size=16, patch_size=2, window_size=4, embed_dim=16, depths=(2, 2), num_heads=(1, 2), mlp_ratio=4.0,
                num_classes=5)
 SWIN_NAME = "swin_tiny_patch4_window7_224"
 
@@ -481,7 +483,7 @@ SWIN_NAME = "swin_tiny_patch4_window7_224"
 def tiny_swin(**over):
     """Two stages: stage 0 on an 8x8 map in 2x2 windows of 4 (even blocks plain, odd blocks shifted by 2); stage 1
     on a 4x4 map, one window, never shifted."""
-    return timm.create_model(SWIN_NAME, pretrained=False, **{**SWIN_KW, **over}).eval()
+    return helpers.tiny_swin(timm_name=SWIN_NAME, **{**SWIN_KW, **over})
 
 
 def test_swin_profile_groups_and_round_trip(tmp_path):
