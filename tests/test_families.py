@@ -7,8 +7,12 @@ import pytest
 import torch
 
 import spvit
+from spvit.arch import Architecture
 from spvit.deploy import FORMAT_VERSION, deploy, load_deployed, save_deployed
 from spvit.families import families, family_named, family_of
+from spvit.models.convert import model_name_of, signature_of
+
+from .helpers import randomise_conv_state
 
 
 def test_lookup_follows_the_model_through_every_phase(family):
@@ -126,3 +130,45 @@ def test_save_load_round_trip(family, tmp_path):
     torch.save({**obj, "config": {**obj["config"], "family": "cnn"}}, path)
     with pytest.raises(ValueError, match="malformed model description.*unknown model family 'cnn'"):
         load_deployed(path)
+
+
+def test_all_msa_supernet_equals_timm(family):
+    """Every gate open (the supernet as built): the timm model's output; the timm model is not modified."""
+    m = family.model()
+    attn_types = {type(mod) for n, mod in m.named_modules() if n.endswith(".attn")}
+    sn = spvit.supernet(m).eval()
+    x = family.images(3)
+    with torch.no_grad():
+        torch.testing.assert_close(sn(x), m(x), rtol=1e-5, atol=1e-5)
+    assert {type(mod) for n, mod in m.named_modules() if n.endswith(".attn")} == attn_types and len(attn_types) == 1
+
+
+# The attention choices a family's search and fine-tune models compute alike. A Swin 3x3 layer is window-local in
+# search and runs on the full map in fine-tuning, as in the original code (docs/method.md, "Swin search and fine-tune
+# 3x3 keep their own semantics").
+SEARCH_EQUALS_FINETUNE = {"vit": ("msa", "3x3", "1x1", "skip"), "swin": ("msa", "1x1", "skip")}
+
+
+def test_pruned_from_supernet_equals_supernet_fixed_choices(family):
+    """An architecture with every attention choice and uneven FFN widths: the pruned model equals the supernet with
+    those choices fixed (shared weights, BatchNorm state and head mixing carried over), at the same FLOPs and with
+    fewer parameters; where a family's 3x3 differs between search and fine-tuning, it does differ."""
+    same = SEARCH_EQUALS_FINETUNE[family.name]
+    x = family.images(3)
+    alike = [c if c in same else "msa" for c in family.choices]
+    for choices in [alike] + ([family.choices] if alike != family.choices else []):
+        m = family.model()
+        sn = randomise_conv_state(spvit.supernet(m), family.head_probs_std)
+        arch = Architecture.from_choices(model_name_of(m), signature_of(m), choices, family.keep)
+        sn.fix_architecture(arch)
+        sn.eval()
+        pruned = spvit.prune(sn, arch).eval()
+        assert pruned.architecture == arch
+        with torch.no_grad():
+            got, ref = pruned(x), sn(x)
+        if set(choices) <= set(same):
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        else:
+            assert (got - ref).abs().max() > 1e-3, choices
+        assert spvit.gflops(pruned) == pytest.approx(sn.gflops())
+        assert spvit.count_params(pruned) < spvit.count_params(sn)

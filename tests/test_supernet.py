@@ -10,17 +10,8 @@ from spvit.arch import Architecture
 from tests.helpers import randomise_head_probs, tiny_vit
 
 
-def test_all_msa_supernet_equals_timm():
-    m = tiny_vit(depth=3)
-    sn = spvit.supernet(m).eval()
-    x = torch.randn(3, 3, 32, 32)
-    with torch.no_grad():
-        torch.testing.assert_close(sn(x), m(x), rtol=1e-5, atol=1e-5)
-    # the timm model is not modified
-    assert type(m.blocks[0].attn).__name__ == "Attention"
-
-
 def test_weights_are_split_from_qkv():
+    """(The all-MSA supernet equals the timm model: tests/test_families.py.)"""
     m = tiny_vit()
     sn = spvit.supernet(m)
     a, t = sn.attns[1], m.blocks[1].attn

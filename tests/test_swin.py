@@ -99,7 +99,8 @@ def test_architecture_json_nested_and_family_errors(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------------
 # search mode
 # ----------------------------------------------------------------------------------------------------------------------
-def test_all_msa_supernet_equals_timm():
+def test_search_attention_shares_the_timm_weights():
+    """At 56 px with 7x7 windows (the all-MSA supernet equals the timm model: tests/test_families.py)."""
     m = tiny_swin()
     sn = spvit.supernet(m).eval()
     assert sn.alpha == 100 and spvit.supernet(tiny_vit()).alpha == 0.01
@@ -368,7 +369,7 @@ def _arch(sn, choices, seed=7):
 
 
 @pytest.mark.parametrize("choices", [["1x1", "skip", "msa", "1x1"], ["msa", "1x1", "skip", "msa"]])
-def test_pruned_from_supernet_equals_supernet_fixed_choices(choices):
+def test_pruned_from_supernet_keeps_shifted_windows(choices):
     sn = spvit.supernet(tiny_swin())
     _randomise(sn)
     arch = _arch(sn, choices)
