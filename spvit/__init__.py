@@ -13,7 +13,7 @@ from ._version import __version__
 # models with timm); the `spvit` command imports only what the command it runs needs, so that `spvit --version`
 # and `--help` take no time (the names are still reachable: they are imported on first use).
 _PUBLIC = {
-    "Architecture": "arch", "BlockArch": "arch", "ModelSignature": "arch", "SwinSignature": "arch",
+    "Architecture": "arch", "BlockArch": "arch", "Signature": "arch", "ModelSignature": "arch", "SwinSignature": "arch",
     "count_params": "flops", "gflops": "flops",
     "PrunedModel": "models", "Supernet": "models", "SwinPrunedModel": "models", "SwinSupernet": "models",
     "UnsupportedModelError": "models", "prune": "models", "supernet": "models",

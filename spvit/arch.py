@@ -10,16 +10,45 @@ import json
 import operator
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from .choices import ATTN_CHOICES, AttnChoice
+from .families import family_named
 from .runs import write_json
 
 FORMAT_VERSION = 1
 
 
+class Signature:
+    """What an architecture must agree with to be applied to a model: the model's shape. One frozen dataclass per
+    family (:class:`ModelSignature`, :class:`SwinSignature`; the family module names it as ``signature_type``).
+
+    Every signature has the fields ``embed_dim``, ``grid`` (the patch grid, of the first stage), ``patch_size``,
+    ``in_chans``, ``mlp_hidden`` and ``num_classes``, and answers ``depth`` (blocks in all), ``stage_depths``,
+    ``block_mlp_hidden`` (the dense FFN width of every block, block order), ``head_dim`` (of the first stage),
+    ``img_size`` and ``describe()``. ``family`` is a class attribute (written into files), not a field.
+    """
+
+    family = ""
+
+    @property
+    def img_size(self) -> Tuple[int, int]:
+        return (self.grid[0] * self.patch_size, self.grid[1] * self.patch_size)
+
+    @property
+    def stage_depths(self) -> Tuple[int, ...]:
+        raise NotImplementedError
+
+    @property
+    def block_mlp_hidden(self) -> Tuple[int, ...]:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+
 @dataclass(frozen=True)
-class ModelSignature:
+class ModelSignature(Signature):
     """What an architecture must agree with to be applied to a ViT/DeiT model."""
 
     family = "vit"  # class attribute, not a field
@@ -39,10 +68,6 @@ class ModelSignature:
         return self.embed_dim // self.num_heads
 
     @property
-    def img_size(self) -> Tuple[int, int]:
-        return (self.grid[0] * self.patch_size, self.grid[1] * self.patch_size)
-
-    @property
     def stage_depths(self) -> Tuple[int, ...]:
         return (self.depth,)
 
@@ -57,7 +82,7 @@ class ModelSignature:
 
 
 @dataclass(frozen=True)
-class SwinSignature:
+class SwinSignature(Signature):
     """What an architecture must agree with to be applied to a Swin Transformer (docs/method.md §7).
 
     ``grid`` is the stage-1 patch grid (56x56 at 224 px, patch 4); stage ``s`` has ``embed_dim * 2**s`` channels on a
@@ -116,10 +141,6 @@ class SwinSignature:
         return self.stage_dims[0] // self.num_heads[0]
 
     @property
-    def img_size(self) -> Tuple[int, int]:
-        return (self.grid[0] * self.patch_size, self.grid[1] * self.patch_size)
-
-    @property
     def block_stage(self) -> Tuple[int, ...]:
         """Stage index of every block (block order)."""
         return tuple(s for s, n in enumerate(self.depths) for _ in range(n))
@@ -134,9 +155,6 @@ class SwinSignature:
                 f"{self.num_classes} classes")
 
 
-AnySignature = Union[ModelSignature, SwinSignature]
-FAMILIES = {"vit": ModelSignature, "swin": SwinSignature}
-FAMILY_NAMES = {"vit": "ViT/DeiT", "swin": "Swin"}
 
 
 @dataclass(frozen=True)
@@ -174,7 +192,7 @@ class Architecture:
     :class:`SwinSignature`)."""
 
     model_name: str
-    signature: AnySignature
+    signature: Signature
     blocks: List[BlockArch]
     meta: Dict = field(default_factory=dict, compare=False)
 
@@ -208,12 +226,13 @@ class Architecture:
             i += n
         return out
 
-    def check_compatible(self, signature: AnySignature, model_name: Optional[str] = None) -> None:
+    def check_compatible(self, signature: Signature, model_name: Optional[str] = None) -> None:
         """Raise ValueError naming the mismatch if this architecture does not belong to a model of ``signature``."""
         if type(signature) is not type(self.signature):
             raise ValueError(
-                f"architecture is for the {FAMILY_NAMES[self.signature.family]} model {self.model_name!r}, not for "
-                f"{model_name or 'this model'}, a {FAMILY_NAMES[signature.family]} model: an architecture applies "
+                f"architecture is for the {family_named(self.signature.family).display_name} model "
+                f"{self.model_name!r}, not for {model_name or 'this model'}, a "
+                f"{family_named(signature.family).display_name} model: an architecture applies "
                 f"only to a model of its own family and size")
         if signature != self.signature:
             diffs = [f"{k}: architecture {getattr(self.signature, k)!r} vs model {getattr(signature, k)!r}"
@@ -256,16 +275,17 @@ class Architecture:
                              f"understands ({FORMAT_VERSION}); upgrade spvit")
         try:
             sig = dict(d["signature"])
-            family = sig.pop("family", "vit")
-            if family not in FAMILIES:
-                raise ValueError(f"unknown model family {family!r} in the architecture; known: {sorted(FAMILIES)}")
+            try:
+                signature_type = family_named(sig.pop("family", "vit")).signature_type
+            except KeyError as exc:
+                raise ValueError(f"{exc.args[0]} (in the architecture)") from None
             sig = {k: tuple(v) if isinstance(v, list) else v for k, v in sig.items()}
             blocks = d["blocks"] if "blocks" in d else [b for stage in d["stages"] for b in stage]
             if "stages" in d and [len(s) for s in d["stages"]] != list(sig.get("depths", [len(blocks)])):
                 raise ValueError(f"the architecture's stages have {[len(s) for s in d['stages']]} blocks, its "
                                  f"signature depths {sig.get('depths')}")
             return cls(
-                model_name=d["model_name"], signature=FAMILIES[family](**sig),
+                model_name=d["model_name"], signature=signature_type(**sig),
                 blocks=[BlockArch(b["attn"], tuple(b["ffn_keep"])) for b in blocks], meta=d.get("meta", {}),
             )
         except (KeyError, TypeError) as exc:
@@ -287,7 +307,7 @@ class Architecture:
         return cls.from_dict(d)
 
     @classmethod
-    def from_choices(cls, model_name: str, signature: AnySignature, attn: Sequence[str],
+    def from_choices(cls, model_name: str, signature: Signature, attn: Sequence[str],
                      ffn_keep: Sequence[Sequence[int]]) -> "Architecture":
         return cls(model_name, signature, [BlockArch(a, tuple(k)) for a, k in zip(attn, ffn_keep)])
 

@@ -11,8 +11,9 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import torch
 import torch.distributed as tdist
 
-from ..arch import FAMILIES, Architecture, ModelSignature
+from ..arch import Architecture, ModelSignature
 from ..choices import ATTN_CHOICES
+from ..families import family_named
 from ..runs import write_json
 from .timer import device_class, dtype_name
 
@@ -46,10 +47,12 @@ class BlockGroup:
 
 def _depth_of(family: str, signature: Dict[str, Any]) -> int:
     """Number of blocks of the ``family`` model that ``signature`` describes (its signature class's ``depth``)."""
-    if family not in FAMILIES:
-        raise LatencyTableError(f"latency table: unknown model family {family!r}; known: {sorted(FAMILIES)}")
     try:
-        return int(FAMILIES[family](**signature).depth)
+        signature_type = family_named(family).signature_type
+    except KeyError as exc:
+        raise LatencyTableError(f"latency table: {exc.args[0]}") from None
+    try:
+        return int(signature_type(**signature).depth)
     except (TypeError, ValueError) as exc:
         raise LatencyTableError(f"latency table: its signature is not that of a {family} model ({exc})") from None
 
