@@ -18,7 +18,9 @@ os.environ.setdefault("SPVIT_AUTOTUNE", "0")
 
 import pytest  # noqa: E402
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# At most 2 threads per test process; under pytest-xdist the cores are shared among the workers (the Triton interpreter
+# is single-threaded, so two workers on two cores run those tests side by side instead of oversubscribing the cores).
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 HAS_CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")

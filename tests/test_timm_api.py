@@ -270,37 +270,49 @@ def _scripted_and_traced_equal_eager(m, x):
     return scripted, _bn_stats(m)
 
 
-@pytest.mark.parametrize("explicit", [False, True])
-def test_torchscript_and_fx_match_eager(explicit):
-    """Scripted and fx-traced models (conv layers in their conv2d form) equal the eager reference path: outputs in
-    eval and training mode, and the BatchNorm running statistics a training step updates."""
-    m = mixed_pruned()
-    if explicit:
+@pytest.mark.parametrize("alt", [False, True], ids=["base", "alt-form"])
+def test_torchscript_and_fx_match_eager(family, alt):
+    """Scripted and fx-traced models (conv layers in their conv2d form; Swin: shifted-window MSA with sizes from the
+    module) equal the eager reference path: outputs in eval and training mode, the BatchNorm running statistics a
+    training step updates, gradients. ``alt``: the ViT's 1x1 layer in its explicit ``bconv`` form; the Swin's skip
+    layers as in the released checkpoints (x + LN1(x))."""
+    m = family.pruned(official_skip=alt and family.name == "swin")
+    if alt and family.name == "vit":
         m = _with_explicit_conv(m)
-    x = images(2)
+    x = family.images(2)
     scripted, stats = _scripted_and_traced_equal_eager(m, x)
     # fx records the mode it traced in (as timm's fx feature extractor, which traces train and eval separately)
     for variant in (scripted.train(), torch.fx.symbolic_trace(copy.deepcopy(m).train())):
         eager = copy.deepcopy(m).train()
-        out_ref, out = eager(x), variant(x)
+        torch.manual_seed(0)  # the same drop-path draws (timm's Swin default drop_path_rate 0.1)
+        out_ref = eager(x)
+        torch.manual_seed(0)
+        out = variant(x)
         torch.testing.assert_close(out, out_ref, atol=1e-5, rtol=1e-5)
-        new_ref = _bn_stats(eager)
-        new = {k: v for k, v in _bn_stats(variant).items()}  # an fx graph keeps only the buffers it reads
-        assert new.keys() == new_ref.keys()
-        assert any(not torch.equal(new_ref[k], stats[k]) for k in stats)  # a training step moved them
+        new_ref, new = _bn_stats(eager), _bn_stats(variant)  # an fx graph keeps only the buffers it reads
+        assert new.keys() == new_ref.keys() == stats.keys() and len(new) == 4  # the 3x3 and the 1x1 layer
+        assert all(not torch.equal(new_ref[k], stats[k]) for k in stats)  # a training step moved them
         for k in new_ref:
             torch.testing.assert_close(new[k], new_ref[k], atol=1e-6, rtol=1e-5)
     # gradients through the scripted conv form equal the eager ones
     eager = copy.deepcopy(m).train()
     scripted = torch.jit.script(copy.deepcopy(m)).train()
+    torch.manual_seed(1)
     eager(x).square().mean().backward()
+    torch.manual_seed(1)
     scripted(x).square().mean().backward()
     grads = dict(scripted.named_parameters())
     for n, p in eager.named_parameters():
+        if p.grad is None:  # only the unused LN1 of an identity skip block
+            assert grads[n].grad is None and ".norm1." in n and not (alt and family.name == "swin"), n
+            continue
         torch.testing.assert_close(grads[n].grad, p.grad, atol=1e-5, rtol=1e-4, msg=n)
     with pytest.raises(torch.jit.Error, match="expected images"):
         scripted(torch.randn(2, 3, 48, 48))
-    conv = m.vit.blocks[0].attn
+
+
+def test_conv_attention_refuses_attention_masks():
+    conv = mixed_pruned().vit.blocks[CHOICES.index("3x3")].attn
     with pytest.raises(ValueError, match="attention masks"):
         conv(torch.randn(1, 17, 32), attn_mask=torch.zeros(17, 17))
 
@@ -447,43 +459,6 @@ def _swin_pruned(official_skip=False):
     from .test_official_swin import swin_pruned
 
     return swin_pruned(official_skip=official_skip)  # 32 px, stages 16/8/4; msa, 3x3, 1x1, shifted msa, skip, msa
-
-
-@pytest.mark.parametrize("official_skip", [False, True])
-def test_swin_torchscript_and_fx_match_eager(official_skip):
-    """Scripted and fx-traced Swin models (3x3 and 1x1 layers in their conv2d form, shifted-window MSA with sizes
-    from the module) equal the eager reference path: outputs in eval and training mode, BatchNorm updates,
-    gradients."""
-    m = _swin_pruned(official_skip)
-    assert [b.kind for b in m.blocks] == ["msa", "3x3", "1x1", "msa", "skip", "msa"]
-    x = torch.randn(2, 3, 32, 32)
-    scripted, stats = _scripted_and_traced_equal_eager(m, x)
-    for variant in (scripted.train(), torch.fx.symbolic_trace(copy.deepcopy(m).train())):
-        eager = copy.deepcopy(m).train()
-        torch.manual_seed(0)  # the same drop-path draws (timm's Swin default drop_path_rate 0.1)
-        out_ref = eager(x)
-        torch.manual_seed(0)
-        out = variant(x)
-        torch.testing.assert_close(out, out_ref, atol=1e-5, rtol=1e-5)
-        new_ref, new = _bn_stats(eager), _bn_stats(variant)
-        assert new.keys() == new_ref.keys() and len(new) == 4  # the 3x3 and the 1x1 layer
-        assert all(not torch.equal(new_ref[k], stats[k]) for k in stats)
-        for k in new_ref:
-            torch.testing.assert_close(new[k], new_ref[k], atol=1e-6, rtol=1e-5)
-    eager = copy.deepcopy(m).train()
-    scripted = torch.jit.script(copy.deepcopy(m)).train()
-    torch.manual_seed(1)
-    eager(x).square().mean().backward()
-    torch.manual_seed(1)
-    scripted(x).square().mean().backward()
-    grads = dict(scripted.named_parameters())
-    for n, p in eager.named_parameters():
-        if p.grad is None:  # only the unused LN1 of an identity skip block
-            assert not official_skip and n.startswith("swin.layers.2.blocks.0.norm1."), n
-            continue
-        torch.testing.assert_close(grads[n].grad, p.grad, atol=1e-5, rtol=1e-4, msg=n)
-    with pytest.raises(torch.jit.Error, match="expected images"):
-        scripted(torch.randn(2, 3, 48, 48))
 
 
 def test_swin_features_only():
