@@ -15,7 +15,7 @@ from spvit.deploy import deploy
 from spvit.models.registry import RELEASE_FILES, SHIPPED
 
 from spvit.models.pruned import ExplicitConvAttention
-from spvit.models.timm_api import WrappedVitApi
+from spvit.models.timm_api import WrappedVitApi, features_only_model
 
 from .helpers import FAMILIES
 from .test_deploy import CHOICES, images, mixed_pruned, randomise, tiny_vit
@@ -317,28 +317,42 @@ def test_conv_attention_refuses_attention_masks():
         conv(torch.randn(1, 17, 32), attn_mask=torch.zeros(17, 17))
 
 
-def test_features_only():
-    """features_only=True: timm's FeatureGetterNet over the block outputs (the model pruned after the last one)."""
-    src = timm.create_model("spvit_deit_tiny_patch16_224").eval()
-    x = torch.randn(1, 3, 224, 224)
+def test_features_only(family):
+    """features_only: timm's FeatureGetterNet over the feature taps (blocks of a ViT, stages of a Swin; NCHW), the
+    model pruned after the last tap it keeps (its architecture record too)."""
+    api = API[family.name]
+    src = family.pruned()
+    x = family.images(1)
+    keep = (0, 1)
     with torch.no_grad():
         taps = src.forward_intermediates(x, intermediates_only=True)
-    from spvit.models.timm_api import features_only_model
-
-    feats = features_only_model(copy.deepcopy(src), {"out_indices": (2, 5, 8)}, "spvit_deit_tiny_patch16_224")
-    assert feats.feature_info.channels() == [192] * 3 and feats.feature_info.reduction() == [16] * 3
-    assert len(feats.model.vit.blocks) == 9 and feats.model.architecture.signature.depth == 9
+    feats = features_only_model(copy.deepcopy(src), {"out_indices": keep}, family.name)
+    assert feats.feature_info.channels() == [api.taps[i][1] for i in keep]
+    assert feats.feature_info.reduction() == [api.taps[i][2] for i in keep]
+    model = feats.model
+    assert model.signature.num_classes == 0 and model.architecture.signature == model.signature
+    assert model.architecture.attn_choices == family.choices[:len(model.architecture.blocks)]
+    assert len(model.architecture.blocks) == model.signature.depth == {"vit": 2, "swin": 4}[family.name]
     with torch.no_grad():
         out = feats(x)
-    assert len(out) == 3
-    for got, i in zip(out, (2, 5, 8)):
+    assert len(out) == len(keep)
+    for got, i in zip(out, keep):
         torch.testing.assert_close(got, taps[i])
-    m = timm.create_model("spvit_deit_tiny_patch16_224", features_only=True, out_indices=3)
-    assert len(m.feature_info.channels()) == 3 and m.default_cfg["input_size"] == (3, 224, 224)
+
+
+@pytest.mark.parametrize("name,channels,reduction", [("spvit_deit_tiny_patch16_224", [192] * 3, [16] * 3),
+                                                     ("spvit_swin_tiny_patch4_window7_224", [96, 192, 384, 768],
+                                                      [4, 8, 16, 32])])
+def test_features_only_through_timm(name, channels, reduction):
+    """timm.create_model(spvit name, features_only=True) (on the meta device: the structure only), and its errors."""
+    with torch.device("meta"):
+        m = timm.create_model(name, features_only=True)
+    assert m.feature_info.channels() == channels and m.feature_info.reduction() == reduction
+    assert m.default_cfg["input_size"] == (3, 224, 224)
     with pytest.raises(ValueError, match="feature_cls='getter'"):
-        timm.create_model("spvit_deit_tiny_patch16_224", features_only=True, feature_cls="hook")
+        timm.create_model(name, features_only=True, feature_cls="hook")
     with pytest.raises(ValueError, match="output_stride"):
-        timm.create_model("spvit_deit_tiny_patch16_224", features_only=True, output_stride=8)
+        timm.create_model(name, features_only=True, output_stride=8)
 
 
 def test_prune_intermediate_layers_keeps_a_deployable_model():
@@ -459,32 +473,6 @@ def _swin_pruned(official_skip=False):
     from .test_official_swin import swin_pruned
 
     return swin_pruned(official_skip=official_skip)  # 32 px, stages 16/8/4; msa, 3x3, 1x1, shifted msa, skip, msa
-
-
-def test_swin_features_only():
-    """features_only=True: timm's FeatureGetterNet over the stage outputs (NCHW; stages after the last dropped)."""
-    from spvit.models.timm_api import features_only_model
-
-    src = _swin_pruned()
-    x = torch.randn(1, 3, 32, 32)
-    with torch.no_grad():
-        taps = src.forward_intermediates(x, intermediates_only=True)
-    feats = features_only_model(copy.deepcopy(src), {"out_indices": (0, 1)}, "swin", out_indices=(0, 1, 2))
-    assert feats.feature_info.channels() == [32, 64] and feats.feature_info.reduction() == [2, 4]
-    model = feats.model
-    assert len(model.swin.layers) == 2 and model.signature.depths == (2, 2) and model.signature.num_classes == 0
-    assert model.architecture.attn_choices == ["msa", "3x3", "1x1", "msa"]
-    with torch.no_grad():
-        out = feats(x)
-    assert len(out) == 2
-    for got, ref in zip(out, taps[:2]):
-        torch.testing.assert_close(got, ref)
-    name = "spvit_swin_tiny_patch4_window7_224"
-    with torch.device("meta"):
-        m = timm.create_model(name, features_only=True)
-    assert m.feature_info.channels() == [96, 192, 384, 768] and m.feature_info.reduction() == [4, 8, 16, 32]
-    with pytest.raises(ValueError, match="output_stride"):
-        timm.create_model(name, features_only=True, output_stride=16)
 
 
 def test_swin_optimizer_groups_and_registrations():
