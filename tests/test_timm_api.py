@@ -1,5 +1,6 @@
-"""timm's model API on PrunedModel and the spvit_deit_* registrations: features / head / intermediates against the
-modules run by hand, reset_classifier keeps the pruned trunk, optimizer-factory groups, pretrained cfgs, errors."""
+"""timm's model API on the pruned models of every family (the ``family`` fixture) and on the spvit_* registrations:
+features / head / intermediates against the modules run by hand, reset_classifier keeps the pruned trunk,
+TorchScript / fx, features_only, optimizer-factory groups, pretrained cfgs, errors."""
 import copy
 
 import pytest
@@ -21,6 +22,8 @@ from .helpers import FAMILIES
 from .test_deploy import CHOICES, images, mixed_pruned, randomise, tiny_vit
 
 REGISTERED = sorted(SHIPPED)
+REGISTERED_BASE = {"spvit_deit_tiny_patch16_224": "deit_tiny_patch16_224",
+                   "spvit_swin_tiny_patch4_window7_224": "swin_tiny_patch4_window7_224"}
 
 
 def by_hand(pruned, x):
@@ -150,30 +153,41 @@ def test_grad_checkpointing_same_outputs_and_grads():
         torch.testing.assert_close(grads[n], ref_grads[n], atol=1e-6, rtol=1e-5)
 
 
-def test_optimizer_factory_groups():
-    m = timm.create_model("spvit_deit_tiny_patch16_224")
+@pytest.mark.parametrize("name", ["spvit_deit_tiny_patch16_224", "spvit_swin_tiny_patch4_window7_224"])
+def test_optimizer_factory_groups_follow_the_dense_model(name):
+    """timm's optimizer factory with layer decay gives every kept timm parameter of a registered spvit model the
+    learning-rate scale and weight decay it gives the dense model (the same group matcher, prefixed); no_weight_decay
+    is the dense model's, prefixed, less the parameters pruning removed."""
+    m = timm.create_model(name)
+    dense = timm.create_model(REGISTERED_BASE[name])
+    prefix = spvit.family_of(m).timm_attr + "."
     names = dict(m.named_parameters())
-    for n in m.no_weight_decay():
-        assert n in names or getattr(m.vit, n[len("vit."):], None) is None, n
-    opt = create_optimizer_v2(m, "adamw", lr=1e-3, weight_decay=0.05)
-    decay_of = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
-    assert decay_of[id(m.vit.pos_embed)] == 0 and decay_of[id(m.vit.cls_token)] == 0
-    assert decay_of[id(m.vit.blocks[0].norm1.weight)] == 0
-    assert decay_of[id(m.vit.blocks[0].attn.head_probs)] == 0.05  # a weight, decayed as in the original
-    assert decay_of[id(m.vit.blocks[5].mlp.fc1.weight)] == 0.05
-    # layer decay: the same learning-rate scales as timm gives the dense DeiT (stem, one group per block, norm, head)
-    dense = timm.create_model("deit_tiny_patch16_224")
-    opt = create_optimizer_v2(m, "adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.5)
-    dense_opt = create_optimizer_v2(dense, "adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.5)
-    scale_of = {id(p): g["lr_scale"] for g in opt.param_groups for p in g["params"]}
-    dense_scale = {id(p): g["lr_scale"] for g in dense_opt.param_groups for p in g["params"]}
+    nwd, dense_nwd, dense_names = m.no_weight_decay(), dense.no_weight_decay(), dict(dense.named_parameters())
+    assert nwd <= {prefix + n for n in dense_nwd} and {prefix + n for n in dense_nwd} & set(names) <= nwd
+    assert all(n in names or n[len(prefix):] not in dense_names for n in nwd)  # or a name timm lists for any ViT
+    kw = dict(lr=1e-3, weight_decay=0.05, layer_decay=0.7)
+    ours = create_optimizer_v2(m, "adamw", **kw)
+    ref = create_optimizer_v2(dense, "adamw", **kw)
+    group_of = {id(p): (g["lr_scale"], g["weight_decay"]) for g in ours.param_groups for p in g["params"]}
+    dense_of = {id(p): (g["lr_scale"], g["weight_decay"]) for g in ref.param_groups for p in g["params"]}
     compared = 0
     for n, p in dense.named_parameters():
-        if "vit." + n in names:
-            assert scale_of[id(names["vit." + n])] == dense_scale[id(p)], n
+        if prefix + n in names and names[prefix + n].shape == p.shape:
+            assert group_of[id(names[prefix + n])] == dense_of[id(p)], n
             compared += 1
-    assert compared > 100 and len(set(scale_of.values())) == 14
-    assert scale_of[id(m.vit.blocks[0].attn.head_probs)] == scale_of[id(m.vit.blocks[0].mlp.fc1.weight)]
+    assert compared > 100 and len(group_of) == len(names)
+
+
+def test_vit_gate_weights_in_the_optimizer_groups():
+    """The head-mixing weights of a conv layer are decayed (as in the original) and share their block's scale."""
+    m = timm.create_model("spvit_deit_tiny_patch16_224")
+    opt = create_optimizer_v2(m, "adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.5)
+    group_of = {id(p): (g["lr_scale"], g["weight_decay"]) for g in opt.param_groups for p in g["params"]}
+    assert group_of[id(m.vit.pos_embed)][1] == 0 and group_of[id(m.vit.cls_token)][1] == 0
+    assert group_of[id(m.vit.blocks[0].norm1.weight)][1] == 0
+    assert group_of[id(m.vit.blocks[0].attn.head_probs)] == group_of[id(m.vit.blocks[0].mlp.fc1.weight)]
+    assert group_of[id(m.vit.blocks[0].attn.head_probs)][1] == 0.05
+    assert len({scale for scale, _ in group_of.values()}) == 14  # stem, one group per block, norm, head
 
 
 @pytest.mark.parametrize("name", REGISTERED)
@@ -475,28 +489,12 @@ def _swin_pruned(official_skip=False):
     return swin_pruned(official_skip=official_skip)  # 32 px, stages 16/8/4; msa, 3x3, 1x1, shifted msa, skip, msa
 
 
-def test_swin_optimizer_groups_and_registrations():
+def test_swin_registration_keeps_the_released_skips():
+    """The registered Swin's skip layers are those of the released checkpoints (x + LN1(x)): every parameter is
+    used; its pretrained cfg has the final map's size."""
     from spvit.models.pruned import SkipAttention
 
-    name = "spvit_swin_tiny_patch4_window7_224"
-    m = timm.create_model(name)
-    dense = timm.create_model("swin_tiny_patch4_window7_224")
-    assert m.no_weight_decay() == {"swin." + n for n in dense.no_weight_decay()} - {
-        n for n in ("swin." + k for k in dense.no_weight_decay()) if n not in dict(m.named_parameters())}
-    assert all(n.endswith("relative_position_bias_table") for n in m.no_weight_decay()) and m.no_weight_decay()
-    kw = dict(lr=1e-3, weight_decay=0.05, layer_decay=0.7)
-    ours = create_optimizer_v2(m, "adamw", **kw)
-    ref = create_optimizer_v2(dense, "adamw", **kw)
-    scale_of = {id(p): (g["lr_scale"], g["weight_decay"]) for g in ours.param_groups for p in g["params"]}
-    dense_of = {id(p): (g["lr_scale"], g["weight_decay"]) for g in ref.param_groups for p in g["params"]}
-    names = dict(m.named_parameters())
-    compared = 0
-    for n, p in dense.named_parameters():  # the kept timm modules get timm's own groups
-        if "swin." + n in names and names["swin." + n].shape == p.shape:
-            assert scale_of[id(names["swin." + n])] == dense_of[id(p)], n
-            compared += 1
-    assert compared > 100
-    # skip layers as in the released checkpoints (x + LN1(x)), so every parameter is used
+    m = timm.create_model("spvit_swin_tiny_patch4_window7_224")
     skips = [b.attn for b in m.blocks if isinstance(b.attn, SkipAttention)]
     assert len(skips) == 2 and all(s.official for s in skips)
     cfg = m.pretrained_cfg
