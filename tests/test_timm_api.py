@@ -518,9 +518,13 @@ def test_swin_supernet_and_deployed_timm_api():
     assert [f["module"] for f in sn.feature_info] == ["swin.layers.0", "swin.layers.1", "swin.layers.2"]
     with pytest.raises(ValueError, match="expected images"):
         sn.forward_features(torch.randn(2, 3, 48, 48))
-    d = deploy(_swin_pruned())
+    pruned = _swin_pruned()
+    pruned.pretrained_cfg = dict(pruned.pretrained_cfg, crop_pct=0.9, mean=(0.1, 0.2, 0.3))
+    d = deploy(pruned)
     assert d.num_features == d.head_hidden_size == 128 and d.output_fmt == "NHWC"
     assert d.pretrained_cfg["pool_size"] == (4, 4)
+    data = resolve_data_config(model=d)  # the source model's data settings are kept
+    assert data["crop_pct"] == 0.9 and data["mean"] == (0.1, 0.2, 0.3) and data["input_size"] == (3, 32, 32)
     with torch.no_grad():
         feats = d.forward_features(x)
         d.reset_classifier(0)
