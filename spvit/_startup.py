@@ -1,14 +1,16 @@
 """Signals while the ``spvit`` command imports its modules (torch, timm: seconds), before any file is written: one
 line on stderr and exit 128 + the signal's number, instead of a ``KeyboardInterrupt`` traceback or a silent exit.
 
-Imports only the standard library; installed by the package's ``__init__`` only when it is run as the command.
+Imports only the standard library and :mod:`spvit.interrupts` (which records the signals ignored at start: they stay
+ignored); installed by the package's ``__init__`` only when it is run as the command.
 """
 import os
 import signal
 import sys
 import threading
 
-SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
+from .interrupts import STOP_SIGNALS as SIGNALS
+from .interrupts import catchable
 
 
 def _on_signal(signum, frame):
@@ -26,7 +28,7 @@ def _quiet_exit(signum, frame):
 def finished() -> None:
     """After the command's one line: a signal while the interpreter shuts down ends it without another line."""
     if threading.current_thread() is threading.main_thread():
-        for sig in SIGNALS:
+        for sig in filter(catchable, SIGNALS):
             signal.signal(sig, _quiet_exit)
 
 
@@ -42,5 +44,5 @@ def launched_as_command() -> bool:
 
 def install() -> None:
     if threading.current_thread() is threading.main_thread():
-        for sig in SIGNALS:
+        for sig in filter(catchable, SIGNALS):
             signal.signal(sig, _on_signal)

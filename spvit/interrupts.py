@@ -22,6 +22,15 @@ class Interrupted(Exception):
 
 
 STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
+# Signals the process was started with ignored (``nohup`` ignores SIGHUP; a shell without job control ignores SIGINT in
+# the commands it starts in the background): they stay ignored, as the one who started the process asked. Read when
+# this module is first imported, before the package installs a handler (``spvit._startup`` imports it first).
+IGNORED_AT_START = frozenset(sig for sig in STOP_SIGNALS if signal.getsignal(sig) is signal.SIG_IGN)
+
+
+def catchable(sig: int) -> bool:
+    """Whether the package may handle ``sig`` (it was not ignored when the process started)."""
+    return sig not in IGNORED_AT_START
 TRAINING_BEGAN = False  # set once a training loop has entered StopSignals (names what a later stop means)
 
 
@@ -50,7 +59,8 @@ def install_stop_handlers() -> None:
         raise Interrupted(f"interrupted ({name}) before training began; nothing was saved to resume", signum)
 
     for sig in STOP_SIGNALS:
-        signal.signal(sig, handle)
+        if catchable(sig):
+            signal.signal(sig, handle)
 
 
 def _quiet_worker(previous: Optional[Callable[[int], None]], worker_id: int) -> None:
@@ -84,7 +94,7 @@ class StopSignals:
         global TRAINING_BEGAN
         TRAINING_BEGAN = True
         if threading.current_thread() is threading.main_thread():
-            for sig in STOP_SIGNALS:
+            for sig in filter(catchable, STOP_SIGNALS):
                 self.old[sig] = signal.signal(sig, self._handle)
         return self
 

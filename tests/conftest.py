@@ -5,8 +5,17 @@ one they run on CPU tensors, the Triton kernels under the interpreter (``TRITON_
 imported). Compiled Triton kernels are never launched on CPU tensors.
 """
 import os
+import signal
 
 import torch
+
+# The package keeps a signal that its process was started with ignored (spvit.interrupts.IGNORED_AT_START: nohup
+# ignores SIGHUP, a shell without job control ignores SIGINT in background commands). The tests send these signals to
+# their own process and to the runs they start, so they run with the default handlers whoever started them.
+for _sig, _default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL),
+                       (signal.SIGHUP, signal.SIG_DFL)):
+    if signal.getsignal(_sig) is signal.SIG_IGN:
+        signal.signal(_sig, _default)
 
 if not torch.cuda.is_available():
     # Must be set before triton is imported anywhere (kernels then run on CPU tensors).

@@ -334,6 +334,9 @@ def test_unreadable_arch_and_a_link_loop_in_the_data_are_bad_input(tmp_path, run
 
 
 def test_a_signal_after_start_up_before_training_is_one_line(tmp_path, capsys, monkeypatch):
+    # what this process had (the default handler; SIG_IGN when started in the background by a shell without job
+    # control)
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         real = E.setup
 
@@ -348,7 +351,7 @@ def test_a_signal_after_start_up_before_training_is_one_line(tmp_path, capsys, m
         assert "before training began" in lines[0] and "--resume" not in lines[0], err
         assert not (tmp_path / "o").exists()
         monkeypatch.undo()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # main() restores the handlers
+    assert {sig: signal.getsignal(sig) for sig in before} == before  # main() restores the handlers
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -375,22 +378,33 @@ def test_signals_to_the_process_group_print_one_line(tmp_path):
     y = tmp_path / "long.yaml"
     y.write_text(yaml.safe_dump({"train_limit": 256, "val_limit": 32, "tensorboard": False}))  # 16 steps per epoch
     procs = {}
-    for name in ("SIGINT", "SIGTERM", "SIGHUP", "start-SIGINT", "start-SIGTERM"):
+    # nohup-SIGTERM: started with SIGHUP ignored, as nohup does; the SIGHUPs it gets at start-up and in epoch 1 are
+    # ignored (the run goes on), the SIGTERM that follows stops it
+    for name in ("SIGINT", "SIGTERM", "SIGHUP", "start-SIGINT", "start-SIGTERM", "nohup-SIGTERM"):
         out = tmp_path / name
         argv = _search_argv(tmp_path, out, "--config", str(y), "--num-workers", "2", "--epochs", "200")
+        nohup = (lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)) if name.startswith("nohup") else None
         procs[name] = (out, subprocess.Popen([sys.executable, "-m", "spvit", *argv], env=env, start_new_session=True,
-                                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+                                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                             preexec_fn=nohup))
     time.sleep(1.5)  # importing torch takes longer than this
     for name in ("start-SIGINT", "start-SIGTERM"):
         os.killpg(procs[name][1].pid, getattr(signal, name.split("-")[1]))
+    os.killpg(procs["nohup-SIGTERM"][1].pid, signal.SIGHUP)
     deadline = time.time() + 500
-    pending = {"SIGINT", "SIGTERM", "SIGHUP"}
+    pending = {"SIGINT", "SIGTERM", "SIGHUP", "nohup-SIGTERM"}
     while pending and time.time() < deadline:  # after epoch 0, while the workers of epoch 1 run
         for name in sorted(pending):
             out, p = procs[name]
+            assert not (name.startswith("nohup") and p.poll() is not None), \
+                ("a SIGHUP stopped a run started under nohup", p.communicate()[1][-2000:])
             if (out / "metrics.csv").exists() and _children(p.pid):
                 time.sleep(0.5)
-                os.killpg(p.pid, getattr(signal, name))
+                if name.startswith("nohup"):
+                    os.killpg(p.pid, signal.SIGHUP)
+                    time.sleep(1.0)
+                    assert p.poll() is None, ("a SIGHUP stopped a run started under nohup", p.communicate()[1])
+                os.killpg(p.pid, getattr(signal, name.split("-")[-1]))
                 pending.discard(name)
         time.sleep(0.2)
     try:
@@ -403,6 +417,8 @@ def test_signals_to_the_process_group_print_one_line(tmp_path):
             assert len(lines) == 1 and lines[0].startswith(f"spvit: interrupted ({sig.name})"), (name, err[-3000:])
             if not name.startswith("start"):
                 assert "--resume" in lines[0] and not (out / runs.LOCK).exists(), (name, lines)
+            if name.startswith("nohup"):  # it got through start-up and epoch 0
+                assert (out / "metrics.csv").exists() and "SIGHUP" not in err, err
     finally:
         for _, p in procs.values():
             if p.poll() is None:
