@@ -155,8 +155,6 @@ class SwinSignature(Signature):
                 f"{self.num_classes} classes")
 
 
-
-
 @dataclass(frozen=True)
 class BlockArch:
     """One block: ``attn`` in {"msa", "3x3", "1x1", "skip"}; ``ffn_keep`` the sorted kept hidden-unit indices."""

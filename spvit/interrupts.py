@@ -31,6 +31,8 @@ IGNORED_AT_START = frozenset(sig for sig in STOP_SIGNALS if signal.getsignal(sig
 def catchable(sig: int) -> bool:
     """Whether the package may handle ``sig`` (it was not ignored when the process started)."""
     return sig not in IGNORED_AT_START
+
+
 TRAINING_BEGAN = False  # set once a training loop has entered StopSignals (names what a later stop means)
 
 
@@ -58,9 +60,8 @@ def install_stop_handlers() -> None:
                               signum)
         raise Interrupted(f"interrupted ({name}) before training began; nothing was saved to resume", signum)
 
-    for sig in STOP_SIGNALS:
-        if catchable(sig):
-            signal.signal(sig, handle)
+    for sig in filter(catchable, STOP_SIGNALS):
+        signal.signal(sig, handle)
 
 
 def _quiet_worker(previous: Optional[Callable[[int], None]], worker_id: int) -> None:
