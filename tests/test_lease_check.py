@@ -120,6 +120,7 @@ def test_smoke_run_end_to_end_with_a_step_killed_by_its_limit(tmp_path):
     with tarfile.open(out / "lease_results.tar.gz") as tar:
         env_txt = tar.extractfile("./env.txt").read().decode()
     assert "prebuilt/triton_cache (from step a on)" in env_txt
+    assert "per-test time limit: 60 s (" in env_txt  # pytest-timeout, else bench/lease/per_test_timeout.py
     log_c = by_step["c"]
     assert "LEASE_TEST_STALL=c: waiting for the time limit" in log_c and "exit 124" in log_c, log_c[-2000:]
 
@@ -185,3 +186,51 @@ def test_triton_key_of_matches_the_installed_triton():
     key = triton_key_of(os.path.dirname(triton.__file__))
     assert key == triton_key()
     assert len(short(key)) == 16
+
+
+_HANGING_TESTS = '''
+import time
+
+def test_first():
+    pass
+
+def test_hangs():
+    time.sleep(120)
+
+def test_after():
+    pass
+'''
+
+
+def _pytest_with_limit(tmp_path, limit, *extra, tests=_HANGING_TESTS):
+    (tmp_path / "test_hanging.py").write_text(tests)
+    env = _env(LEASE_TEST_TIMEOUT=str(limit), PYTHONPATH=REPO)
+    cmd = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-p", "bench.lease.per_test_timeout",
+           *extra, str(tmp_path / "test_hanging.py")]
+    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=90)
+
+
+def test_per_test_timeout_ends_a_hanging_test_and_names_it(tmp_path):
+    """Without pytest-timeout the lease's per-test limit comes from faulthandler's watchdog: the hanging test's
+    process ends with the stacks on stderr, and the -v log's last test line names it."""
+    t0 = time.monotonic()
+    proc = _pytest_with_limit(tmp_path, 2)
+    assert time.monotonic() - t0 < 60, "the limit did not end the hanging test"
+    assert proc.returncode == 1
+    assert "test_first PASSED" in proc.stdout
+    last_test_line = [ln for ln in proc.stdout.splitlines() if "test_hanging.py::" in ln][-1]
+    assert last_test_line.rstrip().endswith("::test_hangs"), proc.stdout
+    assert "Timeout (0:00:02)!" in proc.stderr and "in test_hangs" in proc.stderr, proc.stderr
+    # a limit that is not reached changes nothing; a bad value is named
+    quick = "def test_quick():\n    pass\n"
+    assert _pytest_with_limit(tmp_path, 30, tests=quick).returncode == 0
+    bad = _pytest_with_limit(tmp_path, "ninety", tests=quick)
+    assert bad.returncode == 4 and "LEASE_TEST_TIMEOUT must be a number of seconds, got 'ninety'" in bad.stderr
+
+
+def test_per_test_timeout_under_xdist_ends_only_that_worker(tmp_path):
+    pytest.importorskip("xdist")
+    proc = _pytest_with_limit(tmp_path, 3, "-n", "2")
+    assert proc.returncode == 1
+    assert "worker 'gw" in proc.stdout and "crashed while running 'test_hanging.py::test_hangs'" in proc.stdout
+    assert "1 failed, 2 passed" in proc.stdout, proc.stdout
