@@ -190,12 +190,11 @@ echo "env TRITON_CACHE_DIR=$TRITON_CACHE_DIR (from step a on)" >> "$WORK/env.txt
 PYTEST_COMMON=(-p no:cacheprovider -p bench.lease.triton_probe -rfEs)
 export LEASE_TEST_TIMEOUT="${LEASE_TEST_TIMEOUT:-$([ "$SMOKE" = 1 ] && echo 60 || echo 90)}"
 if "$PY" -c "import pytest_timeout" 2>/dev/null; then
-    PYTEST_COMMON+=(--timeout "$LEASE_TEST_TIMEOUT")
-    echo "per-test time limit: $LEASE_TEST_TIMEOUT s (pytest-timeout)" >> "$WORK/env.txt"
+    PYTEST_COMMON+=(--timeout "$LEASE_TEST_TIMEOUT") limit_from=pytest-timeout
 else  # the same limit from faulthandler's watchdog (it also ends a test stuck in C code)
-    PYTEST_COMMON+=(-p bench.lease.per_test_timeout)
-    echo "per-test time limit: $LEASE_TEST_TIMEOUT s (bench/lease/per_test_timeout.py)" >> "$WORK/env.txt"
+    PYTEST_COMMON+=(-p bench.lease.per_test_timeout) limit_from=bench/lease/per_test_timeout.py
 fi
+echo "per-test time limit: $LEASE_TEST_TIMEOUT s ($limit_from)" >> "$WORK/env.txt"
 XDIST=()
 N_WORKERS="${LEASE_TESTS_N:-$([ "$SMOKE" = 1 ] && echo 0 || echo 8)}"
 if [ "$N_WORKERS" != 0 ] && "$PY" -c "import xdist" 2>/dev/null; then
