@@ -104,8 +104,8 @@ left() { echo $(( T_END - $(date +%s) - RESERVE )); }
 # archive: every finished step's log and the work files, then the summaries; written beside and moved into place
 write_outputs() {
     cp "$ROWS" "$WORK/rows.jsonl" 2>/dev/null
-    tar -czf "$OUT_DIR/.lease_results.tar.gz.part" -C "$WORK" --exclude=prebuilt --exclude=triton_cache \
-        --exclude=_C.abi3.so.before . 2>/dev/null \
+    tar -czf "$OUT_DIR/.lease_results.tar.gz.part" -C "$WORK" --exclude=prebuilt --exclude=triton_cache . \
+        2>/dev/null \
         && mv -f "$OUT_DIR/.lease_results.tar.gz.part" "$OUT_DIR/lease_results.tar.gz"
     "$PY" -m bench.lease.summary --work "$WORK" --out "$OUT_DIR" --t0 "$T0" --deadline "$DEADLINE_S" \
         --smoke "$SMOKE" >/dev/null 2>"$WORK/logs/summary.err" || say "summary: FAILED (see logs/summary.err)"
@@ -164,7 +164,8 @@ step_setup() {
 
 build_ext() {
     echo "building the extension with $NPROC jobs (CUDA_HOME=${CUDA_HOME:-none})"
-    MAX_JOBS="$NPROC" "$PY" setup.py build_ext --inplace && rm -f "$WORK/need_build" \
+    "$PY" -m bench.lease.env_setup keep-aside \
+        && MAX_JOBS="$NPROC" "$PY" setup.py build_ext --inplace && rm -f "$WORK/need_build" \
         && "$PY" -m bench.lease.env_setup ext-check $([ "$SMOKE" = 1 ] && echo --cpu)
 }
 export -f step_setup build_ext

@@ -9,8 +9,9 @@ Packs into ``OUT/spvit_gpu_prebuilt.tar.gz`` (at most 20 MiB; ``bench/lease_chec
 * ``triton_cache/``: the Triton kernels compiled for sm_90 ahead of time (``bench/lease/aot.py``: the kernels' own JIT
   path against a GPUTarget("cuda", 90, 32); the binaries and their metadata only), keyed for the triton build of the
   GPU machine when its wheel is given (``--triton-wheel``: same triton version, the GPU machine's Python tag);
-* ``manifest.json``: versions, the extension's GPU code (cuobjdump), the triton key, the compile counts and the
-  result of the check below.
+* ``manifest.json``: versions, the extension's GPU code (cuobjdump), the triton key, the compile counts, the result
+  of the check below, and fingerprints of the sources it was made from (the lease builds the extension instead of
+  using a prebuilt one made from other C++/CUDA sources, and reports changed Triton kernel sources).
 
 Check (no GPU): the packed cache is unpacked elsewhere, relocated as the lease does, and every kernel is looked up
 again through the JIT path: all must be cache hits. What a CPU cannot check: that the GPU machine's triton files are
@@ -119,8 +120,10 @@ def main(argv=None) -> int:
     stage = tempfile.mkdtemp(prefix="spvit_prebuild_")
     pack_dir = os.path.join(stage, "pack")
     os.makedirs(pack_dir)
+    from bench.lease.env_setup import source_fingerprints
     manifest = {"made": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "torch": torch.__version__,
-                "torch_cuda": torch.version.cuda, "python_used": sys.version.split()[0]}
+                "torch_cuda": torch.version.cuda, "python_used": sys.version.split()[0],
+                "sources": source_fingerprints(REPO)}
     _say(f"torch {torch.__version__} (CUDA {torch.version.cuda}), python {manifest['python_used']}")
     if not (torch.__version__.startswith("2.11.0") and torch.version.cuda == "13.0"):
         _say("note: this torch is not 2.11.0+cu130 (the GPU machine's): the extension is built against it anyway")

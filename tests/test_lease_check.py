@@ -71,7 +71,9 @@ def _fake_pack(tmp_path):
         (made / name).write_text(name)
         children[name] = str(made / name)
     (made / "__grp__k.json").write_text(json.dumps({"child_paths": children}))
-    (tmp_path / "made" / "manifest.json").write_text(json.dumps({"triton_key_short": "0123456789abcdef"}))
+    from bench.lease.env_setup import source_fingerprints
+    manifest = {"triton_key_short": "0123456789abcdef", "sources": source_fingerprints(REPO)}
+    (tmp_path / "made" / "manifest.json").write_text(json.dumps(manifest))
     pack = tmp_path / "pack.tar.gz"
     with tarfile.open(pack, "w:gz") as tar:
         for name in ("triton_cache", "manifest.json"):
@@ -117,6 +119,7 @@ def test_smoke_run_end_to_end_with_a_step_killed_by_its_limit(tmp_path):
     # the prebuilt pack: unpacked, its cache relocated and used, its key compared with this triton's
     assert "prebuilt Triton cache: 1 entries, made for triton key 0123456789abcdef" in by_step["a"], by_step["a"]
     assert "NO MATCH" in by_step["a"]
+    assert "prebuilt sources: extension same as this checkout; Triton kernels same as this checkout" in by_step["a"]
     with tarfile.open(out / "lease_results.tar.gz") as tar:
         env_txt = tar.extractfile("./env.txt").read().decode()
     assert "prebuilt/triton_cache (from step a on)" in env_txt
@@ -175,6 +178,97 @@ def test_moved_triton_cache_is_relocated(tmp_path):
     children = json.loads((moved / "E1" / "__grp__k.json").read_text())["child_paths"]
     assert children == {"k.json": str(moved / "E1" / "k.json"), "k.cubin": str(moved / "E1" / "k.cubin")}
     assert sorted(os.listdir(moved / "E1")) == ["__grp__k.json", "k.cubin", "k.json"]
+
+
+def _tiny_repo(root):
+    for rel, text in (("setup.py", "flags = 1\n"), ("csrc/op.cpp", "int f();\n"), ("csrc/cuda/op.cu", "// k\n"),
+                      ("spvit_kernels/k.py", "K = 1\n"), ("README.md", "not a source\n")):
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return root
+
+
+def test_source_fingerprints_follow_the_compiled_sources(tmp_path):
+    from bench.lease.env_setup import pack_freshness, source_fingerprints
+
+    repo = _tiny_repo(tmp_path / "repo")
+    made = source_fingerprints(str(repo))
+    assert sorted(made) == ["extension", "triton_kernels"] and all(len(v) == 16 for v in made.values())
+    manifest = {"sources": made}
+    assert pack_freshness(manifest, str(repo)) == {"extension": "same", "triton_kernels": "same"}
+    # built files, caches and files outside the sources change nothing
+    (repo / "spvit_kernels" / "_C.abi3.so").write_bytes(b"ELF")
+    (repo / "spvit_kernels" / "_C.abi3.so.before-lease-20260101-000000").write_bytes(b"ELF")
+    (repo / "csrc" / "op.o").write_bytes(b"obj")
+    (repo / "spvit_kernels" / "__pycache__").mkdir()
+    (repo / "spvit_kernels" / "__pycache__" / "k.cpython-311.pyc").write_bytes(b"pyc")
+    (repo / "README.md").write_text("changed\n")
+    assert source_fingerprints(str(repo)) == made
+    # a CUDA source, a new C++ file, the build flags: the extension part only
+    (repo / "csrc" / "cuda" / "op.cu").write_text("// k2\n")
+    assert pack_freshness(manifest, str(repo)) == {"extension": "changed", "triton_kernels": "same"}
+    (repo / "csrc" / "cuda" / "op.cu").write_text("// k\n")
+    assert pack_freshness(manifest, str(repo))["extension"] == "same"
+    (repo / "csrc" / "new.cpp").write_text("")
+    assert pack_freshness(manifest, str(repo))["extension"] == "changed"
+    (repo / "csrc" / "new.cpp").unlink()
+    (repo / "setup.py").write_text("flags = 2\n")
+    assert pack_freshness(manifest, str(repo))["extension"] == "changed"
+    (repo / "setup.py").write_text("flags = 1\n")
+    (repo / "spvit_kernels" / "k.py").write_text("K = 2\n")
+    assert pack_freshness(manifest, str(repo)) == {"extension": "same", "triton_kernels": "changed"}
+    # a pack made before packs recorded fingerprints
+    assert pack_freshness({}, str(repo)) == {"extension": "unknown", "triton_kernels": "unknown"}
+
+
+@pytest.mark.parametrize("case", ["same sources", "same sources, does not load", "csrc changed"])
+def test_a_prebuilt_extension_from_other_sources_is_not_used(tmp_path, monkeypatch, capsys, case):
+    """Step a installs the pack's extension only when it was made from the checkout's C++/CUDA sources; else the
+    extension is built (need_build), and the checkout's files are untouched. The checkout's own extension is moved
+    aside, never deleted, when the prebuilt one replaces it."""
+    from bench.lease import env_setup
+
+    csrc_changed, loads = case == "csrc changed", case == "same sources"
+
+    repo = _tiny_repo(tmp_path / "repo")
+    made = env_setup.source_fingerprints(str(repo))
+    if csrc_changed:
+        (repo / "csrc" / "op.cpp").write_text("int f(int);\n")
+    mine = repo / "spvit_kernels" / "_C.abi3.so"
+    mine.write_bytes(b"the user's own build")
+    content = tmp_path / "content"
+    content.mkdir()
+    (content / "_C.abi3.so").write_bytes(b"prebuilt")
+    (content / "manifest.json").write_text(json.dumps({"sources": made}))
+    pack = tmp_path / "pack.tar.gz"
+    with tarfile.open(pack, "w:gz") as tar:
+        for name in ("_C.abi3.so", "manifest.json"):
+            tar.add(content / name, arcname=name)
+    monkeypatch.setattr(env_setup, "REPO", str(repo))
+    monkeypatch.setattr(env_setup, "ext_check", lambda cpu: 1)  # the checkout's extension does not load
+    monkeypatch.setattr(env_setup, "report", lambda: 0)
+    checked = []
+    monkeypatch.setattr(env_setup.subprocess, "run", lambda args, **kw: checked.append(args) or
+                        subprocess.CompletedProcess(args, 0 if loads else 1))  # the installed one loads?
+    work = tmp_path / "work"
+    work.mkdir()
+    assert env_setup.setup(str(work), str(pack), cpu=True) == (0 if loads else 1)
+    text = capsys.readouterr().out
+    assert (work / "need_build").exists() == (not loads)
+    kept = [p for p in os.listdir(repo / "spvit_kernels") if p.startswith("_C.abi3.so.before-lease-")]
+    if csrc_changed:
+        assert "prebuilt sources: extension CHANGED since the pack was made; its extension is not used" in text
+        assert "made from other C++/CUDA sources (csrc/, setup.py): not used" in text
+        assert mine.read_bytes() == b"the user's own build" and not checked
+        assert sorted(os.listdir(repo / "spvit_kernels")) == ["_C.abi3.so", "k.py"]
+    else:
+        assert "prebuilt sources: extension same as this checkout" in text
+        assert len(checked) == 1  # installed, then checked in a new process
+        # used when it loads; else the copy is removed (the build replaces it), never the user's file
+        assert mine.read_bytes() == b"prebuilt" if loads else not mine.exists()
+        assert len(kept) == 1 and f"is kept as spvit_kernels/{kept[0]}" in text  # the user's build: never deleted
+        assert (repo / "spvit_kernels" / kept[0]).read_bytes() == b"the user's own build"
 
 
 def test_triton_key_of_matches_the_installed_triton():

@@ -3,15 +3,22 @@
     python -m bench.lease.env_setup report            # GPU, driver, versions, TRITON_* variables (stdout)
     python -m bench.lease.env_setup ext-check [--cpu]  # exit 0 when spvit_kernels._C loads with its CUDA kernel
                                                        # (--cpu: with its CPU kernel)
+    python -m bench.lease.env_setup keep-aside          # move spvit_kernels/_C.abi3.so aside before it is replaced
     python -m bench.lease.env_setup unpack PACK DEST   # unpack prebuilt artifacts; prints what they hold and
                                                        # writes DEST/lease_env.sh (TRITON_CACHE_DIR, ...)
     python -m bench.lease.env_setup setup WORK [PACK] [--cpu]
         # all of step a in one process: unpack PACK into WORK/prebuilt, check the extension (when it does not load
         # with its kernel and PACK holds one, install that and check again), write WORK/env.txt; exit 0 when the
         # extension is ready, else 1 with WORK/need_build written
+
+A pack records fingerprints of the sources it was made from (``source_fingerprints``); step a compares them with the
+checkout's. A prebuilt extension made from other C++/CUDA sources is not used (it is built instead), so a pack carried
+across a change of ``csrc/`` never measures old code; changed Triton kernel sources only mean cache misses (Triton's
+own keys hash the kernel sources), which the lease reports.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import os
@@ -19,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
@@ -67,8 +75,45 @@ def report() -> int:
 
 
 def _short(key: str) -> str:
-    import hashlib
     return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+# what each part of a pack is compiled from: (paths relative to the repository, the file name endings read there): the
+# extension from its C++/CUDA sources and setup.py (its flags); the Triton cache from the kernels' Python sources
+SOURCES = {"extension": (("setup.py", "csrc"), (".py", ".cpp", ".cc", ".c", ".h", ".hpp", ".cu", ".cuh")),
+           "triton_kernels": (("spvit_kernels",), (".py",))}
+
+
+def source_fingerprints(repo: str = "") -> dict:
+    """``{part: sha256 (16 hex digits) over the relative paths and bytes of its sources}`` (see ``SOURCES``: built
+    files, caches and other files beside the sources are not read)."""
+    repo = repo or REPO
+    out = {}
+    for part, (roots, endings) in SOURCES.items():
+        files = []
+        for root in roots:
+            path = os.path.join(repo, root)
+            if os.path.isfile(path):
+                files.append(root)
+            for dirpath, dirnames, filenames in os.walk(path):
+                dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
+                files += [os.path.relpath(os.path.join(dirpath, f), repo) for f in filenames if f.endswith(endings)]
+        h = hashlib.sha256()
+        for rel in sorted(files):
+            h.update(rel.replace(os.sep, "/").encode() + b"\0")
+            with open(os.path.join(repo, rel), "rb") as f:
+                h.update(f.read() + b"\0")
+        out[part] = h.hexdigest()[:16]
+    return out
+
+
+def pack_freshness(manifest: dict, repo: str = "") -> dict:
+    """``{part: "same" | "changed" | "unknown"}``: the pack's source fingerprints against the checkout's ("unknown"
+    for a pack made before packs recorded them)."""
+    made = manifest.get("sources") or {}
+    here = source_fingerprints(repo)
+    return {part: ("unknown" if part not in made else "same" if made[part] == fp else "changed")
+            for part, fp in here.items()}
 
 
 def ext_check(cpu: bool) -> int:
@@ -104,6 +149,15 @@ def unpack(pack: str, dest: str) -> int:
     man_path = os.path.join(dest, "manifest.json")
     manifest = json.load(open(man_path)) if os.path.exists(man_path) else {}
     print(f"prebuilt: {pack}: {json.dumps({k: v for k, v in manifest.items() if k != 'kernels'})}")
+    fresh = pack_freshness(manifest)
+    with open(os.path.join(dest, "freshness.json"), "w") as f:
+        json.dump(fresh, f)
+    words = {"same": "same as this checkout", "unknown": "unknown (the pack records no fingerprints)",
+             "changed": "CHANGED since the pack was made"}
+    print(f"prebuilt sources: extension {words[fresh['extension']]}"
+          + ("; its extension is not used, it is built" if fresh["extension"] == "changed" else "")
+          + f"; Triton kernels {words[fresh['triton_kernels']]}"
+          + ("; expect cache misses (they compile on first use)" if fresh["triton_kernels"] == "changed" else ""))
     env_lines = []
     cache = os.path.join(dest, "triton_cache")
     if os.path.isdir(cache):
@@ -148,19 +202,44 @@ def setup(work: str, pack: str, cpu: bool) -> int:
         ok = False
     target = os.path.join(REPO, "spvit_kernels", "_C.abi3.so")
     so = os.path.join(prebuilt, "_C.abi3.so")
+    stale = _freshness(prebuilt).get("extension") == "changed"
     if ok:
         print("extension: the one in spvit_kernels/ loads with its kernel")
+    elif os.path.exists(so) and stale:
+        print("extension: the prebuilt one was made from other C++/CUDA sources (csrc/, setup.py): not used")
     elif os.path.exists(so):
-        if os.path.exists(target):
-            shutil.move(target, os.path.join(work, "_C.abi3.so.before"))
+        keep_aside()
         shutil.copy2(so, target)
         args = [sys.executable, "-m", "bench.lease.env_setup", "ext-check"] + (["--cpu"] if cpu else [])
         ok = subprocess.run(args, cwd=REPO).returncode == 0
         print("extension: prebuilt" if ok else "extension: the prebuilt one does not load with its kernel")
+        if not ok:
+            os.remove(target)  # the pack's copy, not the user's (that one was kept aside)
     if not ok:
         open(os.path.join(work, "need_build"), "w").write("build\n")
         print("extension: to be built")
     return 0 if ok else 1
+
+
+def keep_aside() -> int:
+    """Before the lease replaces the checkout's ``spvit_kernels/_C.abi3.so`` (with the prebuilt one, or a build), move
+    it to ``_C.abi3.so.before-lease-<time>`` beside it (a name Python does not import): nothing is deleted."""
+    target = os.path.join(REPO, "spvit_kernels", "_C.abi3.so")
+    if not os.path.exists(target):
+        return 0
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    kept, n = f"{target}.before-lease-{stamp}", 1
+    while os.path.exists(kept):
+        kept, n = f"{target}.before-lease-{stamp}-{n}", n + 1
+    os.replace(target, kept)
+    print(f"extension: the checkout's {os.path.relpath(target, REPO)} (it does not load with its kernel) is kept as "
+          f"{os.path.relpath(kept, REPO)}")
+    return 0
+
+
+def _freshness(prebuilt: str) -> dict:
+    path = os.path.join(prebuilt, "freshness.json")
+    return json.load(open(path)) if os.path.exists(path) else {}
 
 
 class _redirect:
@@ -183,6 +262,8 @@ def main(argv=None) -> int:
     cmd, rest = argv[0], argv[1:]
     if cmd == "report":
         return report()
+    if cmd == "keep-aside":
+        return keep_aside()
     if cmd == "ext-check":
         return ext_check("--cpu" in rest)
     if cmd == "setup" and rest:
