@@ -135,23 +135,22 @@ def ext_check(cpu: bool) -> int:
     return 0
 
 
-def unpack(pack: str, dest: str) -> int:
-    """Unpack ``pack`` (made by bench/lease_prebuild.py) into ``dest``; print its manifest and whether its Triton cache
-    was made for this triton build; write ``dest/lease_env.sh``."""
+def unpack(pack: str, dest: str):
+    """Unpack ``pack`` (made by bench/lease_prebuild.py) into ``dest``; print its manifest, whether it was made from
+    this checkout's sources and whether its Triton cache was made for this triton build; write ``dest/lease_env.sh``.
+    Returns ``pack_freshness`` of its manifest, or None when the pack is refused."""
     os.makedirs(dest, exist_ok=True)
     with tarfile.open(pack) as tar:
         members = [m for m in tar.getmembers() if m.isfile() or m.isdir()]  # no links, devices
         for m in members:
             if m.name.startswith("/") or ".." in m.name.split("/"):
                 print(f"refusing the member {m.name!r} of {pack}")
-                return 1
+                return None
         tar.extractall(dest, members=members)
     man_path = os.path.join(dest, "manifest.json")
     manifest = json.load(open(man_path)) if os.path.exists(man_path) else {}
     print(f"prebuilt: {pack}: {json.dumps({k: v for k, v in manifest.items() if k != 'kernels'})}")
     fresh = pack_freshness(manifest)
-    with open(os.path.join(dest, "freshness.json"), "w") as f:
-        json.dump(fresh, f)
     words = {"same": "same as this checkout", "unknown": "unknown (the pack records no fingerprints)",
              "changed": "CHANGED since the pack was made"}
     print(f"prebuilt sources: extension {words[fresh['extension']]}"
@@ -180,13 +179,15 @@ def unpack(pack: str, dest: str) -> int:
         env_lines.append(f"export TRITON_CACHE_DIR={cache}")
     with open(os.path.join(dest, "lease_env.sh"), "w") as f:
         f.write("\n".join(env_lines) + "\n")
-    return 0
+    return fresh
 
 
 def setup(work: str, pack: str, cpu: bool) -> int:
     prebuilt = os.path.join(work, "prebuilt")
+    fresh = {}
     if pack and os.path.exists(pack):
-        if unpack(pack, prebuilt) != 0:
+        fresh = unpack(pack, prebuilt)
+        if fresh is None:
             print(f"prebuilt: could not unpack {pack}")
     else:
         print(f"prebuilt: none ({pack or '-'} not found): the Triton kernels compile on first use")
@@ -200,9 +201,9 @@ def setup(work: str, pack: str, cpu: bool) -> int:
     except Exception as exc:  # noqa: BLE001 - a broken extension is reported, then replaced or rebuilt
         print(f"extension check failed: {type(exc).__name__}: {exc}")
         ok = False
-    target = os.path.join(REPO, "spvit_kernels", "_C.abi3.so")
+    target = _ext_target()
     so = os.path.join(prebuilt, "_C.abi3.so")
-    stale = _freshness(prebuilt).get("extension") == "changed"
+    stale = (fresh or {}).get("extension") == "changed"
     if ok:
         print("extension: the one in spvit_kernels/ loads with its kernel")
     elif os.path.exists(so) and stale:
@@ -224,7 +225,7 @@ def setup(work: str, pack: str, cpu: bool) -> int:
 def keep_aside() -> int:
     """Before the lease replaces the checkout's ``spvit_kernels/_C.abi3.so`` (with the prebuilt one, or a build), move
     it to ``_C.abi3.so.before-lease-<time>`` beside it (a name Python does not import): nothing is deleted."""
-    target = os.path.join(REPO, "spvit_kernels", "_C.abi3.so")
+    target = _ext_target()
     if not os.path.exists(target):
         return 0
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -237,9 +238,8 @@ def keep_aside() -> int:
     return 0
 
 
-def _freshness(prebuilt: str) -> dict:
-    path = os.path.join(prebuilt, "freshness.json")
-    return json.load(open(path)) if os.path.exists(path) else {}
+def _ext_target() -> str:
+    return os.path.join(REPO, "spvit_kernels", "_C.abi3.so")
 
 
 class _redirect:
@@ -270,7 +270,7 @@ def main(argv=None) -> int:
         pos = [a for a in rest if not a.startswith("--")]
         return setup(pos[0], pos[1] if len(pos) > 1 else "", "--cpu" in rest)
     if cmd == "unpack" and len(rest) == 2:
-        return unpack(*rest)
+        return 0 if unpack(*rest) is not None else 1
     print(__doc__)
     return 2
 
