@@ -166,6 +166,7 @@ def evaluate(model: nn.Module, loader, dist: DistInfo, dtype: Optional[torch.dty
     model.eval()
     correct1 = correct5 = loss_sum = n = 0.0
     for images, target in progress(loader, len(loader), desc, show and dist.main):
+        interrupts.check()  # a stop signal whose first raise was dropped (at a DataLoader's fork)
         images, target = images.to(dist.device, non_blocking=True), target.to(dist.device, non_blocking=True)
         with autocast(dist.device, dtype):
             out = model(images)
@@ -198,6 +199,7 @@ def train_one_epoch(model: nn.Module, loader, optimizers: List[torch.optim.Optim
     t0 = time.perf_counter()
     bar = progress(loader, len(loader), f"{desc} {epoch}", show and dist.main)
     for images, target in bar:
+        interrupts.check()  # a stop signal whose first raise was dropped (at a DataLoader's fork)
         if lr_hook is not None:
             lr_hook(steps)
         images, target = images.to(dist.device, non_blocking=True), target.to(dist.device, non_blocking=True)

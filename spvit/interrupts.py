@@ -10,7 +10,7 @@ import functools
 import os
 import signal
 import threading
-from typing import Any, Callable, Dict, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 
 class Interrupted(Exception):
@@ -35,6 +35,25 @@ def catchable(sig: int) -> bool:
 
 TRAINING_BEGAN = False  # set once a training loop has entered StopSignals (names what a later stop means)
 
+# The last stop signal whose handler raised Interrupted, and its message. A handler runs in whatever Python code the
+# main thread executes next, and where an exception cannot propagate Python drops it (it prints "Exception ignored
+# in: ..."): in an at-fork hook (logging's runs in the parent each time a DataLoader forks its workers), a finaliser or
+# a weakref callback. The signal would be lost and the run would go on; check() raises it again at the next step.
+_FIRED: Optional[Tuple[int, str]] = None
+
+
+def _stop(signum: int, message: str) -> None:
+    global _FIRED
+    _FIRED = (signum, message)
+    raise Interrupted(message, signum)
+
+
+def check() -> None:
+    """Raise :class:`Interrupted` again for a stop signal whose first raise was dropped (see ``_FIRED``). The training
+    and evaluation loops call it at every step: one global read."""
+    if _FIRED is not None:
+        _stop(*_FIRED)
+
 
 def _in_child(owner_pid: int) -> bool:
     """Whether this is a process forked after the handler was installed (a DataLoader worker): it leaves the signal
@@ -45,8 +64,8 @@ def _in_child(owner_pid: int) -> bool:
 def install_stop_handlers() -> None:
     """For the ``spvit`` command, outside the training loop: SIGINT, SIGTERM and SIGHUP raise :class:`Interrupted`
     (the ``finally`` blocks release the lock, the CLI prints one line, exit 128 + the signal's number)."""
-    global TRAINING_BEGAN
-    TRAINING_BEGAN = False
+    global TRAINING_BEGAN, _FIRED
+    TRAINING_BEGAN, _FIRED = False, None
     if threading.current_thread() is not threading.main_thread():
         return
     pid = os.getpid()
@@ -56,9 +75,8 @@ def install_stop_handlers() -> None:
             return
         name = signal.Signals(signum).name
         if TRAINING_BEGAN:
-            raise Interrupted(f"interrupted ({name}) outside the training loop; every file written is complete",
-                              signum)
-        raise Interrupted(f"interrupted ({name}) before training began; nothing was saved to resume", signum)
+            _stop(signum, f"interrupted ({name}) outside the training loop; every file written is complete")
+        _stop(signum, f"interrupted ({name}) before training began; nothing was saved to resume")
 
     for sig in filter(catchable, STOP_SIGNALS):
         signal.signal(sig, handle)
@@ -83,7 +101,8 @@ class StopSignals:
     """SIGINT / SIGTERM / SIGHUP handling for a run: outside :meth:`critical` a signal stops the run at once (the work
     since the last checkpoint is dropped); inside (while files are written) it is deferred to the end of the section.
     Processes forked inside (DataLoader workers) ignore the signals: the main process stops them. Restores the
-    previous handlers on exit. A no-op outside the main thread."""
+    previous handlers on exit; a stop signal whose first raise was dropped (see ``check``) is raised on entry and on
+    leaving a critical section, and on exit when the run ended without an error. A no-op outside the main thread."""
 
     def __init__(self):
         self.pending: Optional[int] = None
@@ -92,16 +111,23 @@ class StopSignals:
         self.pid = os.getpid()
 
     def __enter__(self) -> "StopSignals":
-        global TRAINING_BEGAN
+        global TRAINING_BEGAN, _FIRED
+        fired, _FIRED = _FIRED, None
+        if fired is not None:  # one that arrived before training began (the caller names where the run stopped)
+            raise Interrupted(signal.Signals(fired[0]).name, fired[0])
         TRAINING_BEGAN = True
         if threading.current_thread() is threading.main_thread():
             for sig in filter(catchable, STOP_SIGNALS):
                 self.old[sig] = signal.signal(sig, self._handle)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
+        global _FIRED
         for sig, h in self.old.items():
             signal.signal(sig, h)
+        fired, _FIRED = _FIRED, None  # raised by now, or on its way out with the exception that ends the run
+        if exc_type is None and fired is not None:
+            raise Interrupted(fired[1], fired[0])
 
     def _handle(self, signum, frame) -> None:
         if _in_child(self.pid):
@@ -109,7 +135,7 @@ class StopSignals:
         if self.depth > 0:
             self.pending = signum
             return
-        raise Interrupted(signal.Signals(signum).name, signum)
+        _stop(signum, signal.Signals(signum).name)
 
     @contextlib.contextmanager
     def critical(self) -> Iterator[None]:
@@ -121,6 +147,8 @@ class StopSignals:
         if self.depth == 0 and self.pending is not None:
             signum, self.pending = self.pending, None
             raise Interrupted(signal.Signals(signum).name, signum)
+        if self.depth == 0:
+            check()
 
 
 PEER_LOST = ("connection closed by peer", "connection reset by peer", "broken pipe", "connection refused",

@@ -141,6 +141,66 @@ def test_signal_mid_run_says_how_to_resume_and_resume_works(tmp_path, monkeypatc
     _same_run(reference, tmp_path / "run")
 
 
+class _SignalInFinaliser:
+    """Sends a signal from ``__del__``: its handler runs there, where Python drops the exception the handler raises
+    ("Exception ignored in ..."), as it does in logging's at-fork hook when a DataLoader forks its workers."""
+
+    def __init__(self, signum):
+        self.signum = signum
+
+    def __del__(self):
+        os.kill(os.getpid(), self.signum)
+        for _ in range(1000):  # the handler runs at the eval loop's next check: here, inside __del__
+            pass
+
+
+def test_a_signal_whose_exception_python_dropped_still_stops_the_run(tmp_path, monkeypatch):
+    dropped = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: dropped.append(u.exc_value))
+    real = engine.evaluate
+
+    def evaluate(*a, **k):
+        if runs.CURRENT_EPOCH == 1:
+            _SignalInFinaliser(signal.SIGTERM)  # gone at once: its __del__ runs here
+        return real(*a, **k)
+
+    monkeypatch.setattr(engine, "evaluate", evaluate)
+    with pytest.raises(interrupts.Interrupted) as info:
+        search.run(_cfg(tmp_path / "run"))
+    assert [type(e) for e in dropped] == [interrupts.Interrupted]  # Python did drop the handler's exception
+    # stopped in epoch 1's evaluation, before its checkpoint, as if the signal had not been dropped
+    assert "interrupted (SIGTERM)" in str(info.value) and info.value.signum == signal.SIGTERM
+    assert "last checkpoint is after epoch 1/" in str(info.value) and "--resume" in str(info.value)
+    assert torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)["epoch"] == 0
+    assert interrupts._FIRED is None  # nothing left over for a later run in this process
+
+
+def test_a_dropped_signal_at_the_end_of_a_run_is_still_raised(monkeypatch):
+    dropped = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: dropped.append(u.exc_value))
+    with pytest.raises(interrupts.Interrupted) as info:
+        with interrupts.StopSignals():
+            _SignalInFinaliser(signal.SIGINT)
+    assert len(dropped) == 1 and info.value.signum == signal.SIGINT and interrupts._FIRED is None
+    with interrupts.StopSignals():  # a later run in the same process is not stopped by it
+        pass
+    # dropped before training began: the training loop stops on entry, with the signal's name for its message
+    handlers = {sig: signal.getsignal(sig) for sig in interrupts.STOP_SIGNALS}
+    try:
+        interrupts.install_stop_handlers()
+        _SignalInFinaliser(signal.SIGTERM)
+        assert len(dropped) == 2 and "before training began" in str(dropped[1])
+        with pytest.raises(interrupts.Interrupted) as info:
+            with interrupts.StopSignals():
+                pytest.fail("the training loop ran")
+        assert str(info.value) == "SIGTERM" and info.value.signum == signal.SIGTERM and interrupts._FIRED is None
+        # nor are its handlers left installed
+        assert not isinstance(getattr(signal.getsignal(signal.SIGTERM), "__self__", None), interrupts.StopSignals)
+    finally:
+        for sig, h in handlers.items():
+            signal.signal(sig, h)
+
+
 def test_signal_while_writing_is_deferred_until_the_checkpoint_is_complete(tmp_path, monkeypatch, reference):
     _signal_at(monkeypatch, runs, "log_epoch_row", 1, signal.SIGINT)
     with pytest.raises(interrupts.Interrupted) as info:
