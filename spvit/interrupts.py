@@ -9,6 +9,7 @@ import contextlib
 import functools
 import os
 import signal
+import sys
 import threading
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
@@ -48,6 +49,21 @@ def _stop(signum: int, message: str) -> None:
     raise Interrupted(message, signum)
 
 
+def _quiet_dropped(previous: Callable[[Any], None]) -> Callable[[Any], None]:
+    """A ``sys.unraisablehook`` that says nothing of a dropped :class:`Interrupted` (``check`` raises it again, and the
+    command prints its one line then) and passes everything else to ``previous``."""
+    if getattr(previous, "_spvit_quiet", False):
+        return previous
+
+    def hook(unraisable):
+        if isinstance(unraisable.exc_value, Interrupted) and _FIRED is not None:
+            return
+        previous(unraisable)
+
+    hook._spvit_quiet = True  # type: ignore[attr-defined]
+    return hook
+
+
 def check() -> None:
     """Raise :class:`Interrupted` again for a stop signal whose first raise was dropped (see ``_FIRED``). The training
     and evaluation loops call it at every step: one global read."""
@@ -80,6 +96,7 @@ def install_stop_handlers() -> None:
 
     for sig in filter(catchable, STOP_SIGNALS):
         signal.signal(sig, handle)
+    sys.unraisablehook = _quiet_dropped(sys.unraisablehook)
 
 
 def _quiet_worker(previous: Optional[Callable[[int], None]], worker_id: int) -> None:
@@ -102,13 +119,15 @@ class StopSignals:
     since the last checkpoint is dropped); inside (while files are written) it is deferred to the end of the section.
     Processes forked inside (DataLoader workers) ignore the signals: the main process stops them. Restores the
     previous handlers on exit; a stop signal whose first raise was dropped (see ``check``) is raised on entry and on
-    leaving a critical section, and on exit when the run ended without an error. A no-op outside the main thread."""
+    leaving a critical section, and on exit when the run ended without an error, and Python's "Exception ignored"
+    report of it is not printed. A no-op outside the main thread."""
 
     def __init__(self):
         self.pending: Optional[int] = None
         self.depth = 0
         self.old: Dict[int, Any] = {}
         self.pid = os.getpid()
+        self.old_hook: Optional[Callable[[Any], None]] = None
 
     def __enter__(self) -> "StopSignals":
         global TRAINING_BEGAN, _FIRED
@@ -119,12 +138,16 @@ class StopSignals:
         if threading.current_thread() is threading.main_thread():
             for sig in filter(catchable, STOP_SIGNALS):
                 self.old[sig] = signal.signal(sig, self._handle)
+            self.old_hook = sys.unraisablehook
+            sys.unraisablehook = _quiet_dropped(self.old_hook)
         return self
 
     def __exit__(self, exc_type, *exc) -> None:
         global _FIRED
         for sig, h in self.old.items():
             signal.signal(sig, h)
+        if self.old_hook is not None:
+            sys.unraisablehook = self.old_hook
         fired, _FIRED = _FIRED, None  # raised by now, or on its way out with the exception that ends the run
         if exc_type is None and fired is not None:
             raise Interrupted(fired[1], fired[0])
