@@ -357,6 +357,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         _say(f"error: {_one_line(exc)}")
         return EXIT_BAD_INPUT
     except RuntimeError as exc:
+        signum = interrupts.worker_killed_by_stop(exc)
+        if signum is not None:  # a DataLoader worker killed by the same signal, heard of as the stop unwound
+            _say(interrupts.outside_message(signum))
+            return 128 + signum
         lost = None if debug else _peer_lost(exc, args)
         if lost is None:
             raise

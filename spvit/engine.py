@@ -12,6 +12,7 @@ import contextlib
 import math
 import os
 import random
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from typing import Callable, Dict, Iterator, List, Optional
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.utils.data import Subset
+from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from . import interrupts, runs
@@ -159,13 +160,26 @@ def format_duration(seconds: float) -> str:
     return f"{s}s"
 
 
+def _batches(loader) -> Iterator:
+    """The loader's iterator for one pass, made once, with stop signals held while it forks its workers
+    (:func:`spvit.interrupts.start`).
+
+    Before, the loader itself went to tqdm, whose constructor makes an iterator of its own that was never read: for a
+    loader with workers, a second set of worker processes per pass, each loading its prefetched batches for nothing.
+    Making that iterator drew one number from the loader's random generator (the workers' base seed); the draw is kept,
+    so that a seed still gives the same run, bit for bit, as before (the recorded results in bench/results)."""
+    if isinstance(loader, DataLoader):
+        torch.empty((), dtype=torch.int64).random_(generator=loader.generator)
+    return interrupts.start(loader)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, dist: DistInfo, dtype: Optional[torch.dtype] = None, desc: str = "eval",
              show: bool = True) -> Dict[str, float]:
     """Top-1 / top-5 accuracy (%) and cross-entropy over the (sharded) loader, summed over ranks."""
     model.eval()
     correct1 = correct5 = loss_sum = n = 0.0
-    for images, target in progress(loader, len(loader), desc, show and dist.main):
+    for images, target in progress(_batches(loader), len(loader), desc, show and dist.main):
         interrupts.check()  # a stop signal whose first raise was dropped (at a DataLoader's fork)
         images, target = images.to(dist.device, non_blocking=True), target.to(dist.device, non_blocking=True)
         with autocast(dist.device, dtype):
@@ -197,7 +211,7 @@ def train_one_epoch(model: nn.Module, loader, optimizers: List[torch.optim.Optim
     sums: Dict[str, float] = {}
     n_seen = correct = steps = 0
     t0 = time.perf_counter()
-    bar = progress(loader, len(loader), f"{desc} {epoch}", show and dist.main)
+    bar = progress(_batches(loader), len(loader), f"{desc} {epoch}", show and dist.main)
     for images, target in bar:
         interrupts.check()  # a stop signal whose first raise was dropped (at a DataLoader's fork)
         if lr_hook is not None:
@@ -295,6 +309,20 @@ def _failure_line(exc: BaseException) -> str:
     if len(lines) > 1 and lines[0].startswith("Caught"):
         return lines[-1][:300]
     return f"{type(exc).__name__}: {' '.join(lines)[:300]}" if lines else type(exc).__name__
+
+
+def _interrupted_in(signum: int, desc: str, epoch: int, epochs: int, saved: Optional[int],
+                    resume_hint: Optional[str]) -> "interrupts.Interrupted":
+    """The stop of a training loop by a signal: where it stopped and how to continue (epochs counted from 1)."""
+    if saved is None:
+        how = ("no checkpoint was written yet, so there is nothing to resume: start the run again "
+               "(with --overwrite for the same --out)")
+    elif resume_hint:
+        how = f"the last checkpoint is after epoch {saved + 1}/{epochs}; continue with `{resume_hint}`"
+    else:
+        how = f"the last checkpoint is after epoch {saved + 1}/{epochs}"
+    name = signal.Signals(signum).name
+    return interrupts.Interrupted(f"interrupted ({name}) in {desc} epoch {epoch + 1}/{epochs}; {how}", signum)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -475,15 +503,7 @@ def fit(*, model: nn.Module, schedules: List[Schedule], epochs: int, loss_fn: Ca
                     stopped = True
                     break
     except interrupts.Interrupted as exc:
-        if saved is None:
-            how = ("no checkpoint was written yet, so there is nothing to resume: start the run again "
-                   "(with --overwrite for the same --out)")
-        elif resume_hint:
-            how = f"the last checkpoint is after epoch {saved + 1}/{epochs}; continue with `{resume_hint}`"
-        else:
-            how = f"the last checkpoint is after epoch {saved + 1}/{epochs}"
-        raise interrupts.Interrupted(f"interrupted ({exc}) in {desc} epoch {epoch + 1}/{epochs}; {how}",
-                                     exc.signum) from None
+        raise _interrupted_in(exc.signum, desc, epoch, epochs, saved, resume_hint) from None
     except Diverged as exc:  # epochs are counted from 1 in messages, as in the epoch lines
         kept = (f"the last good checkpoint (after epoch {saved + 1}/{epochs}) is kept: continue from it with "
                 f"`{resume_hint or '--resume'} --allow-changes` and a smaller value" if saved is not None else
@@ -493,6 +513,9 @@ def fit(*, model: nn.Module, schedules: List[Schedule], epochs: int, loss_fn: Ca
     except (RunError, DataError, OSError, interrupts.Interrupted, KeyboardInterrupt):  # reported as they are
         raise
     except Exception as exc:  # a failure of the training machinery, not of the user's input
+        signum = interrupts.worker_killed_by_stop(exc)
+        if signum is not None:  # a worker killed by the same stop signal, heard of as the stop unwound
+            raise _interrupted_in(signum, desc, epoch, epochs, saved, resume_hint) from None
         # a dead torchrun peer is said by the CLI
         if os.environ.get("SPVIT_TRACEBACK") == "1" or interrupts.peer_lost(exc):
             raise

@@ -215,6 +215,74 @@ def test_a_dropped_signal_at_the_end_of_a_run_is_still_raised(monkeypatch):
         sys.unraisablehook = recorder  # install_stop_handlers wrapped it; monkeypatch restores pytest's
 
 
+@pytest.mark.parametrize("signalled", [True, False], ids=["after a stop signal", "no signal"])
+def test_a_dead_worker_is_part_of_a_stop_only_after_a_stop_signal(tmp_path, monkeypatch, signalled):
+    # torch's error for a worker found dead at the next read, after the stop's own exception was dropped (as at a
+    # DataLoader's fork): the run stops for the signal, as the signal asked; with no signal it is a training failure
+    dropped = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: dropped.append(u.exc_value))
+    monkeypatch.setattr(_SignalInFinaliser, "raised", [])
+    real = engine.evaluate
+    dead = "DataLoader worker (pid(s) 4242) exited unexpectedly"
+
+    def evaluate(*a, **k):
+        if runs.CURRENT_EPOCH == 1:
+            if signalled:
+                _SignalInFinaliser(signal.SIGTERM)
+            raise RuntimeError(dead)
+        return real(*a, **k)
+
+    monkeypatch.setattr(engine, "evaluate", evaluate)
+    with pytest.raises((interrupts.Interrupted, engine.TrainingError)) as info:
+        search.run(_cfg(tmp_path / "run"))
+    if signalled:
+        assert isinstance(info.value, interrupts.Interrupted) and info.value.signum == signal.SIGTERM
+        assert str(info.value).startswith("interrupted (SIGTERM) in search epoch 2/3; the last checkpoint is after "
+                                          "epoch 1/3") and "--resume" in str(info.value)
+        assert [type(e) for e in _SignalInFinaliser.raised] == [interrupts.Interrupted] and dropped == []
+    else:
+        assert isinstance(info.value, engine.TrainingError) and dead in str(info.value)
+    assert torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)["epoch"] == 0
+
+
+def test_a_dead_worker_reported_in_a_finaliser_after_a_stop_is_not_printed(monkeypatch):
+    # torch's SIGCHLD handler raising in a DataLoader iterator's __del__ as the stop unwinds: Python hands it to
+    # sys.unraisablehook, which says nothing of it once a stop signal was received, and reports anything else
+    seen = []
+    recorder = lambda u: seen.append(str(u.exc_value))  # noqa: E731
+    unraisable = lambda exc: type("U", (), {"exc_value": exc})()  # noqa: E731
+    hook = interrupts._quiet_dropped(recorder)
+    killed = RuntimeError("DataLoader worker (pid 4242) is killed by signal: Terminated. ")
+    monkeypatch.setattr(interrupts, "RECEIVED", None)
+    hook(unraisable(killed))  # no stop signal: a real failure
+    monkeypatch.setattr(interrupts, "RECEIVED", signal.SIGTERM)
+    hook(unraisable(killed))
+    hook(unraisable(RuntimeError("CUDA error: an illegal memory access was encountered")))
+    hook(unraisable(ValueError("DataLoader worker (pid 4242) is killed by signal: Terminated.")))
+    assert seen == [str(killed), "CUDA error: an illegal memory access was encountered",
+                    "DataLoader worker (pid 4242) is killed by signal: Terminated."]
+
+
+def test_a_stop_while_a_loader_makes_its_iterator_waits_for_the_iterator():
+    # a DataLoader's iterator forks its workers and starts threads as it is made: a stop raised half-way left a
+    # half-made iterator whose finaliser failed; held, it is raised once the iterator is whole
+    class Loader:
+        whole = False
+
+        def __iter__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):  # the handler would raise here
+                pass
+            Loader.whole = True
+            return iter([1, 2])
+
+    with pytest.raises(interrupts.Interrupted) as info:
+        with interrupts.StopSignals():
+            interrupts.start(Loader())
+    assert Loader.whole and info.value.signum == signal.SIGINT
+    assert list(interrupts.start([1, 2])) == [1, 2]  # outside a training loop: plain iter()
+
+
 def test_signal_while_writing_is_deferred_until_the_checkpoint_is_complete(tmp_path, monkeypatch, reference):
     _signal_at(monkeypatch, runs, "log_epoch_row", 1, signal.SIGINT)
     with pytest.raises(interrupts.Interrupted) as info:

@@ -426,6 +426,57 @@ def test_signals_to_the_process_group_print_one_line(tmp_path):
                 p.wait()
 
 
+# What a signal sent to the whole process group does to a DataLoader worker caught between torch's own SIGTERM handler
+# and our worker_init_fn: the worker dies of it while the main process gets the same signal. The worker does here
+# what the race does, at a chosen moment: it signals its parent, waits, then dies of SIGTERM under the default action.
+_WORKER_CAUGHT = """
+import os, signal, sys, time
+from spvit import cli, interrupts, runs
+
+real, delay = interrupts._quiet_worker, float(os.environ["WORKER_DEATH_DELAY"])
+
+def caught(previous, worker_id):
+    if runs.CURRENT_EPOCH == 1 and worker_id == 0:
+        os.kill(os.getppid(), signal.SIGTERM)
+        time.sleep(delay)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+    real(previous, worker_id)
+
+interrupts._quiet_worker = caught
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_worker_killed_by_the_stop_signal_is_part_of_the_stop(tmp_path):
+    # torch's SIGCHLD handler reports the dead worker ("DataLoader worker (pid N) is killed by signal: Terminated."):
+    # in the iterator's finaliser (Python printed "Exception ignored in ..." and its traceback under the one line),
+    # or while the stop unwinds (it replaced the interruption with a training failure). Either way: one line, 143.
+    procs = {}
+    for delay in ("0", "0.5"):  # the worker dies with the signal, or while the main process stops the run
+        out = tmp_path / f"run-{delay}"
+        argv = _search_argv(tmp_path, out, "--num-workers", "2", "--epochs", "3")
+        env = {**os.environ, "WORKER_DEATH_DELAY": delay,
+               "PYTHONPATH": repo_root() + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        procs[delay] = (out, subprocess.Popen([sys.executable, "-c", _WORKER_CAUGHT, *argv], env=env,
+                                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    try:
+        for delay, (out, p) in procs.items():
+            err = p.communicate(timeout=300)[1]
+            lines = [ln for ln in err.splitlines() if ln.strip()]
+            assert p.returncode == 128 + signal.SIGTERM, (delay, err[-3000:])
+            assert len(lines) == 1, (delay, err[-3000:])
+            assert lines[0].startswith("spvit: interrupted (SIGTERM) in search epoch 2/3; the last checkpoint is "
+                                       "after epoch 1/3"), (delay, lines)
+            assert "--resume" in lines[0] and not (out / runs.LOCK).exists(), (delay, lines)
+            assert torch.load(out / runs.CHECKPOINT, weights_only=True)["epoch"] == 0
+    finally:
+        for _, p in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
 def test_a_dead_rank_under_torchrun_is_one_line_on_the_survivor(tmp_path):
     from .pipeline_helpers import free_port
 
